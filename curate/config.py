@@ -1,0 +1,133 @@
+"""Typed, validated configuration for the curation stages.
+
+One YAML file holds every stage's settings (one section per stage); each command reads
+its own section. Everything is checked when the file is loaded: an unknown key or a bad
+value is a `UserError` naming the file and the dotted key, before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mmloom.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrefilterConfig(Section):
+    """Cheap filters on metadata columns, applied at ingest where the column exists.
+
+    Defaults: Versatile Diffusion section 4.1. `null` switches a rule off. A row whose
+    column is missing or null passes the rule (the score stage measures it for real).
+    """
+
+    min_aspect: Optional[float] = Field(0.6, gt=0, description="minimum width/height")
+    max_aspect: Optional[float] = Field(1.6667, gt=0, description="maximum width/height")
+    min_area: Optional[float] = Field(0.75 * 256**2, ge=0, description="minimum width*height in pixels")
+    min_clip_similarity: Optional[float] = Field(0.3, description="minimum precomputed CLIP image-text similarity")
+    max_nsfw: Optional[float] = Field(0.3, description="maximum precomputed NSFW probability (LAION punsafe, COYO max of its two scores)")
+    max_watermark: Optional[float] = Field(0.3, description="maximum precomputed watermark probability")
+    min_aesthetic: Optional[float] = Field(None, description="minimum precomputed aesthetic score (off by default)")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_aspect is not None and self.max_aspect is not None and self.min_aspect > self.max_aspect:
+            raise ValueError(f"min_aspect ({self.min_aspect}) is above max_aspect ({self.max_aspect})")
+        return self
+
+
+class IngestConfig(Section):
+    format: Literal["auto", "laion", "coyo", "generic"] = Field("auto", description="metadata schema; auto detects LAION / COYO / url+text")
+    url_col: Optional[str] = Field(None, description="url column for generic tables (case-insensitive)")
+    caption_col: Optional[str] = Field(None, description="caption column for generic tables (case-insensitive)")
+    shard_size: int = Field(10_000, gt=0, description="rows per candidate shard")
+    prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
+
+
+class DownloadConfig(Section):
+    image_size: int = Field(256, gt=0, description="target size in pixels (img2dataset image_size)")
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
+        "keep_ratio", description="img2dataset resize mode"
+    )
+    resize_only_if_bigger: bool = Field(False, description="never upscale")
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=0, le=100)
+    thread_count: int = Field(64, gt=0, description="download threads per shard worker")
+    timeout: float = Field(10.0, gt=0, description="seconds per HTTP request")
+    retries: int = Field(0, ge=0, description="extra attempts per URL inside a shard")
+    max_pixels: int = Field(89_478_485, gt=0, description="refuse images whose decoded size is above this many pixels (PIL's bomb limit)")
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai"],
+        description="X-Robots-Tag directives that opt an image out; [] to ignore the header",
+    )
+    allow_private_addresses: bool = Field(False, description="allow URLs resolving to private/loopback/link-local addresses")
+    user_agent_token: Optional[str] = Field("mmloom", description="token added to the User-Agent and matched in X-Robots-Tag")
+    cpus_per_shard: float = Field(1.0, gt=0, description="Ray CPUs reserved by one shard task")
+    shard_retries: int = Field(3, ge=0, description="Ray retries of a shard whose worker died")
+
+
+class PipelineConfig(Section):
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline YAML (defaults when ``path`` is None)."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path}: top level must be a mapping of stage sections")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) rows for README's config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe(ann, f"{prefix}{name}.")
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, repr(default), field.description or ""))
+    return rows

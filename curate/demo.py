@@ -1,0 +1,96 @@
+"""`mmloom demo`: the whole pipeline on an embedded dataset, with no network.
+
+Writes a small LAION-format metadata parquet (real photographs shipped inside installed
+packages, generated pictures, and deliberately broken entries), serves the images from a
+local HTTP server on 127.0.0.1, and runs the stages on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import pandas as pd
+
+from mmloom.curate.config import load_config
+from mmloom.curate.dataset import save_dataset_config
+from mmloom.curate.demo_data import demo_images, fault_routes
+from mmloom.curate.localserver import LocalServer, Route
+from mmloom.errors import UserError
+
+MARKER = ".mmloom-demo"
+
+
+def demo_metadata(server: LocalServer) -> pd.DataFrame:
+    """LAION-5B-format metadata for the demo images, faults and rows that must be filtered."""
+    rows = []
+
+    def add(url, text, w, h, sim=0.33, punsafe=0.02, pwm=0.05):
+        rows.append({
+            "SAMPLE_ID": len(rows) + 1, "URL": url, "TEXT": text,
+            "HEIGHT": h, "WIDTH": float(w) if w is not None else None,  # LAION has both int and float sizes
+            "LICENSE": "?", "NSFW": "UNLIKELY", "LANGUAGE": "en",
+            "similarity": sim, "hash": int(hashlib.md5(f"{url}{text}".encode()).hexdigest()[:15], 16),
+            "punsafe": punsafe, "pwatermark": pwm, "AESTHETIC_SCORE": 5.5,
+        })
+
+    images = demo_images()
+    for name, data, caption, w, h in images:
+        add(server.add(f"/img/{name}", Route(data)), caption, w, h)
+    good = images[0][1]
+    for path, (route, _expected) in fault_routes(good, server.url("/img/" + images[1][0])).items():
+        add(server.add(path, route), f"a photo served by {path}", 512, 512)
+    # rows the ingest stage must catch
+    add(None, "a row without a url", 512, 512)
+    add("ftp://example.org/a.jpg", "a row with an ftp url", 512, 512)
+    add(server.url("/img/" + images[2][0]), "a very wide panorama of a cat", 1536, 400)
+    add(server.url("/img/" + images[3][0]), "a rocket flagged unsafe", 512, 512, punsafe=0.9)
+    add(server.url("/img/" + images[4][0]), "a camera with a watermark", 512, 512, pwm=0.8)
+    add(server.url("/img/" + images[5][0]), "a motorcycle with an unrelated caption", 512, 512, sim=0.12)
+    rows.append(dict(rows[0]))  # an exact duplicate url+caption pair
+    df = pd.DataFrame(rows)
+    df["HEIGHT"] = df["HEIGHT"].astype("Int64")
+    return df
+
+
+def prepare_dir(out: str) -> None:
+    if os.path.exists(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, MARKER)):
+            raise UserError(f"{out} exists and is not a demo directory; choose another --out")
+        shutil.rmtree(out)
+    os.makedirs(out)
+    open(os.path.join(out, MARKER), "w").close()
+
+
+def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print) -> dict:
+    from mmloom.curate.download import download
+    from mmloom.curate.ingest import ingest
+    from mmloom.curate.stats import funnel, render
+
+    out = os.path.abspath(out)
+    prepare_dir(out)
+    cfg = load_config(None, {
+        "ingest.shard_size": 8,
+        "download.allow_private_addresses": True,  # the demo server is on 127.0.0.1
+        "download.timeout": 5,
+        "download.thread_count": 16,
+    })
+    with LocalServer({}) as server:
+        meta = demo_metadata(server)
+        meta_path = os.path.join(out, "metadata", "demo-laion.parquet")
+        os.makedirs(os.path.dirname(meta_path))
+        meta.to_parquet(meta_path, index=False)
+        echo(f"[demo] {len(meta)} metadata rows served from {server.base}")
+        save_dataset_config(out, cfg)
+        s = ingest([meta_path], out, cfg, ray_address, progress)
+        echo(f"[ingest] {s['input_rows']} rows -> {s['rows']} in {s['shards']} shards ({s['duplicates']} duplicates dropped): {s['status_counts']}")
+        d = download(out, cfg, ray_address, progress=progress)
+        echo(f"[download] {d['committed']}/{d['shards']} shards committed: {d['status_counts']}")
+        if d["failed"]:
+            raise UserError(f"download failed for shards {[f['shard'] for f in d['failed']]}: {d['failed'][0]['error']}")
+    f = funnel(out)
+    echo(render(f))
+    echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
+         f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
+    return {"out": out, "ingest": s, "download": d, "funnel": f}

@@ -1,0 +1,289 @@
+"""`mmloom download`: candidate shards -> webdataset tars via img2dataset, as Ray work.
+
+Each candidate shard is one Ray task that runs img2dataset's own ``Downloader`` on the
+shard's eligible rows, into a private staging folder. What img2dataset lacks is added
+around it:
+
+* every candidate row ends with exactly one status (non-candidates are ``skipped``);
+* the shard is checked (tar members agree with the status parquet) and committed
+  atomically with a completion record; a rerun redoes exactly the uncommitted shards;
+* ``retry_failed`` re-fetches failed samples of committed shards and recommits;
+* URLs resolving to non-public addresses are refused (``netguard``), including redirects;
+* images whose header declares more than ``max_pixels`` are refused before decoding,
+  and truncated JPEG/PNG files are rejected instead of being decoded half grey.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from collections import Counter
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmloom.curate.config import DownloadConfig, PipelineConfig
+from mmloom.curate.runner import Resources, run_shards
+from mmloom.errors import UserError
+from mmloom.manifests import schemas as S
+from mmloom.manifests.store import ShardStore, config_hash, shard_name
+
+STAGE = "download"
+OUT_DIR = S.STAGE_DIRS[STAGE]
+OPT_OUT_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"
+
+STATUS_SCHEMA = pa.schema([
+    ("sample_key", pa.string()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
+    ("status", pa.string()), ("error_message", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("original_width", pa.int32()), ("original_height", pa.int32()), ("sha256", pa.string()),
+])
+
+
+def make_resizer(cfg: DownloadConfig):
+    """img2dataset's Resizer behind a cheap header check (pixel limit, truncation)."""
+    from img2dataset.resizer import Resizer
+    from PIL import Image
+
+    class GuardedResizer(Resizer):
+        def __call__(self, img_stream, blurring_bbox_list=None):
+            data = img_stream.getbuffer()
+            fmt = None
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    w, h = im.size
+                    fmt = im.format
+            except Image.DecompressionBombError as e:
+                return None, None, None, None, None, f"{S.REFUSED}: {e}"
+            except Exception:
+                w = h = 0  # not an image PIL knows: img2dataset's decoder decides
+            if w * h > cfg.max_pixels:
+                return None, None, None, None, None, f"{S.REFUSED}: image is {w}x{h} = {w * h} pixels, above max_pixels {cfg.max_pixels}"
+            tail = bytes(data[-2048:])
+            if fmt == "JPEG" and b"\xff\xd9" not in tail:
+                return None, None, None, None, None, "truncated image: JPEG has no end-of-image marker"
+            if fmt == "PNG" and b"IEND" not in tail[-64:]:
+                return None, None, None, None, None, "truncated image: PNG has no IEND chunk"
+            return super().__call__(img_stream, blurring_bbox_list)
+
+    return GuardedResizer(
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        resize_only_if_bigger=cfg.resize_only_if_bigger,
+        encode_quality=cfg.encode_quality,
+        encode_format=cfg.encode_format,
+        max_image_area=cfg.max_pixels,
+    )
+
+
+def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
+    """img2dataset's (status, error_message) -> mmloom's download status."""
+    if i2d_status == "success":
+        return S.SUCCESS, None
+    err = error or ""
+    if err.startswith(OPT_OUT_MESSAGE):
+        return S.OPTED_OUT, "X-Robots-Tag opts out of AI use"
+    if "refused:" in err:
+        return S.REFUSED, err[err.index("refused:") + len("refused:"):].strip(" >")
+    return i2d_status, err
+
+
+def key_for(index: int, shard: int, shard_size: int) -> str:
+    """img2dataset's sample key for row ``index`` of a shard (its compute_key)."""
+    from img2dataset.downloader import compute_key
+
+    return compute_key(index, shard, math.ceil(math.log10(max(shard_size, 2))), 5)
+
+
+def _i2d_shard_size(shard_size: int) -> int:
+    return max(shard_size, 2)
+
+
+def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfig, shard_size: int) -> tuple[str, str]:
+    """Download ``rows`` (url, caption, sample_key) with img2dataset into ``staging``."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    from mmloom.curate import netguard
+
+    netguard.install(cfg.allow_private_addresses)
+    feed = os.path.join(staging, "input.arrow")
+    with pa.OSFile(feed, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
+        w.write_table(rows)
+    out = os.path.join(staging, "i2d")
+    os.makedirs(out, exist_ok=True)
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=make_resizer(cfg),
+        thread_count=cfg.thread_count,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=out,
+        column_list=rows.column_names,
+        timeout=cfg.timeout,
+        number_sample_per_shard=_i2d_shard_size(shard_size),
+        oom_shard_count=5,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format=cfg.encode_format,
+        retries=cfg.retries,
+        user_agent_token=cfg.user_agent_token,
+        disallowed_header_directives=cfg.disallowed_header_directives or None,
+    )
+    downloader.download_shard((shard, feed))  # raises on shard-level failure
+    base = os.path.join(out, shard_name(shard))
+    return base + ".tar", base + ".parquet"
+
+
+def _tar_keys(path: str, ext: str) -> list[str]:
+    with tarfile.open(path) as t:
+        return [m.name.rsplit(".", 1)[0] for m in t.getmembers() if m.name.endswith("." + ext)]
+
+
+def _merge_tars(old: str, new: str, rename: dict[str, str], out: str) -> None:
+    """old tar + new tar (members renamed old-key-wise) -> out tar."""
+    with tarfile.open(out, "w") as dst:
+        for src, ren in ((old, {}), (new, rename)):
+            with tarfile.open(src) as t:
+                for m in t.getmembers():
+                    data = t.extractfile(m).read()
+                    stem, ext = m.name.rsplit(".", 1)
+                    if stem in ren:
+                        if ext == "json":
+                            meta = json.loads(data)
+                            meta["key"] = ren[stem]
+                            data = json.dumps(meta, indent=4).encode()
+                        m = tarfile.TarInfo(f"{ren[stem]}.{ext}")
+                    m.size = len(data)
+                    dst.addfile(m, io.BytesIO(data))
+
+
+def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_failed: bool, chash: str) -> dict:
+    """Ray task body: download one candidate shard and commit it."""
+    dcfg = DownloadConfig.model_validate(cfg)
+    store = ShardStore(root)
+    committed = store.is_committed(STAGE, shard)
+    if committed and not retry_failed:
+        return {"skipped": True}
+    cands = pq.read_table(
+        store.path(S.STAGE_DIRS["ingest"], shard_name(shard) + ".parquet"),
+        columns=["sample_key", "url", "caption", "status", "reason"],
+    ).to_pylist()
+    keys = {}  # sample_key -> img2dataset key, from each candidate's position in the shard
+    eligible = [r for r in cands if r["status"] == S.CANDIDATE]
+    for i, r in enumerate(eligible):
+        keys[r["sample_key"]] = key_for(i, shard, shard_size)
+
+    prev: dict[str, dict] = {}
+    if committed:  # retry_failed: fetch only what failed to download or decode
+        prev = {r["sample_key"]: r for r in pq.read_table(store.path(OUT_DIR, shard_name(shard) + ".parquet")).to_pylist()}
+        todo = [r for r in eligible if prev[r["sample_key"]]["status"] in (S.FAILED_TO_DOWNLOAD, S.FAILED_TO_DECODE)]
+        if not todo:
+            return {"skipped": True}
+    else:
+        todo = eligible
+
+    staging = store.staging_dir(OUT_DIR, shard)
+    feed = pa.table({
+        "url": [r["url"] for r in todo],
+        "caption": [r["caption"] for r in todo],
+        "sample_key": [r["sample_key"] for r in todo],
+    })
+    tar_path, i2d_parquet = run_img2dataset(feed, shard, staging, dcfg, shard_size)
+    fetched = {r["sample_key"]: r for r in pq.read_table(i2d_parquet).to_pylist()}
+    if len(fetched) != len(todo):
+        raise RuntimeError(f"img2dataset returned {len(fetched)} rows for {len(todo)} inputs in shard {shard}")
+
+    rows, rename = [], {}
+    for r in cands:
+        sk = r["sample_key"]
+        if r["status"] != S.CANDIDATE:
+            rows.append({"sample_key": sk, "key": None, "url": r["url"], "caption": r["caption"],
+                         "status": S.SKIPPED, "error_message": f"{r['status']} at ingest: {r['reason']}"})
+            continue
+        got = fetched.get(sk)
+        if got is None:  # retry run: keep the earlier result
+            rows.append({k: prev[sk].get(k) for k in STATUS_SCHEMA.names})
+            continue
+        status, err = classify(got["status"], got["error_message"])
+        if got["key"] != keys[sk]:
+            rename[got["key"]] = keys[sk]
+        rows.append({
+            "sample_key": sk, "key": keys[sk], "url": r["url"], "caption": r["caption"],
+            "status": status, "error_message": err,
+            **{k: got.get(k) for k in ("width", "height", "original_width", "original_height", "sha256")},
+        })
+    if committed:
+        merged = os.path.join(staging, "merged.tar")
+        _merge_tars(store.path(OUT_DIR, shard_name(shard) + ".tar"), tar_path, rename, merged)
+        tar_path = merged
+    table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
+    status_parquet = os.path.join(staging, "status.parquet")
+    pq.write_table(table, status_parquet)
+
+    # the shard is only real if the tar and the status parquet agree
+    counts = Counter(r["status"] for r in rows)
+    in_tar = _tar_keys(tar_path, dcfg.encode_format)
+    ok_keys = sorted(r["key"] for r in rows if r["status"] == S.SUCCESS)
+    if sorted(in_tar) != ok_keys or len(rows) != len(cands):
+        raise RuntimeError(
+            f"shard {shard}: tar has {len(in_tar)} images but the status parquet lists {len(ok_keys)} successes "
+            f"({len(rows)} rows for {len(cands)} candidates); not committed"
+        )
+    stats = {
+        "shard": shard, "count": len(rows), "attempted": len(todo),
+        "successes": counts[S.SUCCESS], "status_dict": dict(counts),
+        "retry": committed,
+    }
+    i2d_stats = os.path.join(os.path.dirname(i2d_parquet), shard_name(shard) + "_stats.json")
+    if os.path.exists(i2d_stats):
+        stats["img2dataset"] = json.load(open(i2d_stats))
+    stats_path = os.path.join(staging, "stats.json")
+    json.dump(stats, open(stats_path, "w"), indent=1)
+    base = f"{OUT_DIR}/{shard_name(shard)}"
+    store.commit(
+        STAGE, shard,
+        {base + ".tar": tar_path, base + ".parquet": status_parquet, base + "_stats.json": stats_path},
+        {"rows": len(rows), **dict(counts)}, chash,
+    )
+    store.fs.rm(staging, recursive=True)
+    return {"counts": dict(counts), "attempted": len(todo)}
+
+
+def download(root: str, config: PipelineConfig, ray_address: str | None = None, retry_failed: bool = False, progress: bool = True) -> dict:
+    """Run the download stage over every uncommitted shard; returns a summary."""
+    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    summary_path = store.path("_commits", "ingest.json")
+    if not store.fs.exists(summary_path):
+        raise UserError(f"{root} has no ingested candidates; run `mmloom ingest SOURCE --out {root}` first")
+    ingest_summary = json.load(store.fs.open(summary_path))
+    n = ingest_summary["shards"]
+    shards = list(range(n))
+    todo = shards if retry_failed else [s for s in shards if not store.is_committed(STAGE, s)]
+    store.clean_staging([OUT_DIR])
+    cfg = config.download
+    chash = config_hash(cfg.model_dump())
+    run = run_shards(
+        "download", todo, download_shard,
+        {"root": store.root, "cfg": cfg.model_dump(), "shard_size": ingest_summary["shard_size"],
+         "retry_failed": retry_failed, "chash": chash},
+        Resources(num_cpus=cfg.cpus_per_shard, max_retries=cfg.shard_retries),
+        ray_address, progress,
+    )
+    totals: Counter = Counter()
+    for rec in store.records(STAGE):
+        totals.update({k: v for k, v in rec["counts"].items() if k != "rows"})
+    done = [r for r in run.results if not r.get("skipped")]
+    return {
+        "shards": n,
+        "ran": len(done),
+        "skipped": len(run.results) - len(done),
+        "failed": run.failures,
+        "committed": len(store.committed_shards(STAGE)),
+        "status_counts": dict(totals),
+    }

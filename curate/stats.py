@@ -1,0 +1,67 @@
+"""`mmloom stats`: the funnel, counts per stage and per status or reason.
+
+Principle 4: every input row ends in one status, so each stage's counts add up to the
+rows that reached it. The same numbers feed the dataset card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mmloom.manifests.views import open_dataset, view_names
+
+
+def funnel(root: str, top: int = 5) -> dict:
+    con = open_dataset(root)
+    views = set(view_names(con))
+    out: dict = {"dataset": os.path.abspath(root)}
+    summary_path = os.path.join(root, "_commits", "ingest.json")
+    if os.path.exists(summary_path):
+        s = json.load(open(summary_path))
+        out["metadata_rows"] = s["input_rows"]
+        out["duplicates_dropped"] = s["duplicates"]
+        out["ingest_shards"] = s["shards"]
+    if "candidates" in views:
+        out["candidates"] = dict(con.execute("SELECT status, count(*) FROM candidates GROUP BY 1 ORDER BY 2 DESC").fetchall())
+        out["candidate_reasons"] = {
+            status: con.execute(
+                f"""SELECT rule, count(*) FROM (
+                      SELECT regexp_extract(unnest(string_split(reason, '; ')), '^[^0-9(]*[^ 0-9(]') AS rule
+                      FROM candidates WHERE status = '{status}')
+                    GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {top}"""
+            ).fetchall()
+            for status in ("invalid", "prefiltered")
+        }
+    if "downloads" in views:
+        out["downloads"] = dict(con.execute("SELECT status, count(*) FROM downloads GROUP BY 1 ORDER BY 2 DESC").fetchall())
+        out["download_errors"] = con.execute(
+            f"""SELECT status, error_message, count(*) FROM downloads
+                WHERE status NOT IN ('success', 'skipped') GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT {top}"""
+        ).fetchall()
+    con.close()
+    return out
+
+
+def render(f: dict) -> str:
+    lines = [f"dataset {f['dataset']}"]
+    if "metadata_rows" in f:
+        lines.append(f"  metadata rows          {f['metadata_rows']:>9}")
+        lines.append(f"  - duplicates dropped   {f['duplicates_dropped']:>9}")
+    if "candidates" in f:
+        total = sum(f["candidates"].values())
+        lines.append(f"  ingested rows          {total:>9}")
+        for status, n in f["candidates"].items():
+            lines.append(f"    {status:<20} {n:>9}")
+            for rule, m in f["candidate_reasons"].get(status, []):
+                lines.append(f"        {rule:<28} {m:>6}")
+    if "downloads" in f:
+        total = sum(f["downloads"].values())
+        lines.append(f"  download statuses      {total:>9}")
+        for status, n in f["downloads"].items():
+            lines.append(f"    {status:<20} {n:>9}")
+        if f["download_errors"]:
+            lines.append("  most common download failures:")
+            for status, msg, n in f["download_errors"]:
+                lines.append(f"    {n:>5}  {status}: {(msg or '')[:90]}")
+    return "\n".join(lines)

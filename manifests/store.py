@@ -1,0 +1,175 @@
+"""Atomic per-shard outputs and completion records.
+
+DESIGN principle 1: a stage writes its files for one shard under temporary names inside
+the dataset directory, renames them into place, and writes the completion record last.
+A shard without a record does not exist; a rerun skips shards whose record is present
+and whose files still match it. Works on any fsspec filesystem (local paths, s3://...);
+on object stores the rename is a copy, but the record written last keeps the commit
+atomic all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+
+from mmloom import __version__
+
+COMMITS = "_commits"
+
+
+def shard_name(shard: int) -> str:
+    """img2dataset's naming: five zero-padded digits."""
+    return f"{shard:05d}"
+
+
+def config_hash(config: Any) -> str:
+    """Stable short hash of a JSON-able config (recorded with every commit)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(fs, path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+@dataclass
+class ShardStore:
+    """Reads and writes one dataset directory's shards, for every stage."""
+
+    root: str
+
+    def __post_init__(self):
+        self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        self.root = str(self.root).rstrip("/")
+
+    # -- paths -------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), *parts])
+
+    def url(self, *parts: str) -> str:
+        """Path in the form a user or DuckDB gives it (keeps the s3:// prefix)."""
+        return "/".join([self.root, *parts])
+
+    def record_path(self, stage: str, shard: int) -> str:
+        return self.path(COMMITS, stage, shard_name(shard) + ".json")
+
+    def staging_dir(self, stage_dir: str, shard: int) -> str:
+        """A fresh private folder for one attempt at one shard (same filesystem)."""
+        d = self.path(stage_dir, "_tmp", f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}")
+        self.fs.makedirs(d, exist_ok=True)
+        return d
+
+    # -- reading -----------------------------------------------------------------
+    def record(self, stage: str, shard: int) -> dict | None:
+        p = self.record_path(stage, shard)
+        if not self.fs.exists(p):
+            return None
+        with self.fs.open(p, "r") as f:
+            return json.load(f)
+
+    def is_committed(self, stage: str, shard: int, verify_checksums: bool = False) -> bool:
+        """True when the record exists and every file it names is there, same size
+        (and same sha256 with ``verify_checksums``)."""
+        rec = self.record(stage, shard)
+        if rec is None:
+            return False
+        for rel, meta in rec["files"].items():
+            p = self.path(rel)
+            if not self.fs.exists(p) or self.fs.size(p) != meta["bytes"]:
+                return False
+            if verify_checksums and file_digest(self.fs, p)[1] != meta["sha256"]:
+                return False
+        return True
+
+    def committed_shards(self, stage: str) -> list[int]:
+        d = self.path(COMMITS, stage)
+        if not self.fs.exists(d):
+            return []
+        out = []
+        for p in self.fs.ls(d, detail=False):
+            name = p.rsplit("/", 1)[-1]
+            if name.endswith(".json") and name[:-5].isdigit():
+                out.append(int(name[:-5]))
+        return sorted(out)
+
+    def records(self, stage: str) -> list[dict]:
+        return [r for s in self.committed_shards(stage) if (r := self.record(stage, s))]
+
+    # -- writing -----------------------------------------------------------------
+    def commit(
+        self,
+        stage: str,
+        shard: int,
+        files: dict[str, str],
+        counts: dict[str, int],
+        cfg_hash: str,
+        extra: dict | None = None,
+    ) -> dict:
+        """Move staged files into place, then write the completion record.
+
+        ``files`` maps the final path relative to the dataset root (``images/00000.tar``)
+        to the staged path returned by ``staging_dir``.
+        """
+        entries = {}
+        for rel, staged in sorted(files.items()):
+            size, digest = file_digest(self.fs, staged)
+            final = self.path(rel)
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            if self.fs.exists(final):
+                self.fs.rm(final)
+            self.fs.mv(staged, final)
+            entries[rel] = {"bytes": size, "sha256": digest}
+        record = {
+            "stage": stage,
+            "shard": shard,
+            "files": entries,
+            "counts": counts,
+            "config_hash": cfg_hash,
+            "mmloom_version": __version__,
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        self.write_json_atomic(self.record_path(stage, shard), record)
+        return record
+
+    def write_json_atomic(self, path: str, obj: Any) -> None:
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        self.fs.mv(tmp, path)
+
+    def uncommit(self, stage: str, shard: int) -> None:
+        """Forget a shard (its record goes first, so it stops existing at once)."""
+        p = self.record_path(stage, shard)
+        if self.fs.exists(p):
+            self.fs.rm(p)
+
+    def clean_staging(self, stage_dirs: Iterable[str]) -> None:
+        for sd in stage_dirs:
+            p = self.path(sd, "_tmp")
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=True)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def local_path(self, *parts: str) -> str:
+        """Path usable by libraries that want a local filename (local datasets only)."""
+        if self.fs.protocol not in ("file", ("file", "local")) and "file" not in self.fs.protocol:
+            raise NotImplementedError(f"{self.root} is not a local directory")
+        return os.path.join(self.base, *parts)

@@ -1,0 +1,3 @@
+from mmloom.cli import main
+import sys
+sys.exit(main())

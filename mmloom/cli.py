@@ -1,0 +1,164 @@
+"""The `mmloom` command: one subcommand per stage, plus query, stats and demo.
+
+User mistakes (`UserError`) print one clear line and exit 2; a failed shard makes the
+command exit 1 after its summary; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mmloom.errors import UserError
+
+
+def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    p.add_argument("--config", help="pipeline YAML (default: DIR/mmloom.yaml if present, else built-in defaults)")
+    if ray:
+        p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start Ray in this process)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_ingest(a) -> int:
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+    from mmloom.curate.ingest import ingest
+
+    cfg = dataset_config(a.out, a.config, {
+        "ingest.format": a.format, "ingest.url_col": a.url_col,
+        "ingest.caption_col": a.caption_col, "ingest.shard_size": a.shard_size,
+    })
+    s = ingest(a.sources, a.out, cfg, a.ray_address, not a.no_progress)
+    save_dataset_config(a.out, cfg)
+    if s.get("skipped"):
+        print(f"{a.out}: already ingested from these inputs; nothing to do")
+    print(f"ingest: {len(s['files'])} file(s) ({', '.join(s['formats'])}), {s['input_rows']} rows, "
+          f"{s['duplicates']} duplicates dropped, {s['rows']} rows in {s['shards']} shards")
+    for k, v in sorted(s["status_counts"].items()):
+        print(f"  {k:<12} {v}")
+    return 0
+
+
+def cmd_download(a) -> int:
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+    from mmloom.curate.download import download
+
+    cfg = dataset_config(a.dir, a.config, {
+        "download.allow_private_addresses": True if a.allow_private_addresses else None,
+        "download.image_size": a.image_size, "download.resize_mode": a.resize_mode,
+        "download.timeout": a.timeout, "download.retries": a.retries, "download.thread_count": a.thread_count,
+    })
+    s = download(a.dir, cfg, a.ray_address, a.retry_failed, not a.no_progress)
+    save_dataset_config(a.dir, cfg)
+    print(f"download: {s['ran']} shard(s) downloaded, {s['skipped']} already done, "
+          f"{s['committed']}/{s['shards']} committed")
+    for k, v in sorted(s["status_counts"].items()):
+        print(f"  {k:<18} {v}")
+    for f in s["failed"]:
+        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
+    return 1 if s["failed"] else 0
+
+
+def cmd_query(a) -> int:
+    import duckdb
+
+    from mmloom.manifests.views import open_dataset, view_names
+
+    if not os.path.isdir(a.dir):
+        raise UserError(f"no dataset directory {a.dir}")
+    con = open_dataset(a.dir)
+    try:
+        rel = con.sql(a.sql)
+    except duckdb.Error as e:
+        raise UserError(f"query failed: {e}\n(views in {a.dir}: {', '.join(view_names(con)) or 'none yet'})") from None
+    if rel is None:
+        return 0
+    if a.format == "table":
+        rel.show(max_width=200, max_rows=a.max_rows)
+    else:
+        df = rel.df()
+        if a.format == "csv":
+            df.to_csv(sys.stdout, index=False)
+        else:
+            print(df.to_json(orient="records", indent=1, default_handler=str))
+    return 0
+
+
+def cmd_stats(a) -> int:
+    from mmloom.curate.stats import funnel, render
+
+    if not os.path.isdir(a.dir):
+        raise UserError(f"no dataset directory {a.dir}")
+    f = funnel(a.dir)
+    print(json.dumps(f, indent=1, default=str) if a.json else render(f))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from mmloom.curate.demo import run_demo
+
+    run_demo(a.out, a.ray_address, not a.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmloom", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ingest", help="metadata parquet (LAION, COYO, any url+caption) -> candidate shards")
+    s.add_argument("sources", nargs="+", help="parquet files, globs or directories")
+    s.add_argument("--out", required=True, help="dataset directory")
+    s.add_argument("--format", choices=["auto", "laion", "coyo", "generic"], default=None)
+    s.add_argument("--url-col", default=None, help="url column of a generic table")
+    s.add_argument("--caption-col", default=None, help="caption column of a generic table")
+    s.add_argument("--shard-size", type=int, default=None, help="rows per shard")
+    _common(s)
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("download", help="download candidate images with img2dataset into webdataset shards")
+    s.add_argument("dir")
+    s.add_argument("--retry-failed", action="store_true", help="re-fetch samples whose download failed")
+    s.add_argument("--allow-private-addresses", action="store_true", help="allow URLs on private/loopback addresses")
+    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--resize-mode", default=None, choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+    s.add_argument("--timeout", type=float, default=None)
+    s.add_argument("--retries", type=int, default=None)
+    s.add_argument("--thread-count", type=int, default=None)
+    _common(s)
+    s.set_defaults(fn=cmd_download)
+
+    s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
+    s.add_argument("dir")
+    s.add_argument("sql")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--max-rows", type=int, default=40)
+    s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("stats", help="print the funnel: counts per stage and status")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
+    s.add_argument("--out", default="mmloom-demo")
+    s.add_argument("--ray-address", default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"mmloom {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; committed shards are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
