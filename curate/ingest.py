@@ -104,29 +104,21 @@ def prefilter_reasons(df: pd.DataFrame, pf) -> list[str]:
     w, h = df["width"], df["height"]
     aspect = w / h
     area = w * h
-    rules = []
-    if pf.min_aspect is not None:
-        rules.append((aspect < pf.min_aspect, lambda i: f"aspect {aspect.iat[i]:.3f} < {pf.min_aspect}"))
-    if pf.max_aspect is not None:
-        rules.append((aspect > pf.max_aspect, lambda i: f"aspect {aspect.iat[i]:.3f} > {pf.max_aspect}"))
-    if pf.min_area is not None:
-        rules.append((area < pf.min_area, lambda i: f"area {area.iat[i]:.0f} < {pf.min_area:.0f}"))
-    if pf.min_clip_similarity is not None:
-        s = df["clip_similarity"]
-        rules.append((s < pf.min_clip_similarity, lambda i: f"clip_similarity {s.iat[i]:.3f} < {pf.min_clip_similarity}"))
-    if pf.max_nsfw is not None:
-        s = df["nsfw_score"]
-        rules.append((s >= pf.max_nsfw, lambda i: f"nsfw {s.iat[i]:.3f} >= {pf.max_nsfw}"))
-    if pf.max_watermark is not None:
-        s = df["watermark_score"]
-        rules.append((s >= pf.max_watermark, lambda i: f"watermark {s.iat[i]:.3f} >= {pf.max_watermark}"))
-    if pf.min_aesthetic is not None:
-        s = df["aesthetic_score"]
-        rules.append((s < pf.min_aesthetic, lambda i: f"aesthetic {s.iat[i]:.2f} < {pf.min_aesthetic}"))
+    # (failing mask, values, message template); a NaN value compares False and passes
+    checks = [
+        (pf.min_aspect, aspect, lambda v, t: v < t, "aspect {v:.3f} < {t}"),
+        (pf.max_aspect, aspect, lambda v, t: v > t, "aspect {v:.3f} > {t}"),
+        (pf.min_area, area, lambda v, t: v < t, "area {v:.0f} < {t:.0f}"),
+        (pf.min_clip_similarity, df["clip_similarity"], lambda v, t: v < t, "clip_similarity {v:.3f} < {t}"),
+        (pf.max_nsfw, df["nsfw_score"], lambda v, t: v >= t, "nsfw {v:.3f} >= {t}"),
+        (pf.max_watermark, df["watermark_score"], lambda v, t: v >= t, "watermark {v:.3f} >= {t}"),
+        (pf.min_aesthetic, df["aesthetic_score"], lambda v, t: v < t, "aesthetic {v:.2f} < {t}"),
+    ]
+    rules = [(fails(values, t).fillna(False), values, t, text) for t, values, fails, text in checks if t is not None]
     reasons: list[list[str]] = [[] for _ in range(len(df))]
-    for mask, text in rules:  # comparisons with NaN are False: a missing value passes
-        for i in np.flatnonzero(mask.fillna(False).to_numpy()):
-            reasons[i].append(text(i))
+    for mask, values, t, text in rules:
+        for i in np.flatnonzero(mask.to_numpy()):
+            reasons[i].append(text.format(v=values.iat[i], t=t))
     return ["; ".join(r) for r in reasons]
 
 

@@ -1,0 +1,72 @@
+"""Shared fixtures: one in-process Ray for the session, a local image server with faults,
+and writers of small metadata tables in the real LAION / COYO schemas."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pandas as pd
+import pytest
+
+from mmloom.curate.demo_data import demo_images, fault_routes
+from mmloom.curate.localserver import LocalServer, Route
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from mmloom.curate.runner import init_ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def images():
+    return demo_images()
+
+
+@pytest.fixture()
+def server(images):
+    with LocalServer({}) as srv:
+        for name, data, _caption, _w, _h in images:
+            srv.add(f"/img/{name}", Route(data))
+        yield srv
+
+
+def laion_table(rows: list[dict]) -> pd.DataFrame:
+    """rows of {url, text, ...overrides} -> a LAION-5B-schema frame."""
+    out = []
+    for i, r in enumerate(rows):
+        out.append({
+            "URL": r["url"], "TEXT": r.get("text", f"caption {i}"),
+            "WIDTH": r.get("width", 512), "HEIGHT": r.get("height", 512),
+            "similarity": r.get("similarity", 0.35), "punsafe": r.get("punsafe", 0.01),
+            "pwatermark": r.get("pwatermark", 0.01), "AESTHETIC_SCORE": r.get("aesthetic", 5.0),
+            "hash": i, "SAMPLE_ID": 1000 + i, "LICENSE": "?", "LANGUAGE": "en", "NSFW": "UNLIKELY",
+        })
+    return pd.DataFrame(out)
+
+
+def write_laion(path, rows: list[dict]) -> str:
+    laion_table(rows).to_parquet(path, index=False)
+    return str(path)
+
+
+@pytest.fixture()
+def fault_server(images):
+    """Server with the good images and every fault; yields (server, {url: expected status})."""
+    with LocalServer({}) as srv:
+        expected = {}
+        for name, data, _c, _w, _h in images[:6]:
+            expected[srv.add(f"/img/{name}", Route(data))] = "success"
+        for path, (route, status) in fault_routes(images[0][1], srv.url("/img/" + images[1][0]), hang_seconds=4).items():
+            expected[srv.add(path, route)] = status
+        yield srv, expected
