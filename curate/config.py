@@ -56,8 +56,8 @@ class DownloadConfig(Section):
         "keep_ratio", description="img2dataset resize mode"
     )
     resize_only_if_bigger: bool = Field(False, description="never upscale")
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(95, ge=0, le=100)
+    encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format images are re-encoded to")
+    encode_quality: int = Field(95, ge=0, le=100, description="JPEG/WebP quality (PNG: compression 0-9)")
     thread_count: int = Field(64, gt=0, description="download threads per shard worker")
     timeout: float = Field(10.0, gt=0, description="seconds per HTTP request")
     retries: int = Field(0, ge=0, description="extra attempts per URL inside a shard")

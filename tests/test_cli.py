@@ -1,0 +1,61 @@
+"""The command line as a user meets it: subcommands, output formats, and clear errors
+(exit status 2, one message naming the file or field, never a traceback)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_laion
+
+
+def mmloom(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mmloom", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    src = write_laion(d / "m.parquet", [
+        {"url": "https://a.example/1.jpg", "text": "a dog"},
+        {"url": "https://a.example/2.jpg", "text": "a cat", "punsafe": 0.8},
+        {"url": None, "text": "no url"},
+    ])
+    r = mmloom("ingest", src, "--out", str(d / "ds"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "3 rows" in r.stdout and "candidate    1" in r.stdout
+    return d / "ds"
+
+
+def test_query_formats(ingested):
+    r = mmloom("query", str(ingested), "SELECT status, count(*) AS n FROM candidates GROUP BY 1 ORDER BY 1", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"status": "candidate", "n": 1}, {"status": "invalid", "n": 1}, {"status": "prefiltered", "n": 1}]
+    r = mmloom("query", str(ingested), "SELECT caption FROM candidates WHERE status='candidate'", "--format", "csv")
+    assert r.stdout.splitlines() == ["caption", "a dog"]
+    r = mmloom("query", str(ingested), "SELECT count(*) FROM candidates")
+    assert r.returncode == 0 and "3" in r.stdout
+
+
+def test_stats_funnel(ingested):
+    r = mmloom("stats", str(ingested), "--json")
+    f = json.loads(r.stdout)
+    assert f["metadata_rows"] == 3 and f["candidates"] == {"candidate": 1, "invalid": 1, "prefiltered": 1}
+    assert dict(f["candidate_reasons"]["prefiltered"]) == {"nsfw": 1}
+    assert "metadata rows" in mmloom("stats", str(ingested)).stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["query", "{ds}", "SELECT * FROM nowhere"], "views in"),
+    (["query", "/definitely/not/here", "SELECT 1"], "no dataset directory"),
+    (["download", "{tmp}"], "has no ingested candidates"),
+    (["ingest", "{tmp}/absent.parquet", "--out", "{tmp}/o"], "input file not found"),
+    (["download", "{ds}", "--config", "{tmp}/bad.yaml"], "download.retrie: unknown key"),
+])
+def test_user_mistakes_are_one_line_errors(ingested, tmp_path, args, needle):
+    (tmp_path / "bad.yaml").write_text("download:\n  retries: 1\n  retrie: 2\n")
+    args = [a.format(ds=ingested, tmp=tmp_path) for a in args]
+    r = mmloom(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr
