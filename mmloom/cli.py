@@ -95,6 +95,19 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def cmd_clean_caption(a) -> int:
+    from mmloom.curate.captions import clean_caption
+
+    rc = 0
+    for text in a.text:
+        out, reason = clean_caption(text)
+        print(out)
+        if reason:
+            print(f"mmloom clean-caption: {reason}: {text!r}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
 def cmd_demo(a) -> int:
     from mmloom.curate.demo import run_demo
 
@@ -139,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("clean-caption", help="clean captions with Versatile Diffusion's rules (appendix C.1)")
+    s.add_argument("text", nargs="+")
+    s.set_defaults(fn=cmd_clean_caption)
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
