@@ -72,9 +72,76 @@ class DownloadConfig(Section):
     shard_retries: int = Field(3, ge=0, description="Ray retries of a shard whose worker died")
 
 
+class ClipConfig(Section):
+    model: str = Field("ViT-B-32/openai", description="open_clip model for clip_score: ARCH/PRETRAINED, hf-hub:ORG/REPO or a local dir (LAION's 0.28-0.3 thresholds were set with ViT-B-32 OpenAI)")
+    store_embeddings: bool = Field(True, description="store normalized image and text embeddings in scores/ (reused by heads, dedup and the Kandinsky prior)")
+
+
+class NsfwConfig(Section):
+    backend: Literal["nudenet", "clip_mlp", "hf", "none"] = Field("nudenet", description="nudenet (ships weights), clip_mlp (head on CLIP embeddings), hf (image classifier) or none")
+    model: Optional[str] = Field(None, description="clip_mlp: head state dict file/dir; hf: model id or dir")
+    clip_model: Optional[str] = Field(None, description="clip_mlp: CLIP model whose embeddings feed the head (default score.clip.model)")
+    positive_labels: list[str] = Field(default_factory=lambda: ["nsfw", "porn", "hentai", "sexy", "explicit"], description="hf: label patterns counted as NSFW")
+
+
+class WatermarkConfig(Section):
+    backend: Literal["timm", "hf", "none"] = Field("timm", description="timm (LAION detector design), hf (image classifier) or none")
+    model: Optional[str] = Field("hf-hub:kiriyamaX/laion-watermark/watermark_model_v1.pt", description="checkpoint file/dir (timm) or model id/dir (hf)")
+    arch: str = Field("efficientnet_b3a", description="timm architecture of the checkpoint")
+    head: Literal["laion", "linear"] = Field("laion", description="classifier head: LAION's 625-256-2 MLP or timm's linear")
+    positive_index: int = Field(0, ge=0, le=1, description="timm: output class that means watermark (LAION: 0)")
+    image_size: int = Field(256, gt=0, description="timm: square input size")
+    positive_labels: list[str] = Field(default_factory=lambda: ["watermark"], description="hf: label patterns counted as watermark")
+
+
+class AestheticConfig(Section):
+    enabled: bool = Field(True, description="compute the aesthetic score")
+    clip_model: str = Field("ViT-L-14/openai", description="CLIP whose normalized image embeddings feed the head (predictor v2: ViT-L-14)")
+    head: str = Field("hf-hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth", description="MLP state dict file/dir in LAION's layout")
+
+
+class FacesConfig(Section):
+    backend: Literal["opencv", "nudenet", "none"] = Field("opencv", description="face detector that ships its weights")
+
+
+class ScoreConfig(Section):
+    batch_size: int = Field(32, gt=0, description="images per model call")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="open_clip weights precision (autocast bf16 on GPU regardless)")
+    num_workers: Optional[int] = Field(None, gt=0, description="scoring actors (default: one per GPU, or CPUs / cpus_per_worker)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per scoring actor")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPU fraction per scoring actor (0 on CPU-only machines)")
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    nsfw: NsfwConfig = Field(default_factory=NsfwConfig)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
+    aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
+    faces: FacesConfig = Field(default_factory=FacesConfig)
+    phash: bool = Field(True, description="compute the perceptual hash for near-duplicate grouping")
+
+
+class SelectConfig(Section):
+    """Thresholds compiled into one DuckDB query; null switches a rule off. Defaults:
+    Versatile Diffusion section 4.1; aesthetic, min_side (M-VADER 3.2) and max_people
+    (MUMU 4) are ready to switch on."""
+
+    min_clip_score: Optional[float] = Field(0.3, description="minimum clip_score")
+    max_nsfw: Optional[float] = Field(0.3, description="nsfw must be below this")
+    max_watermark: Optional[float] = Field(0.3, description="watermark must be below this")
+    min_aspect: Optional[float] = Field(0.6, gt=0, description="minimum original width/height")
+    max_aspect: Optional[float] = Field(1.6667, gt=0, description="maximum original width/height")
+    min_area: Optional[float] = Field(0.75 * 256**2, ge=0, description="minimum original width*height")
+    min_aesthetic: Optional[float] = Field(None, description="aesthetic must be above this (M-VADER: 5)")
+    min_side: Optional[int] = Field(None, ge=0, description="minimum original shorter side (M-VADER: 512)")
+    max_people: Optional[int] = Field(None, ge=0, description="maximum face count (MUMU: 1)")
+    require_clean_caption: bool = Field(True, description="reject captions that are empty after cleaning")
+    dedup_max_distance: Optional[int] = Field(4, ge=0, le=15, description="perceptual hashes within this many bits are near-duplicates (one kept); null = off")
+
+
 class PipelineConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -90,8 +157,18 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load and validate a pipeline YAML (defaults when ``path`` is None)."""
+    """Load and validate a pipeline YAML (defaults when ``path`` is None), then apply
+    ``overrides`` ({"section.key": value}; None means "not given", so to switch a rule
+    off pass the whole section: {"select": {"min_clip_score": None}})."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -107,13 +184,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(data, dict):
             raise UserError(f"config {path}: top level must be a mapping of stage sections")
     for dotted, value in (overrides or {}).items():
-        if value is None:
+        if value is None:  # a flag that was not given
             continue
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            _deep_merge(node[leaf], value)
+        else:
+            node[leaf] = value
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:

@@ -66,11 +66,20 @@ def prepare_dir(out: str) -> None:
 def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print) -> dict:
     from mmloom.curate.download import download
     from mmloom.curate.ingest import ingest
+    from mmloom.curate.score import score
     from mmloom.curate.stats import funnel, render
+    from mmloom.filters.select import render_funnel, select
+    from mmloom.filters.tiny_models import make_score_models
 
     out = os.path.abspath(out)
     prepare_dir(out)
+    echo("[demo] building tiny random-weight scoring models (CLIP, aesthetic head, watermark); NSFW uses nudenet's real detector")
+    score_cfg = make_score_models(os.path.join(out, "models"))
     cfg = load_config(None, {
+        "score": score_cfg,
+        # random-weight CLIP and watermark scores mean nothing: the demo keeps those rules off
+        # and selects on nudenet (real), geometry, captions and near-duplicates
+        "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5},
         "ingest.shard_size": 8,
         "download.allow_private_addresses": True,  # the demo server is on 127.0.0.1
         "download.timeout": 5,
@@ -89,8 +98,16 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
         echo(f"[download] {d['committed']}/{d['shards']} shards committed: {d['status_counts']}")
         if d["failed"]:
             raise UserError(f"download failed for shards {[f['shard'] for f in d['failed']]}: {d['failed'][0]['error']}")
+        sc = score(out, cfg, ray_address, progress)
+        echo(f"[score] {sc['rows']} images scored in {sc['committed']} shards")
+        if sc["failed"]:
+            raise UserError(f"score failed for shards {[f['shard'] for f in sc['failed']]}: {sc['failed'][0]['error']}")
+    sel = select(out, cfg)
+    echo("[select] " + render_funnel(sel))
+    echo("[select] RANDOM-WEIGHT scores (plumbing only, no judgement): clip_score, watermark, aesthetic. "
+         "Real models: nsfw (nudenet), faces (OpenCV cascade), phash, geometry, caption cleaning.")
     f = funnel(out)
     echo(render(f))
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
-    return {"out": out, "ingest": s, "download": d, "funnel": f}
+    return {"out": out, "ingest": s, "download": d, "score": sc, "select": sel, "funnel": f}

@@ -224,7 +224,7 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
     con.execute(
         f"CREATE TABLE raw AS SELECT * FROM read_parquet('{staging}/*.parquet', union_by_name=true)"
     )
-    input_rows = con.execute("SELECT count(*) FROM raw").fetchone()[0]
+    input_rows = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
     con.execute(
         """
         CREATE TABLE dedup AS
@@ -232,7 +232,7 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         QUALIFY row_number() OVER (PARTITION BY sample_key ORDER BY file_idx, source_row) = 1
         """
     )
-    kept = con.execute("SELECT count(*) FROM dedup").fetchone()[0]
+    kept = con.execute("SELECT count(*) FROM dedup").fetchall()[0][0]
     con.execute(
         f"""
         CREATE TABLE sharded AS
@@ -242,7 +242,7 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         FROM dedup
         """
     )
-    n_shards = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM sharded").fetchone()[0]
+    n_shards = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM sharded").fetchall()[0][0]
     src_cols = [r[0] for r in con.execute("DESCRIBE sharded").fetchall() if r[0].startswith("src_")]
     cols = ", ".join([*S.CANDIDATE_COLUMNS, *[f'"{c}"' for c in src_cols]])
     parts = os.path.join(out, OUT_DIR, "_tmp", "parts")

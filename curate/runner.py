@@ -92,3 +92,78 @@ def run_shards(
     run.results.sort(key=lambda r: r["shard"])
     run.failures.sort(key=lambda r: r["shard"])
     return run
+
+
+class _Host:
+    """Holds one stage worker inside a Ray actor; its models load once, here."""
+
+    def __init__(self, factory: Callable, init_kwargs: dict, threads: int):
+        try:
+            import torch
+
+            torch.set_num_threads(max(1, threads))
+        except ImportError:
+            pass
+        self.error = None
+        try:
+            self.obj = factory(**init_kwargs)
+        except Exception as e:  # reported with every shard instead of killing the actor
+            self.error = f"{type(e).__name__}: {e}"
+
+    def call(self, method: str, shard: int, kwargs: dict) -> dict:
+        if self.error:
+            return {"shard": shard, "ok": False, "error": self.error, "init_error": True}
+        return _call(getattr(self.obj, method), shard, kwargs)
+
+
+def run_shards_on_actors(
+    name: str,
+    shards: list[int],
+    factory: Callable,
+    init_kwargs: dict,
+    method: str,
+    kwargs: dict | None = None,
+    num_actors: int = 1,
+    resources: Resources | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> ShardRun:
+    """Like `run_shards`, for stages whose workers hold models: ``num_actors`` actors each
+    build ``factory(**init_kwargs)`` once, then take shards as they free up."""
+    run = ShardRun()
+    if not shards:
+        return run
+    import ray
+
+    init_ray(ray_address)
+    res = resources or Resources()
+    Host = ray.remote(_Host).options(
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_retries,
+        max_task_retries=res.max_retries, name=None,
+    )
+    actors = [Host.remote(factory, init_kwargs, int(res.num_cpus)) for _ in range(max(1, min(num_actors, len(shards))))]
+    kw_ref = ray.put(kwargs or {})
+    queue = list(shards)
+    pending: dict = {}
+    idle = list(actors)
+    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress, leave=False)
+    while queue or pending:
+        while idle and queue:
+            a, s = idle.pop(), queue.pop(0)
+            pending[a.call.remote(method, s, kw_ref)] = (a, s)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            actor, shard = pending.pop(ref)
+            try:
+                out = ray.get(ref)
+            except Exception as e:
+                out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
+            (run.results if out["ok"] else run.failures).append(out)
+            idle.append(actor)
+            bar.update(1)
+    bar.close()
+    for a in actors:
+        ray.kill(a)
+    run.results.sort(key=lambda r: r["shard"])
+    run.failures.sort(key=lambda r: r["shard"])
+    return run

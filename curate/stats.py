@@ -39,6 +39,12 @@ def funnel(root: str, top: int = 5) -> dict:
             f"""SELECT status, error_message, count(*) FROM downloads
                 WHERE status NOT IN ('success', 'skipped') GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT {top}"""
         ).fetchall()
+    if "scores" in views:
+        out["scored"] = con.execute("SELECT count(*), count(score_error) FROM scores").fetchall()[0]
+    if "selected" in views:
+        out["selected"] = con.execute("SELECT count(*) FROM selected").fetchall()[0][0]
+        out["rejected_by_first_rule"] = con.execute(
+            "SELECT first_rule, count(*) FROM rejects GROUP BY 1 ORDER BY 2 DESC, 1").fetchall() if "rejects" in views else []
     con.close()
     return out
 
@@ -64,4 +70,12 @@ def render(f: dict) -> str:
             lines.append("  most common download failures:")
             for status, msg, n in f["download_errors"]:
                 lines.append(f"    {n:>5}  {status}: {(msg or '')[:90]}")
+    if "scored" in f:
+        lines.append(f"  scored images          {f['scored'][0]:>9}   ({f['scored'][1]} could not be decoded)")
+    if "selected" in f:
+        rejected = sum(n for _r, n in f["rejected_by_first_rule"])
+        lines.append(f"  rejected at select     {rejected:>9}")
+        for rule, n in f["rejected_by_first_rule"]:
+            lines.append(f"    {rule:<20} {n:>9}")
+        lines.append(f"  SELECTED               {f['selected']:>9}")
     return "\n".join(lines)

@@ -12,7 +12,20 @@ from mmloom.manifests.store import ShardStore
 VIEWS: dict[str, tuple[str, str, str]] = {
     "candidates": ("ingest", "candidates", ".parquet"),
     "downloads": ("download", "images", ".parquet"),
+    "scores": ("score", "scores", ".parquet"),
+    "selected": ("select", "selection", "selected.parquet"),
+    "rejects": ("select", "selection", "rejects.parquet"),
 }
+
+# every column of a sample, joined on its key (ingest, download, score)
+SAMPLES_SQL = """
+SELECT c.* EXCLUDE (width, height, status, reason),
+       c.width AS meta_width, c.height AS meta_height, c.status AS ingest_status, c.reason AS ingest_reason,
+       d.key, d.status AS download_status, d.error_message AS download_error, d.sha256,
+       d.original_width, d.original_height{score_cols}
+FROM candidates c
+LEFT JOIN downloads d USING (sample_key){score_join}
+"""
 
 
 def committed_files(store: ShardStore, stage: str, folder: str, suffix: str) -> list[str]:
@@ -36,6 +49,13 @@ def open_dataset(root: str, extra_views: dict[str, str] | None = None):
         files = committed_files(store, stage, folder, suffix)
         if files:
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+    names = set(view_names(con))
+    if {"candidates", "downloads"} <= names:
+        has_scores = "scores" in names
+        con.execute("CREATE VIEW samples AS " + SAMPLES_SQL.format(
+            score_cols=",\n       s.* EXCLUDE (sample_key, key, original_width, original_height)" if has_scores else "",
+            score_join="\nLEFT JOIN scores s USING (sample_key)" if has_scores else "",
+        ))
     for name, sql in (extra_views or {}).items():
         con.execute(f"CREATE VIEW {name} AS {sql}")
         available.append(name)

@@ -60,6 +60,37 @@ def cmd_download(a) -> int:
     return 1 if s["failed"] else 0
 
 
+def cmd_score(a) -> int:
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+    from mmloom.curate.score import score
+
+    cfg = dataset_config(a.dir, a.config, {"score.batch_size": a.batch_size, "score.device": a.device})
+    s = score(a.dir, cfg, a.ray_address, not a.no_progress)
+    save_dataset_config(a.dir, cfg)
+    print(f"score: {s['ran']} shard(s) scored ({s['rows']} images), {s['skipped']} already done, "
+          f"{s['committed']}/{s['shards']} downloaded shards scored")
+    for f in s["failed"]:
+        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
+    return 1 if s["failed"] else 0
+
+
+def cmd_select(a) -> int:
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+    from mmloom.filters.select import render_funnel, select
+
+    cfg = dataset_config(a.dir, a.config)
+    f = select(a.dir, cfg, dry_run=a.dry_run)
+    if a.show_sql:
+        print(f["sql"])
+    print(render_funnel(f))
+    if a.dry_run:
+        print("(dry run: nothing written)")
+    else:
+        save_dataset_config(a.dir, cfg)
+        print(f"wrote {a.dir}/selection/selected.parquet and rejects.parquet")
+    return 0
+
+
 def cmd_query(a) -> int:
     import duckdb
 
@@ -140,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thread-count", type=int, default=None)
     _common(s)
     s.set_defaults(fn=cmd_download)
+
+    s = sub.add_parser("score", help="score downloaded images (CLIP, NSFW, watermark, aesthetic, faces, phash, captions)")
+    s.add_argument("dir")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
+    _common(s)
+    s.set_defaults(fn=cmd_score)
+
+    s = sub.add_parser("select", help="apply thresholds with one DuckDB query; write selection/ and the reject ledger")
+    s.add_argument("dir")
+    s.add_argument("--dry-run", action="store_true", help="print the funnel per rule, write nothing")
+    s.add_argument("--show-sql", action="store_true", help="print the compiled query")
+    _common(s, ray=False)
+    s.set_defaults(fn=cmd_select)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
     s.add_argument("dir")

@@ -1,0 +1,140 @@
+"""`mmloom score`: downloaded shards -> scores/ parquet, one column per measurement.
+
+Scoring runs in Ray actors that load their models once (`runner.run_shards_on_actors`);
+each actor takes a committed download shard, scores its images in batches and commits
+``scores/NNNNN.parquet`` keyed by sample key. Rows are never dropped: an image that does
+not decode gets a row with ``score_error``. Each column's parquet field metadata names
+the model and version that produced it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmloom.curate.config import PipelineConfig, ScoreConfig
+from mmloom.curate.runner import Resources, run_shards_on_actors
+from mmloom.errors import UserError
+from mmloom.manifests import schemas as S
+from mmloom.manifests.store import ShardStore, config_hash, shard_name
+
+STAGE = "score"
+OUT_DIR = "scores"
+
+
+def read_images(tar_path: str, ext: str = "jpg") -> dict[str, bytes]:
+    out = {}
+    with tarfile.open(tar_path) as t:
+        for m in t.getmembers():
+            stem, _, e = m.name.rpartition(".")
+            if e == ext:
+                out[stem] = t.extractfile(m).read()
+    return out
+
+
+def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg") -> dict:
+    """Score one committed download shard with a built `ScoreSet` and commit it."""
+    from PIL import Image
+
+    from mmloom.filters.scoring import COLUMN_TYPES
+
+    store = ShardStore(root)
+    base = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}"
+    rows = [r for r in pq.read_table(store.path(base + ".parquet")).to_pylist() if r["status"] == S.SUCCESS]
+    blobs = read_images(store.path(base + ".tar"), encode_format)
+    cols = scorers.columns()
+    table: dict[str, list] = {c: [] for c in ["sample_key", "key", "original_width", "original_height", *cols, "score_error"]}
+    bs = scorers.cfg.batch_size
+    for i in range(0, len(rows), bs):
+        batch = rows[i:i + bs]
+        images, ok_rows = [], []
+        for r in batch:
+            try:
+                im = Image.open(io.BytesIO(blobs[r["key"]]))
+                im.load()
+                images.append(im.convert("RGB"))
+                ok_rows.append(r)
+            except Exception as e:  # recorded, never dropped
+                for c in cols:
+                    table[c].append(None)
+                _base_cols(table, r, f"cannot decode image {r['key']}.{encode_format}: {type(e).__name__}: {e}")
+        if images:
+            scores = scorers.score(images, [r["caption"] for r in ok_rows])
+            for j, r in enumerate(ok_rows):
+                for c in cols:
+                    table[c].append(scores[c][j])
+                _base_cols(table, r, None)
+    fields = [pa.field("sample_key", pa.string()), pa.field("key", pa.string()),
+              pa.field("original_width", pa.int32()), pa.field("original_height", pa.int32())]
+    for c in cols:
+        meta = {k.encode(): str(v).encode() for k, v in scorers.meta[c].items()}
+        fields.append(pa.field(c, COLUMN_TYPES[c], metadata=meta))
+    fields.append(pa.field("score_error", pa.string()))
+    t = pa.Table.from_pydict(table, schema=pa.schema(fields))
+    staging = store.staging_dir(OUT_DIR, shard)
+    out = os.path.join(staging, "scores.parquet")
+    pq.write_table(t, out)
+    store.commit(STAGE, shard, {f"{OUT_DIR}/{shard_name(shard)}.parquet": out},
+                 {"rows": t.num_rows, "errors": sum(e is not None for e in table["score_error"])}, chash)
+    store.fs.rm(staging, recursive=True)
+    return {"rows": t.num_rows}
+
+
+def _base_cols(table: dict, r: dict, error: str | None) -> None:
+    table["sample_key"].append(r["sample_key"])
+    table["key"].append(r["key"])
+    table["original_width"].append(r["original_width"])
+    table["original_height"].append(r["original_height"])
+    table["score_error"].append(error)
+
+
+class ScoreWorker:
+    """What one Ray actor holds: every scoring model, loaded once."""
+
+    def __init__(self, cfg: dict):
+        from mmloom.filters.scoring import ScoreSet
+
+        self.scorers = ScoreSet(ScoreConfig.model_validate(cfg))
+
+    def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
+        return score_shard(self.scorers, shard, root, chash, encode_format)
+
+
+def score(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
+    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    downloaded = store.committed_shards("download")
+    if not downloaded:
+        raise UserError(f"{root} has no downloaded shards; run `mmloom download {root}` first")
+    cfg = config.score
+    chash = config_hash(cfg.model_dump())
+    todo = [s for s in downloaded if not store.is_committed(STAGE, s)]
+    store.clean_staging([OUT_DIR])
+    if cfg.num_workers:
+        n = cfg.num_workers
+    elif cfg.gpus_per_worker > 0:
+        import ray
+
+        from mmloom.curate.runner import init_ray
+
+        init_ray(ray_address)
+        n = max(1, int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker))
+    else:
+        n = max(1, int((os.cpu_count() or 1) / cfg.cpus_per_worker)) if not ray_address else 2
+    run = run_shards_on_actors(
+        "score", todo, ScoreWorker, {"cfg": cfg.model_dump()}, "run",
+        {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},
+        num_actors=n, resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
+        ray_address=ray_address, progress=progress,
+    )
+    init_errors = {f["error"] for f in run.failures if f.get("init_error")}
+    if init_errors and not run.results:
+        raise UserError("scoring models could not be loaded:\n  " + "\n  ".join(e.removeprefix("UserError: ") for e in sorted(init_errors)))
+    return {
+        "shards": len(downloaded), "ran": len(run.results), "skipped": len(downloaded) - len(todo),
+        "failed": run.failures, "rows": sum(r.get("rows", 0) for r in run.results),
+        "committed": len(store.committed_shards(STAGE)),
+    }

@@ -1,0 +1,58 @@
+"""open_clip image and text embeddings, computed once per model and shared.
+
+STYLE habit 4: the CLIP pass runs once per batch per model; the clip score, the NSFW
+MLP head, the aesthetic head and the stored embeddings all read its output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmloom.errors import UserError
+from mmloom.filters.models import local_path, missing, package_version, fingerprint
+
+
+class ClipEmbedder:
+    """Loads an open_clip model from ``ARCH/TAG``, ``hf-hub:ORG/REPO`` or a local dir
+    (``open_clip_config.json`` + weights, open_clip's own hub format)."""
+
+    def __init__(self, ref: str, device: str = "cpu", precision: str = "fp32"):
+        import open_clip
+
+        self.ref, self.device = ref, device
+        p = local_path(ref)
+        if p is not None:
+            if not (p / "open_clip_config.json").exists():
+                raise UserError(f"open_clip model directory {ref} has no open_clip_config.json")
+            name, kw = f"local-dir:{p}", {}
+        elif ref.startswith("hf-hub:"):
+            name, kw = ref, {}
+        elif "/" in ref:
+            name, tag = ref.split("/", 1)
+            kw = {"pretrained": tag}
+        else:
+            raise UserError(f"open_clip model {ref!r}: expected ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ORG/REPO or a local directory")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, device=device, precision=precision, **kw)
+            self.tokenizer = open_clip.get_tokenizer(name)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise missing(ref, "open_clip model", e) from None
+        self.model.eval()
+        self.version = f"open_clip {package_version('open-clip-torch')}, weights {fingerprint(ref)}"
+        self.dim = int(self.model.text_projection.shape[-1]) if getattr(self.model, "text_projection", None) is not None else None
+
+    @torch.no_grad()
+    def images(self, pil_images) -> torch.Tensor:
+        """[N, D] L2-normalized image embeddings (float32, CPU)."""
+        x = torch.stack([self.preprocess(im) for im in pil_images]).to(self.device)
+        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+            e = self.model.encode_image(x)
+        return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        """[N, D] L2-normalized text embeddings."""
+        t = self.tokenizer([s or "" for s in texts]).to(self.device)
+        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+            e = self.model.encode_text(t)
+        return torch.nn.functional.normalize(e.float(), dim=-1).cpu()

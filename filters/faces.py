@@ -1,0 +1,39 @@
+"""Face count and boxes from detectors that ship their weights: OpenCV's Haar cascade or
+nudenet's face classes. MUMU section 4 keeps realistic images with 0 or 1 people; the face
+count is the people proxy (a face detector, not a person detector: backs are not counted)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class OpenCvFaces:
+    def __init__(self, min_size: int = 24):
+        import cv2
+
+        path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
+        self.cascade = cv2.CascadeClassifier(path)
+        self.cv2, self.min_size = cv2, min_size
+        self.version = f"opencv {cv2.__version__} haarcascade_frontalface_default"
+
+    def __call__(self, images, detections=None) -> list[list[list[int]]]:
+        out = []
+        for im in images:
+            gray = np.asarray(im.convert("L"))
+            found = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(self.min_size, self.min_size))
+            out.append([[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h in found])
+        return out
+
+
+class NudeNetFaces:
+    def __init__(self, nudenet, min_score: float = 0.4):
+        self.nn, self.min_score = nudenet, min_score
+        self.version = f"{nudenet.version} FACE_* classes (score >= {min_score})"
+
+    def __call__(self, images, detections=None) -> list[list[list[int]]]:
+        from mmloom.filters.nsfw import NUDENET_FACES
+
+        dets = detections if detections is not None else self.nn.detect(images)
+        return [[[d["box"][0], d["box"][1], d["box"][0] + d["box"][2], d["box"][1] + d["box"][3]]
+                 for d in ds if d["class"] in NUDENET_FACES and d["score"] >= self.min_score] for ds in dets]
+

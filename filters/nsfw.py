@@ -1,0 +1,75 @@
+"""NSFW probability, three interchangeable backends behind one call:
+``scorer(images, embeddings) -> list[float]`` in [0, 1].
+
+* ``nudenet``: nudenet's detector (ships its ONNX weights): the highest score among its
+  exposed-body-part classes. Real decisions offline.
+* ``clip_mlp``: an MLP head on normalized CLIP image embeddings (LAION's detector design).
+* ``hf``: any Hugging Face image-classification model (labels matching ``positive_labels``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmloom.filters.heads import MLPHead
+from mmloom.filters.models import fingerprint, load_state_dict, package_version, resolve_file
+
+NUDENET_EXPOSED = {
+    "FEMALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",
+    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED",
+}
+NUDENET_FACES = {"FACE_FEMALE", "FACE_MALE"}
+
+
+class NudeNet:
+    """nudenet's detector, shared by the NSFW score and the face counter."""
+
+    def __init__(self):
+        from nudenet import NudeDetector
+
+        self.detector = NudeDetector()
+        self.version = f"nudenet {package_version('nudenet')} (320n.onnx)"
+
+    def detect(self, pil_images) -> list[list[dict]]:
+        # nudenet converts RGBA->BGR itself, so hand it RGBA arrays
+        return [self.detector.detect(np.asarray(im.convert("RGBA"))) for im in pil_images]
+
+
+class NudeNetNsfw:
+    needs_clip = None
+
+    def __init__(self, nudenet: NudeNet):
+        self.nn = nudenet
+        self.version = nudenet.version
+
+    def __call__(self, images, embeddings=None, detections=None) -> list[float]:
+        dets = detections if detections is not None else self.nn.detect(images)
+        return [max([d["score"] for d in ds if d["class"] in NUDENET_EXPOSED], default=0.0) for ds in dets]
+
+
+class ClipMlpNsfw:
+    def __init__(self, ref: str, clip_ref: str):
+        path = resolve_file(ref, "NSFW head", ("nsfw_head.pt", "model.pt", "model.pth"))
+        self.head = MLPHead.from_state_dict(load_state_dict(path), "relu", ref)
+        self.needs_clip = clip_ref
+        self.version = f"mlp head {fingerprint(path)} on {clip_ref}"
+
+    @torch.no_grad()
+    def __call__(self, images, embeddings, detections=None) -> list[float]:
+        out = self.head(embeddings)
+        p = out.sigmoid()[:, 0] if out.shape[-1] == 1 else out.softmax(-1)[:, 1]
+        return p.tolist()
+
+
+class HfNsfw:
+    needs_clip = None
+
+    def __init__(self, ref: str, positive_labels: list[str], device: str):
+        from mmloom.filters.hf_classifier import HfImageClassifier
+
+        self.clf = HfImageClassifier(ref, positive_labels, device, "NSFW classifier")
+        self.version = self.clf.version
+
+    def __call__(self, images, embeddings=None, detections=None) -> list[float]:
+        return self.clf(images)

@@ -1,0 +1,207 @@
+"""`mmloom select`: thresholds -> one DuckDB query over the manifests, plus near-duplicates.
+
+Design principle 2: scoring never deletes; selection is SQL. Each rule is a predicate that
+must be TRUE to pass; a NULL (a missing score) fails the rule with the value ``NULL``, so a
+sample with a missing score is never selected silently. The reject ledger keeps, for every
+rejected sample, every rule it failed with the value and the threshold. Changing a
+threshold re-runs this query, not the models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mmloom.curate.config import PipelineConfig, SelectConfig
+from mmloom.errors import UserError
+from mmloom.manifests.store import ShardStore, config_hash
+from mmloom.manifests.views import open_dataset, view_names
+
+STAGE = "select"
+OUT_DIR = "selection"
+
+
+@dataclass
+class Rule:
+    name: str  # config key that set it
+    passes: str  # SQL that must be TRUE
+    value: str  # SQL of the value recorded when it fails
+    threshold: str
+    needs: tuple[str, ...]  # score columns it reads
+
+
+ASPECT = "original_width::DOUBLE / nullif(original_height, 0)"
+AREA = "original_width::BIGINT * original_height"
+
+
+def rules(cfg: SelectConfig) -> list[Rule]:
+    """The enabled rules, in funnel order."""
+    out = [Rule("scorable", "score_error IS NULL AND clip_score IS NOT NULL", "coalesce(score_error, 'not scored')", "image scored", ("score_error",))]
+    spec = [
+        ("min_clip_score", "clip_score >= {t}", "clip_score", ("clip_score",)),
+        ("max_nsfw", "nsfw < {t}", "nsfw", ("nsfw",)),
+        ("max_watermark", "watermark < {t}", "watermark", ("watermark",)),
+        ("min_aspect", f"{ASPECT} >= {{t}}", ASPECT, ()),
+        ("max_aspect", f"{ASPECT} <= {{t}}", ASPECT, ()),
+        ("min_area", f"{AREA} >= {{t}}", AREA, ()),
+        ("min_aesthetic", "aesthetic > {t}", "aesthetic", ("aesthetic",)),
+        ("min_side", "least(original_width, original_height) >= {t}", "least(original_width, original_height)", ()),
+        ("max_people", "face_count <= {t}", "face_count", ("face_count",)),
+    ]
+    for name, passes, value, needs in spec:
+        t = getattr(cfg, name)
+        if t is not None:
+            out.append(Rule(name, passes.format(t=float(t)), value, str(t), needs))
+    if cfg.require_clean_caption:
+        out.append(Rule("require_clean_caption", "caption_reason IS NULL AND clean_caption IS NOT NULL", "caption_reason", "non-empty clean caption", ("caption_reason",)))
+    return out
+
+
+def failed_expr(rs: list[Rule]) -> str:
+    items = ",\n    ".join(
+        f"CASE WHEN coalesce(({r.passes}), false) THEN NULL ELSE "
+        f"{{'rule': '{r.name}', 'value': coalesce(CAST(({r.value}) AS VARCHAR), 'NULL'), 'threshold': '{r.threshold}'}} END"
+        for r in rs
+    )
+    return f"list_filter([\n    {items}\n  ], lambda x: x IS NOT NULL)"
+
+
+def build_query(cfg: SelectConfig, columns: set[str]) -> str:
+    """The one query: every downloaded sample with the list of rules it fails."""
+    rs = rules(cfg)
+    for r in rs:
+        lacking = [c for c in r.needs if c not in columns]
+        if lacking:
+            raise UserError(
+                f"select.{r.name} needs the score column(s) {lacking}, which the score stage did not compute; "
+                f"enable that scorer or set select.{r.name}: null"
+            )
+    return f"""
+SELECT sample_key, failed, len(failed) = 0 AS passes
+FROM (
+  SELECT sample_key,
+  {failed_expr(rs)} AS failed
+  FROM samples
+  WHERE download_status = 'success'
+)"""
+
+
+def near_duplicates(con, max_distance: int) -> dict[str, tuple[str, int]]:
+    """Among passing samples: dropped sample_key -> (kept sample_key, bit distance).
+
+    Pigeonhole banding: split the 16 hex digits of the hash into max_distance+1 bands;
+    two hashes within max_distance bits differ in at most max_distance hex digits, so
+    they agree on one whole band. Only hashes sharing a band are compared."""
+    n_bands = max_distance + 1
+    bounds = [round(i * 16 / n_bands) for i in range(n_bands + 1)]
+    band_sql = " UNION ALL ".join(
+        f"SELECT phash, phash_int, {i} AS band, substr(phash, {a + 1}, {b - a}) AS v FROM hashes"
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    )
+    con.execute("CREATE OR REPLACE TEMP TABLE hashes AS SELECT DISTINCT phash, phash_int FROM passing WHERE phash IS NOT NULL")
+    pairs = con.execute(f"""
+        WITH bands AS ({band_sql})
+        SELECT DISTINCT a.phash, b.phash, bit_count(xor(a.phash_int, b.phash_int)) AS d
+        FROM bands a JOIN bands b ON a.band = b.band AND a.v = b.v AND a.phash < b.phash
+        WHERE bit_count(xor(a.phash_int, b.phash_int)) <= {max_distance}
+    """).fetchall()
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b, _d in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members = con.execute("SELECT sample_key, phash, phash_int, clip_score FROM passing WHERE phash IS NOT NULL").fetchall()
+    groups: dict[str, list] = {}
+    for key, ph, pint, cs in members:
+        groups.setdefault(find(ph), []).append((key, pint, cs))
+    dropped = {}
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        keep = min(group, key=lambda g: (-(g[2] if g[2] is not None else -1e9), g[0]))  # best clip score, then key
+        for key, pint, _cs in group:
+            if key != keep[0]:
+                dropped[key] = (keep[0], bin((pint ^ keep[1]) & (2**64 - 1)).count("1"))
+    return dropped
+
+
+def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
+    """Run the selection query; write selection/ unless ``dry_run``. Returns the funnel."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = config.select
+    con = open_dataset(root)
+    if "scores" not in view_names(con):
+        raise UserError(f"{root} has no scores yet; run `mmloom score {root}` first")
+    columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
+    sql = build_query(cfg, columns)
+    con.execute(f"CREATE TEMP TABLE judged AS {sql}")
+    con.execute("CREATE TEMP VIEW passing AS SELECT s.* FROM samples s JOIN judged j USING (sample_key) WHERE j.passes")
+    dups = near_duplicates(con, cfg.dedup_max_distance) if cfg.dedup_max_distance is not None and "phash" in columns else {}
+    con.execute("CREATE TEMP TABLE dup (sample_key VARCHAR, kept VARCHAR, d INTEGER)")
+    if dups:
+        con.executemany("INSERT INTO dup VALUES (?, ?, ?)", [(k, v[0], v[1]) for k, v in dups.items()])
+    con.execute(f"""
+        CREATE TEMP TABLE final AS
+        SELECT j.sample_key,
+               CASE WHEN dup.sample_key IS NULL THEN j.failed
+                    ELSE list_append(j.failed, {{'rule': 'dedup_max_distance',
+                         'value': dup.d || ' bits from ' || dup.kept, 'threshold': '{cfg.dedup_max_distance}'}}) END AS failed
+        FROM judged j LEFT JOIN dup USING (sample_key)
+    """)
+    rule_names = [r.name for r in rules(cfg)] + (["dedup_max_distance"] if cfg.dedup_max_distance is not None else [])
+    per_rule = dict(con.execute("""
+        SELECT f.rule, count(*) FROM (SELECT unnest(failed) AS f FROM final) GROUP BY 1
+    """).fetchall())
+    first_rule = dict(con.execute("SELECT failed[1].rule, count(*) FROM final WHERE len(failed) > 0 GROUP BY 1").fetchall())
+    total = con.execute("SELECT count(*) FROM final").fetchall()[0][0]
+    n_sel = con.execute("SELECT count(*) FROM final WHERE len(failed) = 0").fetchall()[0][0]
+    funnel = {"scored_samples": total, "selected": n_sel, "rejected": total - n_sel,
+              "rules": [{"rule": r, "fails": per_rule.get(r, 0), "first_failure": first_rule.get(r, 0)} for r in rule_names],
+              "sql": sql}
+    if dry_run:
+        con.close()
+        return funnel
+
+    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    emb = [c for c in columns if c.endswith("_embedding")]
+    exclude = f" EXCLUDE ({', '.join(emb)})" if emb else ""
+    selected = con.sql(f"""
+        SELECT s.*{exclude} FROM samples s JOIN final f USING (sample_key)
+        WHERE len(f.failed) = 0 ORDER BY s.shard, s.source_row, s.sample_key
+    """).to_arrow_table()
+    rejects = con.sql("""
+        SELECT f.sample_key, s.shard, s.key, s.url, s.caption, f.failed, f.failed[1].rule AS first_rule
+        FROM final f JOIN samples s USING (sample_key)
+        WHERE len(f.failed) > 0 ORDER BY s.shard, s.source_row, f.sample_key
+    """).to_arrow_table()
+    con.close()
+    staging = store.staging_dir(OUT_DIR, 0)
+    paths = {}
+    for name, table in (("selected", selected), ("rejects", rejects)):
+        p = os.path.join(staging, f"{name}.parquet")
+        if isinstance(table, pa.RecordBatchReader):
+            table = table.read_all()
+        pq.write_table(table, p)
+        paths[f"{OUT_DIR}/{name}.parquet"] = p
+    store.uncommit(STAGE, 0)
+    store.commit(STAGE, 0, paths, {"selected": n_sel, "rejected": total - n_sel},
+                 config_hash(cfg.model_dump()), {"rules": funnel["rules"]})
+    store.fs.rm(staging, recursive=True)
+    return funnel
+
+
+def render_funnel(f: dict) -> str:
+    lines = [f"{f['scored_samples']} downloaded samples judged: {f['selected']} selected, {f['rejected']} rejected",
+             f"  {'rule':<24} {'fails':>7} {'first failure':>14}"]
+    for r in f["rules"]:
+        lines.append(f"  {r['rule']:<24} {r['fails']:>7} {r['first_failure']:>14}")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Tiny random-weight models in the real on-disk formats.
+
+Tests and the demo build these and load them through the same code as real weights
+(`filters/models.py`): an open_clip local directory (config + state dict), LAION-layout
+MLP heads (torch state dicts), a timm checkpoint, a Hugging Face ``save_pretrained``
+image classifier. Random weights exercise the plumbing, not judgement: their scores
+mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_open_clip(path: str, seed: int = 0) -> str:
+    import open_clip
+
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    torch.save(model.state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {
+            "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+    return path
+
+
+def make_hf_classifier(path: str, labels: list[str], seed: int = 0) -> str:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, num_labels=len(labels),
+                    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    ViTForImageClassification(cfg).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def make_score_models(root: str) -> dict:
+    """Build every tiny scoring model under ``root``; return a `score:` config section
+    that uses them (NSFW through nudenet's real shipped detector)."""
+    from mmloom.filters.aesthetic import save_aesthetic_head
+    from mmloom.filters.heads import save_head
+    from mmloom.filters.watermark import save_timm_checkpoint
+
+    os.makedirs(root, exist_ok=True)
+    clip = make_open_clip(os.path.join(root, "tiny-clip"))
+    dim = TINY_CLIP_CFG["embed_dim"]
+    save_aesthetic_head(os.path.join(root, "aesthetic-head.pth"), in_dim=dim)
+    save_head(os.path.join(root, "nsfw-head.pt"), [dim, 16, 1])
+    save_timm_checkpoint(os.path.join(root, "watermark-tiny.pt"), "test_efficientnet", "linear")
+    make_hf_classifier(os.path.join(root, "tiny-hf-nsfw"), ["normal", "nsfw"])
+    return {
+        "batch_size": 8,
+        "clip": {"model": clip, "store_embeddings": True},
+        "nsfw": {"backend": "nudenet"},
+        "watermark": {"backend": "timm", "model": os.path.join(root, "watermark-tiny.pt"),
+                      "arch": "test_efficientnet", "head": "linear", "image_size": 64},
+        "aesthetic": {"enabled": True, "clip_model": clip, "head": os.path.join(root, "aesthetic-head.pth")},
+        "faces": {"backend": "opencv"},
+    }
