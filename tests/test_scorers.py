@@ -1,0 +1,147 @@
+"""Each scorer loads through the real loading code from tiny random-weight models saved in
+the real formats, and returns values in its range. nudenet, OpenCV and phash are real."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmloom.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from mmloom.filters.tiny_models import make_score_models
+
+    root = tmp_path_factory.mktemp("models")
+    return root, make_score_models(str(root))
+
+
+@pytest.fixture(scope="module")
+def pics():
+    from mmloom.curate.demo_data import demo_images
+
+    imgs = {name: Image.open(io.BytesIO(data)).convert("RGB") for name, data, *_ in demo_images()}
+    return imgs
+
+
+def test_open_clip_local_dir_embeddings_normalized(models, pics):
+    from mmloom.filters.clip_embed import ClipEmbedder
+
+    e = ClipEmbedder(models[1]["clip"]["model"])
+    img = e.images([pics["astronaut.jpg"], pics["coffee.jpg"]])
+    txt = e.texts(["an astronaut", "coffee"])
+    assert img.shape == (2, 32) and txt.shape == (2, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2), atol=1e-5)
+    sim = (img * txt).sum(-1)
+    assert ((sim >= -1) & (sim <= 1)).all()
+    assert e.version.startswith("open_clip") and "sha256:" in e.version
+
+
+@pytest.mark.parametrize("ref", ["ViT-B-32/openai", "hf-hub:nobody/no-such-clip", "/no/such/dir/open_clip"])
+def test_missing_clip_is_a_clear_error(ref):
+    from mmloom.filters.clip_embed import ClipEmbedder
+
+    with pytest.raises(UserError) as e:
+        ClipEmbedder(ref)
+    assert ref in str(e.value) and ("not available" in str(e.value) or "expected" in str(e.value))
+
+
+def test_aesthetic_head_has_laion_layout_and_scale(models):
+    from mmloom.filters.aesthetic import AestheticScorer
+
+    root, cfg = models
+    a = AestheticScorer(cfg["aesthetic"]["head"], "clip")
+    keys = sorted(k for k in a.head.state_dict() if k.endswith("weight"))
+    assert keys == ["layers.0.weight", "layers.2.weight", "layers.4.weight", "layers.6.weight", "layers.7.weight"]
+    emb = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    s = a(None, emb)
+    assert all(1.0 <= v <= 10.0 for v in s)
+
+
+def test_nsfw_clip_mlp_and_hf_give_probabilities(models, pics):
+    from mmloom.filters.nsfw import ClipMlpNsfw, HfNsfw
+
+    root, cfg = models
+    head = ClipMlpNsfw(str(root / "nsfw-head.pt"), "clip")
+    p = head(None, torch.nn.functional.normalize(torch.randn(5, 32), dim=-1))
+    assert len(p) == 5 and all(0 <= v <= 1 for v in p)
+    hf = HfNsfw(str(root / "tiny-hf-nsfw"), ["nsfw"], "cpu")
+    p = hf([pics["astronaut.jpg"], pics["coffee.jpg"]])
+    assert len(p) == 2 and all(0 <= v <= 1 for v in p)
+    with pytest.raises(UserError, match="none of its labels"):
+        HfNsfw(str(root / "tiny-hf-nsfw"), ["porn"], "cpu")
+
+
+def test_timm_watermark_checkpoint_and_laion_head(models, pics, tmp_path):
+    from mmloom.filters.watermark import TimmWatermark, build_timm, save_timm_checkpoint
+
+    root, cfg = models
+    w = cfg["watermark"]
+    wm = TimmWatermark(w["model"], w["arch"], w["head"], 0, "cpu", 64)
+    p = wm([pics["coffee.jpg"], pics["chelsea.jpg"]])
+    assert len(p) == 2 and all(0 <= v <= 1 for v in p)
+    laion = build_timm("test_efficientnet", "laion")
+    head = laion.get_classifier()
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [625, 256, 2]
+    save_timm_checkpoint(str(tmp_path / "laion.pt"), "test_efficientnet", "laion")
+    assert TimmWatermark(str(tmp_path / "laion.pt"), "test_efficientnet", "laion", 0, "cpu", 64)([pics["coffee.jpg"]])[0] <= 1
+    with pytest.raises(UserError, match="does not fit"):
+        TimmWatermark(w["model"], "test_efficientnet", "laion", 0, "cpu", 64)
+
+
+def test_nudenet_real_decisions_and_faces(pics):
+    from mmloom.filters.faces import NudeNetFaces, OpenCvFaces
+    from mmloom.filters.nsfw import NudeNet, NudeNetNsfw
+
+    nn = NudeNet()
+    imgs = [pics["astronaut.jpg"], pics["chelsea.jpg"], pics["brick.jpg"]]
+    p = NudeNetNsfw(nn)(imgs)
+    assert all(0 <= v < 0.3 for v in p), p  # clothed astronaut, a cat, a wall
+    faces = OpenCvFaces()(imgs)
+    assert len(faces[0]) == 1 and faces[2] == []
+    x0, y0, x1, y1 = faces[0][0]
+    assert 100 < x0 < x1 < 400 and 0 < y0 < y1 < 300  # the astronaut's face, upper middle
+    assert len(NudeNetFaces(nn)([pics["astronaut.jpg"]])[0]) == 1
+
+
+def test_phash_groups_near_copies(pics):
+    from mmloom.filters.geometry import phash
+
+    a = pics["astronaut.jpg"]
+    h1, i1 = phash(a)
+    h2, i2 = phash(a.resize((300, 300)))
+    h3, i3 = phash(pics["coffee.jpg"])
+    dist = lambda x, y: bin((x ^ y) & (2**64 - 1)).count("1")  # noqa: E731
+    assert len(h1) == 16 and int(h1, 16) == i1 % 2**64
+    assert dist(i1, i2) <= 4 and dist(i1, i3) > 16
+
+
+def test_scoreset_shares_one_clip_pass(models, pics, monkeypatch):
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.filters.scoring import ScoreSet
+
+    root, cfg = models
+    cfg = {**cfg, "nsfw": {"backend": "clip_mlp", "model": str(root / "nsfw-head.pt")}}
+    s = ScoreSet(ScoreConfig.model_validate(cfg))
+    assert len(s.embedders) == 1  # clip score, aesthetic and NSFW head share one model
+    calls = []
+    orig = ClipEmbedder.images
+    monkeypatch.setattr(ClipEmbedder, "images", lambda self, ims: calls.append(len(ims)) or orig(self, ims))
+    out = s.score([pics["astronaut.jpg"], pics["coffee.jpg"]], ["an astronaut", "<b>coffee</b> http://x.com"])
+    assert calls == [2]
+    assert out["clean_caption"] == ["an astronaut", "coffee"]
+    assert out["aspect"][1] == pytest.approx(1.5) and out["min_side"][1] == 400
+    assert all(0 <= v <= 1 for v in out["nsfw"]) and len(out["clip_image_embedding"][0]) == 32
+
+
+def test_unset_model_is_a_clear_error(models):
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.scoring import ScoreSet
+
+    cfg = {**models[1], "watermark": {"backend": "hf", "model": None}}
+    with pytest.raises(UserError, match="score.watermark.model is not set"):
+        ScoreSet(ScoreConfig.model_validate(cfg))
