@@ -137,11 +137,58 @@ class SelectConfig(Section):
     dedup_max_distance: Optional[int] = Field(4, ge=0, le=15, description="perceptual hashes within this many bits are near-duplicates (one kept); null = off")
 
 
+PERSON_WORDS = [
+    "person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "baby",
+    "lady", "guy", "astronaut", "player", "student", "worker", "soldier", "bride", "groom", "model", "actor",
+    "actress", "athlete", "teenager", "adult", "human", "couple", "family", "friends", "doctor", "chef",
+]
+
+
+class GroundConfig(Section):
+    model: str = Field("IDEA-Research/grounding-dino-tiny", description="Grounding DINO (transformers format): hub id or local dir")
+    box_threshold: float = Field(0.35, ge=0, le=1, description="minimum box confidence (max token probability)")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="minimum probability for a caption token to belong to the box's phrase")
+    batch_size: int = Field(8, gt=0, description="images per model call (each with its own caption)")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N")
+    num_workers: Optional[int] = Field(None, gt=0, description="grounding actors (default: one per GPU, or CPUs / cpus_per_worker)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per grounding actor")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPU fraction per grounding actor")
+    person_words: list[str] = Field(default_factory=lambda: list(PERSON_WORDS), description="a phrase containing one of these words is a person")
+    head_source: Literal["face", "detector", "none"] = Field("face", description="head box inside each person box: OpenCV face cascade (ships weights), the grounding model prompted with 'head', or none")
+    head_expand: float = Field(1.8, ge=1, description="face box -> head box scale (hair, chin)")
+
+
+class BuildConfig(Section):
+    """Crop rules (MUMU section 4) and final shard settings."""
+
+    min_crop_area: float = Field(150 * 150, ge=0, description="drop crops whose area is below this many pixels (MUMU: 150x150)")
+    max_crop_fraction: float = Field(0.75, gt=0, le=1, description="drop crops covering more than this fraction of the image (MUMU: 75%)")
+    max_crops: int = Field(3, ge=0, description="crops per prompt (MUMU: at most 3), distinct phrases first")
+    merge_iou: float = Field(0.5, ge=0, le=1, description="boxes of one phrase overlapping at least this IoU are one object")
+    min_crops: int = Field(1, ge=0, description="samples with fewer surviving crops are left out (reason recorded)")
+    person_weight: float = Field(2.0, gt=0, description="sampling weight of samples with a person crop (others 1.0): lets training favour people")
+    crop_quality: int = Field(95, ge=1, le=100, description="JPEG quality of crop members")
+    card_examples: int = Field(4, ge=0, description="example prompts pictured in the dataset card")
+
+
+class RunConfig(Section):
+    """What `mmloom run PIPELINE.yaml` runs on."""
+
+    sources: list[str] = Field(default_factory=list, description="metadata parquet files, globs or folders")
+    out: Optional[str] = Field(None, description="dataset directory")
+    ray_address: Optional[str] = Field(None, description="Ray cluster address (null: Ray in process)")
+    stages: list[Literal["ingest", "download", "score", "select", "ground", "build"]] = Field(
+        default_factory=lambda: ["ingest", "download", "score", "select", "ground", "build"], description="stages to run, in order")
+
+
 class PipelineConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    ground: GroundConfig = Field(default_factory=GroundConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -69,17 +69,24 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     from mmloom.curate.score import score
     from mmloom.curate.stats import funnel, render
     from mmloom.filters.select import render_funnel, select
-    from mmloom.filters.tiny_models import make_score_models
+    from mmloom.curate.build import build
+    from mmloom.curate.card import write_card
+    from mmloom.curate.ground import ground
+    from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
 
     out = os.path.abspath(out)
     prepare_dir(out)
     echo("[demo] building tiny random-weight scoring models (CLIP, aesthetic head, watermark); NSFW uses nudenet's real detector")
     score_cfg = make_score_models(os.path.join(out, "models"))
+    words = sorted({w for _n, _d, c, _w, _h in demo_images() for w in c.lower().split()})
+    dino = make_grounding_dino(os.path.join(out, "models", "tiny-grounding-dino"), words)
     cfg = load_config(None, {
         "score": score_cfg,
         # random-weight CLIP and watermark scores mean nothing: the demo keeps those rules off
         # and selects on nudenet (real), geometry, captions and near-duplicates
         "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5},
+        "ground": {"model": dino},
+        "download.image_size": 512,
         "ingest.shard_size": 8,
         "download.allow_private_addresses": True,  # the demo server is on 127.0.0.1
         "download.timeout": 5,
@@ -104,10 +111,36 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
             raise UserError(f"score failed for shards {[f['shard'] for f in sc['failed']]}: {sc['failed'][0]['error']}")
     sel = select(out, cfg)
     echo("[select] " + render_funnel(sel))
+    g = ground(out, cfg, ray_address, progress)
+    echo(f"[ground] {g['boxes']} boxes in {g['committed']} shards (tiny RANDOM-WEIGHT Grounding DINO: boxes are plumbing, not judgement)")
+    b = build(out, cfg, ray_address, progress)
+    echo(f"[build] {b['built']} of {b['samples']} selected samples in final/ with {b['crops']} crops")
+    card = write_card(out, cfg)
     echo("[select] RANDOM-WEIGHT scores (plumbing only, no judgement): clip_score, watermark, aesthetic. "
          "Real models: nsfw (nudenet), faces (OpenCV cascade), phash, geometry, caption cleaning.")
     f = funnel(out)
     echo(render(f))
+    echo("\nInterleaved prompts (first few):")
+    for text in example_prompts(out, 5):
+        echo("  " + text)
+    echo(f"\nDataset card: {card}")
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
-    return {"out": out, "ingest": s, "download": d, "score": sc, "select": sel, "funnel": f}
+    return {"out": out, "ingest": s, "download": d, "score": sc, "select": sel, "ground": g, "build": b, "funnel": f}
+
+
+def example_prompts(root: str, n: int) -> list[str]:
+    """Rendered prompts read back from final/ with plain webdataset."""
+    import glob
+
+    import webdataset as wds
+
+    from mmloom.curate.prompt import render as render_prompt
+
+    out = []
+    shards = sorted(glob.glob(os.path.join(root, "final", "*.tar")))
+    for sample in wds.WebDataset(shards, shardshuffle=False).decode():
+        out.append(render_prompt(sample["prompt.json"]["segments"]))
+        if len(out) >= n:
+            break
+    return out

@@ -69,3 +69,30 @@ def make_score_models(root: str) -> dict:
         "aesthetic": {"enabled": True, "clip_model": clip, "head": os.path.join(root, "aesthetic-head.pth")},
         "faces": {"backend": "opencv"},
     }
+
+
+def make_grounding_dino(path: str, words: list[str], seed: int = 0) -> str:
+    """A tiny random Grounding DINO (Swin + BERT, transformers format) with a BERT
+    tokenizer whose vocabulary holds ``words``, loadable by AutoProcessor/AutoModel."""
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "'", "-"] + sorted({w.lower() for w in words} - {"."})
+    vocab_file = os.path.join(path, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    backbone = SwinConfig(image_size=224, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=7, out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=256)
+    cfg = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+                              encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                              num_queries=30, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=256)
+    torch.manual_seed(seed)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(path)
+    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 256, "longest_edge": 384}),
+                                  tokenizer=tok)
+    proc.save_pretrained(path)
+    return path

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from mmloom.manifests.store import ShardStore
 
-# view name -> (stage whose records list the files, folder, suffix of the files)
+# view name -> (stage whose records list the files, folder, file-name suffix); a suffix
+# starting with "." matches plain shard files only (00000.parquet, not 00000_crops.parquet)
 VIEWS: dict[str, tuple[str, str, str]] = {
     "candidates": ("ingest", "candidates", ".parquet"),
     "downloads": ("download", "images", ".parquet"),
     "scores": ("score", "scores", ".parquet"),
     "selected": ("select", "selection", "selected.parquet"),
     "rejects": ("select", "selection", "rejects.parquet"),
+    "detections": ("ground", "detections", ".parquet"),
+    "final": ("build", "final", ".parquet"),
+    "crops": ("build", "final", "_crops.parquet"),
 }
 
 # every column of a sample, joined on its key (ingest, download, score)
@@ -31,7 +35,11 @@ LEFT JOIN downloads d USING (sample_key){score_join}
 def committed_files(store: ShardStore, stage: str, folder: str, suffix: str) -> list[str]:
     files = []
     for rec in store.records(stage):
-        files += [store.url(rel) for rel in rec["files"] if rel.startswith(folder + "/") and rel.endswith(suffix) and "_stats" not in rel]
+        for rel in rec["files"]:
+            name = rel.rsplit("/", 1)[-1]
+            plain = suffix.startswith(".") and name[: -len(suffix)].isdigit()
+            if rel.startswith(folder + "/") and name.endswith(suffix) and (plain or not suffix.startswith(".")):
+                files.append(store.url(rel))
     return sorted(files)
 
 

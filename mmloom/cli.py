@@ -91,6 +91,42 @@ def cmd_select(a) -> int:
     return 0
 
 
+def cmd_ground(a) -> int:
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+    from mmloom.curate.ground import ground
+
+    cfg = dataset_config(a.dir, a.config, {"ground.batch_size": a.batch_size, "ground.device": a.device})
+    s = ground(a.dir, cfg, a.ray_address, not a.no_progress)
+    save_dataset_config(a.dir, cfg)
+    print(f"ground: {s['ran']} shard(s) grounded ({s['boxes']} boxes), {s['skipped']} up to date, "
+          f"{s['committed']}/{s['shards']} committed")
+    for f in s["failed"]:
+        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
+    return 1 if s["failed"] else 0
+
+
+def cmd_build(a) -> int:
+    from mmloom.curate.build import build
+    from mmloom.curate.card import write_card
+    from mmloom.curate.dataset import dataset_config, save_dataset_config
+
+    cfg = dataset_config(a.dir, a.config)
+    s = build(a.dir, cfg, a.ray_address, not a.no_progress)
+    save_dataset_config(a.dir, cfg)
+    card = write_card(a.dir, cfg)
+    print(f"build: {s['ran']} shard(s) built, {s['skipped']} up to date; {s['built']} of {s['samples']} selected "
+          f"samples in final/ with {s['crops']} crops; dataset card {card}")
+    for f in s["failed"]:
+        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
+    return 1 if s["failed"] else 0
+
+
+def cmd_run(a) -> int:
+    from mmloom.curate.run import run_pipeline
+
+    return run_pipeline(a.pipeline, a.out, a.ray_address, not a.no_progress)
+
+
 def cmd_query(a) -> int:
     import duckdb
 
@@ -185,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-sql", action="store_true", help="print the compiled query")
     _common(s, ray=False)
     s.set_defaults(fn=cmd_select)
+
+    s = sub.add_parser("ground", help="ground caption phrases with Grounding DINO -> detections/")
+    s.add_argument("dir")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--device", default=None)
+    _common(s)
+    s.set_defaults(fn=cmd_ground)
+
+    s = sub.add_parser("build", help="apply the crop rules and write final/ interleaved-prompt shards and the dataset card")
+    s.add_argument("dir")
+    _common(s)
+    s.set_defaults(fn=cmd_build)
+
+    s = sub.add_parser("run", help="run every stage from one pipeline YAML, resuming where it stopped")
+    s.add_argument("pipeline", help="pipeline YAML (see configs/laion.yaml, configs/coyo.yaml)")
+    s.add_argument("--out", default=None, help="dataset directory (overrides run.out)")
+    s.add_argument("--ray-address", default=None)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
     s.add_argument("dir")

@@ -1,0 +1,175 @@
+"""`mmloom build`: selected samples + detections -> final/ interleaved-prompt shards.
+
+Per shard: the crop rules pick each sample's crops; the tar holds, per sample,
+``KEY.jpg`` (image), ``KEY.txt`` (clean caption), ``KEY.raw.txt``, ``KEY.cropN.jpg`` and
+``KEY.cropN_head.jpg``, ``KEY.prompt.json`` (segments), ``KEY.scores.json`` and
+``KEY.json`` (keys, url, weight). The shard's parquet lists every selected sample with
+its build status; ``_crops.parquet`` one row per crop. Output is byte-deterministic: the
+same inputs and config give the same files (fixed tar headers, sorted members).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmloom.curate.config import BuildConfig, PipelineConfig
+from mmloom.curate.crops import apply_crop_rules
+from mmloom.curate.ground import selected_by_shard, up_to_date
+from mmloom.curate.prompt import build_segments
+from mmloom.curate.runner import Resources, run_shards
+from mmloom.curate.score import read_images
+from mmloom.errors import UserError
+from mmloom.manifests import schemas as S
+from mmloom.manifests.store import ShardStore, config_hash, shard_name
+
+STAGE = "build"
+OUT_DIR = "final"
+BUILT, NO_CROPS = "built", "too_few_crops"
+SCORE_KEYS = ["clip_score", "nsfw", "watermark", "aesthetic", "face_count", "original_width", "original_height",
+              "width", "height", "phash"]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(img, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str) -> dict:
+    from PIL import Image
+
+    bcfg = BuildConfig.model_validate(cfg)
+    store = ShardStore(root)
+    samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])
+    full = {r["sample_key"]: r for r in pq.read_table(store.path("selection", "selected.parquet")).to_pylist()
+            if r["shard"] == shard}
+    det_rows = pq.read_table(store.path("detections", shard_name(shard) + ".parquet")).to_pylist()
+    dets: dict[str, list[dict]] = {}
+    for d in det_rows:
+        dets.setdefault(d["sample_key"], []).append(d)
+    blobs = read_images(store.path(S.STAGE_DIRS["download"], shard_name(shard) + ".tar"), encode_format)
+    staging = store.staging_dir(OUT_DIR, shard)
+    tar_path = os.path.join(staging, "final.tar")
+    manifest, crop_rows, dropped = [], [], Counter()
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for r in samples:
+            s = full[r["sample_key"]]
+            key = r["key"]
+            img = Image.open(io.BytesIO(blobs[key])).convert("RGB")
+            chosen, why = apply_crop_rules(dets.get(r["sample_key"], []), img.size, bcfg)
+            dropped.update(why)
+            status = BUILT if len(chosen) >= bcfg.min_crops else NO_CROPS
+            has_person = any(c["is_person"] for c in chosen)
+            weight = bcfg.person_weight if has_person else 1.0
+            manifest.append({
+                "sample_key": r["sample_key"], "key": key, "shard": shard, "status": status,
+                "reason": None if status == BUILT else f"{len(chosen)} crop(s) after the crop rules, min_crops is {bcfg.min_crops}",
+                "clean_caption": s["clean_caption"], "caption": s["caption"], "url": s["url"],
+                "n_crops": len(chosen), "has_person": has_person, "weight": weight,
+                "phrases": [c["phrase"] for c in chosen],
+            })
+            if status != BUILT:
+                continue
+            crops = []
+            members: list[tuple[str, bytes]] = []
+            for i, c in enumerate(chosen):
+                box = [int(round(v)) for v in c["box"]]
+                member = f"crop{i}.jpg"
+                members.append((member, _jpeg(img.crop(box), bcfg.crop_quality)))
+                head_member = None
+                if c["is_person"] and c["head_box"] is not None:
+                    head_member = f"crop{i}_head.jpg"
+                    members.append((head_member, _jpeg(img.crop([int(round(v)) for v in c["head_box"]]), bcfg.crop_quality)))
+                entry = {**c, "member": member, "head_member": head_member, "label": "person" if c["is_person"] else c["phrase"].lower()}
+                crops.append(entry)
+                crop_rows.append({
+                    "sample_key": r["sample_key"], "key": key, "shard": shard, "crop_index": i, "member": member,
+                    "phrase": c["phrase"], "span_start": c["span_start"], "span_end": c["span_end"],
+                    "box": [float(v) for v in c["box"]], "score": float(c["score"]), "is_person": bool(c["is_person"]),
+                    "head_member": head_member, "head_box": c["head_box"], "crop_width": box[2] - box[0], "crop_height": box[3] - box[1],
+                })
+            segments = build_segments(s["clean_caption"], crops)
+            _add(tar, f"{key}.{encode_format}", blobs[key])
+            _add(tar, f"{key}.txt", s["clean_caption"].encode())
+            _add(tar, f"{key}.raw.txt", (s["caption"] or "").encode())
+            for name, data in members:
+                _add(tar, f"{key}.{name}", data)
+            _add(tar, f"{key}.prompt.json", _json({"segments": segments}))
+            _add(tar, f"{key}.scores.json", _json({k: s.get(k) for k in SCORE_KEYS if k in s}))
+            _add(tar, f"{key}.json", _json({"sample_key": r["sample_key"], "key": key, "url": s["url"],
+                                            "weight": weight, "has_person": has_person}))
+    mpath = os.path.join(staging, "final.parquet")
+    pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), mpath)
+    cpath = os.path.join(staging, "crops.parquet")
+    pq.write_table(pa.Table.from_pylist(crop_rows, schema=CROPS_SCHEMA), cpath)
+    base = f"{OUT_DIR}/{shard_name(shard)}"
+    built = sum(m["status"] == BUILT for m in manifest)
+    store.commit(STAGE, shard, {base + ".tar": tar_path, base + ".parquet": mpath, base + "_crops.parquet": cpath},
+                 {"rows": len(manifest), "built": built, "crops": len(crop_rows)}, chash,
+                 {"dropped_boxes": dict(dropped)})
+    store.fs.rm(staging, recursive=True)
+    return {"built": built, "samples": len(manifest), "crops": len(crop_rows), "dropped": dict(dropped)}
+
+
+MANIFEST_SCHEMA = pa.schema([
+    ("sample_key", pa.string()), ("key", pa.string()), ("shard", pa.int32()), ("status", pa.string()),
+    ("reason", pa.string()), ("clean_caption", pa.string()), ("caption", pa.string()), ("url", pa.string()),
+    ("n_crops", pa.int32()), ("has_person", pa.bool_()), ("weight", pa.float32()), ("phrases", pa.list_(pa.string())),
+])
+CROPS_SCHEMA = pa.schema([
+    ("sample_key", pa.string()), ("key", pa.string()), ("shard", pa.int32()), ("crop_index", pa.int32()),
+    ("member", pa.string()), ("phrase", pa.string()), ("span_start", pa.int32()), ("span_end", pa.int32()),
+    ("box", pa.list_(pa.float32())), ("score", pa.float32()), ("is_person", pa.bool_()),
+    ("head_member", pa.string()), ("head_box", pa.list_(pa.float32())),
+    ("crop_width", pa.int32()), ("crop_height", pa.int32()),
+])
+
+
+def build(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
+    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    by_shard = selected_by_shard(store)
+    if not by_shard and not store.is_committed("select", 0):
+        raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")
+    missing = [s for s in by_shard if not store.is_committed("ground", s)]
+    if missing:
+        raise UserError(f"{root}: shards {missing[:10]} are not grounded yet; run `mmloom ground {root}` first")
+    ground_recs = {s: store.record("ground", s)["files"] for s in sorted(by_shard)}
+    cfg = config.build
+    shards = sorted(by_shard)
+    for s in store.committed_shards(STAGE):
+        if s not in by_shard:
+            store.uncommit(STAGE, s)
+    hashes = {s: config_hash({"cfg": cfg.model_dump(), "ground": ground_recs[s]}) for s in shards}
+    todo = [s for s in shards if not up_to_date(store, STAGE, s, hashes[s])]
+    store.clean_staging([OUT_DIR])
+    run = run_shards(
+        "build", todo, _build_by_hash,
+        {"root": store.root, "cfg": cfg.model_dump(), "hashes": hashes, "encode_format": config.download.encode_format},
+        Resources(num_cpus=1), ray_address, progress,
+    )
+    totals = Counter()
+    for rec in store.records(STAGE):
+        totals.update({k: v for k, v in rec["counts"].items()})
+    return {"shards": len(shards), "ran": len(run.results), "skipped": len(shards) - len(todo), "failed": run.failures,
+            "built": totals["built"], "samples": totals["rows"], "crops": totals["crops"]}
+
+
+def _build_by_hash(shard: int, root: str, cfg: dict, hashes: dict, encode_format: str) -> dict:
+    return build_shard(shard, root, cfg, hashes[shard], encode_format)

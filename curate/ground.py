@@ -1,0 +1,136 @@
+"""`mmloom ground`: every box Grounding DINO finds for the phrases of each selected
+sample's clean caption -> detections/ parquet, before any crop rule.
+
+One Ray actor per worker holds the model; each takes a shard of selected samples, reads
+their images from images/NNNNN.tar and detects in batches (each image with its own
+caption). Person boxes get a head box. A shard commits atomically; when the selection
+or the settings change, its record no longer matches and the shard is redone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmloom.curate.config import GroundConfig, PipelineConfig
+from mmloom.curate.runner import Resources, run_shards_on_actors
+from mmloom.curate.score import read_images
+from mmloom.errors import UserError
+from mmloom.manifests import schemas as S
+from mmloom.manifests.store import ShardStore, config_hash, shard_name
+
+STAGE = "ground"
+OUT_DIR = "detections"
+
+SCHEMA = pa.schema([
+    ("sample_key", pa.string()), ("key", pa.string()), ("shard", pa.int32()), ("det_id", pa.int32()),
+    ("phrase", pa.string()), ("span_start", pa.int32()), ("span_end", pa.int32()),
+    ("box", pa.list_(pa.float32())), ("score", pa.float32()), ("text_score", pa.float32()),
+    ("is_person", pa.bool_()), ("head_box", pa.list_(pa.float32())),
+    ("image_width", pa.int32()), ("image_height", pa.int32()), ("model", pa.string()),
+])
+
+
+def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
+    path = store.path("selection", "selected.parquet")
+    if not store.is_committed("select", 0):
+        return {}
+    rows = pq.read_table(path, columns=["sample_key", "key", "shard", "clean_caption"]).to_pylist()
+    out: dict[int, list[dict]] = {}
+    for r in rows:
+        out.setdefault(int(r["shard"]), []).append(r)
+    return out
+
+
+class GroundWorker:
+    def __init__(self, cfg: dict):
+        from mmloom.filters.grounding import GroundingDino, HeadFinder
+
+        self.cfg = GroundConfig.model_validate(cfg)
+        self.dino = GroundingDino(self.cfg.model, self.cfg.box_threshold, self.cfg.text_threshold, self.cfg.device)
+        self.heads = HeadFinder(self.cfg.head_source, self.cfg.head_expand, self.dino) if self.cfg.head_source != "none" else None
+
+    def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
+        from PIL import Image
+
+        from mmloom.filters.grounding import is_person
+
+        store = ShardStore(root)
+        samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])
+        blobs = read_images(store.path(S.STAGE_DIRS["download"], shard_name(shard) + ".tar"), encode_format)
+        rows: list[dict] = []
+        bs = self.cfg.batch_size
+        for i in range(0, len(samples), bs):
+            batch = samples[i:i + bs]
+            images = [Image.open(io.BytesIO(blobs[r["key"]])).convert("RGB") for r in batch]
+            dets = self.dino.detect(images, [r["clean_caption"] for r in batch])
+            for r, im, ds in zip(batch, images, dets):
+                for j, d in enumerate(ds):
+                    person = is_person(d["phrase"], self.cfg.person_words)
+                    head = self.heads(im, d["box"]) if (person and self.heads) else None
+                    rows.append({
+                        "sample_key": r["sample_key"], "key": r["key"], "shard": shard, "det_id": j,
+                        "phrase": d["phrase"], "span_start": d["span"][0], "span_end": d["span"][1],
+                        "box": d["box"], "score": d["score"], "text_score": d["text_score"],
+                        "is_person": person, "head_box": head,
+                        "image_width": im.size[0], "image_height": im.size[1], "model": self.cfg.model,
+                    })
+        meta = {b"model": self.cfg.model.encode(), b"version": self.dino.version.encode(),
+                b"heads": (self.heads.version if self.heads else "none").encode()}
+        table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(meta))
+        staging = store.staging_dir(OUT_DIR, shard)
+        out = os.path.join(staging, "detections.parquet")
+        pq.write_table(table, out)
+        store.commit(STAGE, shard, {f"{OUT_DIR}/{shard_name(shard)}.parquet": out},
+                     {"rows": len(rows), "samples": len(samples)}, chash)
+        store.fs.rm(staging, recursive=True)
+        return {"boxes": len(rows), "samples": len(samples)}
+
+
+def up_to_date(store: ShardStore, stage: str, shard: int, chash: str) -> bool:
+    rec = store.record(stage, shard)
+    return rec is not None and rec["config_hash"] == chash and store.is_committed(stage, shard)
+
+
+def actor_count(cfg, n_shards: int, ray_address: str | None) -> int:
+    if cfg.num_workers:
+        return cfg.num_workers
+    if cfg.gpus_per_worker > 0:
+        import ray
+
+        from mmloom.curate.runner import init_ray
+
+        init_ray(ray_address)
+        return max(1, int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker))
+    return max(1, min(n_shards, int((os.cpu_count() or 1) / cfg.cpus_per_worker)))
+
+
+def ground(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
+    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    if not store.is_committed("select", 0):
+        raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")
+    by_shard = selected_by_shard(store)
+    cfg = config.ground
+    sel_rec = store.record("select", 0)
+    chash = config_hash({"cfg": cfg.model_dump(), "selection": sel_rec["files"]})
+    shards = sorted(by_shard)
+    for s in store.committed_shards(STAGE):  # shards no longer selected at all
+        if s not in by_shard:
+            store.uncommit(STAGE, s)
+    todo = [s for s in shards if not up_to_date(store, STAGE, s, chash)]
+    store.clean_staging([OUT_DIR])
+    run = run_shards_on_actors(
+        "ground", todo, GroundWorker, {"cfg": cfg.model_dump()}, "run",
+        {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},
+        num_actors=actor_count(cfg, len(todo), ray_address),
+        resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
+        ray_address=ray_address, progress=progress,
+    )
+    init_errors = {f["error"] for f in run.failures if f.get("init_error")}
+    if init_errors and not run.results:
+        raise UserError("grounding model could not be loaded:\n  " + "\n  ".join(e.removeprefix("UserError: ") for e in sorted(init_errors)))
+    return {"shards": len(shards), "ran": len(run.results), "skipped": len(shards) - len(todo), "failed": run.failures,
+            "boxes": sum(r.get("boxes", 0) for r in run.results), "committed": len(store.committed_shards(STAGE))}
