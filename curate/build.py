@@ -164,6 +164,7 @@ def build(root: str, config: PipelineConfig, ray_address: str | None = None, pro
         {"root": store.root, "cfg": cfg.model_dump(), "hashes": hashes, "encode_format": config.download.encode_format},
         Resources(num_cpus=1), ray_address, progress,
     )
+    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
     totals = Counter()
     for rec in store.records(STAGE):
         totals.update({k: v for k, v in rec["counts"].items()})

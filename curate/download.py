@@ -276,6 +276,7 @@ def download(root: str, config: PipelineConfig, ray_address: str | None = None, 
         Resources(num_cpus=cfg.cpus_per_shard, max_retries=cfg.shard_retries),
         ray_address, progress,
     )
+    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
     totals: Counter = Counter()
     for rec in store.records(STAGE):
         totals.update({k: v for k, v in rec["counts"].items() if k != "rows"})

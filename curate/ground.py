@@ -129,6 +129,7 @@ def ground(root: str, config: PipelineConfig, ray_address: str | None = None, pr
         resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
         ray_address=ray_address, progress=progress,
     )
+    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
     init_errors = {f["error"] for f in run.failures if f.get("init_error")}
     if init_errors and not run.results:
         raise UserError("grounding model could not be loaded:\n  " + "\n  ".join(e.removeprefix("UserError: ") for e in sorted(init_errors)))

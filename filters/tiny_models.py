@@ -71,14 +71,18 @@ def make_score_models(root: str) -> dict:
     }
 
 
-def make_grounding_dino(path: str, words: list[str], seed: int = 0) -> str:
+def make_grounding_dino(path: str, words: list[str], seed: int = 0, full_size: bool = False) -> str:
     """A tiny random Grounding DINO (Swin + BERT, transformers format) with a BERT
-    tokenizer whose vocabulary holds ``words``, loadable by AutoProcessor/AutoModel."""
+    tokenizer whose vocabulary holds ``words``, loadable by AutoProcessor/AutoModel.
+    ``full_size``: grounding-dino-tiny's real architecture (Swin-T + BERT-base, 800 px),
+    still random, for throughput measurements."""
     from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
                               GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
 
     os.makedirs(path, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "'", "-"] + sorted({w.lower() for w in words} - {"."})
+    if full_size:
+        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
     vocab_file = os.path.join(path, "vocab.txt")
     with open(vocab_file, "w") as f:
         f.write("\n".join(vocab) + "\n")
@@ -90,9 +94,11 @@ def make_grounding_dino(path: str, words: list[str], seed: int = 0) -> str:
     cfg = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
                               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
                               num_queries=30, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=256)
+    size = {"shortest_edge": 256, "longest_edge": 384}
+    if full_size:
+        cfg, size = GroundingDinoConfig(), {"shortest_edge": 800, "longest_edge": 1333}
     torch.manual_seed(seed)
     GroundingDinoForObjectDetection(cfg).save_pretrained(path)
-    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 256, "longest_edge": 384}),
-                                  tokenizer=tok)
+    proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tok)
     proc.save_pretrained(path)
     return path

@@ -50,3 +50,12 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_config(p)
     with pytest.raises(UserError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name, fmt", [("laion.yaml", "laion"), ("coyo.yaml", "coyo")])
+def test_ready_configs_validate(name, fmt):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.ingest.format == fmt and cfg.build.min_crop_area == 22500 and cfg.select.max_people == 1
+    assert cfg.run.stages == ["ingest", "download", "score", "select", "ground", "build"]
