@@ -38,6 +38,8 @@ def main() -> None:
         scale = 512 / min(im.size)
         ims.append(im.resize((round(im.width * scale), round(im.height * scale))))
         caps.append(cap)
+    order = sorted(range(len(ims)), key=lambda i: ims[i].width / ims[i].height)  # as the ground stage batches
+    ims, caps = [ims[i] for i in order], [caps[i] for i in order]
     words = sorted({w for c in caps for w in c.split()})
     print(f"device {a.device}, {a.images} images (shorter side 512), batch {a.batch_size} vs 1")
     for size in a.sizes.split(","):

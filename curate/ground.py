@@ -38,7 +38,7 @@ def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
     path = store.path("selection", "selected.parquet")
     if not store.is_committed("select", 0):
         return {}
-    rows = pq.read_table(path, columns=["sample_key", "key", "shard", "clean_caption"]).to_pylist()
+    rows = pq.read_table(path, columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
     out: dict[int, list[dict]] = {}
     for r in rows:
         out.setdefault(int(r["shard"]), []).append(r)
@@ -59,7 +59,8 @@ class GroundWorker:
         from mmloom.filters.grounding import is_person
 
         store = ShardStore(root)
-        samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])
+        # batch images of similar shape together: a batch is padded to its largest image
+        samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: (r["width"] / r["height"], r["key"]))
         blobs = read_images(store.path(S.STAGE_DIRS["download"], shard_name(shard) + ".tar"), encode_format)
         rows: list[dict] = []
         bs = self.cfg.batch_size
@@ -78,6 +79,7 @@ class GroundWorker:
                         "is_person": person, "head_box": head,
                         "image_width": im.size[0], "image_height": im.size[1], "model": self.cfg.model,
                     })
+        rows.sort(key=lambda r: (r["key"], r["det_id"]))
         meta = {b"model": self.cfg.model.encode(), b"version": self.dino.version.encode(),
                 b"heads": (self.heads.version if self.heads else "none").encode()}
         table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(meta))

@@ -1,0 +1,111 @@
+"""final/ shards -> training batches, with the plain webdataset library.
+
+Shards are split by node and by DataLoader worker (webdataset's own mechanism), shuffled,
+and resampled for endless epochs; samples are shuffled in a buffer. A sample that fails
+to decode is logged with its key and skipped, and counted. Each sample's random choices
+(prompt rules, weighting) come from a generator seeded by (seed, sample index), and a
+resumed run skips the samples it has already consumed before decoding them, so training
+picks up exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+
+import torch
+
+from mmloom.errors import UserError
+from mmloom.train.config import DataConfig
+from mmloom.train.prompts import PromptBuilder, square
+
+log = logging.getLogger("mmloom.train.data")
+
+
+def shard_urls(spec: str) -> list[str]:
+    if not spec:
+        raise UserError("data.shards is empty: give a dataset directory, a glob or a brace pattern of final/ tars")
+    if os.path.isdir(spec):
+        d = os.path.join(spec, "final") if os.path.isdir(os.path.join(spec, "final")) else spec
+        urls = sorted(glob.glob(os.path.join(d, "*.tar")))
+    elif "{" in spec:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(spec))
+    else:
+        urls = sorted(glob.glob(spec)) or ([spec] if os.path.exists(spec) or "://" in spec else [])
+    if not urls:
+        raise UserError(f"data.shards {spec!r} matches no tar file")
+    return urls
+
+
+class CorruptCounter:
+    """webdataset handler: log and skip a broken sample, and count it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping corrupt sample (%d so far): %s", self.count, exn)
+        return True
+
+
+class _Skip:
+    """Drop the first ``n`` raw samples of the stream (already consumed before a resume)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, src):
+        for i, s in enumerate(src):
+            if i >= self.n:
+                s["__index__"] = i
+                yield s
+
+
+def make_dataset(cfg: DataConfig, builder: PromptBuilder, seed: int, skip: int = 0, counter: CorruptCounter | None = None):
+    import webdataset as wds
+
+    urls = shard_urls(cfg.shards)
+    counter = counter or CorruptCounter()
+    stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if cfg.resampled else [
+        wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
+    stages += [
+        wds.tarfile_to_samples(handler=counter),
+        wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seed)),
+        _Skip(skip),
+        wds.decode("pil", handler=counter),
+        wds.map(lambda s: _to_example(s, builder, seed, cfg), handler=counter),
+        wds.select(lambda ex: ex is not None),
+    ]
+    ds = wds.DataPipeline(*stages)
+    ds.corrupt = counter
+    return ds
+
+
+def _to_example(sample: dict, builder: PromptBuilder, seed: int, cfg: DataConfig):
+    rng = random.Random(f"{seed}/{sample['__index__']}")
+    weight = float(sample.get("json", {}).get("weight", 1.0))
+    if cfg.use_weights and rng.random() > weight / max(weight, cfg.max_weight):
+        return None  # favour weighted (people) samples: weight 1 is kept 1/max_weight as often
+    image = square(sample["jpg"], cfg.resolution)
+    pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return {"pixels": pixels, "prompt": builder(sample, rng), "key": sample["__key__"], "index": sample["__index__"]}
+
+
+def collate(examples: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([e["pixels"] for e in examples]),
+        "prompts": [e["prompt"] for e in examples],
+        "keys": [e["key"] for e in examples],
+        "last_index": max(e["index"] for e in examples),
+    }
+
+
+def make_loader(cfg: DataConfig, builder: PromptBuilder, batch_size: int, seed: int, skip: int = 0):
+    ds = make_dataset(cfg, builder, seed, skip)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers)
+    return loader, ds

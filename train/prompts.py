@@ -1,0 +1,147 @@
+"""Train-time multimodal prompts from final/ samples (MUMU section 5).
+
+Rules, all from `PromptConfig`: the target image padded to square with black; each crop
+padded to square and resized to its target size (never fewer tokens than the target);
+at most ``max_crops`` crops; a person crop replaced by its head crop ``head_prob`` of the
+time; ``augment_prob`` of conditioning images augmented (random crop, flip, Gaussian
+noise, grayscale); stage 1 optionally appends a Canny-edge image of the whole input
+``structure_prob`` of the time; stage 2 keeps a single high-resolution face or person
+crop. Randomness comes from the ``random.Random`` passed in, so a sample's prompt is a
+function of (seed, sample index): resuming training reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmloom.train.config import PromptConfig
+
+
+def pad_to_square(img: Image.Image, fill=(0, 0, 0)) -> Image.Image:
+    w, h = img.size
+    s = max(w, h)
+    out = Image.new("RGB", (s, s), fill)
+    out.paste(img.convert("RGB"), ((s - w) // 2, (s - h) // 2))
+    return out
+
+
+def square(img: Image.Image, size: int) -> Image.Image:
+    """Pad to square with black, then resize up or down to ``size``."""
+    return pad_to_square(img).resize((size, size), Image.BICUBIC)
+
+
+def augment(img: Image.Image, rng: random.Random) -> Image.Image:
+    """At least one of: random crop, horizontal flip, Gaussian noise, grayscale."""
+    ops = [op for op in ("crop", "flip", "noise", "gray") if rng.random() < 0.5] or [rng.choice(["crop", "flip", "noise", "gray"])]
+    w, h = img.size
+    if "crop" in ops:
+        f = rng.uniform(0.7, 1.0)
+        cw, ch = max(1, int(w * f)), max(1, int(h * f))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+    if "flip" in ops:
+        img = ImageOps.mirror(img)
+    if "noise" in ops:
+        arr = np.asarray(img).astype(np.float32)
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(5, 20), arr.shape)
+        img = Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+    if "gray" in ops:
+        img = ImageOps.grayscale(img).convert("RGB")
+    return img
+
+
+def canny(img: Image.Image) -> Image.Image:
+    import cv2
+
+    edges = cv2.Canny(np.asarray(img.convert("L")), 100, 200)
+    return Image.fromarray(edges).convert("RGB")
+
+
+@dataclass
+class Prompt:
+    """An interleaved prompt: strings and PIL images, in order."""
+
+    parts: list = field(default_factory=list)
+    # what the builder decided, for tests and logging
+    head_swaps: int = 0
+    person_crops: int = 0
+    augmented: int = 0
+    structure: bool = False
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [p for p in self.parts if isinstance(p, Image.Image)]
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+
+class PromptBuilder:
+    def __init__(self, cfg: PromptConfig):
+        self.cfg = cfg
+
+    def __call__(self, sample: dict, rng: random.Random) -> Prompt:
+        """``sample``: a decoded final/ sample (PIL images, ``prompt.json`` dict)."""
+        cfg = self.cfg
+        segs = sample["prompt.json"]["segments"]
+        images = [i for i, s in enumerate(segs) if s["type"] == "image"]
+        if cfg.stage == 2:
+            people = [i for i in images if segs[i].get("label") == "person"]
+            keep = set(rng.sample(people or images, k=1)) if images else set()
+            size = cfg.stage2_crop_size
+        else:
+            keep = set(sorted(rng.sample(images, k=min(cfg.max_crops, len(images)))))
+            size = cfg.crop_size
+        out = Prompt()
+        for i, s in enumerate(segs):
+            if s["type"] == "text":
+                out.parts.append(s["text"])
+                continue
+            if i not in keep:
+                continue
+            member = s["member"]
+            if s.get("label") == "person":
+                out.person_crops += 1
+                if s.get("head_member") and s["head_member"] in sample and rng.random() < cfg.head_prob:
+                    member = s["head_member"]
+                    out.head_swaps += 1
+            crop = sample[member]
+            if rng.random() < cfg.augment_prob:
+                crop = augment(crop, rng)
+                out.augmented += 1
+            out.parts.append(square(crop, size))
+        if cfg.stage == 1 and cfg.structure and rng.random() < cfg.structure_prob:
+            out.parts.append(square(canny(sample["jpg"]), size))
+            out.structure = True
+        return out
+
+
+def parse_prompt(text: str, base_dir: str = ".") -> list:
+    """'a <image:man.jpg> man and his <image:dog.jpg> dog' -> ['a ', PIL, ' man and his ', PIL, ' dog']."""
+    import os
+    import re
+
+    from mmloom.errors import UserError
+
+    parts: list = []
+    pos = 0
+    for m in re.finditer(r"<image:([^>]+)>", text):
+        if m.start() > pos:
+            parts.append(text[pos:m.start()])
+        path = m.group(1).strip()
+        full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+        try:
+            parts.append(Image.open(full).convert("RGB"))
+        except OSError as e:
+            raise UserError(f"prompt image {path!r} cannot be read: {e}") from None
+        pos = m.end()
+    if pos < len(text):
+        parts.append(text[pos:])
+    return parts
+
+
