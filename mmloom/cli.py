@@ -127,6 +127,27 @@ def cmd_run(a) -> int:
     return run_pipeline(a.pipeline, a.out, a.ray_address, not a.no_progress)
 
 
+def cmd_train(a) -> int:
+    from mmloom.configbase import load_model
+    from mmloom.train.config import TrainConfig
+    from mmloom.train.loop import train
+
+    cfg = load_model(TrainConfig, a.config, {"loop.out": a.out, "loop.steps": a.steps, "data.shards": a.shards})
+    r = train(cfg)
+    last = r["history"][-1] if r["history"] else {}
+    print(f"train: {r['steps']} steps in {r['out']}; last loss {last.get('loss', float('nan')):.4f}, "
+          f"{last.get('images_per_s', 0):.2f} images/s" + (f", MFU {last['mfu']:.1%}" if "mfu" in last else ""))
+    return 0
+
+
+def cmd_sample(a) -> int:
+    from mmloom.train.sample import sample
+
+    out = sample(a.checkpoint, a.prompt, a.out, a.seeds, a.steps, a.guidance, a.size)
+    print(f"sample: {len(a.seeds)} image(s) -> {out}")
+    return 0
+
+
 def cmd_query(a) -> int:
     import duckdb
 
@@ -240,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("train", help="train a model family on final/ shards (accelerate; `accelerate launch -m mmloom train` for DDP/FSDP)")
+    s.add_argument("config", help="trainer YAML (see configs/train/)")
+    s.add_argument("--shards", default=None, help="overrides data.shards")
+    s.add_argument("--out", default=None, help="overrides loop.out")
+    s.add_argument("--steps", type=int, default=None, help="overrides loop.steps")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint with an interleaved prompt")
+    s.add_argument("checkpoint", help="a run directory or one of its checkpoints")
+    s.add_argument("--prompt", required=True, help='e.g. "a <image:man.jpg> man and his <image:dog.jpg> dog"')
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50)")
+    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6)")
+    s.add_argument("--size", type=int, default=None, help="image size (default: the training resolution)")
+    s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
     s.add_argument("dir")

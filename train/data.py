@@ -107,5 +107,8 @@ def collate(examples: list[dict]) -> dict:
 
 def make_loader(cfg: DataConfig, builder: PromptBuilder, batch_size: int, seed: int, skip: int = 0):
     ds = make_dataset(cfg, builder, seed, skip)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers)
+    # its own generator: creating the iterator must not draw from the global RNG that a
+    # resumed run has just restored
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, ds

@@ -78,3 +78,37 @@ def make_tiny_mumu(root: str, words: list[str], sdxl: bool = False) -> dict:
     vae = make_tiny_vae(os.path.join(root, "vae"))
     return {"vlm": vlm, "unet": unet, "unet_subfolder": None, "vae": vae, "vae_subfolder": None,
             "adapter_layers": 2, "adapter_heads": 2, "vlm_image_size": 64}
+
+
+TINY_WORDS = """a an the and his her their with in on of to at by for from under over behind near side looking
+man woman boy girl person people child dog cat horse bird car bicycle motorcycle rocket astronaut flag
+cup coffee saucer spoon table chair tree grass field sky sea beach mountain house street city wall brick
+red green blue yellow white black grey gray orange purple pink brown circle square triangle background
+photo picture painting portrait style cartoon animated realistic sitting standing running riding holding""".split()
+
+
+def resolve_tiny(ref: str, cache: str | None = None) -> str:
+    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:vae`` -> a directory holding
+    that tiny random-weight model in its real format (made once, then reused)."""
+    if not ref.startswith("tiny:"):
+        return ref
+    name = ref.split(":", 1)[1]
+    root = cache or os.environ.get("MMLOOM_TINY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmloom", "tiny"))
+    path = os.path.join(root, name)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    makers = {
+        "vlm": lambda p: make_tiny_vlm(p, TINY_WORDS),
+        "unet": lambda p: make_tiny_unet(p, 32, False),
+        "unet-sdxl": lambda p: make_tiny_unet(p, 32, True),
+        "vae": make_tiny_vae,
+    }
+    if name not in makers:
+        from mmloom.errors import UserError
+
+        raise UserError(f"unknown tiny model {ref!r}; known: {', '.join('tiny:' + k for k in makers)}")
+    tmp = path + ".tmp"
+    with torch.random.fork_rng(devices=[]):  # making it must not disturb the caller's seeded RNG
+        makers[name](tmp)
+    os.replace(tmp, path) if not os.path.exists(path) else None
+    return path

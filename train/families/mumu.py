@@ -74,7 +74,9 @@ class MumuModel(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         from mmloom.train.encoders import VLMEncoder
+        from mmloom.train.tiny import resolve_tiny
 
+        cfg = cfg.model_copy(update={k: resolve_tiny(getattr(cfg, k)) for k in ("vlm", "unet", "vae")})
         self.cfg, self.cond_dropout = cfg, cond_dropout
         self.encoder = VLMEncoder(cfg.vlm, cfg.bypass_resampler, cfg.vlm_image_size or crop_size)
         kw = lambda sub: {"subfolder": sub} if sub else {}  # noqa: E731
