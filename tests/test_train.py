@@ -1,0 +1,268 @@
+"""Trainer and MUMU family: prompt rules, frozen and LoRA parts, group learning rates,
+an overfit check, exact kill-and-resume, sampling, and the reference configs' loading
+code with tiny stand-ins of the same architecture classes."""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mmloom.configbase import load_model
+from mmloom.train.config import PromptConfig, TrainConfig
+from mmloom.train.prompts import PromptBuilder, pad_to_square
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_sample(n_crops=2, person=True, head=True, size=(80, 48)):
+    segs, sample = [], {"jpg": Image.new("RGB", size, "white")}
+    for i in range(n_crops):
+        segs.append({"type": "text", "text": f"w{i} "})
+        seg = {"type": "image", "member": f"crop{i}.jpg", "phrase": f"thing{i}", "span": [0, 1], "box": [0, 0, 1, 1],
+               "score": 0.5, "label": "person" if (person and i == 0) else f"thing{i}"}
+        sample[f"crop{i}.jpg"] = Image.new("RGB", (30 + i, 20), (200, 10 * i, 0))
+        if person and head and i == 0:
+            seg["head_member"] = "crop0_head.jpg"
+            sample["crop0_head.jpg"] = Image.new("RGB", (12, 12), "blue")
+        segs.append(seg)
+        segs.append({"type": "text", "text": f"thing{i} "})
+    sample["prompt.json"] = {"segments": segs}
+    return sample
+
+
+def test_prompt_counts_padding_and_sizes():
+    b = PromptBuilder(PromptConfig(crop_size=40, augment_prob=0.0))
+    p = b(fake_sample(5), random.Random(0))
+    assert len(p.images) == 3 and all(im.size == (40, 40) for im in p.images)
+    assert p.text == "".join(f"w{i} thing{i} " for i in range(5))  # the words always stay
+    sq = pad_to_square(Image.new("RGB", (100, 50), "white"))
+    assert sq.size == (100, 100) and sq.getpixel((0, 0)) == (0, 0, 0) and sq.getpixel((50, 50)) == (255, 255, 255)
+
+
+def test_head_swap_and_augmentation_rates():
+    b = PromptBuilder(PromptConfig())
+    rng = random.Random(1)
+    draws = [b(fake_sample(1), rng) for _ in range(1500)]
+    head_rate = sum(p.head_swaps for p in draws) / sum(p.person_crops for p in draws)
+    aug_rate = sum(p.augmented for p in draws) / sum(len(p.images) for p in draws)
+    assert abs(head_rate - 0.7) < 0.04 and abs(aug_rate - 0.2) < 0.04
+    no_head = [b(fake_sample(1, head=False), rng) for _ in range(50)]
+    assert sum(p.head_swaps for p in no_head) == 0
+
+
+def test_structure_image_and_stage_two():
+    b = PromptBuilder(PromptConfig(structure=True, augment_prob=0))
+    rng = random.Random(2)
+    draws = [b(fake_sample(1), rng) for _ in range(800)]
+    assert abs(sum(p.structure for p in draws) / 800 - 0.3) < 0.05
+    with_structure = next(p for p in draws if p.structure)
+    assert len(with_structure.images) == 2
+    b2 = PromptBuilder(PromptConfig(stage=2, stage2_crop_size=56, augment_prob=0, head_prob=0))
+    p = b2(fake_sample(3), random.Random(3))
+    assert len(p.images) == 1 and p.images[0].size == (56, 56)
+    assert p.person_crops == 1  # stage 2 prefers the person crop
+
+
+# ---------------------------------------------------------------- model and loop
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mmloom.train.tiny import make_tiny_mumu
+
+    root = tmp_path_factory.mktemp("tinymumu")
+    return make_tiny_mumu(str(root), "a red blue green circle square on grey background man dog thing".split())
+
+
+def tcfg(tiny, **loop):
+    return TrainConfig.model_validate({
+        "model": tiny, "prompt": {"crop_size": 64, "cond_dropout": 0.0},
+        "data": {"resolution": 64}, "loop": loop,
+    })
+
+
+def batch_of(n=2):
+    from mmloom.train.prompts import Prompt
+
+    gen = torch.Generator().manual_seed(0)
+    return {"pixels": torch.rand((n, 3, 64, 64), generator=gen) * 2 - 1,
+            "prompts": [Prompt(parts=["a red ", Image.new("RGB", (64, 64), "red"), " circle"]) for _ in range(n)]}
+
+
+def test_frozen_lora_and_group_learning_rates(tiny):
+    from mmloom.train.families import get_family
+
+    fam = get_family("mumu")
+    cfg = tcfg(tiny)
+    model = fam.build(cfg.model, cfg)
+    named = dict(model.named_parameters())
+    assert not any(p.requires_grad for n, p in named.items() if n.startswith("vae."))
+    assert not any(p.requires_grad for p in model.encoder.vision_parameters())
+    assert all(p.requires_grad for n, p in named.items() if n.startswith("adapter."))
+    assert not any(p.requires_grad for n, p in named.items() if n.startswith("unet.") and "lora_" not in n)
+    assert any("lora_" in n and p.requires_grad for n, p in named.items() if n.startswith("unet."))
+    assert any("lora_" in n for n in named if "text_model" in n) and any("lora_" in n for n in named if ".connector." in n)
+    groups = fam.param_groups(model, cfg.model)
+    assert {g["name"]: g["lr"] for g in groups} == {"connector": 3e-6, "lm": 3e-6, "adapter": 1e-5, "unet": 5e-6}  # Table 1
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups])
+    assert [g["lr"] for g in opt.param_groups] == [3e-6, 3e-6, 1e-5, 5e-6]
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+    model(batch_of())["loss"].backward()
+    opt.step()
+    changed = {n for n, p in named.items() if not torch.equal(p, before[n])}
+    assert changed and all(("lora_" in n) or n.startswith("adapter.") for n in changed)
+    assert any(n.startswith("adapter.") for n in changed) and any("lora_" in n and n.startswith("unet.") for n in changed)
+
+
+def test_overfit_a_fixed_batch(tiny):
+    from mmloom.train.families import get_family
+
+    fam = get_family("mumu")
+    cfg = tcfg(tiny)
+    torch.manual_seed(0)
+    model = fam.build(cfg.model, cfg)
+    groups = fam.param_groups(model, cfg.model)
+    opt = torch.optim.Adam([p for g in groups for p in g["params"]], lr=3e-3)
+    batch = batch_of(2)
+    losses = []
+    for _ in range(150):
+        torch.manual_seed(123)  # the same noise and timesteps every step: a fixed problem to memorize
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::25]
+
+
+def test_sample_image_size(tiny):
+    from mmloom.train.families import get_family
+
+    fam = get_family("mumu")
+    cfg = tcfg(tiny)
+    model = fam.build(cfg.model, cfg).eval()
+    ims = fam.generate(model, [["a ", Image.new("RGB", (64, 64), "red"), " circle"]] * 2, steps=4, guidance=6.0, seeds=[0, 1], size=64)
+    assert [im.size for im in ims] == [(64, 64), (64, 64)]
+    assert list(ims[0].getdata()) != list(ims[1].getdata())  # different seeds, different images
+
+
+@pytest.mark.parametrize("name, unet", [("mumu-idefics2-sdxl.yaml", "tiny:unet-sdxl"), ("mumu-sd15.yaml", "tiny:unet")])
+def test_reference_configs_load_with_tiny_stand_ins(name, unet, tiny, tmp_path, monkeypatch):
+    from mmloom.train.families import get_family
+
+    monkeypatch.setenv("MMLOOM_TINY_CACHE", str(tmp_path))
+    ref = yaml.safe_load(open(os.path.join(ROOT, "configs", "train", name)))
+    cfg = TrainConfig.model_validate(ref)
+    assert cfg.model["lora_rank"] == 8 and cfg.model["bypass_resampler"] is True
+    # same classes (Idefics2, UNet2DConditionModel with or without SDXL text_time, AutoencoderKL), tiny sizes
+    ref["model"].update(vlm=tiny["vlm"], unet=unet, unet_subfolder=None, vae=tiny["vae"], vae_subfolder=None,
+                        adapter_heads=2, adapter_layers=2, vlm_image_size=64)
+    ref["prompt"]["crop_size"] = 64
+    cfg = TrainConfig.model_validate(ref)
+    model = get_family("mumu").build(cfg.model, cfg)
+    assert model.sdxl == ("sdxl" in name) and len(model.adapter.blocks.layers) == 2
+    loss = model(batch_of(1))["loss"]
+    assert torch.isfinite(loss)
+
+
+def test_missing_model_is_a_clear_error(tiny):
+    from mmloom.errors import UserError
+    from mmloom.train.families import get_family
+
+    bad = {**tiny, "unet": "stabilityai/stable-diffusion-xl-base-1.0", "unet_subfolder": "unet"}
+    cfg = tcfg(bad)
+    with pytest.raises(UserError, match="stable-diffusion-xl-base-1.0.*not available"):
+        get_family("mumu").build(cfg.model, cfg)
+
+
+# ---------------------------------------------------------------- loop: resume, logs, CLI
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two final/ shards written by hand in the build format."""
+    d = tmp_path_factory.mktemp("final")
+    rng = random.Random(0)
+    for s in range(2):
+        with tarfile.open(d / f"{s:05d}.tar", "w") as t:
+            for i in range(8):
+                key = f"{s}{i:05d}"
+                color = tuple(rng.randrange(256) for _ in range(3))
+                members = {"jpg": Image.new("RGB", (64, 48), color), "crop0.jpg": Image.new("RGB", (20, 30), color)}
+                files = {}
+                for ext, im in members.items():
+                    buf = io.BytesIO()
+                    im.save(buf, "JPEG")
+                    files[ext] = buf.getvalue()
+                segs = [{"type": "text", "text": "a "}, {"type": "image", "member": "crop0.jpg", "phrase": "red circle",
+                         "span": [2, 12], "box": [0, 0, 20, 30], "score": 0.5, "label": "red circle"},
+                        {"type": "text", "text": "red circle"}]
+                files["prompt.json"] = json.dumps({"segments": segs}).encode()
+                files["txt"] = b"a red circle"
+                files["json"] = json.dumps({"weight": 2.0 if i % 2 else 1.0}).encode()
+                if s == 1 and i == 3:
+                    files["jpg"] = b"this is not a jpeg"  # a corrupt sample: logged, counted, skipped
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+    return str(d)
+
+
+def run_cfg(tiny, shards, out, steps, every):
+    return {"family": "mumu", "model": {**tiny, "lr_adapter": 1e-3, "lr_unet": 1e-3},
+            "prompt": {"crop_size": 64}, "data": {"shards": shards, "resolution": 64, "shuffle_buffer": 8},
+            "loop": {"out": out, "steps": steps, "batch_size": 2, "checkpoint_every": every, "tensorboard": True}}
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(tiny, shards, tmp_path):
+    from mmloom.train.loop import latest_checkpoint, read_metrics, train
+
+    full = run_cfg(tiny, shards, str(tmp_path / "full"), 30, 10)
+    r = train(load_model(TrainConfig, data=full), echo=lambda *a: None)
+    assert r["steps"] == 30 and r["flops_per_sample"] > 0
+    # the same run, killed (SIGKILL) after its first checkpoint, then resumed
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(yaml.safe_dump(run_cfg(tiny, shards, str(tmp_path / "killed"), 30, 4)))
+    proc = subprocess.Popen([sys.executable, "-m", "mmloom", "train", str(cfg_path)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and latest_checkpoint(str(tmp_path / "killed")) is None and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ck = latest_checkpoint(str(tmp_path / "killed"))
+    assert ck is not None and not ck.endswith("00000030"), "the kill should land mid-run"
+    r2 = train(load_model(TrainConfig, data=run_cfg(tiny, shards, str(tmp_path / "killed"), 30, 4)), echo=lambda *a: None)
+    assert r2["steps"] == 30
+    a = [x["loss"] for x in read_metrics(str(tmp_path / "full"))]
+    b = [x["loss"] for x in read_metrics(str(tmp_path / "killed"))]
+    assert len(a) == len(b) == 30 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    last = read_metrics(str(tmp_path / "full"))[-1]
+    assert set(last) >= {"loss", "images_per_s", "lr/adapter", "lr/unet", "data/corrupt_samples"}
+    assert last["data/corrupt_samples"] >= 1
+    assert os.listdir(tmp_path / "full" / "tensorboard")
+
+
+def test_sample_cli_writes_a_grid(tiny, shards, tmp_path):
+    from mmloom.train.loop import train
+
+    out = str(tmp_path / "run")
+    train(load_model(TrainConfig, data=run_cfg(tiny, shards, out, 2, 2)), echo=lambda *a: None)
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.jpg")
+    r = subprocess.run([sys.executable, "-m", "mmloom", "sample", out, "--prompt", f"a <image:{tmp_path}/red.jpg> red circle",
+                        "--seeds", "0", "1", "2", "--steps", "5", "--out", str(tmp_path / "grid.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == (3 * 64, 64)
+    r = subprocess.run([sys.executable, "-m", "mmloom", "sample", out, "--prompt", "a <image:/no/such.jpg> x"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
