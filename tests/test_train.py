@@ -266,3 +266,10 @@ def test_sample_cli_writes_a_grid(tiny, shards, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mmloom", "sample", out, "--prompt", "a <image:/no/such.jpg> x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trainer_imports_neither_ray_nor_duckdb():
+    code = ("import sys, mmloom.train.loop, mmloom.train.sample, mmloom.train.data, mmloom.train.families.mumu; "
+            "print(sorted(m for m in ('ray', 'duckdb', 'img2dataset') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -44,7 +44,7 @@ class LoopConfig(Section):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="gradient clipping (null: off)")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision (bf16 on GPUs)")
     distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: whatever `accelerate launch` set up; fsdp: wrap with FSDP")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="EMA of trainable weights (null: off)")

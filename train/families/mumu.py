@@ -40,8 +40,8 @@ class Config(Section):
     lr_unet: float = Field(5e-6, gt=0, description="Table 1: UNet LoRA")
     num_train_timesteps: int = Field(1000, gt=0, description="DDPM steps")
     beta_schedule: str = Field("scaled_linear", description="DDPM beta schedule (SD / SDXL)")
-    beta_start: float = Field(0.00085, gt=0)
-    beta_end: float = Field(0.012, gt=0)
+    beta_start: float = Field(0.00085, gt=0, description="first DDPM beta (SD)")
+    beta_end: float = Field(0.012, gt=0, description="last DDPM beta (SD)")
 
 
 class Adapter(nn.Module):
