@@ -46,6 +46,21 @@ class ShardRun:
     results: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
 
+    def collect(self, ref, shard: int) -> None:
+        """File one finished task's result; a task whose worker died past its retries fails."""
+        import ray
+
+        try:
+            out = ray.get(ref)
+        except Exception as e:
+            out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
+        (self.results if out["ok"] else self.failures).append(out)
+
+    def sort(self) -> "ShardRun":
+        self.results.sort(key=lambda r: r["shard"])
+        self.failures.sort(key=lambda r: r["shard"])
+        return self
+
 
 def _call(fn: Callable, shard: int, kwargs: dict) -> dict:
     try:
@@ -82,16 +97,10 @@ def run_shards(
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             shard = pending.pop(ref)
-            try:
-                out = ray.get(ref)
-            except Exception as e:  # the worker died more times than max_retries
-                out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
-            (run.results if out["ok"] else run.failures).append(out)
+            run.collect(ref, shard)
             bar.update(1)
     bar.close()
-    run.results.sort(key=lambda r: r["shard"])
-    run.failures.sort(key=lambda r: r["shard"])
-    return run
+    return run.sort()
 
 
 class _Host:
@@ -154,16 +163,10 @@ def run_shards_on_actors(
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             actor, shard = pending.pop(ref)
-            try:
-                out = ray.get(ref)
-            except Exception as e:
-                out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
-            (run.results if out["ok"] else run.failures).append(out)
+            run.collect(ref, shard)
             idle.append(actor)
             bar.update(1)
     bar.close()
     for a in actors:
         ray.kill(a)
-    run.results.sort(key=lambda r: r["shard"])
-    run.failures.sort(key=lambda r: r["shard"])
-    return run
+    return run.sort()

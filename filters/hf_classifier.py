@@ -28,8 +28,10 @@ class HfImageClassifier:
             raise UserError(f"{what} {ref}: none of its labels {sorted(labels.values())} matches {positive_labels}")
         self.version = f"transformers {package_version('transformers')}, weights {fingerprint(ref)}, labels {[labels[i] for i in self.positive]}"
 
+    needs_clip = None  # the scorer interface of filters/scoring.py
+
     @torch.no_grad()
-    def __call__(self, pil_images) -> list[float]:
+    def __call__(self, pil_images, embeddings=None, detections=None) -> list[float]:
         inputs = self.processor(images=[im.convert("RGB") for im in pil_images], return_tensors="pt").to(self.device)
         probs = self.model(**inputs).logits.float().softmax(-1)
         return probs[:, self.positive].sum(-1).cpu().tolist()

@@ -4,7 +4,8 @@
 * ``nudenet``: nudenet's detector (ships its ONNX weights): the highest score among its
   exposed-body-part classes. Real decisions offline.
 * ``clip_mlp``: an MLP head on normalized CLIP image embeddings (LAION's detector design).
-* ``hf``: any Hugging Face image-classification model (labels matching ``positive_labels``).
+* ``hf``: any Hugging Face image-classification model (labels matching ``positive_labels``),
+  through `filters.hf_classifier.HfImageClassifier`.
 """
 
 from __future__ import annotations
@@ -60,16 +61,3 @@ class ClipMlpNsfw:
         out = self.head(embeddings)
         p = out.sigmoid()[:, 0] if out.shape[-1] == 1 else out.softmax(-1)[:, 1]
         return p.tolist()
-
-
-class HfNsfw:
-    needs_clip = None
-
-    def __init__(self, ref: str, positive_labels: list[str], device: str):
-        from mmloom.filters.hf_classifier import HfImageClassifier
-
-        self.clf = HfImageClassifier(ref, positive_labels, device, "NSFW classifier")
-        self.version = self.clf.version
-
-    def __call__(self, images, embeddings=None, detections=None) -> list[float]:
-        return self.clf(images)

@@ -63,10 +63,10 @@ class ScoreSet:
             self.nsfw = ClipMlpNsfw(cfg.nsfw.model, cfg.nsfw.clip_model or cfg.clip.model)
             self._embedder(self.nsfw.needs_clip)
         elif cfg.nsfw.backend == "hf":
-            from mmloom.filters.nsfw import HfNsfw
+            from mmloom.filters.hf_classifier import HfImageClassifier
 
             self._require(cfg.nsfw.model, "score.nsfw.model", "the NSFW classifier")
-            self.nsfw = HfNsfw(cfg.nsfw.model, cfg.nsfw.positive_labels, self.device)
+            self.nsfw = HfImageClassifier(cfg.nsfw.model, cfg.nsfw.positive_labels, self.device, "NSFW classifier")
         if self.nsfw:
             self.meta["nsfw"] = {"model": f"nsfw/{cfg.nsfw.backend}:{cfg.nsfw.model or 'nudenet'}", "version": self.nsfw.version}
 
@@ -78,10 +78,10 @@ class ScoreSet:
             self._require(w.model, "score.watermark.model", "the watermark checkpoint")
             self.watermark = TimmWatermark(w.model, w.arch, w.head, w.positive_index, self.device, w.image_size)
         elif w.backend == "hf":
-            from mmloom.filters.watermark import HfWatermark
+            from mmloom.filters.hf_classifier import HfImageClassifier
 
             self._require(w.model, "score.watermark.model", "the watermark classifier")
-            self.watermark = HfWatermark(w.model, w.positive_labels, self.device)
+            self.watermark = HfImageClassifier(w.model, w.positive_labels, self.device, "watermark classifier")
         if self.watermark:
             self.meta["watermark"] = {"model": f"watermark/{w.backend}:{w.model}", "version": self.watermark.version}
 

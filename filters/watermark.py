@@ -60,19 +60,6 @@ class TimmWatermark:
         return self.model(x).float().softmax(-1)[:, self.positive_index].cpu().tolist()
 
 
-class HfWatermark:
-    needs_clip = None
-
-    def __init__(self, ref: str, positive_labels: list[str], device: str):
-        from mmloom.filters.hf_classifier import HfImageClassifier
-
-        self.clf = HfImageClassifier(ref, positive_labels, device, "watermark classifier")
-        self.version = self.clf.version
-
-    def __call__(self, images, embeddings=None, detections=None) -> list[float]:
-        return self.clf(images)
-
-
 def save_timm_checkpoint(path: str, arch: str, head: str = "laion", seed: int = 0) -> None:
     """A random checkpoint in the format TimmWatermark loads (tests, demo)."""
     torch.manual_seed(seed)

@@ -21,6 +21,13 @@ def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def report_failures(failed: list[dict]) -> int:
+    """Failed shards go to stderr; the exit status says whether any failed."""
+    for f in failed:
+        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_ingest(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.curate.ingest import ingest
@@ -55,9 +62,7 @@ def cmd_download(a) -> int:
           f"{s['committed']}/{s['shards']} committed")
     for k, v in sorted(s["status_counts"].items()):
         print(f"  {k:<18} {v}")
-    for f in s["failed"]:
-        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
-    return 1 if s["failed"] else 0
+    return report_failures(s["failed"])
 
 
 def cmd_score(a) -> int:
@@ -69,9 +74,7 @@ def cmd_score(a) -> int:
     save_dataset_config(a.dir, cfg)
     print(f"score: {s['ran']} shard(s) scored ({s['rows']} images), {s['skipped']} already done, "
           f"{s['committed']}/{s['shards']} downloaded shards scored")
-    for f in s["failed"]:
-        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
-    return 1 if s["failed"] else 0
+    return report_failures(s["failed"])
 
 
 def cmd_select(a) -> int:
@@ -100,9 +103,7 @@ def cmd_ground(a) -> int:
     save_dataset_config(a.dir, cfg)
     print(f"ground: {s['ran']} shard(s) grounded ({s['boxes']} boxes), {s['skipped']} up to date, "
           f"{s['committed']}/{s['shards']} committed")
-    for f in s["failed"]:
-        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
-    return 1 if s["failed"] else 0
+    return report_failures(s["failed"])
 
 
 def cmd_build(a) -> int:
@@ -116,9 +117,7 @@ def cmd_build(a) -> int:
     card = write_card(a.dir, cfg)
     print(f"build: {s['ran']} shard(s) built, {s['skipped']} up to date; {s['built']} of {s['samples']} selected "
           f"samples in final/ with {s['crops']} crops; dataset card {card}")
-    for f in s["failed"]:
-        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
-    return 1 if s["failed"] else 0
+    return report_failures(s["failed"])
 
 
 def cmd_run(a) -> int:

@@ -62,17 +62,18 @@ def test_aesthetic_head_has_laion_layout_and_scale(models):
 
 
 def test_nsfw_clip_mlp_and_hf_give_probabilities(models, pics):
-    from mmloom.filters.nsfw import ClipMlpNsfw, HfNsfw
+    from mmloom.filters.hf_classifier import HfImageClassifier
+    from mmloom.filters.nsfw import ClipMlpNsfw
 
     root, cfg = models
     head = ClipMlpNsfw(str(root / "nsfw-head.pt"), "clip")
     p = head(None, torch.nn.functional.normalize(torch.randn(5, 32), dim=-1))
     assert len(p) == 5 and all(0 <= v <= 1 for v in p)
-    hf = HfNsfw(str(root / "tiny-hf-nsfw"), ["nsfw"], "cpu")
+    hf = HfImageClassifier(str(root / "tiny-hf-nsfw"), ["nsfw"], "cpu")
     p = hf([pics["astronaut.jpg"], pics["coffee.jpg"]])
     assert len(p) == 2 and all(0 <= v <= 1 for v in p)
     with pytest.raises(UserError, match="none of its labels"):
-        HfNsfw(str(root / "tiny-hf-nsfw"), ["porn"], "cpu")
+        HfImageClassifier(str(root / "tiny-hf-nsfw"), ["porn"], "cpu")
 
 
 def test_timm_watermark_checkpoint_and_laion_head(models, pics, tmp_path):
