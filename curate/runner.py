@@ -17,10 +17,23 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 
+def _use_local_auth_token() -> None:
+    """Ray enables token auth for `ray start` clusters, but a client given an explicit
+    address does not pick the token up by itself: use this user's ~/.ray/auth_token unless
+    RAY_AUTH_MODE says otherwise. Ray reads the mode when it is first imported, so this
+    runs when this module is imported too."""
+    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+_use_local_auth_token()
+
+
 def init_ray(address: str | None = None) -> None:
     """Start Ray in process, or connect to the cluster at ``address``."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    _use_local_auth_token()
     import ray
 
     if ray.is_initialized():

@@ -41,7 +41,11 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(d, done[-1]) if done else None
 
 
-def train(cfg: TrainConfig, echo=print) -> dict:
+def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
+    """Train ``cfg``; resumes from the latest checkpoint in ``cfg.loop.out``.
+
+    ``on_checkpoint(path, step, metrics)`` is called on every process after each
+    checkpoint is complete (Ray Train reports it; plain runs pass nothing)."""
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
     from diffusers.optimization import get_constant_schedule_with_warmup
@@ -86,6 +90,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         acc.load_state(ckpt)
         step = int(os.path.basename(ckpt).split("_")[1])
         echo(f"resumed from {ckpt} (step {step}, {data_state.consumed} samples consumed)")
+        if acc.is_main_process:
+            with open(os.path.join(L.out, "resumes.log"), "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} resumed at step {step} from {ckpt}\n")
 
     builder = PromptBuilder(cfg.prompt)
     seed = L.seed + 1000 * acc.process_index
@@ -133,7 +140,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
             history.append(rec)
             t0, seen0 = time.perf_counter(), 0
         if step % L.checkpoint_every == 0 or step == L.steps:
-            save_checkpoint(acc, L.out, step, L.keep_checkpoints)
+            path = save_checkpoint(acc, L.out, step, L.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(path, step, {"step": step, "loss": loss})
     acc.end_training()
     return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out}
 
