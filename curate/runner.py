@@ -42,7 +42,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)  # a new in-process cluster, never a stale `ray start` one
 
 
 @dataclass

@@ -16,6 +16,7 @@ import os
 import shutil
 
 from mmloom.configbase import load_model
+from mmloom.curate.runner import init_ray  # first: it settles Ray's auth mode before ray is imported
 from mmloom.train.config import TrainConfig
 
 STEP_FILE = "MMLOOM_STEP"
@@ -27,7 +28,11 @@ def train_loop_per_worker(config: dict) -> None:
     from mmloom.train.loop import train
 
     cfg = TrainConfig.model_validate(config["train"])
-    rank = rt.get_context().get_world_rank()
+    ctx = rt.get_context()
+    rank = ctx.get_world_rank()
+    # Ray Train has set up torch.distributed; tell accelerate which process this is
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(ctx.get_world_size()),
+                       "LOCAL_RANK": str(ctx.get_local_rank()), "LOCAL_WORLD_SIZE": str(ctx.get_local_world_size())})
     ckpt = rt.get_checkpoint()
     if ckpt is not None and rank == 0:
         with ckpt.as_directory() as d:
@@ -53,8 +58,6 @@ def fit(cfg: TrainConfig, num_workers: int = 1, use_gpu: bool = False, storage_p
     """Run ``cfg`` with Ray Train; returns Ray Train's Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from mmloom.curate.runner import init_ray
 
     init_ray(ray_address)
     out = os.path.abspath(cfg.loop.out) if "://" not in cfg.loop.out else cfg.loop.out

@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
     acc = Accelerator(
         mixed_precision=L.mixed_precision, gradient_accumulation_steps=L.grad_accum, log_with=trackers or None,
+        cpu=not torch.cuda.is_available(),  # so several CPU processes (gloo) are one job, not copies
         project_config=ProjectConfiguration(project_dir=L.out, logging_dir=os.path.join(L.out, "tensorboard")),
         fsdp_plugin=FullyShardedDataParallelPlugin() if L.distributed == "fsdp" else None,
     )
