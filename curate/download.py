@@ -284,7 +284,7 @@ def download(root: str, config: PipelineConfig, ray_address: str | None = None, 
     return {
         "shards": n,
         "ran": len(done),
-        "skipped": len(run.results) - len(done),
+        "skipped": (n - len(todo)) + (len(run.results) - len(done)),  # committed before, or nothing to retry
         "failed": run.failures,
         "committed": len(store.committed_shards(STAGE)),
         "status_counts": dict(totals),

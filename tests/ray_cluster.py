@@ -67,6 +67,20 @@ class LocalCluster:
             time.sleep(1)
         raise RuntimeError(f"Ray cluster at {self.address} did not reach {n} nodes")
 
+    def node_of(self, pid: int) -> int | None:
+        """Which worker node a process belongs to (Ray may give workers their own process
+        group, so walk up the parents to a `ray start` process group we started)."""
+        groups = {w.pid: i for i, w in enumerate(self.workers) if w.poll() is None}
+        while pid > 1:
+            try:
+                if os.getpgid(pid) in groups:
+                    return groups[os.getpgid(pid)]
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ProcessLookupError):
+                return None
+        return None
+
     def kill_worker(self, i: int) -> None:
         os.killpg(self.workers[i].pid, signal.SIGKILL)
         self.workers[i].wait()

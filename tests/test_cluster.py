@@ -1,0 +1,152 @@
+"""A real multi-node Ray cluster on this machine (a head and two worker nodes, separate
+process groups with their own resources): stages run through its address, a worker node
+killed mid-stage loses no sample, a killed driver's rerun skips committed shards, and a
+Ray Train run whose worker node dies resumes from its last checkpoint."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import write_laion
+from mmloom.curate.localserver import LocalServer, Route
+from mmloom.manifests.store import ShardStore
+from ray_cluster import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(workers=2, cpus_per_worker=1)
+    yield c
+    c.stop()
+
+
+def mmloom(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "mmloom", *args], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def slow_dataset(tmp_path, images, srv, n=18, delay=0.6):
+    urls = [srv.add(f"/slow/{i}.jpg", Route(images[i % len(images)][1], delay=delay)) for i in range(n)]
+    src = write_laion(tmp_path / "m.parquet", [{"url": u, "text": f"image {i}"} for i, u in enumerate(urls)])
+    root = str(tmp_path / "ds")
+    r = subprocess.run([sys.executable, "-m", "mmloom", "ingest", src, "--out", root, "--shard-size", "3", "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return root, urls
+
+
+def wait_for(cond, timeout=240, every=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def check_every_sample_once(root, urls):
+    df = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{root}/images/*.parquet"))])
+    assert len(df) == len(urls) and df.sample_key.is_unique and set(df.url) == set(urls)
+    assert (df.status == "success").all(), df[df.status != "success"][["url", "status", "error_message"]]
+
+
+def test_worker_node_killed_mid_download(cluster, tmp_path, images):
+    with LocalServer({}) as srv:
+        root, urls = slow_dataset(tmp_path, images, srv)
+        store = ShardStore(root)
+        p = mmloom("download", root, "--ray-address", cluster.address, "--allow-private-addresses", "--thread-count", "1", "--no-progress")
+        assert wait_for(lambda: store.committed_shards("download"))
+        cluster.kill_worker(0)  # a whole node, mid-stage
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:  # lost shards are listed; a rerun finishes them
+            r = subprocess.run([sys.executable, "-m", "mmloom", "download", root, "--ray-address", cluster.address,
+                                "--allow-private-addresses", "--no-progress"], capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stdout + r.stderr
+        check_every_sample_once(root, urls)
+    cluster.add_worker()
+
+
+def test_killed_driver_rerun_skips_committed_shards(cluster, tmp_path, images):
+    with LocalServer({}) as srv:
+        root, urls = slow_dataset(tmp_path, images, srv)
+        store = ShardStore(root)
+        p = mmloom("download", root, "--ray-address", cluster.address, "--allow-private-addresses", "--thread-count", "1", "--no-progress")
+        assert wait_for(lambda: store.committed_shards("download"))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        done = store.committed_shards("download")
+        assert 1 <= len(done) < 6
+        r = subprocess.run([sys.executable, "-m", "mmloom", "download", root, "--ray-address", cluster.address,
+                            "--allow-private-addresses", "--no-progress"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"{6 - len(done)} shard(s) downloaded, {len(done)} already done" in r.stdout
+        check_every_sample_once(root, urls)
+
+
+def test_ray_train_resumes_after_losing_the_worker_node(cluster, tmp_path):
+    from mmloom.train.tiny import make_tiny_mumu
+
+    data = tmp_path / "final"
+    data.mkdir()
+    _write_final_shards(str(data))
+    model = make_tiny_mumu(str(tmp_path / "models"), "a red circle".split())
+    out = str(tmp_path / "run")
+    cfg = {"family": "mumu", "model": {**model, "lr_adapter": 1e-3},
+           "prompt": {"crop_size": 64}, "data": {"shards": str(data), "resolution": 64, "shuffle_buffer": 4},
+           "loop": {"out": out, "steps": 40, "batch_size": 2, "checkpoint_every": 5, "tensorboard": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "mmloom.ray_jobs.train", str(tmp_path / "t.yaml"), "--num-workers", "1",
+                          "--max-failures", "3", "--ray-address", cluster.address],
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from mmloom.train.loop import latest_checkpoint
+
+    assert wait_for(lambda: latest_checkpoint(out) is not None, timeout=300)
+    # kill the node that runs the training worker
+    worker = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert worker, "no Ray Train worker process found"
+    node = cluster.node_of(int(worker[0]))
+    assert node is not None, "the training worker runs on no worker node"
+    cluster.kill_worker(node)
+    log, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, log[-3000:]
+    resumes = open(os.path.join(out, "resumes.log")).read()
+    assert "resumed at step" in resumes and "resumed at step 0" not in resumes
+    steps = [int(__import__("json").loads(line)["step"]) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert max(steps) == 40 and set(range(1, 41)) <= set(steps)
+    cluster.add_worker()
+
+
+def _write_final_shards(d: str) -> None:
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    for s in range(2):
+        with tarfile.open(os.path.join(d, f"{s:05d}.tar"), "w") as t:
+            for i in range(6):
+                files = {}
+                for ext, size in (("jpg", (64, 48)), ("crop0.jpg", (20, 20))):
+                    buf = io.BytesIO()
+                    Image.new("RGB", size, (40 * i, 200, 30 * s)).save(buf, "JPEG")
+                    files[ext] = buf.getvalue()
+                files["prompt.json"] = json.dumps({"segments": [
+                    {"type": "text", "text": "a "},
+                    {"type": "image", "member": "crop0.jpg", "phrase": "red circle", "span": [2, 12], "box": [0, 0, 20, 20],
+                     "score": 0.5, "label": "red circle"},
+                    {"type": "text", "text": "red circle"}]}).encode()
+                files["json"] = b'{"weight": 2.0}'
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{s}{i:05d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
