@@ -17,7 +17,7 @@ import yaml
 from conftest import write_laion
 from mmloom.curate.localserver import LocalServer, Route
 from mmloom.manifests.store import ShardStore
-from ray_cluster import LocalCluster
+from mmloom.ray_jobs.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on one machine: a head and worker nodes, each a
+"""A real multi-node Ray cluster on one machine (tests, bench/scale.py): a head and worker nodes, each a
 separate `ray start --block` process group with its own resources, so a test can kill
 one node (SIGKILL to its process group) while the others go on."""
 
