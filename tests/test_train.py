@@ -273,3 +273,17 @@ def test_trainer_imports_neither_ray_nor_duckdb():
             "print(sorted(m for m in ('ray', 'duckdb', 'img2dataset') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_accumulation_ema_and_checkpointing_options(tiny, shards, tmp_path):
+    from mmloom.train.loop import latest_checkpoint, read_metrics, train
+
+    cfg = run_cfg(tiny, shards, str(tmp_path / "opts"), 3, 3)
+    cfg["loop"].update(grad_accum=2, ema_decay=0.9, gradient_checkpointing=True, tensorboard=False)
+    r = train(load_model(TrainConfig, data=cfg), echo=lambda *a: None)
+    assert r["steps"] == 3 and len(read_metrics(str(tmp_path / "opts"))) == 3
+    ck = latest_checkpoint(str(tmp_path / "opts"))
+    # the EMA and the data position are checkpointed beside the weights, optimizer and RNG
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin", "random_states_0.pkl"} <= set(os.listdir(ck))
+    with open(os.path.join(tmp_path / "opts", "train_config.yaml")) as f:
+        assert yaml.safe_load(f)["loop"]["grad_accum"] == 2
