@@ -135,7 +135,6 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40) -
     """Train the tiny MUMU on the demo's final/ shards, sample one image from a multimodal
     prompt, and plot the loss curve beside it."""
     import glob
-    import io
     import tarfile
 
     from mmloom.configbase import load_model

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import GroundConfig, PipelineConfig
-from mmloom.curate.runner import Resources, run_shards_on_actors
+from mmloom.curate.runner import Resources, actor_count, run_shards_on_actors
 from mmloom.curate.score import read_images
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
@@ -95,19 +95,6 @@ class GroundWorker:
 def up_to_date(store: ShardStore, stage: str, shard: int, chash: str) -> bool:
     rec = store.record(stage, shard)
     return rec is not None and rec["config_hash"] == chash and store.is_committed(stage, shard)
-
-
-def actor_count(cfg, n_shards: int, ray_address: str | None) -> int:
-    if cfg.num_workers:
-        return cfg.num_workers
-    if cfg.gpus_per_worker > 0:
-        import ray
-
-        from mmloom.curate.runner import init_ray
-
-        init_ray(ray_address)
-        return max(1, int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker))
-    return max(1, min(n_shards, int((os.cpu_count() or 1) / cfg.cpus_per_worker)))
 
 
 def ground(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:

@@ -116,6 +116,26 @@ def run_shards(
     return run.sort()
 
 
+def actor_count(cfg, n_shards: int, ray_address: str | None) -> int:
+    """Actors for a model stage: ``cfg.num_workers`` if set, else as many as the cluster's
+    GPUs (or CPUs) hold at ``gpus_per_worker`` (``cpus_per_worker``), at most one per shard."""
+    if cfg.num_workers:
+        return cfg.num_workers
+    if cfg.gpus_per_worker > 0:
+        import ray
+
+        init_ray(ray_address)
+        return max(1, int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker))
+    if ray_address:
+        import ray
+
+        init_ray(ray_address)
+        cpus = ray.cluster_resources().get("CPU", 1)
+    else:
+        cpus = os.cpu_count() or 1
+    return max(1, min(n_shards, int(cpus / cfg.cpus_per_worker)))
+
+
 class _Host:
     """Holds one stage worker inside a Ray actor; its models load once, here."""
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import PipelineConfig, ScoreConfig
-from mmloom.curate.runner import Resources, run_shards_on_actors
+from mmloom.curate.runner import Resources, actor_count, run_shards_on_actors
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
 from mmloom.manifests.store import ShardStore, config_hash, shard_name
@@ -113,21 +113,10 @@ def score(root: str, config: PipelineConfig, ray_address: str | None = None, pro
     chash = config_hash(cfg.model_dump())
     todo = [s for s in downloaded if not store.is_committed(STAGE, s)]
     store.clean_staging([OUT_DIR])
-    if cfg.num_workers:
-        n = cfg.num_workers
-    elif cfg.gpus_per_worker > 0:
-        import ray
-
-        from mmloom.curate.runner import init_ray
-
-        init_ray(ray_address)
-        n = max(1, int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker))
-    else:
-        n = max(1, int((os.cpu_count() or 1) / cfg.cpus_per_worker)) if not ray_address else 2
     run = run_shards_on_actors(
         "score", todo, ScoreWorker, {"cfg": cfg.model_dump()}, "run",
         {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},
-        num_actors=n, resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
+        num_actors=actor_count(cfg, len(todo), ray_address), resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
         ray_address=ray_address, progress=progress,
     )
     store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts

@@ -66,7 +66,6 @@ def open_dataset(root: str, extra_views: dict[str, str] | None = None):
         ))
     for name, sql in (extra_views or {}).items():
         con.execute(f"CREATE VIEW {name} AS {sql}")
-        available.append(name)
     return con
 
 

@@ -1,9 +1,7 @@
 import glob
-import os
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import laion_table, write_laion
@@ -122,7 +120,7 @@ def test_dedup_sharding_is_deterministic_and_prefilter_switchable(tmp_path):
     b = write_laion(tmp_path / "b.parquet", rows[:4] + [{"url": "https://b.example/x.jpg", "text": "new"}])
     cfg = load_config(None, {"ingest.shard_size": 5})
     s1 = ingest([a, b], str(tmp_path / "d1"), cfg, progress=False)
-    s2 = ingest([str(tmp_path / "*.parquet")], str(tmp_path / "d2"), cfg, progress=False)
+    ingest([str(tmp_path / "*.parquet")], str(tmp_path / "d2"), cfg, progress=False)
     assert s1["duplicates"] == 4 and s1["rows"] == 24 and s1["shards"] == 5
     c1, c2 = candidates(tmp_path / "d1"), candidates(tmp_path / "d2")
     pd.testing.assert_frame_equal(c1[["sample_key", "shard", "status"]], c2[["sample_key", "shard", "status"]])

@@ -4,7 +4,6 @@ a rebuild is byte-identical, and a second run resumes with nothing to do."""
 
 import glob
 import hashlib
-import json
 
 import pandas as pd
 import pytest

@@ -3,7 +3,6 @@ the real formats, and returns values in its range. nudenet, OpenCV and phash are
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
