@@ -24,13 +24,19 @@ class LocalCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        if os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-            self.env.setdefault("RAY_AUTH_MODE", "token")  # worker nodes and drivers join with the token
         store = str(object_store_mb * 1024 * 1024)
         self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
                                  f"--object-store-memory={store}"])
         self.workers: list[subprocess.Popen] = []
         try:
+            # the head creates ~/.ray/auth_token on a machine's first `ray start`; worker
+            # nodes and drivers given an explicit address join with it
+            token = os.path.expanduser("~/.ray/auth_token")
+            deadline = time.time() + 60
+            while not os.path.exists(token) and time.time() < deadline and self.head.poll() is None:
+                time.sleep(0.2)
+            if os.path.exists(token):
+                self.env.setdefault("RAY_AUTH_MODE", "token")
             self._wait_nodes(1)
             for _ in range(workers):
                 self.add_worker(cpus_per_worker, object_store_mb)
