@@ -29,10 +29,10 @@ class LocalCluster:
                                  f"--object-store-memory={store}"])
         self.workers: list[subprocess.Popen] = []
         try:
-            # the head creates ~/.ray/auth_token on a machine's first `ray start`; worker
-            # nodes and drivers given an explicit address join with it
+            # with token auth on, the head uses (or writes) ~/.ray/auth_token; worker nodes and
+            # drivers given an explicit address join with it. Without a token, auth is off.
             token = os.path.expanduser("~/.ray/auth_token")
-            deadline = time.time() + 60
+            deadline = time.time() + 10
             while not os.path.exists(token) and time.time() < deadline and self.head.poll() is None:
                 time.sleep(0.2)
             if os.path.exists(token):
