@@ -18,15 +18,9 @@ from tqdm import tqdm
 
 
 def _use_local_auth_token() -> None:
-    """Ray enables token auth for `ray start` clusters, but a client given an explicit
-    address does not pick the token up by itself: use this user's ~/.ray/auth_token unless
-    RAY_AUTH_MODE says otherwise. Ray reads the mode when it is first imported, so this
-    runs when this module is imported too."""
+    """See mmloom/__init__.py: a token that appeared since (a first local Ray) counts too."""
     if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
         os.environ["RAY_AUTH_MODE"] = "token"
-
-
-_use_local_auth_token()
 
 
 def init_ray(address: str | None = None) -> None:

@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# one Ray auth mode for the whole session, whatever this machine has seen before: every
+# in-process cluster, `ray start` node and subprocess driver uses the token (Ray makes
+# ~/.ray/auth_token on first use)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
