@@ -58,13 +58,13 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
     bcfg = BuildConfig.model_validate(cfg)
     store = ShardStore(root)
     samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])
-    full = {r["sample_key"]: r for r in pq.read_table(store.path("selection", "selected.parquet")).to_pylist()
+    full = {r["sample_key"]: r for r in store.read_table("selection", "selected.parquet").to_pylist()
             if r["shard"] == shard}
-    det_rows = pq.read_table(store.path("detections", shard_name(shard) + ".parquet")).to_pylist()
+    det_rows = store.read_table("detections", shard_name(shard) + ".parquet").to_pylist()
     dets: dict[str, list[dict]] = {}
     for d in det_rows:
         dets.setdefault(d["sample_key"], []).append(d)
-    blobs = read_images(store.path(S.STAGE_DIRS["download"], shard_name(shard) + ".tar"), encode_format)
+    blobs = read_images(store, f'{S.STAGE_DIRS["download"]}/{shard_name(shard)}.tar', encode_format)
     staging = store.staging_dir(OUT_DIR, shard)
     tar_path = os.path.join(staging, "final.tar")
     manifest, crop_rows, dropped = [], [], Counter()
@@ -124,7 +124,7 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
     store.commit(STAGE, shard, {base + ".tar": tar_path, base + ".parquet": mpath, base + "_crops.parquet": cpath},
                  {"rows": len(manifest), "built": built, "crops": len(crop_rows)}, chash,
                  {"dropped_boxes": dict(dropped)})
-    store.fs.rm(staging, recursive=True)
+    store.discard(staging)
     return {"built": built, "samples": len(manifest), "crops": len(crop_rows), "dropped": dict(dropped)}
 
 
@@ -143,7 +143,7 @@ CROPS_SCHEMA = pa.schema([
 
 
 def build(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    store = ShardStore(root)
     by_shard = selected_by_shard(store)
     if not by_shard and not store.is_committed("select", 0):
         raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 
@@ -18,14 +17,24 @@ from mmloom.manifests.store import ShardStore
 from mmloom.manifests.views import open_dataset, view_names
 
 
-def _plots(root: str, con, names: set[str]) -> list[str]:
+def _save(store: ShardStore, fig, rel: str, dpi: int) -> str:
+    """Write a matplotlib figure into the dataset (any filesystem); returns ``rel``."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    store.write_bytes(rel, buf.getvalue())
+    return rel
+
+
+def _plots(store: ShardStore, con, names: set[str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = []
-    os.makedirs(os.path.join(root, "card"), exist_ok=True)
     if "scores" in names:
         cols = [c for c in ("clip_score", "nsfw", "watermark", "aesthetic") if c in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}]
         fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
@@ -40,23 +49,18 @@ def _plots(root: str, con, names: set[str]) -> list[str]:
             ax.set_title(c)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        p = os.path.join(root, "card", "scores.png")
-        fig.savefig(p, dpi=80)
-        plt.close(fig)
-        out.append("card/scores.png")
+        out.append(_save(store, fig, "card/scores.png", dpi=80))
     if "final" in names:
         counts = [r[0] for r in con.execute("SELECT n_crops FROM final").fetchall()]
         fig, ax = plt.subplots(figsize=(4, 3))
         ax.hist(counts, bins=range(0, max(counts + [3]) + 2), align="left", rwidth=0.8)
         ax.set_title("crops per selected sample")
         fig.tight_layout()
-        fig.savefig(os.path.join(root, "card", "crops.png"), dpi=80)
-        plt.close(fig)
-        out.append("card/crops.png")
+        out.append(_save(store, fig, "card/crops.png", dpi=80))
     return out
 
 
-def _examples(root: str, store: ShardStore, n: int) -> list[tuple[str, str]]:
+def _examples(store: ShardStore, n: int) -> list[tuple[str, str]]:
     """(rendered prompt, picture path) for the first ``n`` built samples."""
     if n <= 0:
         return []
@@ -69,7 +73,7 @@ def _examples(root: str, store: ShardStore, n: int) -> list[tuple[str, str]]:
 
     out = []
     for shard in store.committed_shards("build"):
-        with tarfile.open(store.path("final", f"{shard:05d}.tar")) as t:
+        with store.open("final", f"{shard:05d}.tar") as f, tarfile.open(fileobj=f) as t:
             members = {m.name: m for m in t.getmembers()}
             keys = sorted({name.split(".", 1)[0] for name in members})
             for key in keys:
@@ -92,9 +96,7 @@ def _examples(root: str, store: ShardStore, n: int) -> list[tuple[str, str]]:
                     ax.axis("off")
                 fig.suptitle(render(prompt["segments"])[:90], fontsize=9)
                 fig.tight_layout()
-                rel = f"card/example_{len(out)}.png"
-                fig.savefig(os.path.join(root, rel), dpi=70)
-                plt.close(fig)
+                rel = _save(store, fig, f"card/example_{len(out)}.png", dpi=70)
                 out.append((render(prompt["segments"]), rel))
     return out
 
@@ -104,13 +106,13 @@ def write_card(root: str, cfg: PipelineConfig) -> str:
     con = open_dataset(root)
     names = set(view_names(con))
     f = funnel(root)
-    lines = ["# Dataset card", "", f"Built by mmloom from `{', '.join(json.load(open(os.path.join(root, '_commits', 'ingest.json')))['files'])}`.", ""]
+    lines = ["# Dataset card", "", f"Built by mmloom from `{', '.join(json.load(store.open('_commits', 'ingest.json'))['files'])}`.", ""]
     lines += ["## Funnel", "", "```", render_funnel(f)]
     if "final" in names:
         built = dict(con.execute("SELECT status, count(*) FROM final GROUP BY 1").fetchall())
         lines.append(f"  FINAL (built)          {built.get('built', 0):>9}   ({built.get('too_few_crops', 0)} selected samples had too few crops)")
     lines += ["```", ""]
-    for p in _plots(root, con, names):
+    for p in _plots(store, con, names):
         lines += [f"![{p}]({p})", ""]
     if "crops" in names:
         n_crops, n_person, n_head = con.execute("SELECT count(*), count(*) FILTER (is_person), count(head_member) FROM crops").fetchall()[0]
@@ -122,19 +124,17 @@ def write_card(root: str, cfg: PipelineConfig) -> str:
         lines += ["## Crops", "", f"- {boxes} boxes detected, {n_crops} crops kept ({n_person} of people, {n_head} with a head crop)",
                   "- boxes dropped by rule: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"),
                   "- most frequent phrases: " + ", ".join(f"{p} ({c})" for p, c in phrases), ""]
-    ex = _examples(root, store, cfg.build.card_examples)
+    ex = _examples(store, cfg.build.card_examples)
     if ex:
         lines += ["## Example prompts", ""]
         for text, pic in ex:
             lines += [f"- `{text}`", f"  ![example]({pic})"]
         lines.append("")
     lines += ["## Loading", "", "```python", "import webdataset as wds",
-              f"ds = wds.WebDataset('{os.path.abspath(root)}/final/{{00000..{max(store.committed_shards('build') or [0]):05d}}}.tar').decode('pil')",
+              *([] if store.is_local else ["import mmloom.train.data  # lets webdataset open object-store URLs through fsspec"]),
+              f"ds = wds.WebDataset('{store.root}/final/{{00000..{max(store.committed_shards('build') or [0]):05d}}}.tar').decode('pil')",
               "for s in ds:  # s['jpg'], s['txt'], s['prompt.json']['segments'], s['crop0.jpg'], ...", "    break", "```", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", ""]
     con.close()
-    path = os.path.join(root, "README.md")
-    with open(path + ".tmp", "w") as fh:
-        fh.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
-    return path
+    store.write_bytes("README.md", "\n".join(lines).encode())
+    return store.url("README.md")

@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
+from mmloom.configbase import load_model
 from mmloom.curate.config import PipelineConfig, load_config
+from mmloom.manifests.store import ShardStore
 
 CONFIG_NAME = "mmloom.yaml"
 PROVENANCE = "_provenance"
@@ -32,29 +34,19 @@ def tool_versions() -> dict[str, str]:
 
 def dataset_config(root: str, config_path: str | None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """``--config`` if given, else DIR/mmloom.yaml if present, else defaults; then overrides."""
-    path = config_path
-    if path is None and os.path.exists(os.path.join(root, CONFIG_NAME)):
-        path = os.path.join(root, CONFIG_NAME)
-    if path is not None and os.path.abspath(path) == os.path.abspath(os.path.join(root, CONFIG_NAME)):
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        data.pop(PROVENANCE, None)
-        tmp = os.path.join(root, f".{CONFIG_NAME}.read")
-        with open(tmp, "w") as f:
-            yaml.safe_dump(data, f)
-        try:
-            return load_config(tmp, overrides)
-        finally:
-            os.remove(tmp)
-    return load_config(path, overrides)
+    store = ShardStore(root)
+    own = store.url(CONFIG_NAME)
+    if config_path is None or os.path.abspath(config_path) == own:
+        if store.exists(CONFIG_NAME):
+            with store.open(CONFIG_NAME, mode="r") as f:
+                data = yaml.safe_load(f) or {}
+            data.pop(PROVENANCE, None)
+            return load_model(PipelineConfig, None, overrides, data=data, source=own)
+    return load_config(config_path, overrides)
 
 
 def save_dataset_config(root: str, cfg: PipelineConfig) -> None:
-    os.makedirs(root, exist_ok=True)
     data = cfg.model_dump(mode="json")
     data[PROVENANCE] = {"versions": tool_versions()}
-    tmp = os.path.join(root, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("# written by mmloom: the settings this dataset was built with\n")
-        yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, os.path.join(root, CONFIG_NAME))
+    text = "# written by mmloom: the settings this dataset was built with\n" + yaml.safe_dump(data, sort_keys=False)
+    ShardStore(root).write_bytes(CONFIG_NAME, text.encode())

@@ -171,8 +171,8 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     committed = store.is_committed(STAGE, shard)
     if committed and not retry_failed:
         return {"skipped": True}
-    cands = pq.read_table(
-        store.path(S.STAGE_DIRS["ingest"], shard_name(shard) + ".parquet"),
+    cands = store.read_table(
+        S.STAGE_DIRS["ingest"], shard_name(shard) + ".parquet",
         columns=["sample_key", "url", "caption", "status", "reason"],
     ).to_pylist()
     keys = {}  # sample_key -> img2dataset key, from each candidate's position in the shard
@@ -182,7 +182,7 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
 
     prev: dict[str, dict] = {}
     if committed:  # retry_failed: fetch only what failed to download or decode
-        prev = {r["sample_key"]: r for r in pq.read_table(store.path(OUT_DIR, shard_name(shard) + ".parquet")).to_pylist()}
+        prev = {r["sample_key"]: r for r in store.read_table(OUT_DIR, shard_name(shard) + ".parquet").to_pylist()}
         todo = [r for r in eligible if prev[r["sample_key"]]["status"] in (S.FAILED_TO_DOWNLOAD, S.FAILED_TO_DECODE)]
         if not todo:
             return {"skipped": True}
@@ -220,8 +220,9 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
             **{k: got.get(k) for k in ("width", "height", "original_width", "original_height", "sha256")},
         })
     if committed:
-        merged = os.path.join(staging, "merged.tar")
-        _merge_tars(store.path(OUT_DIR, shard_name(shard) + ".tar"), tar_path, rename, merged)
+        merged, old = os.path.join(staging, "merged.tar"), os.path.join(staging, "committed.tar")
+        store.fs.get_file(store.path(OUT_DIR, shard_name(shard) + ".tar"), old)
+        _merge_tars(old, tar_path, rename, merged)
         tar_path = merged
     table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
     status_parquet = os.path.join(staging, "status.parquet")
@@ -252,13 +253,13 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
         {base + ".tar": tar_path, base + ".parquet": status_parquet, base + "_stats.json": stats_path},
         {"rows": len(rows), **dict(counts)}, chash,
     )
-    store.fs.rm(staging, recursive=True)
+    store.discard(staging)
     return {"counts": dict(counts), "attempted": len(todo)}
 
 
 def download(root: str, config: PipelineConfig, ray_address: str | None = None, retry_failed: bool = False, progress: bool = True) -> dict:
     """Run the download stage over every uncommitted shard; returns a summary."""
-    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    store = ShardStore(root)
     summary_path = store.path("_commits", "ingest.json")
     if not store.fs.exists(summary_path):
         raise UserError(f"{root} has no ingested candidates; run `mmloom ingest SOURCE --out {root}` first")

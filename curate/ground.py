@@ -35,10 +35,9 @@ SCHEMA = pa.schema([
 
 
 def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
-    path = store.path("selection", "selected.parquet")
     if not store.is_committed("select", 0):
         return {}
-    rows = pq.read_table(path, columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
+    rows = store.read_table("selection", "selected.parquet", columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
     out: dict[int, list[dict]] = {}
     for r in rows:
         out.setdefault(int(r["shard"]), []).append(r)
@@ -61,7 +60,7 @@ class GroundWorker:
         store = ShardStore(root)
         # batch images of similar shape together: a batch is padded to its largest image
         samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: (r["width"] / r["height"], r["key"]))
-        blobs = read_images(store.path(S.STAGE_DIRS["download"], shard_name(shard) + ".tar"), encode_format)
+        blobs = read_images(store, f'{S.STAGE_DIRS["download"]}/{shard_name(shard)}.tar', encode_format)
         rows: list[dict] = []
         bs = self.cfg.batch_size
         for i in range(0, len(samples), bs):
@@ -88,7 +87,7 @@ class GroundWorker:
         pq.write_table(table, out)
         store.commit(STAGE, shard, {f"{OUT_DIR}/{shard_name(shard)}.parquet": out},
                      {"rows": len(rows), "samples": len(samples)}, chash)
-        store.fs.rm(staging, recursive=True)
+        store.discard(staging)
         return {"boxes": len(rows), "samples": len(samples)}
 
 
@@ -98,7 +97,7 @@ def up_to_date(store: ShardStore, stage: str, shard: int, chash: str) -> bool:
 
 
 def ground(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    store = ShardStore(root)
     if not store.is_committed("select", 0):
         raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")
     by_shard = selected_by_shard(store)

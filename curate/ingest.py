@@ -14,7 +14,8 @@ import glob
 import hashlib
 import json
 import os
-import shutil
+
+import fsspec
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -39,29 +40,26 @@ def sample_key(url: str, caption: str) -> str:
 
 
 def expand_sources(sources: list[str]) -> list[str]:
+    """Files, folders (every .parquet below) and globs, local or fsspec URLs (s3://...)."""
     files: list[str] = []
     for s in sources:
+        fs, path = fsspec.core.url_to_fs(s)
+        remote = "://" in s
+        name = (lambda p: fs.unstrip_protocol(p)) if remote else os.path.abspath
         if any(ch in s for ch in "*?["):
-            hits = sorted(glob.glob(s, recursive=True))
+            hits = sorted(fs.glob(path))
             if not hits:
                 raise UserError(f"no file matches {s!r}")
-            files += hits
-        elif os.path.isdir(s):
-            hits = sorted(glob.glob(os.path.join(s, "**", "*.parquet"), recursive=True))
+        elif fs.isdir(path):
+            hits = sorted(fs.glob(path.rstrip("/") + "/**/*.parquet"))
             if not hits:
                 raise UserError(f"directory {s} holds no .parquet file")
-            files += hits
-        elif not os.path.exists(s):
+        elif not fs.exists(path):
             raise UserError(f"input file not found: {s}")
         else:
-            files.append(s)
-    seen, out = set(), []
-    for f in files:
-        a = os.path.abspath(f)
-        if a not in seen:
-            seen.add(a)
-            out.append(a)
-    return out
+            hits = [path]
+        files += [name(h) for h in hits]
+    return list(dict.fromkeys(files))
 
 
 def _numeric(df: pd.DataFrame, cols: list[str], field: str, bad: list[str | None]) -> pd.Series:
@@ -168,32 +166,32 @@ def normalize_file(file_idx: int, path: str, cfg: dict, staging: str) -> dict:
     """Ray task: one input file -> one staged parquet. Raises UserError on a bad file."""
     icfg = IngestConfig.model_validate(cfg)
     try:
-        table = pq.read_table(path)
+        fs, local = fsspec.core.url_to_fs(path)
+        table = pq.read_table(local, filesystem=fs)
     except Exception as e:
         raise UserError(f"cannot read {path} as parquet: {e}") from None
     df = normalize_table(table, path, file_idx, icfg)
-    os.makedirs(staging, exist_ok=True)
-    out = os.path.join(staging, f"{file_idx:06d}.parquet")
-    df.to_parquet(out + ".tmp", index=False)
-    os.replace(out + ".tmp", out)
+    fs, base = fsspec.core.url_to_fs(staging)  # shared by every node: the dataset's own filesystem
+    fs.makedirs(base, exist_ok=True)
+    out = f"{base}/{file_idx:06d}.parquet"
+    with fs.open(out + ".tmp", "wb") as f:
+        df.to_parquet(f, index=False)
+    fs.mv(out + ".tmp", out)
     return {"rows": len(df), "format": df["source_format"].iat[0] if len(df) else None, "file": path}
 
 
 def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
     """Run the ingest stage; returns its summary (also written to _commits/ingest.json)."""
-    import duckdb
 
     files = expand_sources(sources)
     cfg = config.ingest
-    out = os.path.abspath(out) if '://' not in out else out
     store = ShardStore(out)
-    if store.fs.protocol not in ("file", ("file", "local")) and "file" not in store.fs.protocol:
-        raise UserError("ingest writes to a local directory; copy the result to remote storage afterwards")
-    os.makedirs(out, exist_ok=True)
+    out = store.root
+    store.fs.makedirs(store.base, exist_ok=True)
     chash = config_hash({"cfg": cfg.model_dump(), "files": files})
-    summary_path = os.path.join(out, "_commits", "ingest.json")
-    if os.path.exists(summary_path):
-        prev = json.load(open(summary_path))
+    summary_path = store.path("_commits", "ingest.json")
+    if store.fs.exists(summary_path):
+        prev = json.load(store.fs.open(summary_path))
         if prev["config_hash"] == chash and all(store.is_committed(STAGE, s) for s in range(prev["shards"])):
             prev["skipped"] = True
             return prev
@@ -203,8 +201,8 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
                 f"(earlier inputs: {prev['files'][:3]}{' ...' if len(prev['files']) > 3 else ''})"
             )
 
-    staging = os.path.join(out, OUT_DIR, "_tmp", "normalized")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = store.url(OUT_DIR, "_tmp", "normalized")
+    store.clean_staging([OUT_DIR])
     run = run_shards(
         "ingest: normalize",
         list(range(len(files))),
@@ -215,11 +213,11 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         progress,
     )
     if run.failures:
-        shutil.rmtree(staging, ignore_errors=True)
+        store.clean_staging([OUT_DIR])
         msgs = "\n  ".join(f.get("error", "?").removeprefix("UserError: ") for f in run.failures)
         raise UserError(f"ingest stopped, nothing was written:\n  {msgs}")
 
-    con = duckdb.connect()
+    con = store.duckdb()
     con.execute(f"SET threads TO {max(1, os.cpu_count() or 1)}")
     con.execute(
         f"CREATE TABLE raw AS SELECT * FROM read_parquet('{staging}/*.parquet', union_by_name=true)"
@@ -245,8 +243,7 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
     n_shards = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM sharded").fetchall()[0][0]
     src_cols = [r[0] for r in con.execute("DESCRIBE sharded").fetchall() if r[0].startswith("src_")]
     cols = ", ".join([*S.CANDIDATE_COLUMNS, *[f'"{c}"' for c in src_cols]])
-    parts = os.path.join(out, OUT_DIR, "_tmp", "parts")
-    shutil.rmtree(parts, ignore_errors=True)
+    parts = os.path.join(store.staging_dir(OUT_DIR, 0), "parts")
     con.execute(
         f"COPY (SELECT {cols} FROM sharded ORDER BY shard, file_idx, source_row) "
         f"TO '{parts}' (FORMAT parquet, PARTITION_BY (shard), WRITE_PARTITION_COLUMNS true)"
@@ -265,7 +262,8 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         part_files = glob.glob(os.path.join(parts, f"shard={s}", "*.parquet"))
         assert len(part_files) == 1, part_files
         store.commit(STAGE, s, {f"{OUT_DIR}/{shard_name(s)}.parquet": part_files[0]}, per_shard[s], chash)
-    shutil.rmtree(os.path.join(out, OUT_DIR, "_tmp"), ignore_errors=True)
+    store.discard(os.path.dirname(parts))
+    store.clean_staging([OUT_DIR])
     summary = {
         "files": files,
         "formats": sorted({r["format"] for r in run.results if r.get("format")}),

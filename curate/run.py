@@ -28,7 +28,6 @@ def run_pipeline(pipeline: str, out: str | None, ray_address: str | None, progre
     ray_address = ray_address or cfg.run.ray_address
     base = os.path.dirname(os.path.abspath(pipeline))
     sources = [s if os.path.isabs(s) or "://" in s else os.path.join(base, s) for s in cfg.run.sources]
-    os.makedirs(out, exist_ok=True)
     save_dataset_config(out, cfg)
     for stage in cfg.run.stages:
         if stage == "ingest":

@@ -26,9 +26,10 @@ STAGE = "score"
 OUT_DIR = "scores"
 
 
-def read_images(tar_path: str, ext: str = "jpg") -> dict[str, bytes]:
+def read_images(store: ShardStore, rel: str, ext: str = "jpg") -> dict[str, bytes]:
+    """key -> encoded image bytes of one webdataset tar in the dataset (any filesystem)."""
     out = {}
-    with tarfile.open(tar_path) as t:
+    with store.open(rel) as f, tarfile.open(fileobj=f) as t:
         for m in t.getmembers():
             stem, _, e = m.name.rpartition(".")
             if e == ext:
@@ -44,8 +45,8 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
 
     store = ShardStore(root)
     base = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}"
-    rows = [r for r in pq.read_table(store.path(base + ".parquet")).to_pylist() if r["status"] == S.SUCCESS]
-    blobs = read_images(store.path(base + ".tar"), encode_format)
+    rows = [r for r in store.read_table(base + ".parquet").to_pylist() if r["status"] == S.SUCCESS]
+    blobs = read_images(store, base + ".tar", encode_format)
     cols = scorers.columns()
     table: dict[str, list] = {c: [] for c in ["sample_key", "key", "original_width", "original_height", *cols, "score_error"]}
     bs = scorers.cfg.batch_size
@@ -80,7 +81,7 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     pq.write_table(t, out)
     store.commit(STAGE, shard, {f"{OUT_DIR}/{shard_name(shard)}.parquet": out},
                  {"rows": t.num_rows, "errors": sum(e is not None for e in table["score_error"])}, chash)
-    store.fs.rm(staging, recursive=True)
+    store.discard(staging)
     return {"rows": t.num_rows}
 
 
@@ -105,7 +106,7 @@ class ScoreWorker:
 
 
 def score(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    store = ShardStore(root)
     downloaded = store.committed_shards("download")
     if not downloaded:
         raise UserError(f"{root} has no downloaded shards; run `mmloom download {root}` first")

@@ -7,18 +7,18 @@ rows that reached it. The same numbers feed the dataset card.
 from __future__ import annotations
 
 import json
-import os
 
+from mmloom.manifests.store import ShardStore
 from mmloom.manifests.views import open_dataset, view_names
 
 
 def funnel(root: str, top: int = 5) -> dict:
     con = open_dataset(root)
     views = set(view_names(con))
-    out: dict = {"dataset": os.path.abspath(root)}
-    summary_path = os.path.join(root, "_commits", "ingest.json")
-    if os.path.exists(summary_path):
-        s = json.load(open(summary_path))
+    store = ShardStore(root)
+    out: dict = {"dataset": store.root}
+    if store.exists("_commits", "ingest.json"):
+        s = json.load(store.open("_commits", "ingest.json"))
         out["metadata_rows"] = s["input_rows"]
         out["duplicates_dropped"] = s["duplicates"]
         out["ingest_shards"] = s["shards"]

@@ -171,7 +171,7 @@ def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
         con.close()
         return funnel
 
-    store = ShardStore(root if "://" in root else os.path.abspath(root))
+    store = ShardStore(root)
     emb = [c for c in columns if c.endswith("_embedding")]
     exclude = f" EXCLUDE ({', '.join(emb)})" if emb else ""
     selected = con.sql(f"""
@@ -195,7 +195,7 @@ def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
     store.uncommit(STAGE, 0)
     store.commit(STAGE, 0, paths, {"selected": n_sel, "rejected": total - n_sel},
                  config_hash(cfg.model_dump()), {"rules": funnel["rules"]})
-    store.fs.rm(staging, recursive=True)
+    store.discard(staging)
     return funnel
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,8 +55,13 @@ class ShardStore:
     root: str
 
     def __post_init__(self):
-        self.fs, self.base = fsspec.core.url_to_fs(self.root)
         self.root = str(self.root).rstrip("/")
+        if "://" not in self.root:
+            self.root = os.path.abspath(self.root)
+        # other processes (Ray workers, other nodes) commit shards: never trust a cached listing
+        opts = {"use_listings_cache": False} if "://" in self.root else {}
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **opts)
+        self.is_local = is_local_fs(self.fs)
 
     # -- paths -------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -68,10 +75,22 @@ class ShardStore:
         return self.path(COMMITS, stage, shard_name(shard) + ".json")
 
     def staging_dir(self, stage_dir: str, shard: int) -> str:
-        """A fresh private folder for one attempt at one shard (same filesystem)."""
-        d = self.path(stage_dir, "_tmp", f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(d, exist_ok=True)
-        return d
+        """A fresh private local folder for one attempt at one shard.
+
+        Inside the dataset directory when that is local (so the final rename is cheap);
+        in the machine's temp folder when the dataset lives on an object store, where
+        ``commit`` uploads the files."""
+        name = f"{shard_name(shard)}-{uuid.uuid4().hex[:8]}"
+        if self.is_local:
+            d = self.path(stage_dir, "_tmp", name)
+            os.makedirs(d, exist_ok=True)
+            return d
+        return tempfile.mkdtemp(prefix=f"mmloom-{stage_dir}-{name}-")
+
+    @staticmethod
+    def discard(staging: str) -> None:
+        """Remove a staging folder (after its files were committed, or on failure)."""
+        shutil.rmtree(staging, ignore_errors=True)
 
     # -- reading -----------------------------------------------------------------
     def record(self, stage: str, shard: int) -> dict | None:
@@ -106,6 +125,24 @@ class ShardStore:
                 out.append(int(name[:-5]))
         return sorted(out)
 
+    def read_table(self, *parts: str, columns: list[str] | None = None):
+        """One parquet file of the dataset as an Arrow table (any filesystem)."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path(*parts), columns=columns, filesystem=self.fs)
+
+    def open(self, *parts: str, mode: str = "rb"):
+        return self.fs.open(self.path(*parts), mode)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a small side file (card, figure) in one piece: temporary name, then rename."""
+        final = self.path(rel)
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
     def records(self, stage: str) -> list[dict]:
         return [r for s in self.committed_shards(stage) if (r := self.record(stage, s))]
 
@@ -122,16 +159,20 @@ class ShardStore:
         """Move staged files into place, then write the completion record.
 
         ``files`` maps the final path relative to the dataset root (``images/00000.tar``)
-        to the staged path returned by ``staging_dir``.
+        to the staged local path (in a folder from ``staging_dir``).
         """
         entries = {}
         for rel, staged in sorted(files.items()):
-            size, digest = file_digest(self.fs, staged)
+            size, digest = file_digest(LOCAL, staged)
             final = self.path(rel)
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             if self.fs.exists(final):
                 self.fs.rm(final)
-            self.fs.mv(staged, final)
+            if self.is_local:
+                self.fs.mv(staged, final)
+            else:
+                self.fs.put_file(staged, final)
+                os.remove(staged)
             entries[rel] = {"bytes": size, "sha256": digest}
         record = {
             "stage": stage,
@@ -165,11 +206,26 @@ class ShardStore:
             if self.fs.exists(p):
                 self.fs.rm(p, recursive=True)
 
+    def duckdb(self):
+        """A DuckDB connection that can read this dataset's URLs (``store.url(...)``).
+
+        Remote filesystems are handed to DuckDB through fsspec, so s3:// and friends
+        need no DuckDB extension (none can be downloaded on an offline cluster)."""
+        import duckdb
+
+        con = duckdb.connect()
+        if not self.is_local:
+            con.register_filesystem(self.fs)
+        return con
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
-    def local_path(self, *parts: str) -> str:
-        """Path usable by libraries that want a local filename (local datasets only)."""
-        if self.fs.protocol not in ("file", ("file", "local")) and "file" not in self.fs.protocol:
-            raise NotImplementedError(f"{self.root} is not a local directory")
-        return os.path.join(self.base, *parts)
+
+
+LOCAL = fsspec.filesystem("file")
+
+
+def is_local_fs(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols

@@ -49,10 +49,9 @@ def _sql_list(paths: list[str]) -> str:
 
 def open_dataset(root: str, extra_views: dict[str, str] | None = None):
     """A DuckDB connection with one view per available stage (plus ``extra_views`` SQL)."""
-    import duckdb
 
     store = ShardStore(root)
-    con = duckdb.connect()
+    con = store.duckdb()
     for name, (stage, folder, suffix) in VIEWS.items():
         files = committed_files(store, stage, folder, suffix)
         if files:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from mmloom.errors import UserError
@@ -147,13 +146,20 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def _require_dataset(root: str) -> None:
+    from mmloom.manifests.store import ShardStore
+
+    store = ShardStore(root)
+    if not store.fs.isdir(store.base):
+        raise UserError(f"no dataset directory {root}")
+
+
 def cmd_query(a) -> int:
     import duckdb
 
     from mmloom.manifests.views import open_dataset, view_names
 
-    if not os.path.isdir(a.dir):
-        raise UserError(f"no dataset directory {a.dir}")
+    _require_dataset(a.dir)
     con = open_dataset(a.dir)
     try:
         rel = con.sql(a.sql)
@@ -175,8 +181,7 @@ def cmd_query(a) -> int:
 def cmd_stats(a) -> int:
     from mmloom.curate.stats import funnel, render
 
-    if not os.path.isdir(a.dir):
-        raise UserError(f"no dataset directory {a.dir}")
+    _require_dataset(a.dir)
     f = funnel(a.dir)
     print(json.dumps(f, indent=1, default=str) if a.json else render(f))
     return 0

@@ -54,11 +54,11 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_model(cls: type[M], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-               data: dict | None = None) -> M:
+               data: dict | None = None, source: str | None = None) -> M:
     """Validate YAML at ``path`` (or ``data``) as ``cls``, after ``overrides``
     ({"section.key": value}; None means "not given", so to switch a rule off pass the
     whole section: {"select": {"min_clip_score": None}})."""
-    source = str(path) if path is not None else "defaults"
+    source = source or (str(path) if path is not None else "defaults")
     data = dict(data or {}) if path is None else read_yaml(path)
     for dotted, value in (overrides or {}).items():
         if value is None:

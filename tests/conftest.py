@@ -14,8 +14,23 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import socket
+
 import pandas as pd
 import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# An S3 endpoint for the object-store tests (moto's S3 server, started on demand). The
+# address is fixed here, before any Ray node starts, so that every worker inherits it.
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="mmloom-test",
+                  AWS_SECRET_ACCESS_KEY="mmloom-test", AWS_DEFAULT_REGION="us-east-1")
 
 from mmloom.curate.demo_data import demo_images, fault_routes
 from mmloom.curate.localserver import LocalServer, Route
@@ -30,6 +45,22 @@ def ray_local():
     init_ray(None)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3 API (moto's server) on localhost; yields the URL of an empty bucket."""
+    import logging
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    srv.start()
+    s3fs.S3FileSystem().mkdir("mmloom-test")
+    yield "s3://mmloom-test"
+    srv.stop()
 
 
 @pytest.fixture(scope="session")

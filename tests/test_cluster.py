@@ -150,3 +150,51 @@ def _write_final_shards(d: str) -> None:
                     info = tarfile.TarInfo(f"{s}{i:05d}.{ext}")
                     info.size = len(data)
                     t.addfile(info, io.BytesIO(data))
+
+
+def test_whole_run_through_the_cluster_to_s3(cluster, tmp_path, images, s3_bucket):
+    """`mmloom run` through the cluster's address, every stage writing to an S3 bucket;
+    DuckDB queries it and training reads its shards from there."""
+    import webdataset as wds
+
+    from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
+    from mmloom.manifests.views import open_dataset
+    from mmloom.train.data import shard_urls
+
+    captions = ["a woman astronaut in a white spacesuit", "a cup of coffee on a saucer", "a ginger cat", "a red circle"]
+    names = ["astronaut.jpg", "coffee.jpg", "chelsea.jpg", "shape0.jpg"]
+    by_name = {n: d for n, d, *_ in images}
+    score_cfg = make_score_models(str(tmp_path / "models"))
+    dino = make_grounding_dino(str(tmp_path / "models" / "dino"), sorted({w for c in captions for w in c.split()}))
+    out = f"{s3_bucket}/whole-run"
+    with LocalServer({}) as srv:
+        rows = [{"url": srv.add(f"/i/{n}", Route(by_name[n])), "text": c} for n, c in zip(names, captions)]
+        write_laion(tmp_path / "meta.parquet", rows)
+        pipe = {"run": {"sources": ["meta.parquet"], "out": out}, "ingest": {"shard_size": 2},
+                "download": {"allow_private_addresses": True, "image_size": 256}, "score": score_cfg,
+                "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": None, "dedup_max_distance": None},
+                "ground": {"model": dino, "box_threshold": 0.3}, "build": {"min_crop_area": 100, "min_crops": 1}}
+        (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(pipe))
+        cmd = [sys.executable, "-m", "mmloom", "run", "pipe.yaml", "--ray-address", cluster.address, "--no-progress"]
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+    assert "[download] 0 shard(s) run, 2 already done" in again.stdout
+    assert not list(tmp_path.glob("s3*")), "wrote to a local folder named after the URL"
+
+    store = ShardStore(out)
+    for stage, n in (("ingest", 2), ("download", 2), ("score", 2), ("select", 1)):
+        assert store.committed_shards(stage) == list(range(n)), stage
+    built = store.committed_shards("build")
+    assert built and all(store.is_committed("build", s, verify_checksums=True) for s in built)
+    assert store.exists("README.md") and store.exists("card", "scores.png") and store.exists("mmloom.yaml")
+    con = open_dataset(out)
+    assert con.execute("SELECT count(*) FROM downloads WHERE status = 'success'").fetchall()[0][0] == 4
+    n_final = con.execute("SELECT count(*) FROM final WHERE status = 'built'").fetchall()[0][0]
+    assert n_final >= 1
+
+    urls = shard_urls(out)
+    assert urls and all(u.startswith("s3://mmloom-test/whole-run/final/") for u in urls)
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == n_final and all("prompt.json" in s and "jpg" in s for s in samples)

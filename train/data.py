@@ -10,11 +10,11 @@ picks up exactly where it stopped.
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import random
 
+import braceexpand
+import fsspec
 import torch
 
 from mmloom.errors import UserError
@@ -24,20 +24,47 @@ from mmloom.train.prompts import PromptBuilder, square
 log = logging.getLogger("mmloom.train.data")
 
 
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """webdataset opener for object-store URLs (s3://, gcs://, ...) through fsspec."""
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_schemes(urls: list[str]) -> None:
+    """Let webdataset open the URLs' schemes that it has no opener for (s3 among them)."""
+    import importlib
+
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the module, not its gopen()
+    for u in urls:
+        proto = u.split("://", 1)[0] if "://" in u else None
+        if proto and proto not in schemes:
+            schemes[proto] = _fsspec_open
+
+
+# object stores that DataLoader worker processes (spawned ones too) can open
+register_fsspec_schemes(["s3://", "s3a://", "gcs://", "abfs://", "az://"])
+
+
 def shard_urls(spec: str) -> list[str]:
+    """A dataset directory, a glob or a brace pattern -> tar URLs (local or fsspec URLs)."""
     if not spec:
         raise UserError("data.shards is empty: give a dataset directory, a glob or a brace pattern of final/ tars")
-    if os.path.isdir(spec):
-        d = os.path.join(spec, "final") if os.path.isdir(os.path.join(spec, "final")) else spec
-        urls = sorted(glob.glob(os.path.join(d, "*.tar")))
+    if spec.startswith(("pipe:", "http://", "https://")):
+        urls = list(braceexpand.braceexpand(spec))
     elif "{" in spec:
-        import braceexpand
-
         urls = list(braceexpand.braceexpand(spec))
     else:
-        urls = sorted(glob.glob(spec)) or ([spec] if os.path.exists(spec) or "://" in spec else [])
+        fs, path = fsspec.core.url_to_fs(spec)
+        name = fs.unstrip_protocol if "://" in spec else (lambda p: p)
+        if fs.isdir(path):
+            d = path.rstrip("/") + "/final" if fs.isdir(path.rstrip("/") + "/final") else path
+            urls = sorted(name(p) for p in fs.glob(d.rstrip("/") + "/*.tar"))
+        else:
+            urls = sorted(name(p) for p in fs.glob(path))
     if not urls:
         raise UserError(f"data.shards {spec!r} matches no tar file")
+    register_fsspec_schemes(urls)
     return urls
 
 
