@@ -3,7 +3,9 @@
 Per shard: the crop rules pick each sample's crops; the tar holds, per sample,
 ``KEY.jpg`` (image), ``KEY.txt`` (clean caption), ``KEY.raw.txt``, ``KEY.cropN.jpg`` and
 ``KEY.cropN_head.jpg``, ``KEY.prompt.json`` (segments), ``KEY.scores.json`` and
-``KEY.json`` (keys, url, weight). The shard's parquet lists every selected sample with
+``KEY.json`` (keys, url, weight), and ``KEY.clip_image.npy`` (the score stage's stored
+CLIP image embedding, when it stored them: Kandinsky's prior and MT-Diffusion's
+image-representation task train on it). The shard's parquet lists every selected sample with
 its build status; ``_crops.parquet`` one row per crop. Output is byte-deterministic: the
 same inputs and config give the same files (fixed tar headers, sorted members).
 """
@@ -36,6 +38,27 @@ SCORE_KEYS = ["clip_score", "nsfw", "watermark", "aesthetic", "face_count", "ori
               "width", "height", "phash"]
 
 
+def _npy(values) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(values, dtype=np.float32))
+    return buf.getvalue()
+
+
+def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
+    """sample_key -> CLIP image embedding, from the score stage's shard (empty when the
+    score stage did not store embeddings)."""
+    if not store.is_committed("score", shard):
+        return {}
+    rel = ("scores", shard_name(shard) + ".parquet")
+    with store.open(*rel) as f:
+        if "clip_image_embedding" not in pq.read_schema(f).names:
+            return {}
+    t = store.read_table(*rel, columns=["sample_key", "clip_image_embedding"])
+    return dict(zip(t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()))
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
@@ -64,6 +87,7 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
     dets: dict[str, list[dict]] = {}
     for d in det_rows:
         dets.setdefault(d["sample_key"], []).append(d)
+    embeddings = stored_embeddings(store, shard)
     blobs = read_images(store, f'{S.STAGE_DIRS["download"]}/{shard_name(shard)}.tar', encode_format)
     staging = store.staging_dir(OUT_DIR, shard)
     tar_path = os.path.join(staging, "final.tar")
@@ -115,6 +139,8 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
             _add(tar, f"{key}.scores.json", _json({k: s.get(k) for k in SCORE_KEYS if k in s}))
             _add(tar, f"{key}.json", _json({"sample_key": r["sample_key"], "key": key, "url": s["url"],
                                             "weight": weight, "has_person": has_person}))
+            if embeddings.get(r["sample_key"]) is not None:
+                _add(tar, f"{key}.clip_image.npy", _npy(embeddings[r["sample_key"]]))
     mpath = os.path.join(staging, "final.parquet")
     pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), mpath)
     cpath = os.path.join(staging, "crops.parquet")

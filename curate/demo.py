@@ -63,7 +63,7 @@ def prepare_dir(out: str) -> None:
     open(os.path.join(out, MARKER), "w").close()
 
 
-def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print) -> dict:
+def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print, family: str = "mumu") -> dict:
     from mmloom.curate.download import download
     from mmloom.curate.ingest import ingest
     from mmloom.curate.score import score
@@ -75,6 +75,8 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
 
     out = os.path.abspath(out)
+    if family not in DEMO_FAMILIES:  # before any work is done
+        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
     prepare_dir(out)
     echo("[demo] building tiny random-weight scoring models (CLIP, aesthetic head, watermark); NSFW uses nudenet's real detector")
     score_cfg = make_score_models(os.path.join(out, "models"))
@@ -124,57 +126,97 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     for text in example_prompts(out, 5):
         echo("  " + text)
     echo(f"\nDataset card: {card}")
-    t = train_demo(out, ray_address, echo)
+    t = train_demo(out, ray_address, echo, family=family)
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
     return {"out": out, "ingest": s, "download": d, "score": sc, "select": sel, "ground": g, "build": b, "funnel": f,
             "train": t}
 
 
-def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40) -> dict:
-    """Train the tiny MUMU on the demo's final/ shards, sample one image from a multimodal
-    prompt, and plot the loss curve beside it."""
-    import glob
-    import tarfile
+# family -> the tiny configs it trains, in order, and what the demo prints about it
+DEMO_FAMILIES = {
+    "mumu": (["mumu-tiny"], "tiny MUMU (random-init Idefics2 + adapter + UNet + VAE)"),
+    "mtdiffusion": (["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)"),
+    "kandinsky": (["kandinsky-prior-tiny", "kandinsky-decoder-tiny"], "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)"),
+}
+
+
+def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, family: str = "mumu") -> dict:
+    """Train the family's tiny config(s) on the demo's final/ shards, sample one image from
+    a prompt built from the shards, and plot the loss curve beside it."""
+    from importlib.resources import files
 
     from mmloom.configbase import load_model
+    from mmloom.curate.dataset import dataset_config
     from mmloom.train.config import TrainConfig
     from mmloom.train.loop import read_metrics, train
     from mmloom.train.sample import sample
 
-    from importlib.resources import files
-
-    cfg_path = str(files("mmloom") / "configs" / "train" / "mumu-tiny.yaml")
-    run_dir = os.path.join(out, "runs", "mumu-tiny")
-    cfg = load_model(TrainConfig, cfg_path, {"data.shards": out, "loop.out": run_dir, "loop.steps": steps,
-                                             "loop.checkpoint_every": steps})
-    echo(f"[train] tiny MUMU (random-init Idefics2 + adapter + UNet + VAE), {steps} steps on CPU ...")
-    r = train(cfg, echo=echo)
+    if family not in DEMO_FAMILIES:
+        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
+    names, what = DEMO_FAMILIES[family]
+    clip = dataset_config(out, None).score.clip.model  # the CLIP whose embeddings the score stage stored
+    runs = {}
+    for name in names:
+        run_dir = os.path.join(out, "runs", name)
+        over = {"data.shards": out, "loop.out": run_dir, "loop.steps": steps, "loop.checkpoint_every": steps}
+        if family == "kandinsky":
+            over["model.clip"] = clip
+            if "decoder" in name:
+                over["model.prior_checkpoint"] = runs["kandinsky-prior-tiny"]
+        cfg = load_model(TrainConfig, str(files("mmloom") / "configs" / "train" / f"{name}.yaml"), over)
+        echo(f"[train] {name}: {what}, {steps} steps on CPU ...")
+        train(cfg, echo=echo)
+        hist = read_metrics(run_dir)
+        echo(f"[train] {name}: loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} (mean of first 10 "
+             f"{_mean(hist[:10]):.3f}, last 10 {_mean(hist[-10:]):.3f}), {hist[-1]['images_per_s']:.1f} images/s")
+        _plot_loss(hist, os.path.join(run_dir, "loss.png"), name)
+        runs[name] = run_dir
+    run_dir = runs[names[-1]]
+    paths = _prompt_images(out, run_dir, 2 if family == "mumu" else 1)
+    if family == "mumu":
+        prompt = "a photo of " + " and ".join(f"<image:{p}> thing {i}" for i, p in enumerate(paths)) if paths else "a red circle"
+        how, png_steps, guidance = "DDIM 50 steps, guidance 6", 50, 6.0
+    elif family == "mtdiffusion":
+        prompt = f"<image:{paths[0]}>" if paths else "a cat"
+        how, png_steps, guidance = "Algorithm 1 over all 1000 steps, a crop given as the masked-image modality", 0, 1.0
+    else:
+        prompt = f"a red circle <image:{paths[0]}>" if paths else "a red circle"
+        how, png_steps, guidance = "prior, then DDIM 50 steps, guidance 4, text-and-image fusion", 50, 4.0
+    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=png_steps, guidance=guidance)
     hist = read_metrics(run_dir)
-    echo(f"[train] loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} (mean of last 10: "
-         f"{sum(h['loss'] for h in hist[-10:]) / len(hist[-10:]):.3f}), {hist[-1]['images_per_s']:.1f} images/s")
-    # a multimodal prompt from crops of the demo shards
+    echo(f"[sample] {how}: {png} (random-init models: expect noise, not a picture)")
+    echo(f"[train] loss curves: {', '.join(os.path.join(r, 'loss.png') for r in runs.values())}")
+    return {"family": family, "runs": runs, "steps": len(hist), "sample": png, "loss_plot": os.path.join(run_dir, "loss.png"),
+            "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"],
+            "first10": _mean(hist[:10]), "last10": _mean(hist[-10:])}
+
+
+def _mean(hist: list[dict]) -> float:
+    return sum(h["loss"] for h in hist) / max(1, len(hist))
+
+
+def _prompt_images(out: str, run_dir: str, n: int) -> list[str]:
+    """The first ``n`` crops of the demo shards, saved beside the run for a prompt."""
+    import glob
+    import tarfile
+
     crops = []
     for tar in sorted(glob.glob(os.path.join(out, "final", "*.tar"))):
         with tarfile.open(tar) as t:
-            crops += [(m.name, t.extractfile(m).read()) for m in t.getmembers() if ".crop" in m.name and "_head" not in m.name]
-        if len(crops) >= 2:
+            crops += [t.extractfile(m).read() for m in t.getmembers() if ".crop" in m.name and "_head" not in m.name]
+        if len(crops) >= n:
             break
     paths = []
-    for i, (_name, data) in enumerate(crops[:2]):
+    for i, data in enumerate(crops[:n]):
         p = os.path.join(run_dir, f"prompt_image_{i}.jpg")
-        open(p, "wb").write(data)
+        with open(p, "wb") as f:
+            f.write(data)
         paths.append(p)
-    prompt = "a photo of " + " and ".join(f"<image:{p}> thing {i}" for i, p in enumerate(paths)) if paths else "a red circle"
-    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=50, guidance=6.0)
-    curve = os.path.join(run_dir, "loss.png")
-    _plot_loss(hist, curve)
-    echo(f"[sample] DDIM 50 steps, guidance 6: {png} (random-init models: expect noise, not a picture)")
-    echo(f"[train] loss curve: {curve}")
-    return {"steps": r["steps"], "sample": png, "loss_plot": curve, "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]}
+    return paths
 
 
-def _plot_loss(hist: list[dict], path: str) -> None:
+def _plot_loss(hist: list[dict], path: str, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,8 +229,8 @@ def _plot_loss(hist: list[dict], path: str) -> None:
         sm = [sum(h["loss"] for h in hist[i - k + 1:i + 1]) / k for i in range(k - 1, len(hist))]
         ax.plot([h["step"] for h in hist[k - 1:]], sm, lw=2, label=f"mean of {k}")
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE (noise)")
-    ax.set_title("tiny MUMU on the demo shards")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{name} on the demo shards")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)

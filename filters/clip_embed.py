@@ -50,6 +50,21 @@ class ClipEmbedder:
         return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
 
     @torch.no_grad()
+    def text_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token states of the text tower before pooling ([N, L, W]), their mask
+        ([N, L], padding False) and the L2-normalized pooled embedding ([N, D]): the
+        inputs of a Kandinsky-style prior and decoder."""
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        t = self.tokenizer([s or "" for s in texts]).to(self.device)
+        x = m.token_embedding(t) + m.positional_embedding
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        pooled = text_global_pool(x, t, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        pooled = m.text_projection(pooled) if isinstance(m.text_projection, torch.nn.Linear) else pooled @ m.text_projection
+        return x.float().cpu(), (t != 0).cpu(), torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+
+    @torch.no_grad()
     def texts(self, texts: list[str]) -> torch.Tensor:
         """[N, D] L2-normalized text embeddings."""
         t = self.tokenizer([s or "" for s in texts]).to(self.device)

@@ -203,7 +203,7 @@ def cmd_clean_caption(a) -> int:
 def cmd_demo(a) -> int:
     from mmloom.curate.demo import run_demo
 
-    run_demo(a.out, a.ray_address, not a.no_progress)
+    run_demo(a.out, a.ray_address, not a.no_progress, family=a.family)
     return 0
 
 
@@ -278,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True, help='e.g. "a <image:man.jpg> man and his <image:dog.jpg> dog"')
     s.add_argument("--out", default="samples.png")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50)")
-    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6)")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50; MT-Diffusion always runs all T steps of Algorithm 1)")
+    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6; Kandinsky: 4)")
     s.add_argument("--size", type=int, default=None, help="image size (default: the training resolution)")
     s.set_defaults(fn=cmd_sample)
 
@@ -301,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
+    s.add_argument("--family", default="mumu", choices=["mumu", "mtdiffusion", "kandinsky"],
+                   help="model family trained on the demo shards at the end")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_demo)

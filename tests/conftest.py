@@ -64,6 +64,18 @@ def s3_bucket():
 
 
 @pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """Tiny models (``tiny:unet`` ...) made once for the session in a private folder."""
+    old = os.environ.get("MMLOOM_TINY_CACHE")
+    os.environ["MMLOOM_TINY_CACHE"] = str(tmp_path_factory.mktemp("tiny-cache"))
+    yield os.environ["MMLOOM_TINY_CACHE"]
+    if old is None:
+        os.environ.pop("MMLOOM_TINY_CACHE", None)
+    else:
+        os.environ["MMLOOM_TINY_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
 def images():
     return demo_images()
 

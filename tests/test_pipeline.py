@@ -97,6 +97,12 @@ def test_final_shards_read_with_plain_webdataset(pipeline_run):
             if "head_member" in x:
                 assert x["head_member"] in s and x["label"] == "person"
         assert s["jpg"].size[0] > 0 and "clip_score" in s["scores.json"] and s["json"]["weight"] in (1.0, 2.0)
+    # the score stage's stored CLIP image embedding travels with each sample
+    con = __import__("mmloom.manifests.views", fromlist=["open_dataset"]).open_dataset(str(root))
+    stored = dict(con.execute("SELECT sample_key, clip_image_embedding FROM scores").fetchall())
+    for s in samples:
+        assert s["clip_image.npy"].shape == (32,)
+        assert list(s["clip_image.npy"]) == pytest.approx(stored[s["json"]["sample_key"]], abs=1e-6)
 
 
 def test_views_and_card(pipeline_run):
@@ -125,3 +131,32 @@ def test_build_twice_is_byte_identical(pipeline_run):
     s = build(root, dataset_config(root, None), progress=False)
     assert s["ran"] == len(store.committed_shards("build")) > 0
     assert digest() == before
+
+
+@pytest.mark.parametrize("family", ["mtdiffusion", "kandinsky"])
+def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, family, tiny_cache):
+    """What `mmloom demo --family F` runs after the pipeline: each tiny config trains on the
+    final shards (Kandinsky: prior normalized with the dataset's stored embeddings, then
+    the decoder, sampled through the prior) with falling loss, and one image comes out."""
+    from PIL import Image
+
+    from mmloom.curate.demo import train_demo
+    from mmloom.train.loop import read_metrics
+
+    root = str(pipeline_run[0])
+    logs = []
+    r = train_demo(root, None, echo=logs.append, steps=20, family=family)
+    for run in r["runs"].values():
+        hist = read_metrics(run)
+        assert len(hist) == 20
+        assert sum(h["loss"] for h in hist[-5:]) < sum(h["loss"] for h in hist[:5]), (run, [h["loss"] for h in hist])
+    assert Image.open(r["sample"]).size == (64, 64)
+    if family == "kandinsky":
+        from safetensors.torch import load_file
+
+        from mmloom.train.embed_stats import embedding_stats
+        from mmloom.train.loop import latest_checkpoint
+
+        mean, _std, n = embedding_stats(root)
+        state = load_file(f"{latest_checkpoint(r['runs']['kandinsky-prior-tiny'])}/model.safetensors")
+        assert int(state["norm.count"]) == n and state["norm.mean"].numpy() == pytest.approx(mean, abs=1e-6)

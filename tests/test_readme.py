@@ -4,16 +4,27 @@ from pathlib import Path
 
 from mmloom.curate.config import PipelineConfig, describe
 from mmloom.train.config import TrainConfig
+from mmloom.train.families.kandinsky import Config as KandinskyConfig
+from mmloom.train.families.mtdiffusion import Config as MTDiffusionConfig
 from mmloom.train.families.mumu import Config as MumuConfig
+
+FAMILY_CONFIGS = [MumuConfig, MTDiffusionConfig, KandinskyConfig]
+
+
+def _rows():
+    rows = describe(PipelineConfig) + describe(TrainConfig)
+    for c in FAMILY_CONFIGS:
+        rows += describe(c, "model.")
+    return rows
 
 
 def test_readme_documents_every_config_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    keys = [k for k, _d, _ in describe(PipelineConfig) + describe(TrainConfig) + describe(MumuConfig, "model.") if k != "model"]
+    keys = [k for k, _d, _ in _rows() if k != "model"]
     missing = [key for key in keys if f"`{key}`" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
 
 
 def test_every_config_field_has_a_description():
-    rows = describe(PipelineConfig) + describe(TrainConfig) + describe(MumuConfig, "model.")
+    rows = _rows()
     assert [k for k, _d, desc in rows if not desc] == []

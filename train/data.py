@@ -120,7 +120,10 @@ def _to_example(sample: dict, builder: PromptBuilder, seed: int, cfg: DataConfig
         return None  # favour weighted (people) samples: weight 1 is kept 1/max_weight as often
     image = square(sample["jpg"], cfg.resolution)
     pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
-    return {"pixels": pixels, "prompt": builder(sample, rng), "key": sample["__key__"], "index": sample["__index__"]}
+    emb = sample.get("clip_image.npy")
+    return {"pixels": pixels, "prompt": builder(sample, rng), "key": sample["__key__"], "index": sample["__index__"],
+            "caption": sample.get("txt", ""), "segments": sample.get("prompt.json", {}).get("segments", []),
+            "clip_image": None if emb is None else torch.from_numpy(emb.astype("float32"))}
 
 
 def collate(examples: list[dict]) -> dict:
@@ -128,6 +131,10 @@ def collate(examples: list[dict]) -> dict:
         "pixels": torch.stack([e["pixels"] for e in examples]),
         "prompts": [e["prompt"] for e in examples],
         "keys": [e["key"] for e in examples],
+        "captions": [e["caption"] for e in examples],
+        "segments": [e["segments"] for e in examples],
+        # the stored CLIP image embeddings, when every sample of the batch has one
+        "clip_image": torch.stack([e["clip_image"] for e in examples]) if all(e["clip_image"] is not None for e in examples) else None,
         "last_index": max(e["index"] for e in examples),
     }
 

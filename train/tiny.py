@@ -71,6 +71,31 @@ def make_tiny_vae(path: str, sample_size: int = 64, seed: int = 0) -> str:
     return path
 
 
+def make_tiny_vq(path: str, seed: int = 0) -> str:
+    """A tiny diffusers VQModel in MoVQ's layout (spatial norm in the decoder), factor 8."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 32, 32, 32), latent_channels=4, num_vq_embeddings=64, vq_embed_dim=4,
+            norm_num_groups=8, norm_type="spatial", sample_size=64).save_pretrained(path)
+    return path
+
+
+def make_tiny_unet_kandinsky(path: str, clip_dim: int = 32, text_width: int = 64, seed: int = 0) -> str:
+    """A tiny Kandinsky-2.1-style UNet: CLIP image embedding projected into 10 context
+    tokens next to the text tokens (text_image_proj), and added to the time embedding
+    with the pooled text embedding (text_image)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    cfg = unet_config(cross_attention_dim=clip_dim)
+    cfg.update(encoder_hid_dim_type="text_image_proj", encoder_hid_dim=text_width, addition_embed_type="text_image")
+    UNet2DConditionModel(**cfg).save_pretrained(path)
+    return path
+
+
 def make_tiny_mumu(root: str, words: list[str], sdxl: bool = False) -> dict:
     """Every tiny part under ``root``; returns the ``model:`` section of a mumu config."""
     vlm = make_tiny_vlm(os.path.join(root, "vlm"), words)
@@ -87,21 +112,32 @@ red green blue yellow white black grey gray orange purple pink brown circle squa
 photo picture painting portrait style cartoon animated realistic sitting standing running riding holding""".split()
 
 
+def _tiny_clip(path: str) -> str:
+    """The score stage's tiny open_clip model (same seed, so the same weights as the
+    demo's: its stored embeddings and this model's agree)."""
+    from mmloom.filters.tiny_models import make_open_clip
+
+    return make_open_clip(path)
+
+
 def resolve_tiny(ref: str, cache: str | None = None) -> str:
-    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:vae`` -> a directory holding
+    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:unet-kandinsky`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` -> a directory holding
     that tiny random-weight model in its real format (made once, then reused)."""
     if not ref.startswith("tiny:"):
         return ref
     name = ref.split(":", 1)[1]
     root = cache or os.environ.get("MMLOOM_TINY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmloom", "tiny"))
     path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "config.json")):
+    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "open_clip_config.json")):
         return path
     makers = {
         "vlm": lambda p: make_tiny_vlm(p, TINY_WORDS),
         "unet": lambda p: make_tiny_unet(p, 32, False),
         "unet-sdxl": lambda p: make_tiny_unet(p, 32, True),
         "vae": make_tiny_vae,
+        "vq": make_tiny_vq,
+        "unet-kandinsky": make_tiny_unet_kandinsky,
+        "clip": _tiny_clip,
     }
     if name not in makers:
         from mmloom.errors import UserError

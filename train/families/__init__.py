@@ -15,7 +15,11 @@ import importlib
 
 from mmloom.errors import UserError
 
-FAMILIES = {"mumu": "mmloom.train.families.mumu"}
+FAMILIES = {
+    "mumu": "mmloom.train.families.mumu",
+    "mtdiffusion": "mmloom.train.families.mtdiffusion",
+    "kandinsky": "mmloom.train.families.kandinsky",
+}
 
 
 def get_family(name: str):

@@ -1,0 +1,259 @@
+"""MT-Diffusion and Kandinsky: the forward-aggregation closed forms against the one-step
+process, the posterior mean of equation 5, masked-patch training data, the heads' stop
+gradients, Kandinsky's linear prior on a known map, full-dataset normalization, the
+black-image unconditional input and embedding fusion; each tiny config trains with
+falling loss. Random-weight models: these test the mechanisms, not image quality."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mmloom.train.config import TrainConfig
+from mmloom.train.families import get_family
+from mmloom.train.families.mtdiffusion import ForwardAggregation, mask_patches
+
+LINEAR = np.linspace(1e-4, 0.02, 1000)
+
+
+# -- MT-Diffusion: Theorem 2 ---------------------------------------------------------------
+@pytest.mark.parametrize("kind,value", [("ratio", 1.0), ("constant", 1.0), ("constant", 0.3)])
+def test_marginal_matches_iterating_the_one_step_forward_process(kind, value):
+    agg = ForwardAggregation(LINEAR, ForwardAggregation.weights(kind, 1000, value))
+    z0, e = 0.7, -1.3
+    mean, var = z0, 0.0
+    for t in range(1000):  # q(z_t | z_{t-1}) = N(sqrt(a_t)(z_{t-1} + w_t e), 1 - a_t), iterated exactly
+        mean = np.sqrt(agg.alphas[t]) * (mean + agg.w[t] * e)
+        var = agg.alphas[t] * var + agg.betas[t]
+        if t in (0, 1, 10, 250, 500, 900, 999):
+            closed_mean = np.sqrt(agg.abar[t]) * z0 + agg.alpha_tilde[t] * e
+            assert np.isclose(mean, closed_mean, rtol=1e-9, atol=1e-9), (t, mean, closed_mean)
+            assert np.isclose(var, 1 - agg.abar[t], rtol=1e-9), t
+
+    # and sampled: 40,000 chains of the one-step process against the closed form
+    g = torch.Generator().manual_seed(0)
+    z0s = torch.full((40000,), z0, dtype=torch.float64)
+    es = torch.full_like(z0s, e)
+    z = z0s.clone()
+    for t in range(60):
+        tt = torch.full((len(z),), t)
+        z = agg.step(z, es, tt, torch.randn(z.shape, generator=g, dtype=torch.float64))
+    direct = agg.marginal(z0s, es, torch.full((len(z),), 59), torch.randn(z.shape, generator=g, dtype=torch.float64))
+    assert abs(z.mean() - direct.mean()) < 0.03 and abs(z.std() - direct.std()) < 0.03
+
+
+def test_posterior_mean_matches_equation_5():
+    agg = ForwardAggregation(LINEAR, ForwardAggregation.weights("ratio", 1000))
+    g = torch.Generator().manual_seed(1)
+    for t in (1, 5, 100, 500, 999):
+        z0, e, eps = (torch.randn(8, dtype=torch.float64, generator=g) for _ in range(3))
+        tt = torch.full((8,), t)
+        zt = agg.marginal(z0, e, tt, eps)
+        eq9 = agg.posterior_mean(zt, z0, e, tt)
+        eq5 = agg.posterior_mean_eps(zt, eps, e, tt)
+        # independent check: Gaussian conditioning (Lemma 4) of z_{t-1} ~ q(. | z0, x) on z_t
+        mu = np.sqrt(agg.abar[t - 1]) * z0 + agg.alpha_tilde[t - 1] * e
+        lam, A, L = 1 / (1 - agg.abar[t - 1]), np.sqrt(agg.alphas[t]), 1 / agg.betas[t]
+        S = 1 / (lam + A * A * L)
+        lemma = S * (A * L * (zt - A * agg.w[t] * e) + lam * mu)
+        assert torch.allclose(eq9, lemma, rtol=1e-8, atol=1e-8)
+        assert torch.allclose(eq5, lemma, rtol=1e-8, atol=1e-8)
+        assert np.isclose(agg.beta_tilde[t], S)
+
+
+def test_task_weights_default_to_t_over_T_minus_t():
+    w = ForwardAggregation.weights("ratio", 1000)
+    assert w[0] == 0 and w[500] == 1.0 and w[999] == 999
+    assert (ForwardAggregation.weights("constant", 10, 1.0) == 1).all()
+
+
+def test_masked_patches_are_16px_and_at_most_ten():
+    x = torch.ones(64, 3, 64, 64)
+    m = mask_patches(x, 10, 16, torch.Generator().manual_seed(0))
+    zeros = (m == 0).all(dim=1).sum(dim=(1, 2))
+    assert (zeros <= 10 * 256).all() and (zeros == 0).any() and (zeros > 0).float().mean() > 0.8
+    assert ((m == 0) | (m == 1)).all()
+    assert torch.equal(mask_patches(x, 0, 16), x)
+
+
+def _mt(task, **over):
+    mc = {"task": task, "unet": "tiny:unet", "unet_subfolder": None, "autoencoder": "tiny:vae", "autoencoder_subfolder": None,
+          "labels": ["cat", "person"], "embedding_dim": 32, "head_hidden": 16, **over}
+    cfg = TrainConfig.model_validate({"family": "mtdiffusion", "model": mc, "data": {"resolution": 64}})
+    return get_family("mtdiffusion"), get_family("mtdiffusion").build(mc, cfg), mc
+
+
+def _batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pixels": torch.rand(n, 3, 64, 64, generator=g) * 2 - 1,
+            "segments": [[{"type": "image", "label": "cat" if i % 2 else "person"}] for i in range(n)],
+            "captions": ["a red cat", "a man", "a ginger cat", "a woman"][:n],
+            "clip_image": torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=-1)}
+
+
+@pytest.mark.parametrize("task", ["masked_image", "image_label", "image_representation"])
+def test_mtdiffusion_trains_and_encoders_stop_gradients(tiny_cache, task):
+    fam, model, mc = _mt(task, condition_on_data=False)
+    opt = torch.optim.AdamW(fam.param_groups(model, mc)[0]["params"], lr=1e-3)
+    torch.manual_seed(0)
+    batch = _batch()
+    batch["pixels"] = batch["pixels"][:1].expand(4, -1, -1, -1)  # one picture: only x tells the samples apart
+
+    def loss_at(t):  # equation 6's loss at a fixed step, same noise each time
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return float(model({**batch, "timesteps": torch.full((4,), t)})["loss"])
+
+    before = loss_at(700)
+    for _ in range(30):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        if task != "masked_image":  # U variant: x reaches the UNet only through E(x), whose gradient is stopped
+            assert model.context.weight.grad is None
+        assert all(p.grad is not None for p in model.head.parameters())
+        opt.step()
+    assert loss_at(700) < 0.95 * before
+    img = fam.generate(model.eval(), [["a cat"]], seeds=[0], size=64)[0]
+    assert img.size == (64, 64)
+
+
+def test_mtdiffusion_label_task_needs_labels(tiny_cache):
+    from mmloom.errors import UserError
+
+    with pytest.raises(UserError, match="model.labels"):
+        _mt("image_label", labels=[])
+
+
+# -- Kandinsky -------------------------------------------------------------------------------
+def test_linear_prior_recovers_a_linear_map():
+    from mmloom.train.families.kandinsky import LinearPrior, Normalizer
+
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    A, b = torch.randn(D, D, generator=g) / 4, torch.randn(D, generator=g)
+    text = torch.randn(512, D, generator=g)
+    image = text @ A.T + b + 0.01 * torch.randn(512, D, generator=g)
+    norm = Normalizer(D)
+    norm.fit(image.mean(0), image.std(0), len(image))
+    prior = LinearPrior(D)
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for _ in range(1500):
+        loss = torch.nn.functional.mse_loss(prior(None, None, text), norm(image))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = torch.randn(64, D, generator=g)
+    pred = norm.inverse(prior(None, None, test))
+    truth = test @ A.T + b
+    assert (pred - truth).norm() / truth.norm() < 0.02
+
+
+def test_normalization_round_trips_and_uses_whole_dataset_statistics(tmp_path):
+    from mmloom.manifests.store import ShardStore
+    from mmloom.train.embed_stats import embedding_stats
+    from mmloom.train.families.kandinsky import Normalizer
+
+    rng = np.random.default_rng(0)
+    store = ShardStore(str(tmp_path / "ds"))
+    all_emb = []
+    for shard in range(3):
+        emb = rng.normal(loc=np.arange(8), scale=np.arange(1, 9), size=(20, 8)).astype(np.float32)
+        all_emb.append(emb)
+        staging = store.staging_dir("scores", shard)
+        p = f"{staging}/s.parquet"
+        pq.write_table(pa.table({"sample_key": [f"{shard}-{i}" for i in range(20)],
+                                 "clip_image_embedding": [list(map(float, r)) for r in emb]}), p)
+        store.commit("score", shard, {f"scores/{shard:05d}.parquet": p}, {"rows": 20}, "h")
+    mean, std, n = embedding_stats(str(tmp_path / "ds"))
+    full = np.concatenate(all_emb)
+    assert n == 60 and np.allclose(mean, full.mean(0), atol=1e-5) and np.allclose(std, full.std(0), atol=1e-4)
+    norm = Normalizer(8)
+    norm.fit(mean, std, n)
+    x = torch.from_numpy(full)
+    assert torch.allclose(norm.inverse(norm(x)), x, atol=1e-5)
+    z = norm(x)
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5) and torch.allclose(z.std(0, unbiased=False), torch.ones(8), atol=1e-4)
+
+
+def _kandinsky(stage, **over):
+    mc = {"stage": stage, "clip": "tiny:clip", "prior": "diffusion", "prior_layers": 2, "prior_heads": 2, "prior_width": 32,
+          "unet": "tiny:unet-kandinsky", "unet_subfolder": None, "autoencoder": "tiny:vq", "autoencoder_subfolder": None, **over}
+    cfg = TrainConfig.model_validate({"family": "kandinsky", "model": mc, "data": {"resolution": 64}})
+    fam = get_family("kandinsky")
+    return fam, fam.build(mc, cfg), mc
+
+
+@pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
+def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
+    fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, text_dropout=0.0)
+    model.norm.fit(torch.zeros(32), torch.full((32,), 0.2), 10)
+    opt = torch.optim.AdamW(fam.param_groups(model, mc)[0]["params"], lr=2e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(30):
+        loss = model(_batch())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+    assert model.prior_embed(["a red cat"], steps=3).shape == (1, 32)
+
+
+def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, monkeypatch):
+    fam, model, mc = _kandinsky("decoder", image_dropout=1.0)
+    from PIL import Image
+
+    black = model.clip.images([Image.new("RGB", (224, 224))])[0]
+    seen = {}
+    real = model.unet.forward
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model.unet, "forward", spy)
+    model(_batch())
+    img = seen["added_cond_kwargs"]["image_embeds"]
+    assert torch.allclose(img, black.expand_as(img))
+    # 10 image tokens in front of the text tokens, all attended
+    assert seen["encoder_attention_mask"][:, :10].all()
+
+
+def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
+    from PIL import Image
+
+    from mmloom.train.families.kandinsky import interpolate
+
+    fam, model, mc = _kandinsky("decoder", image_dropout=0.1)
+    opt = torch.optim.AdamW(fam.param_groups(model, mc)[0]["params"], lr=2e-3)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(25):
+        loss = model(_batch())["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    a, b = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    assert torch.allclose(interpolate([a, b], [1.0, 0.0]), a, atol=1e-6)
+    mid = interpolate([a, b], [0.5, 0.5])
+    assert torch.isclose(mid.norm(), torch.tensor(1.0)) and torch.allclose(mid, torch.nn.functional.normalize(a + b, dim=0), atol=1e-6)
+    # text and image: no prior checkpoint, so the text embedding stands in (Table 3's "no prior")
+    red = Image.new("RGB", (64, 64), "red")
+    emb, text = model.embed_prompt(["a red circle", red])
+    expect = interpolate([model.clip.texts(["a red circle"])[0], model.clip.images([red])[0]], [0.5, 0.5])
+    assert text == "a red circle" and torch.allclose(emb, expect, atol=1e-5)
+    imgs = fam.generate(model.eval(), [["a red circle", red], [red]], steps=3, seeds=[0, 1], size=64)
+    assert [im.size for im in imgs] == [(64, 64), (64, 64)]
+
+
+def test_prior_run_cannot_make_pictures(tiny_cache):
+    from mmloom.errors import UserError
+
+    fam, model, _ = _kandinsky("prior", prior="linear")
+    with pytest.raises(UserError, match="prior makes embeddings"):
+        fam.generate(model, [["a cat"]])

@@ -1,0 +1,77 @@
+"""Element-wise statistics of the stored CLIP image embeddings over a whole dataset.
+
+Kandinsky (section 4) normalizes every element of the image embedding with full-dataset
+statistics before its prior learns to predict it, and denormalizes at inference. The
+score stage stored the embeddings; one DuckDB pass over the ``scores`` view computes the
+mean and standard deviation per element, out of core, however large the dataset. A bare
+folder of final/ shards (no manifests) is scanned instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmloom.errors import UserError
+
+COLUMN = "clip_image_embedding"
+
+
+def dataset_root(spec: str) -> str | None:
+    """The dataset directory behind ``data.shards`` (DIR, DIR/final, DIR/final/*.tar), if any."""
+    from mmloom.manifests.store import ShardStore
+
+    candidates = [spec.rstrip("/")]
+    if "/final" in spec:
+        candidates.append(spec.rstrip("/").rsplit("/final", 1)[0])
+    for c in candidates:
+        if not c or any(ch in c for ch in "*?{"):
+            continue
+        if ShardStore(c).exists("_commits"):
+            return c
+    return None
+
+
+def embedding_stats(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean [D], std [D], count) of the stored image embeddings behind ``data.shards``."""
+    root = dataset_root(spec)
+    if root is not None:
+        from mmloom.manifests.views import open_dataset, view_names
+
+        con = open_dataset(root)
+        try:
+            if "scores" not in view_names(con) or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
+                raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
+            rows = con.execute(f"""
+                WITH e AS (SELECT {COLUMN} AS v FROM scores WHERE {COLUMN} IS NOT NULL),
+                     x AS (SELECT unnest(generate_series(1, len(v))) AS i, unnest(v) AS val FROM e)
+                SELECT i, avg(val), stddev_pop(val), count(*) FROM x GROUP BY i ORDER BY i
+            """).fetchall()
+        finally:
+            con.close()
+        if not rows:
+            raise UserError(f"{root}: the scores view holds no CLIP image embedding")
+        mean = np.array([r[1] for r in rows], np.float32)
+        std = np.array([r[2] for r in rows], np.float32)
+        return mean, std, int(rows[0][3])
+    return _scan_shards(spec)
+
+
+def _scan_shards(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
+    import webdataset as wds
+
+    from mmloom.train.data import shard_urls
+
+    total = total_sq = None
+    n = 0
+    for s in wds.WebDataset(shard_urls(spec), shardshuffle=False).decode():
+        v = s.get("clip_image.npy")
+        if v is None:
+            continue
+        v = v.astype(np.float64)
+        total = v if total is None else total + v
+        total_sq = v * v if total_sq is None else total_sq + v * v
+        n += 1
+    if n == 0:
+        raise UserError(f"data.shards {spec!r}: no sample holds a stored CLIP image embedding (KEY.clip_image.npy)")
+    mean = total / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(total_sq / n - mean * mean, 0)).astype(np.float32), n

@@ -1,0 +1,358 @@
+"""Kandinsky (kandinsky.md): an image prior and a latent-diffusion decoder, trained apart.
+
+* ``stage: prior`` (section 4, Table 3) maps CLIP text embeddings to CLIP image
+  embeddings. Three priors: ``linear`` (one linear layer, the best FID in Table 3),
+  ``residual`` (18 residual MLP blocks) and ``diffusion`` (a transformer encoder over the
+  text tokens, the pooled text embedding, the timestep, the noised image embedding and a
+  learned query, predicting x0; 20 layers, 32 heads, width 2048 in the paper). The image
+  embeddings it learns are normalized element-wise with statistics over the whole dataset
+  (the score stage's stored embeddings, one DuckDB pass) and denormalized at inference.
+* ``stage: decoder``: a diffusers UNet conditioned on the CLIP image embedding (image
+  projection into context tokens and added conditioning, Kandinsky 2.1's layout) together
+  with the CLIP text tokens; latents from a VQ (MoVQ) or KL autoencoder. The
+  unconditional input is the CLIP embedding of a black image (and empty text).
+
+Inference (generate): a prompt's text goes through the prior (``prior_checkpoint``: a
+trained prior run), its images through the CLIP image tower; several embeddings are
+fused by interpolation (image fusion, text-and-image fusion); one image alone gives
+variations. Without a prior, text embeddings stand in for image embeddings (Table 3's
+"no prior" row). The CLIP model must be the one the score stage stored embeddings with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mmloom.configbase import Section
+from mmloom.errors import UserError
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
+
+
+class PriorSchedule(ScheduleConfig):
+    beta_schedule: str = Field("squaredcos_cap_v2", description="prior's beta schedule (cosine)")
+
+
+class DecoderSchedule(ScheduleConfig):
+    beta_schedule: str = Field("linear", description="decoder's beta schedule (Kandinsky 2.1: linear 0.00085 to 0.012)")
+
+
+class Config(Section):
+    stage: Literal["prior", "decoder"] = Field("prior", description="train the image prior or the decoder (two runs)")
+    clip: str = Field("ViT-L-14/openai", description="open_clip model (ARCH/TAG, hf-hub:, dir): the score stage's, whose embeddings are stored")
+    prior: Literal["linear", "residual", "diffusion"] = Field("diffusion", description="prior architecture (Table 3)")
+    prior_layers: int = Field(20, gt=0, description="diffusion prior: transformer layers (section 4: 20)")
+    prior_heads: int = Field(32, gt=0, description="diffusion prior: attention heads (section 4: 32)")
+    prior_width: int = Field(2048, gt=0, description="diffusion prior: hidden size (section 4: 2048)")
+    residual_blocks: int = Field(18, gt=0, description="residual prior: residual MLP blocks (section 5: 18)")
+    prior_schedule: PriorSchedule = Field(default_factory=PriorSchedule, description="diffusion prior's noise schedule")
+    text_dropout: float = Field(0.1, ge=0, le=1, description="prior: text dropped for classifier-free guidance")
+    lr_prior: float = Field(1e-4, gt=0, description="prior learning rate")
+    unet: str = Field("kandinsky-community/kandinsky-2-1", description="decoder: diffusers UNet2DConditionModel with text_image_proj (hub id or dir)")
+    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
+    autoencoder: str = Field("kandinsky-community/kandinsky-2-1", description="decoder: diffusers autoencoder (MoVQ) hub id or dir")
+    autoencoder_subfolder: Optional[str] = Field("movq", description="subfolder of the autoencoder inside `autoencoder`")
+    autoencoder_type: Literal["vq", "kl"] = Field("vq", description="vq: VQModel (MoVQ); kl: AutoencoderKL")
+    schedule: DecoderSchedule = Field(default_factory=DecoderSchedule, description="decoder's DDPM schedule")
+    image_dropout: float = Field(0.1, ge=0, le=1, description="decoder: conditioning replaced by the black-image embedding and empty text")
+    use_stored_embeddings: bool = Field(True, description="decoder: condition on the stored image embeddings (false: embed each training image)")
+    lr_unet: float = Field(1e-4, gt=0, description="decoder UNet learning rate")
+    prior_checkpoint: Optional[str] = Field(None, description="decoder sampling: a trained prior run or checkpoint for text prompts")
+    prior_guidance: float = Field(4.0, ge=0, description="classifier-free guidance of the diffusion prior at sampling")
+    prior_steps: int = Field(25, gt=0, description="diffusion prior sampling steps")
+    text_weight: float = Field(0.5, ge=0, le=1, description="text-and-image fusion: weight of the text's embedding (images share the rest)")
+
+
+class Normalizer(nn.Module):
+    """Element-wise (x - mean) / std with full-dataset statistics kept in the checkpoint."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def fit(self, mean, std, count: int):
+        self.mean.copy_(torch.as_tensor(mean))
+        self.std.copy_(torch.as_tensor(std).clamp(min=1e-6))
+        self.count.fill_(count)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+    def inverse(self, x):
+        return x * self.std + self.mean
+
+
+class LinearPrior(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, tokens, mask, pooled):
+        return self.proj(pooled)
+
+
+class ResidualPrior(nn.Module):
+    def __init__(self, dim: int, blocks: int, width: int):
+        super().__init__()
+        self.inp = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+                                    for _ in range(blocks))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, dim))
+
+    def forward(self, tokens, mask, pooled):
+        h = self.inp(pooled)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class DiffusionPrior(nn.Module):
+    """Transformer encoder over [text tokens, pooled text, time, noised image emb, query];
+    the query's output is the predicted (normalized) image embedding x0."""
+
+    def __init__(self, dim: int, text_width: int, width: int, layers: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise UserError(f"model.prior_heads ({heads}) must divide model.prior_width ({width})")
+        self.width = width
+        self.text_in = nn.Linear(text_width, width)
+        self.pooled_in = nn.Linear(dim, width)
+        self.image_in = nn.Linear(dim, width)
+        self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, tokens, mask, pooled, noised, t):
+        B = pooled.shape[0]
+        seq = torch.cat([self.text_in(tokens), self.pooled_in(pooled)[:, None], self.time_mlp(timestep_embedding(t, self.width))[:, None],
+                         self.image_in(noised)[:, None], self.query.expand(B, -1, -1)], dim=1)
+        keep = torch.cat([mask.bool(), torch.ones(B, 4, dtype=torch.bool, device=mask.device)], dim=1)
+        h = self.norm(self.blocks(seq, src_key_padding_mask=~keep))
+        return self.out(h[:, -1])
+
+
+class KandinskyModel(nn.Module):
+    def __init__(self, cfg: Config, data_spec: str = ""):
+        super().__init__()
+        from mmloom.filters.clip_embed import ClipEmbedder
+        from mmloom.train.tiny import resolve_tiny
+
+        self.cfg, self.data_spec = cfg, data_spec
+        self.clip = ClipEmbedder(resolve_tiny(cfg.clip))  # frozen; not an nn.Module, not in checkpoints
+        self.dim = self.clip.dim
+        self.text_width = int(self.clip.model.ln_final.normalized_shape[0])
+        self._prior_model = None
+        if cfg.stage == "prior":
+            self.norm = Normalizer(self.dim)
+            if cfg.prior == "linear":
+                self.prior = LinearPrior(self.dim)
+            elif cfg.prior == "residual":
+                self.prior = ResidualPrior(self.dim, cfg.residual_blocks, cfg.prior_width)
+            else:
+                self.prior = DiffusionPrior(self.dim, self.text_width, cfg.prior_width, cfg.prior_layers, cfg.prior_heads)
+            self.prior_sched = ddpm(cfg.prior_schedule, prediction_type="sample")
+        else:
+            self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
+            uc = self.unet.config
+            if uc.encoder_hid_dim_type != "text_image_proj" or uc.addition_embed_type != "text_image":
+                raise UserError(f"model.unet {cfg.unet}: a Kandinsky decoder needs encoder_hid_dim_type 'text_image_proj' and "
+                                f"addition_embed_type 'text_image' (Kandinsky 2.1's UNet)")
+            if uc.cross_attention_dim != self.dim or uc.encoder_hid_dim != self.text_width:
+                raise UserError(f"model.unet {cfg.unet} expects {uc.cross_attention_dim}-d image embeddings and {uc.encoder_hid_dim}-d "
+                                f"text tokens; model.clip {cfg.clip} gives {self.dim} and {self.text_width}")
+            self.ae = Autoencoder(cfg.autoencoder, cfg.autoencoder_subfolder, cfg.autoencoder_type)
+            self.sched = ddpm(cfg.schedule)
+            from PIL import Image
+
+            self.register_buffer("black", self.clip.images([Image.new("RGB", (224, 224))])[0], persistent=False)
+
+    # -- shared -------------------------------------------------------------------------
+    def text(self, texts: list[str]):
+        states, mask, pooled = self.clip.text_states(texts)
+        dev = self._device()
+        return states.to(dev), mask.to(dev), pooled.to(dev)
+
+    def _device(self):
+        return next(self.parameters()).device
+
+    def fit_normalizer(self):
+        """Full-dataset statistics of the stored embeddings (once, before the first step)."""
+        from mmloom.train.embed_stats import embedding_stats
+
+        if not self.data_spec:
+            raise UserError("data.shards is empty: the prior's normalization needs the dataset's stored embeddings")
+        mean, std, n = embedding_stats(self.data_spec)
+        if mean.shape[0] != self.dim:
+            raise UserError(f"the stored embeddings are {mean.shape[0]}-d but model.clip {self.cfg.clip} gives {self.dim}-d")
+        self.norm.fit(mean, std, n)
+
+    def _image_embeddings(self, batch: dict) -> torch.Tensor:
+        if self.cfg.use_stored_embeddings or self.cfg.stage == "prior":
+            if batch.get("clip_image") is None:
+                raise UserError("the final shards hold no stored CLIP image embeddings (KEY.clip_image.npy): run the score stage "
+                                "with score.clip.store_embeddings and build again" + ("" if self.cfg.stage == "prior" else
+                                                                                     ", or set model.use_stored_embeddings: false"))
+            emb = batch["clip_image"].float()
+        else:
+            emb = self.clip.images(to_pil(batch["pixels"]))
+        if emb.shape[-1] != self.dim:
+            raise UserError(f"stored image embeddings are {emb.shape[-1]}-d, model.clip {self.cfg.clip} gives {self.dim}-d: use the score stage's CLIP")
+        return emb.to(self._device())
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        return self._prior_loss(batch) if self.cfg.stage == "prior" else self._decoder_loss(batch)
+
+    def _prior_loss(self, batch: dict) -> dict:
+        if int(self.norm.count) == 0:
+            self.fit_normalizer()
+        x0 = self.norm(self._image_embeddings(batch))
+        drop = torch.rand(len(batch["captions"])) < self.cfg.text_dropout
+        tokens, mask, pooled = self.text(["" if d else c for c, d in zip(batch["captions"], drop.tolist())])
+        if self.cfg.prior == "diffusion":
+            t = torch.randint(0, self.prior_sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            noised = self.prior_sched.add_noise(x0, torch.randn_like(x0), t)
+            pred = self.prior(tokens, mask, pooled, noised, t)
+        else:
+            pred = self.prior(tokens, mask, pooled)
+        return {"loss": F.mse_loss(pred, x0)}
+
+    def _condition(self, texts: list[str], image_emb: torch.Tensor):
+        tokens, mask, pooled = self.text(texts)
+        n_img = self.unet.encoder_hid_proj.num_image_text_embeds
+        full_mask = torch.cat([torch.ones(mask.shape[0], n_img, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
+        return dict(encoder_hidden_states=tokens, encoder_attention_mask=full_mask,
+                    added_cond_kwargs={"text_embeds": pooled, "image_embeds": image_emb})
+
+    def _decoder_loss(self, batch: dict) -> dict:
+        pixels = batch["pixels"].to(self._device())
+        img = self._image_embeddings(batch)
+        drop = (torch.rand(img.shape[0]) < self.cfg.image_dropout).to(img.device)
+        img = torch.where(drop[:, None], self.black.expand_as(img), img)
+        texts = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
+        latents = self.ae.encode(pixels)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        pred = self.unet(self.sched.add_noise(latents, noise, t), t, **self._condition(texts, img)).sample
+        return {"loss": F.mse_loss(pred.float(), noise.float())}
+
+    # -- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def prior_embed(self, texts: list[str], guidance: float | None = None, steps: int | None = None, seed: int = 0) -> torch.Tensor:
+        """CLIP text -> CLIP image embeddings (denormalized) with this prior."""
+        tokens, mask, pooled = self.text(texts)
+        if self.cfg.prior != "diffusion":
+            return self.norm.inverse(self.prior(tokens, mask, pooled))
+        from diffusers import DDIMScheduler
+
+        g = guidance if guidance is not None else self.cfg.prior_guidance
+        sched = DDIMScheduler.from_config(self.prior_sched.config)
+        sched.set_timesteps(steps or self.cfg.prior_steps)
+        utok, umask, upool = self.text([""] * len(texts))
+        x = torch.randn((len(texts), self.dim), generator=torch.Generator().manual_seed(seed)).to(pooled.device)
+        for t in sched.timesteps:
+            tt = torch.full((len(texts),), int(t), device=x.device)
+            c = self.prior(tokens, mask, pooled, x, tt)
+            u = self.prior(utok, umask, upool, x, tt)
+            x = sched.step(u + g * (c - u), t, x).prev_sample
+        return self.norm.inverse(x)
+
+    def _load_prior(self):
+        if self._prior_model is None and self.cfg.prior_checkpoint:
+            from mmloom.train.sample import load_for_sampling
+
+            _fam, model, cfg = load_for_sampling(self.cfg.prior_checkpoint)
+            if cfg.family != "kandinsky" or model.cfg.stage != "prior":
+                raise UserError(f"model.prior_checkpoint {self.cfg.prior_checkpoint} is not a Kandinsky prior run")
+            self._prior_model = model.to(self._device())
+        return self._prior_model
+
+    def embed_prompt(self, parts: list, seed: int = 0) -> tuple[torch.Tensor, str]:
+        """One prompt -> (image embedding, decoder text): text through the prior, images
+        through CLIP; several are fused by interpolation (text gets ``text_weight``)."""
+        from PIL import Image
+
+        text = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+        images = [p for p in parts if isinstance(p, Image.Image)]
+        embs, weights = [], []
+        if text:
+            prior = self._load_prior()
+            e = prior.prior_embed([text], seed=seed) if prior is not None else self.clip.texts([text]).to(self._device())
+            embs.append(e[0])
+            weights.append(self.cfg.text_weight if images else 1.0)
+        if images:
+            ie = self.clip.images(images).to(self._device())
+            for e in ie:
+                embs.append(e)
+                weights.append((1.0 - (self.cfg.text_weight if text else 0.0)) / len(images))
+        if not embs:
+            return self.black, ""
+        return interpolate(embs, weights), text
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 4.0, seeds=None, size: int | None = None):
+        if self.cfg.stage == "prior":
+            raise UserError("a Kandinsky prior makes embeddings, not pictures: sample from a decoder run whose "
+                            "model.prior_checkpoint names this prior")
+        from diffusers import DDIMScheduler
+
+        dev = self._device()
+        seeds = seeds or list(range(len(prompts)))
+        size = size or self.unet.config.sample_size * self.ae.downscale
+        sched = DDIMScheduler.from_config(self.sched.config)
+        sched.set_timesteps(steps)
+        conds = [self.embed_prompt(p, s) for p, s in zip(prompts, seeds)]
+        img = torch.stack([c[0] for c in conds])
+        cond = self._condition([c[1] for c in conds], img)
+        uncond = self._condition([""] * len(prompts), self.black.expand_as(img))
+        h = size // self.ae.downscale
+        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(lat, t)
+            c = self.unet(inp, t, **cond).sample
+            u = self.unet(inp, t, **uncond).sample
+            lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+        return to_pil(self.ae.decode(lat))
+
+
+def interpolate(embs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Weighted mix of CLIP embeddings (image fusion, text-and-image fusion), rescaled to
+    the weighted mean norm so that the mix stays on the embeddings' shell."""
+    w = torch.tensor(weights, dtype=embs[0].dtype, device=embs[0].device)
+    w = w / w.sum()
+    stack = torch.stack(embs)
+    mix = (w[:, None] * stack).sum(0)
+    return mix / mix.norm().clamp(min=1e-8) * (w * stack.norm(dim=-1)).sum()
+
+
+def build(model_cfg: dict, train_cfg) -> KandinskyModel:
+    from mmloom.configbase import load_model
+
+    return KandinskyModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.shards)
+
+
+def param_groups(model: KandinskyModel, model_cfg: dict) -> list[dict]:
+    if model.cfg.stage == "prior":
+        return [{"name": "prior", "params": [p for p in model.prior.parameters() if p.requires_grad], "lr": model.cfg.lr_prior}]
+    return [{"name": "unet", "params": [p for p in model.unet.parameters() if p.requires_grad], "lr": model.cfg.lr_unet}]
+
+
+def generate(model: KandinskyModel, prompts, steps=50, guidance=4.0, seeds=None, size=None):
+    return model.generate(prompts, steps, guidance, seeds, size)

@@ -1,0 +1,316 @@
+"""MT-Diffusion (mt-diffusion.md): several modalities aggregated into one forward process.
+
+Forward aggregation (section 2.2.2, Theorem 2, appendix B): each modality's data x_i is
+encoded into the diffusion space, e_i = E_i(x_i), and added to the noising chain,
+q(z_t | z_{t-1}, X) = N(sqrt(alpha_t) (z_{t-1} + w_t e), (1 - alpha_t) I), so that
+z_t = sqrt(abar_t) z_0 + alpha~_t e + sqrt(1 - abar_t) eps with
+alpha~_t = sqrt(alpha_t) (w_t + alpha~_{t-1}); task weights w_t = t / (T - t) (appendix E).
+
+Reverse model (section 2.2.4): a diffusers UNet predicts the noise, and one decoder head
+per modality reads it: a copy of the UNet's output block for image-like data, an MLP on
+the pooled middle block for labels and embeddings. Loss (equation 6): MSE of the noise
+plus lambda (0.1) times the head's term: cross-entropy for labels, MSE for continuous
+data. Encoders carry no trained parameters of their own (section 2.2.4): the autoencoder
+for images (as in E.1), the UNet itself through cross-attention for labels and CLIP
+embeddings, with the noisy input and timestep set to zero and gradients stopped (E.3).
+
+Tasks (config ``task``):
+* ``masked_image`` (section 4.1, E.2): x = the image with m ~ U{0..10} random 16x16
+  patches zeroed; its head reconstructs E(x).
+* ``image_label`` (section 4.2, E.3): x = the first crop's label among ``labels``.
+* ``image_representation`` (E.4): x = the stored CLIP image embedding of the sample.
+
+Sampling follows Algorithm 1 over all T steps: missing modalities start random and are
+re-estimated from the heads at every step; z_{t-1} is the posterior mean of equation 5
+plus sqrt(beta~_t) noise. One deviation, said here: z_T starts from the forward marginal
+N(alpha~_T E(x), (1 - abar_T) I) rather than N(0, I), since with w_t = t / (T - t) the
+aggregated term dominates z_T (alpha~_T is in the thousands); with all w_t = 0 the two agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mmloom.configbase import Section
+from mmloom.errors import UserError
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, load_unet, start_noise, to_pil
+
+
+class Schedule(ScheduleConfig):
+    """E.1: a linear schedule over 1000 steps (DDPM's betas)."""
+
+    beta_schedule: str = Field("linear", description="DDPM beta schedule (diffusers name: linear, scaled_linear, squaredcos_cap_v2)")
+    beta_start: float = Field(1e-4, gt=0, description="first DDPM beta")
+    beta_end: float = Field(0.02, gt=0, description="last DDPM beta")
+
+
+class Config(Section):
+    task: Literal["masked_image", "image_label", "image_representation"] = Field(
+        "masked_image", description="the extra modality: masked image (4.1), label (4.2) or CLIP image embedding (E.4)")
+    unet: str = Field("stabilityai/stable-diffusion-2-base", description="diffusers UNet2DConditionModel: hub id or dir")
+    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
+    autoencoder: str = Field("stabilityai/stable-diffusion-2-base", description="diffusers autoencoder: hub id or dir")
+    autoencoder_subfolder: Optional[str] = Field("vae", description="subfolder of the autoencoder inside `autoencoder`")
+    autoencoder_type: Literal["kl", "vq"] = Field("kl", description="kl: AutoencoderKL; vq: VQModel")
+    schedule: Schedule = Field(default_factory=Schedule, description="DDPM schedule (E.1: linear, 1000 steps)")
+    task_weight: Literal["ratio", "constant"] = Field("ratio", description="w_t: ratio = t / (T - t) (appendix E); constant = task_weight_value")
+    task_weight_value: float = Field(1.0, ge=0, description="w_t when task_weight is constant (equation 8: 1)")
+    loss_weight: float = Field(0.1, ge=0, description="lambda of equation 6")
+    condition_on_data: bool = Field(True, description="MT-Diffusion-X: the noise predictor also sees x through cross-attention (labels, embeddings); false: MT-Diffusion-U")
+    labels: list[str] = Field(default_factory=list, description="image_label: the classes (a sample's first crop label; anything else is class 'other')")
+    max_patches: int = Field(10, ge=0, description="masked_image: m ~ U{0..max_patches} patches per image (4.1)")
+    patch_size: int = Field(16, gt=0, description="masked_image: patch side in pixels (4.1)")
+    embedding_dim: int = Field(1024, gt=0, description="image_representation: width of the stored CLIP image embeddings (E.4: 1024)")
+    head_hidden: int = Field(1024, gt=0, description="image_representation: hidden width of the two-layer MLP head (E.4: 1024)")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the UNet, heads and context embeddings (E.1: 1e-4; E.4: 1e-5)")
+
+
+class ForwardAggregation:
+    """The closed forms of Theorem 2 for one schedule and one weight sequence (float64)."""
+
+    def __init__(self, betas, weights):
+        self.betas = np.asarray(betas, np.float64)
+        self.alphas = 1.0 - self.betas
+        self.abar = np.cumprod(self.alphas)
+        self.w = np.asarray(weights, np.float64)
+        at, prev = np.zeros_like(self.w), 0.0
+        for i in range(len(self.w)):
+            prev = np.sqrt(self.alphas[i]) * (self.w[i] + prev)
+            at[i] = prev
+        self.alpha_tilde = at
+        abar_prev = np.concatenate([[1.0], self.abar[:-1]])
+        self.beta_tilde = self.betas * (1 - abar_prev) / (1 - self.abar)
+
+    @staticmethod
+    def weights(kind: str, T: int, value: float = 1.0) -> np.ndarray:
+        t = np.arange(T, dtype=np.float64)  # diffusers' 0-based steps: w_0 = 0, w_{T-1} = T - 1
+        return t / (T - t) if kind == "ratio" else np.full(T, value)
+
+    def _c(self, arr, t, like):
+        return torch.as_tensor(arr, dtype=like.dtype, device=like.device)[t].view(-1, *([1] * (like.dim() - 1)))
+
+    def marginal(self, z0, e, t, eps):
+        """Equation 4: z_t = sqrt(abar_t) z0 + alpha~_t e + sqrt(1 - abar_t) eps."""
+        return self._c(np.sqrt(self.abar), t, z0) * z0 + self._c(self.alpha_tilde, t, z0) * e + self._c(np.sqrt(1 - self.abar), t, z0) * eps
+
+    def step(self, z_prev, e, t, eps):
+        """One forward transition (equation 3): sqrt(alpha_t) (z_{t-1} + w_t e) + sqrt(1 - alpha_t) eps."""
+        return self._c(np.sqrt(self.alphas), t, z_prev) * (z_prev + self._c(self.w, t, z_prev) * e) + self._c(np.sqrt(self.betas), t, z_prev) * eps
+
+    def posterior_mean(self, zt, z0, e, t):
+        """Equation 9 (the posterior mean from z_t, z_0 and e), for t >= 1."""
+        a, ab, abp = (self._c(x, t, zt) for x in (self.alphas, self.abar, np.concatenate([[1.0], self.abar[:-1]])))
+        atp = self._c(np.concatenate([[0.0], self.alpha_tilde[:-1]]), t, zt)
+        w = self._c(self.w, t, zt)
+        return (a.sqrt() * (1 - abp) * zt + (1 - a) * abp.sqrt() * z0 + ((1 - a) * atp - a * (1 - abp) * w) * e) / (1 - ab)
+
+    def posterior_mean_eps(self, zt, eps, e, t):
+        """Equation 5: 1/sqrt(alpha_t) (z_t - (1 - alpha_t)/sqrt(1 - abar_t) eps) - w_t e."""
+        a, ab, w = (self._c(x, t, zt) for x in (self.alphas, self.abar, self.w))
+        return (zt - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt() - w * e
+
+
+def mask_patches(pixels: torch.Tensor, max_patches: int, size: int, generator=None) -> torch.Tensor:
+    """Section 4.1 / E.2: zero m ~ U{0..max_patches} patches of size x size at random
+    places (they may overlap; cut off at the border)."""
+    out = pixels.clone()
+    _, _, H, W = out.shape
+    for b in range(out.shape[0]):
+        m = int(torch.randint(0, max_patches + 1, (1,), generator=generator))
+        for _ in range(m):
+            y = int(torch.randint(0, H, (1,), generator=generator))
+            x = int(torch.randint(0, W, (1,), generator=generator))
+            out[b, :, y:min(y + size, H), x:min(x + size, W)] = 0.0
+    return out
+
+
+class MTDiffusionModel(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
+        self.ae = Autoencoder(cfg.autoencoder, cfg.autoencoder_subfolder, cfg.autoencoder_type)
+        T = cfg.schedule.num_train_timesteps
+        from mmloom.train.diffusion import ddpm
+
+        betas = ddpm(cfg.schedule).betas.numpy()
+        self.agg = ForwardAggregation(betas, ForwardAggregation.weights(cfg.task_weight, T, cfg.task_weight_value))
+        uc = self.unet.config
+        cross, mid = uc.cross_attention_dim, uc.block_out_channels[-1]
+        self.null_context = nn.Parameter(torch.randn(1, 1, cross) * 0.02)
+        self._feats: dict[str, torch.Tensor] = {}
+        self.unet.mid_block.register_forward_hook(lambda _m, _i, out: self._feats.__setitem__("mid", out))
+        self.unet.conv_norm_out.register_forward_hook(lambda _m, inp, _o: self._feats.__setitem__("last", inp[0]))
+        if cfg.task == "masked_image":
+            # a copy of the UNet's output block (norm, SiLU, conv): E.1 / E.2
+            self.head = nn.Sequential(copy.deepcopy(self.unet.conv_norm_out), nn.SiLU(), copy.deepcopy(self.unet.conv_out))
+        elif cfg.task == "image_label":
+            if not cfg.labels:
+                raise UserError("model.labels is empty: image_label needs the list of classes")
+            self.classes = ["other", *cfg.labels]
+            self.context = nn.Embedding(len(self.classes), cross)
+            # one layer out of the middle block (MT-Diffusion-M), after a LayerNorm: the pooled
+            # features grow with alpha~_t (thousands at large t), which a bare layer cannot follow
+            self.head = nn.Sequential(nn.LayerNorm(mid), nn.Linear(mid, len(self.classes)))
+        else:
+            d = cfg.embedding_dim
+            self.context = nn.Linear(d, cross)
+            # E.4: middle block -> 1024 -> ReLU -> the embedding
+            self.head = nn.Sequential(nn.LayerNorm(mid), nn.Linear(mid, cfg.head_hidden), nn.ReLU(), nn.Linear(cfg.head_hidden, d))
+
+    # -- modality data ----------------------------------------------------------------
+
+    def task_data(self, batch: dict, pixels: torch.Tensor):
+        """x for this batch: masked pixels, label indices or CLIP embeddings."""
+        if self.cfg.task == "masked_image":
+            return mask_patches(pixels, self.cfg.max_patches, self.cfg.patch_size)
+        if self.cfg.task == "image_label":
+            idx = {c: i for i, c in enumerate(self.classes)}
+            labels = []
+            for segs in batch["segments"]:
+                first = next((s.get("label") or s.get("phrase", "") for s in segs if s.get("type") == "image"), "")
+                labels.append(idx.get(str(first).lower(), 0))
+            return torch.tensor(labels, device=pixels.device)
+        if batch.get("clip_image") is None:
+            raise UserError("image_representation needs the stored CLIP image embeddings (KEY.clip_image.npy in the final "
+                            "shards): run the score stage with score.clip.store_embeddings, then build again")
+        emb = batch["clip_image"].to(pixels.device).float()
+        if emb.shape[-1] != self.cfg.embedding_dim:
+            raise UserError(f"model.embedding_dim is {self.cfg.embedding_dim} but the stored CLIP image embeddings are {emb.shape[-1]}-d")
+        return emb
+
+    def context_of(self, x) -> torch.Tensor:
+        """Cross-attention tokens for x (labels: embedding rows or, when soft, their mixture)."""
+        if self.cfg.task == "image_label":
+            if x.dtype.is_floating_point:  # probabilities estimated during sampling
+                return (x @ self.context.weight).unsqueeze(1)
+            return self.context(x).unsqueeze(1)
+        return self.context(x).unsqueeze(1)
+
+    @torch.no_grad()
+    def encode(self, x, like: torch.Tensor) -> torch.Tensor:
+        """E(x) in the diffusion space; no trained parameters of its own, gradients stopped."""
+        if self.cfg.task == "masked_image":
+            return self.ae.encode(x).to(like.dtype)
+        zeros = torch.zeros_like(like)
+        t0 = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+        return self.unet(zeros, t0, encoder_hidden_states=self.context_of(x).to(like.dtype)).sample
+
+    def _denoiser_context(self, x, batch: int) -> torch.Tensor:
+        if self.cfg.condition_on_data and self.cfg.task != "masked_image":
+            return self.context_of(x)
+        return self.null_context.expand(batch, -1, -1)
+
+    def _head(self) -> torch.Tensor:
+        if self.cfg.task == "masked_image":
+            return self.head(self._feats["last"])
+        return self.head(self._feats["mid"].mean(dim=(2, 3)))
+
+    # -- training -----------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        pixels = batch["pixels"].to(self.unet.device)
+        z0 = self.ae.encode(pixels)
+        x = self.task_data(batch, pixels)
+        e = self.encode(x, z0)
+        t = batch.get("timesteps")  # fixed steps for evaluation; uniform otherwise
+        t = torch.randint(0, len(self.agg.w), (z0.shape[0],), device=z0.device) if t is None else t.to(z0.device)
+        eps = torch.randn_like(z0)
+        zt = self.agg.marginal(z0, e, t, eps)
+        pred = self.unet(zt, t, encoder_hidden_states=self._denoiser_context(x, z0.shape[0]).to(zt.dtype)).sample
+        mse = F.mse_loss(pred.float(), eps.float())
+        out = self._head()
+        if self.cfg.task == "image_label":
+            head_loss = F.cross_entropy(out.float(), x)
+        else:
+            head_loss = F.mse_loss(out.float(), (e if self.cfg.task == "masked_image" else x).float())
+        return {"loss": mse + self.cfg.loss_weight * head_loss, "mse": mse.detach(), "head": head_loss.detach()}
+
+    # -- sampling (Algorithm 1) -----------------------------------------------------------
+    def _known(self, parts: list, size: int, device):
+        """x given by a prompt: an image (masked_image: restore it) or a label word."""
+        from PIL import Image
+
+        from mmloom.train.prompts import square
+
+        if self.cfg.task == "masked_image":
+            img = next((p for p in parts if isinstance(p, Image.Image)), None)
+            if img is None:
+                return None
+            arr = np.asarray(square(img.convert("RGB"), size), np.float32)
+            return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).to(device) / 127.5 - 1.0
+        if self.cfg.task == "image_label":
+            text = " ".join(p for p in parts if isinstance(p, str)).lower().split()
+            hit = next((i for i, c in enumerate(self.classes) if c.lower() in text), None)
+            return None if hit is None else torch.tensor([hit], device=device)
+        return None
+
+    def _estimate(self, x_prev):
+        """The head's estimate of a missing modality, in the form ``encode`` takes."""
+        out = self._head()
+        if self.cfg.task == "image_label":
+            return out.float().softmax(-1)
+        if self.cfg.task == "masked_image":
+            return out  # already in the diffusion space
+        return out.float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list], steps: int = 0, guidance: float = 1.0, seeds=None, size: int | None = None):
+        dev = self.unet.device
+        seeds = seeds or list(range(len(prompts)))
+        size = size or self.unet.config.sample_size * self.ae.downscale
+        h = size // self.ae.downscale
+        lat_shape = (self.unet.config.in_channels, h, h)
+        images = []
+        for parts, seed in zip(prompts, seeds):
+            g = torch.Generator().manual_seed(seed)
+            known = self._known(parts, size, dev)
+            like = torch.zeros((1, *lat_shape), device=dev)
+            if self.cfg.task == "masked_image":
+                e = self.encode(known, like) if known is not None else torch.randn(like.shape, generator=g).to(dev)
+                x = None
+            elif self.cfg.task == "image_label":
+                x = known if known is not None else torch.full((1, len(self.classes)), 1.0 / len(self.classes), device=dev)
+                e = self.encode(x, like)
+            else:
+                x = torch.randn((1, self.context.in_features), generator=g).to(dev)
+                e = self.encode(x, like)
+            T = len(self.agg.w)
+            z = self.agg.marginal(torch.zeros_like(like), e, torch.tensor([T - 1], device=dev), start_noise(lat_shape, [seed], dev))
+            for t in range(T - 1, -1, -1):
+                tt = torch.tensor([t], device=dev)
+                ctx = self._denoiser_context(x, 1) if x is not None else self.null_context.expand(1, -1, -1)
+                eps = self.unet(z, tt, encoder_hidden_states=ctx.to(z.dtype)).sample
+                if known is None:  # Algorithm 1, lines 9-10: re-estimate the missing modality
+                    est = self._estimate(x)
+                    if self.cfg.task == "masked_image":
+                        e = est
+                    else:
+                        x = est
+                        e = self.encode(x, like)
+                z = self.agg.posterior_mean_eps(z, eps, e, tt)
+                if t > 0:
+                    z = z + float(np.sqrt(self.agg.beta_tilde[t])) * torch.randn(z.shape, generator=g).to(dev)
+            images += to_pil(self.ae.decode(z))
+        return images
+
+
+def build(model_cfg: dict, train_cfg) -> MTDiffusionModel:
+    from mmloom.configbase import load_model
+
+    return MTDiffusionModel(load_model(Config, data=model_cfg, source="model"))
+
+
+def param_groups(model: MTDiffusionModel, model_cfg: dict) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"name": "unet+heads", "params": params, "lr": model.cfg.lr}]
+
+
+def generate(model: MTDiffusionModel, prompts, steps=0, guidance=1.0, seeds=None, size=None):
+    return model.generate(prompts, steps, guidance, seeds, size)
