@@ -136,6 +136,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
 # family -> the tiny configs it trains, in order, and what the demo prints about it
 DEMO_FAMILIES = {
     "mumu": (["mumu-tiny"], "tiny MUMU (random-init Idefics2 + adapter + UNet + VAE)"),
+    "mvader": (["mvader-tiny"], "tiny M-VADER (random-init Idefics2 as the multimodal LM, new cross-attention, UNet + VAE)"),
     "mtdiffusion": (["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)"),
     "kandinsky": (["kandinsky-prior-tiny", "kandinsky-decoder-tiny"], "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)"),
 }
@@ -173,17 +174,21 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
         _plot_loss(hist, os.path.join(run_dir, "loss.png"), name)
         runs[name] = run_dir
     run_dir = runs[names[-1]]
-    paths = _prompt_images(out, run_dir, 2 if family == "mumu" else 1)
+    paths = _prompt_images(out, run_dir, 2 if family in ("mumu", "mvader") else 1)
     if family == "mumu":
         prompt = "a photo of " + " and ".join(f"<image:{p}> thing {i}" for i, p in enumerate(paths)) if paths else "a red circle"
         how, png_steps, guidance = "DDIM 50 steps, guidance 6", 50, 6.0
+    elif family == "mvader":
+        prompt = f"a photo of <image:{paths[0]}> in the style of <image:{paths[1]}>" if len(paths) > 1 else "a red circle"
+        how, png_steps, guidance = "PNDM 50 steps, guidance 8, image tokens down-weighted to theta 0.5 (composition)", 50, 8.0
     elif family == "mtdiffusion":
         prompt = f"<image:{paths[0]}>" if paths else "a cat"
         how, png_steps, guidance = "Algorithm 1 over all 1000 steps, a crop given as the masked-image modality", 0, 1.0
     else:
         prompt = f"a red circle <image:{paths[0]}>" if paths else "a red circle"
         how, png_steps, guidance = "prior, then DDIM 50 steps, guidance 4, text-and-image fusion", 50, 4.0
-    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=png_steps, guidance=guidance)
+    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=png_steps, guidance=guidance,
+                 theta=[0.5] if family == "mvader" else None)
     hist = read_metrics(run_dir)
     echo(f"[sample] {how}: {png} (random-init models: expect noise, not a picture)")
     echo(f"[train] loss curves: {', '.join(os.path.join(r, 'loss.png') for r in runs.values())}")

@@ -141,7 +141,7 @@ def cmd_train(a) -> int:
 def cmd_sample(a) -> int:
     from mmloom.train.sample import sample
 
-    out = sample(a.checkpoint, a.prompt, a.out, a.seeds, a.steps, a.guidance, a.size)
+    out = sample(a.checkpoint, a.prompt, a.out, a.seeds, a.steps, a.guidance, a.size, theta=a.theta)
     print(f"sample: {len(a.seeds)} image(s) -> {out}")
     return 0
 
@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50; MT-Diffusion always runs all T steps of Algorithm 1)")
     s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6; Kandinsky: 4)")
     s.add_argument("--size", type=int, default=None, help="image size (default: the training resolution)")
+    s.add_argument("--theta", type=float, nargs="+", default=None,
+                   help="M-VADER attention factors: one value for every image segment, or one per prompt segment (0 removes it)")
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
@@ -301,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
-    s.add_argument("--family", default="mumu", choices=["mumu", "mtdiffusion", "kandinsky"],
+    s.add_argument("--family", default="mumu", choices=["mumu", "mvader", "mtdiffusion", "kandinsky"],
                    help="model family trained on the demo shards at the end")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")

@@ -257,3 +257,93 @@ def test_prior_run_cannot_make_pictures(tiny_cache):
     fam, model, _ = _kandinsky("prior", prior="linear")
     with pytest.raises(UserError, match="prior makes embeddings"):
         fam.generate(model, [["a cat"]])
+
+
+# -- M-VADER ----------------------------------------------------------------------------------
+def _attention(seed=0):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    return Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+
+
+def test_theta_zero_removes_a_segment_and_theta_one_changes_nothing():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mmloom.train.families.mvader import ThetaAttnProcessor, ThetaBias, log_theta
+
+    attn = _attention()
+    x, ctx = torch.randn(1, 5, 8), torch.randn(1, 7, 6)
+    plain = AttnProcessor2_0()(attn, x, ctx)
+    holder = ThetaBias()
+    proc = ThetaAttnProcessor(holder)
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])  # text, image, text
+    holder.log_theta = log_theta(segments, [1.0, 1.0, 1.0])
+    assert torch.equal(proc(attn, x, ctx), plain)
+    holder.log_theta = log_theta(segments, [1.0, 0.0, 1.0])
+    without = AttnProcessor2_0()(attn, x, ctx[:, [0, 1, 5, 6]])
+    assert torch.allclose(proc(attn, x, ctx), without, atol=1e-6)
+    # theta 0.5: exactly s_ij + log(0.5) on the image tokens
+    holder.log_theta = log_theta(segments, [1.0, 0.5, 1.0])
+    q = attn.to_q(x).view(1, 5, 2, 4).transpose(1, 2)
+    k = attn.to_k(ctx).view(1, 7, 2, 4).transpose(1, 2)
+    v = attn.to_v(ctx).view(1, 7, 2, 4).transpose(1, 2)
+    s = q @ k.transpose(-1, -2) / 2.0 + torch.log(torch.tensor([1, 1, .5, .5, .5, 1, 1.]))
+    manual = attn.to_out[0]((s.softmax(-1) @ v).transpose(1, 2).reshape(1, 5, 8))
+    assert torch.allclose(proc(attn, x, ctx), manual, atol=1e-6)
+
+
+def _mvader(**over):
+    mc = {"lm": "tiny:vlm", "lm_image_size": 64, "unet": "tiny:unet", "unet_subfolder": None, "vae": "tiny:vae",
+          "vae_subfolder": None, **over}
+    cfg = TrainConfig.model_validate({"family": "mvader", "model": mc, "data": {"resolution": 64}})
+    fam = get_family("mvader")
+    return fam, fam.build(mc, cfg), mc
+
+
+def test_mvader_segments_draw_rates_and_learning_rates(tiny_cache):
+    from PIL import Image
+
+    fam, model, mc = _mvader(encoder_training="bias", lr_cross_attn=5e-4, lr_unet=5e-5, lr_encoder=1e-5,
+                             image_prob=0.2, embedding_dropout=0.0)
+    red = Image.new("RGB", (64, 64), "red")
+    prompts = [["a cat and ", red, " a dog"], [red, red]]
+    model.encode(prompts)
+    seg = model.segments(prompts, model.encoder.last_input_ids)
+    ids = model.encoder.last_input_ids
+    image_id = model.encoder.processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert (seg[ids == image_id] >= 0).all()
+    assert set(seg[0][ids[0] == image_id].tolist()) == {1} and set(seg[0].tolist()) - {-1} == {0, 1, 2}
+    assert set(seg[1][ids[1] == image_id].tolist()) == {0, 1}  # two images, two segments
+
+    torch.manual_seed(0)
+    kinds = model.draw_conditions(20000)
+    assert abs(kinds.count("image") / len(kinds) - 0.2) < 0.01 and "empty" not in kinds
+    model.cfg = model.cfg.model_copy(update={"embedding_dropout": 0.1})
+    kinds = model.draw_conditions(20000)
+    assert abs(kinds.count("empty") / len(kinds) - 0.1) < 0.01
+
+    groups = {g["name"]: g for g in fam.param_groups(model, mc)}
+    assert {n: g["lr"] for n, g in groups.items()} == {"cross_attn": 5e-4, "unet": 5e-5, "encoder": 1e-5}
+    hidden = model.encoder.hidden_size
+    assert all(p.shape[-1] == hidden for p in groups["cross_attn"]["params"])  # new projections from the LM's width
+    assert len(groups["cross_attn"]["params"]) == len(model.cross_names)
+    assert all(p.ndim == 1 for p in groups["encoder"]["params"])  # BitFit: biases only
+    opt = torch.optim.AdamW(groups.values())
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-5, 5e-5, 5e-4]
+
+
+def test_mvader_samples_with_theta_and_refuses_a_mismatched_theta(tiny_cache):
+    from PIL import Image
+
+    from mmloom.errors import UserError
+
+    fam, model, _ = _mvader()
+    red = Image.new("RGB", (64, 64), "red")
+    a = fam.generate(model.eval(), [["a cat ", red]], steps=3, seeds=[0], size=64)[0]
+    b = fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=[[1.0, 1.0]])[0]
+    c = fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=0.0)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (64, 64)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    with pytest.raises(UserError, match="segment"):
+        fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=[[1.0]])

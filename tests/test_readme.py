@@ -7,8 +7,9 @@ from mmloom.train.config import TrainConfig
 from mmloom.train.families.kandinsky import Config as KandinskyConfig
 from mmloom.train.families.mtdiffusion import Config as MTDiffusionConfig
 from mmloom.train.families.mumu import Config as MumuConfig
+from mmloom.train.families.mvader import Config as MVaderConfig
 
-FAMILY_CONFIGS = [MumuConfig, MTDiffusionConfig, KandinskyConfig]
+FAMILY_CONFIGS = [MumuConfig, MVaderConfig, MTDiffusionConfig, KandinskyConfig]
 
 
 def _rows():

@@ -60,7 +60,7 @@ class LoopConfig(Section):
 
 
 class TrainConfig(Section):
-    family: Literal["mumu", "mtdiffusion", "kandinsky"] = Field("mumu", description="model family (train/families/): mumu, mtdiffusion, kandinsky")
+    family: Literal["mumu", "mvader", "mtdiffusion", "kandinsky"] = Field("mumu", description="model family (train/families/): mumu, mvader, mtdiffusion, kandinsky")
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     model: dict[str, Any] = Field(default_factory=dict, description="the family's own config section")

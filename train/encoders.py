@@ -93,6 +93,7 @@ class VLMEncoder(nn.Module):
         device = next(self.model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         out = self.inner(**inputs)
+        self.last_input_ids = inputs["input_ids"]  # the token layout, for per-segment attention factors
         return out.last_hidden_state, inputs["attention_mask"]
 
     def _per_sample_inputs(self, texts, images):

@@ -61,13 +61,20 @@ def grid(images, cols: int | None = None):
 
 
 def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int = 50, guidance: float = 6.0,
-           size: int | None = None, base_dir: str = ".") -> str:
+           size: int | None = None, base_dir: str = ".", theta: list[float] | None = None) -> str:
+    """Sample ``seeds`` images into one grid at ``out``. ``theta`` (M-VADER only): one value
+    for every image segment, or one per prompt segment (attention manipulation)."""
     from mmloom.train.prompts import parse_prompt
 
     family, model, cfg = load_for_sampling(checkpoint)
     parts = parse_prompt(prompt, base_dir)
     with torch.no_grad():
-        images = family.generate(model, [parts] * len(seeds), steps, guidance, seeds, size or cfg.data.resolution)
+        extra = {}
+        if theta:
+            if cfg.family != "mvader":
+                raise UserError(f"--theta is M-VADER's attention manipulation; this is a {cfg.family} run")
+            extra["theta"] = theta[0] if len(theta) == 1 else [theta] * len(seeds)
+        images = family.generate(model, [parts] * len(seeds), steps, guidance, seeds, size or cfg.data.resolution, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(images).save(out)
     return out

@@ -19,6 +19,7 @@ FAMILIES = {
     "mumu": "mmloom.train.families.mumu",
     "mtdiffusion": "mmloom.train.families.mtdiffusion",
     "kandinsky": "mmloom.train.families.kandinsky",
+    "mvader": "mmloom.train.families.mvader",
 }
 
 

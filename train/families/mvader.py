@@ -1,0 +1,251 @@
+"""M-VADER (m-vader.md): a diffusion model conditioned on a decoder language model's
+view of interleaved images and text.
+
+* Condition (section 3.1): the last hidden states of a decoder LM that reads images and
+  text (any transformers image-text-to-text model; MAGMA/Luminous in the paper), fed to
+  every UNet cross-attention layer through newly trained key and value projections.
+* Training (section 3.2, appendix D): each image-caption pair is conditioned on either
+  its image (probability 0.2) or its caption; embedding dropout (0.05 or 0.1, Table 2)
+  replaces a sample's conditioning with the empty prompt, which is what classifier-free
+  guidance needs at inference; learning rates: new cross-attention 5e-4 or 1e-4, UNet
+  5e-5; the language model frozen, or its biases trained (BitFit, the paper's semantic
+  biases).
+* Inference (sections 3.3, 3.4): any interleaving of text and images; PNDM, 50 steps,
+  guidance 8; attention manipulation in every cross-attention layer,
+  s_ij + log(theta_i), with theta given per prompt segment (a float for every image
+  segment, "down-weight all image tokens to 0.5", or one value per segment); theta 0
+  removes a segment, theta 1 changes nothing. One image alone gives variations, several
+  a composition.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mmloom.configbase import Section
+from mmloom.errors import UserError
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
+
+
+class Config(Section):
+    lm: str = Field("HuggingFaceM4/idefics2-8b", description="decoder LM that reads interleaved images and text (image-text-to-text): hub id or dir")
+    lm_image_size: Optional[int] = Field(None, gt=0, description="LM input size of each image (default: data.resolution)")
+    bypass_resampler: bool = Field(False, description="Idefics2: one token per patch instead of the perceiver's (MAGMA: 144 per image)")
+    unet: str = Field("CompVis/stable-diffusion-v1-4", description="diffusers UNet2DConditionModel (section 3.1: Stable Diffusion 1.4)")
+    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
+    vae: str = Field("CompVis/stable-diffusion-v1-4", description="diffusers AutoencoderKL: hub id or dir")
+    vae_subfolder: Optional[str] = Field("vae", description="subfolder of the VAE inside `vae`")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="DDPM schedule (Stable Diffusion's)")
+    image_prob: float = Field(0.2, ge=0, le=1, description="a pair is conditioned on its image with this probability, else its caption (section 3.2)")
+    embedding_dropout: float = Field(0.1, ge=0, le=1, description="conditioning replaced by the empty prompt (Table 2: 0.05 V1, 0.1 V2)")
+    encoder_training: Literal["frozen", "bias"] = Field("frozen", description="language model frozen, or its biases trained (BitFit)")
+    lr_cross_attn: float = Field(1e-4, gt=0, description="new cross-attention projections (Table 2: 5e-4 V1, 1e-4 V2)")
+    lr_unet: float = Field(5e-5, gt=0, description="the rest of the UNet (Table 2: 5e-5)")
+    lr_encoder: float = Field(1e-5, gt=0, description="language-model biases when encoder_training is bias")
+    image_theta: float = Field(1.0, ge=0, description="sampling: attention factor theta for every image segment (section 3.4; e.g. 0.5)")
+
+
+class ThetaBias:
+    """The current log(theta) per context token ([B, L]), shared by every processor."""
+
+    def __init__(self):
+        self.log_theta: torch.Tensor | None = None
+
+
+class ThetaAttnProcessor(nn.Module):
+    """Scaled dot-product cross-attention with s_ij + log(theta_j) (equation 2)."""
+
+    def __init__(self, holder: ThetaBias):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.inner = AttnProcessor2_0()
+        self.holder = holder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        lt = self.holder.log_theta
+        if lt is not None and encoder_hidden_states is not None:
+            bias = lt.to(hidden_states.dtype)[:, None, :]  # [B, 1, L], as the UNet passes its mask
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+
+
+def log_theta(segments: torch.Tensor, theta: list[float]) -> torch.Tensor:
+    """Per-token log(theta) from per-token segment indices ([B, L], -1 = no segment) and
+    per-segment factors; theta 0 gives -inf (the token gets no attention at all)."""
+    table = torch.tensor([*theta, 1.0], dtype=torch.float32)  # index -1 -> the trailing 1.0
+    with torch.no_grad():
+        return torch.log(table[segments.clamp(min=-1)])
+
+
+class MVaderModel(nn.Module):
+    def __init__(self, cfg: Config, resolution: int):
+        super().__init__()
+        from mmloom.train.encoders import VLMEncoder
+        from mmloom.train.tiny import resolve_tiny
+
+        self.cfg = cfg
+        self.encoder = VLMEncoder(resolve_tiny(cfg.lm), cfg.bypass_resampler, cfg.lm_image_size or resolution)
+        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
+        self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
+        self.noise_scheduler = ddpm(cfg.schedule)
+        self.theta = ThetaBias()
+        # newly trained key/value projections from the LM's width in every cross-attention
+        self.cross_names = []
+        for name, mod in self.unet.named_modules():
+            if name.endswith("attn2") and hasattr(mod, "to_k"):
+                mod.to_k = nn.Linear(self.encoder.hidden_size, mod.to_k.out_features, bias=False)
+                mod.to_v = nn.Linear(self.encoder.hidden_size, mod.to_v.out_features, bias=False)
+                mod.set_processor(ThetaAttnProcessor(self.theta))
+                self.cross_names += [f"unet.{name}.to_k.", f"unet.{name}.to_v."]
+        if not self.cross_names:
+            raise UserError(f"model.unet {cfg.unet} has no cross-attention layers to condition")
+        self.encoder.requires_grad_(False)
+        if cfg.encoder_training == "bias":
+            for n, p in self.encoder.model.named_parameters():
+                if n.endswith(".bias"):
+                    p.requires_grad_(True)
+
+    # -- conditioning ---------------------------------------------------------------------
+    def draw_conditions(self, n: int) -> list[str]:
+        """Per sample: 'image' (probability image_prob), 'caption', or 'empty' (embedding dropout)."""
+        out = []
+        for _ in range(n):
+            if float(torch.rand(())) < self.cfg.embedding_dropout:
+                out.append("empty")
+            else:
+                out.append("image" if float(torch.rand(())) < self.cfg.image_prob else "caption")
+        return out
+
+    def encode(self, prompts: list[list]):
+        h, mask = self.encoder(prompts)
+        return h.float(), mask
+
+    def segments(self, prompts: list[list], ids: torch.Tensor) -> torch.Tensor:
+        """Per-token segment index ([B, L], -1 outside any part) of the LM input ``ids``
+        the encoder just read: image tokens (and the special tokens wrapped around them)
+        belong to their image, text tokens to the text part around them."""
+        from PIL import Image
+
+        tok = self.encoder.processor.tokenizer
+        image_id = tok.convert_tokens_to_ids(self.encoder.image_token)
+        plain = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        wraps = set(tok.all_special_ids)
+        for attr in ("fake_image_token", "global_image_token", "boi_token", "eoi_token", "image_start_token", "image_end_token"):
+            w = getattr(self.encoder.processor, attr, None)
+            if w is not None:
+                wraps.add(tok.convert_tokens_to_ids(getattr(w, "content", w)))
+        wraps -= plain | {image_id}
+        out = torch.full(ids.shape, -1, dtype=torch.long)
+        for b, parts in enumerate(prompts):
+            image_parts = [i for i, p in enumerate(parts) if isinstance(p, Image.Image)]
+            text_parts = [i for i, p in enumerate(parts) if isinstance(p, str) and p]
+            row = ids[b].tolist()
+            run, prev_image = -1, False
+            for j, t in enumerate(row):
+                if t == image_id:
+                    run += 0 if prev_image else 1
+                    prev_image = True
+                    out[b, j] = image_parts[run] if run < len(image_parts) else -1
+                    continue
+                prev_image = False
+                if t in plain or t in wraps:
+                    continue
+                after = image_parts[run] if 0 <= run < len(image_parts) else -1
+                out[b, j] = next((i for i in text_parts if i > after), -1)
+            for j, t in enumerate(row):  # wrapping tokens join the image next to them
+                if t in wraps:
+                    if j + 1 < len(row) and row[j + 1] == image_id:
+                        out[b, j] = out[b, j + 1]
+                    elif j > 0 and row[j - 1] == image_id:
+                        out[b, j] = out[b, j - 1]
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        pixels = batch["pixels"].to(self.unet.device)
+        kinds = self.draw_conditions(len(pixels))
+        pictures = to_pil(pixels)
+        prompts = [[pictures[i]] if k == "image" else [batch["captions"][i]] if k == "caption" else [""]
+                   for i, k in enumerate(kinds)]
+        latents = self.ae.encode(pixels)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        ctx, mask = self.encode(prompts)
+        self.theta.log_theta = None
+        pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=ctx.to(latents.dtype),
+                         encoder_attention_mask=mask).sample
+        return {"loss": F.mse_loss(pred.float(), noise.float()),
+                "image_conditioned": torch.tensor(sum(k == "image" for k in kinds) / len(kinds))}
+
+    # -- inference ------------------------------------------------------------------------------
+    def theta_for(self, prompts: list[list], theta) -> torch.Tensor | None:
+        """log(theta) per token: ``theta`` a float (every image segment) or per-segment lists."""
+        from PIL import Image
+
+        if theta is None:
+            theta = self.cfg.image_theta
+        if isinstance(theta, (int, float)):
+            if theta == 1.0:
+                return None
+            per = [[float(theta) if isinstance(p, Image.Image) else 1.0 for p in parts] for parts in prompts]
+        else:
+            per = [list(map(float, t)) for t in theta]
+            for parts, t in zip(prompts, per):
+                if len(t) != len(parts):
+                    raise UserError(f"theta has {len(t)} value(s) for a prompt of {len(parts)} segment(s)")
+        seg = self.segments(prompts, self.encoder.last_input_ids.cpu())
+        return torch.stack([log_theta(seg[i:i + 1], per[i])[0] for i in range(len(prompts))])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 8.0, seeds=None, size: int | None = None, theta=None):
+        from diffusers import PNDMScheduler
+
+        dev = self.unet.device
+        seeds = seeds or list(range(len(prompts)))
+        size = size or self.unet.config.sample_size * self.ae.downscale
+        sched = PNDMScheduler.from_config(self.noise_scheduler.config, skip_prk_steps=True)
+        sched.set_timesteps(steps)
+        ctx, mask = self.encode(prompts)
+        lt = self.theta_for(prompts, theta)  # from the token layout the encoder just read
+        uctx, umask = self.encode([[""]] * len(prompts))
+        h = size // self.ae.downscale
+        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(lat, t)
+            self.theta.log_theta = None if lt is None else lt.to(dev)
+            c = self.unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+            self.theta.log_theta = None
+            u = self.unet(inp, t, encoder_hidden_states=uctx, encoder_attention_mask=umask).sample
+            lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+        return to_pil(self.ae.decode(lat))
+
+
+def build(model_cfg: dict, train_cfg) -> MVaderModel:
+    from mmloom.configbase import load_model
+
+    return MVaderModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.resolution)
+
+
+def param_groups(model: MVaderModel, model_cfg: dict) -> list[dict]:
+    groups = {"cross_attn": [], "unet": [], "encoder": []}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(n.startswith(c) for c in model.cross_names):
+            groups["cross_attn"].append(p)
+        elif n.startswith("unet."):
+            groups["unet"].append(p)
+        else:
+            groups["encoder"].append(p)
+    lrs = {"cross_attn": model.cfg.lr_cross_attn, "unet": model.cfg.lr_unet, "encoder": model.cfg.lr_encoder}
+    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
+
+
+def generate(model: MVaderModel, prompts, steps=50, guidance=8.0, seeds=None, size=None, theta=None):
+    return model.generate(prompts, steps, guidance, seeds, size, theta)
