@@ -137,6 +137,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
 DEMO_FAMILIES = {
     "mumu": (["mumu-tiny"], "tiny MUMU (random-init Idefics2 + adapter + UNet + VAE)"),
     "mvader": (["mvader-tiny"], "tiny M-VADER (random-init Idefics2 as the multimodal LM, new cross-attention, UNet + VAE)"),
+    "versatile": (["versatile-tiny"], "tiny four-flow Versatile Diffusion (random-init image and text UNets, text VAE, CLIP)"),
     "mtdiffusion": (["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)"),
     "kandinsky": (["kandinsky-prior-tiny", "kandinsky-decoder-tiny"], "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)"),
 }
@@ -181,6 +182,9 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
     elif family == "mvader":
         prompt = f"a photo of <image:{paths[0]}> in the style of <image:{paths[1]}>" if len(paths) > 1 else "a red circle"
         how, png_steps, guidance = "PNDM 50 steps, guidance 8, image tokens down-weighted to theta 0.5 (composition)", 50, 8.0
+    elif family == "versatile":
+        prompt = f"a red circle <image:{paths[0]}>" if paths else "a red circle"
+        how, png_steps, guidance = "DDIM 50 steps, guidance 7.5, dual-context blending (attention-level, mix rate 0.5)", 50, 7.5
     elif family == "mtdiffusion":
         prompt = f"<image:{paths[0]}>" if paths else "a cat"
         how, png_steps, guidance = "Algorithm 1 over all 1000 steps, a crop given as the masked-image modality", 0, 1.0

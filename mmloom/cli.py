@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
-    s.add_argument("--family", default="mumu", choices=["mumu", "mvader", "mtdiffusion", "kandinsky"],
+    s.add_argument("--family", default="mumu", choices=["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"],
                    help="model family trained on the demo shards at the end")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")

@@ -347,3 +347,99 @@ def test_mvader_samples_with_theta_and_refuses_a_mismatched_theta(tiny_cache):
     assert not np.array_equal(np.asarray(a), np.asarray(c))
     with pytest.raises(UserError, match="segment"):
         fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=[[1.0]])
+
+
+# -- Versatile Diffusion ---------------------------------------------------------------------------
+def _versatile(**over):
+    mc = {"image_unet": "tiny:unet", "image_unet_subfolder": None, "text_unet": "tiny:text-unet", "text_unet_subfolder": None,
+          "vae": "tiny:vae", "vae_subfolder": None, "text_vae": "tiny:text-vae", "clip": "tiny:clip", **over}
+    cfg = TrainConfig.model_validate({"family": "versatile", "model": mc, "data": {"resolution": 64}})
+    fam = get_family("versatile")
+    return fam, fam.build(mc, cfg), mc
+
+
+def _grads(model):
+    u = model.unet
+    parts = {"global": u.global_layers, "data_image": u.data["image"], "data_text": u.data["text"],
+             "context_image": u.context["image"], "context_text": u.context["text"]}
+    return {k: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()) for k, m in parts.items()}
+
+
+@pytest.mark.parametrize("flow,expect", [
+    ("text_to_image", {"global", "data_image", "context_text"}),
+    ("image_variation", {"global", "data_image", "context_image"}),
+    ("image_to_text", {"global", "data_text", "context_image"}),
+    ("text_variation", {"global", "data_text", "context_text"}),
+])
+def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
+    _fam, model, _ = _versatile(flows=[flow], context_dropout=0.0)
+    model.zero_grad()
+    model(_batch(2))["loss"].backward()
+    assert {k for k, v in _grads(model).items() if v} == expect
+
+
+def test_versatile_sums_all_flows_and_multipliers_reach_the_optimizer(tiny_cache):
+    fam, model, mc = _versatile(lr=1e-3, context_dropout=0.0)
+    torch.manual_seed(0)
+    out = model(_batch(2))
+    assert torch.isclose(out["loss"], sum(out[f"loss_{f}"] for f in model.cfg.flows))
+    model.zero_grad()
+    out["loss"].backward()
+    assert all(_grads(model).values())  # four flows: every group receives gradient in one update
+    opt = torch.optim.AdamW(fam.param_groups(model, mc))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == pytest.approx({"global": 1e-4, "data_image": 2e-4, "data_text": 1e-3, "context_image": 1e-3, "context_text": 1e-3})
+    # no parameter sits in two groups, and none is left out
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len([p for p in model.unet.parameters() if p.requires_grad])
+
+
+def test_principal_component_edits_keep_the_global_vector():
+    from mmloom.train.families.versatile import disentangle
+
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 17, 32, generator=g)
+    style, semantic = disentangle(ctx, 2), disentangle(ctx, -2)
+    assert torch.equal(style[:, 0], ctx[:, 0]) and torch.equal(semantic[:, 0], ctx[:, 0])
+    mean = ctx[:, 1:].mean(1, keepdim=True)
+    # keeping k components and removing them split the centred tokens in two
+    assert torch.allclose((style[:, 1:] - mean) + (semantic[:, 1:] - mean), ctx[:, 1:] - mean, atol=1e-4)
+    assert torch.linalg.matrix_rank(style[0, 1:] - mean[0]) == 2
+    assert torch.equal(disentangle(ctx, 0), ctx)
+
+
+def test_unconditional_image_context_choices_and_blending(tiny_cache):
+    from PIL import Image
+
+    _fam, model, _ = _versatile(image_uncond="zero_embedding")
+    assert (model.uncond_context("image", 2) == 0).all()
+    model.cfg = model.cfg.model_copy(update={"image_uncond": "zero_image"})
+    zero_img = model.image_context([Image.new("RGB", (224, 224))])
+    assert torch.allclose(model.uncond_context("image", 1), zero_img) and zero_img.abs().sum() > 0
+    # attention-level mixing at rate 0 is the image flow, at rate 1 the text flow
+    red = Image.new("RGB", (64, 64), "red")
+    ictx, tctx = model.image_context([red]), model.text_context(["a red circle"])
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    with torch.no_grad():
+        assert torch.allclose(model.unet.blend(x, t, "image", ictx, tctx, 0.0), model.unet(x, t, "image", "image", ictx), atol=1e-5)
+        assert torch.allclose(model.unet.blend(x, t, "image", ictx, tctx, 1.0), model.unet(x, t, "image", "text", tctx), atol=1e-5)
+        assert torch.allclose(model.unet.blend(x, t, "image", ictx, tctx, 0.0, "layer"), model.unet(x, t, "image", "image", ictx), atol=1e-5)
+    two = model.multi_context([red, red], [1.0, 0.5])
+    assert two.shape[1] == 2 * ictx.shape[1] and torch.allclose(two[:, ictx.shape[1]:], 0.5 * ictx, atol=1e-6)
+    texts = model.generate_text([[red], ["a red circle"]], steps=2)
+    assert len(texts) == 2 and all(isinstance(s, str) for s in texts)
+
+
+def test_text_vae_saves_loads_and_names_a_missing_model(tmp_path):
+    from mmloom.errors import UserError
+    from mmloom.train.text_vae import TextVAE, make_tiny_text_vae
+
+    path = make_tiny_text_vae(str(tmp_path / "tvae"), ["a", "red", "cat", "dog"])
+    vae = TextVAE.load(path)
+    z = vae.encode(["a red cat", "a dog"])
+    assert z.shape == (2, 32) and not torch.allclose(z[0], z[1])
+    again = TextVAE.load(path)
+    assert torch.allclose(again.encode(["a red cat"]), z[:1])  # the latent heads travel with the directory
+    assert len(vae.decode(z, max_length=4)) == 2
+    with pytest.raises(UserError, match="text VAE"):
+        TextVAE.load(str(tmp_path / "nowhere"))

@@ -133,7 +133,7 @@ def test_build_twice_is_byte_identical(pipeline_run):
     assert digest() == before
 
 
-@pytest.mark.parametrize("family", ["mvader", "mtdiffusion", "kandinsky"])
+@pytest.mark.parametrize("family", ["mvader", "versatile", "mtdiffusion", "kandinsky"])
 def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, family, tiny_cache):
     """What `mmloom demo --family F` runs after the pipeline: each tiny config trains on the
     final shards (Kandinsky: prior normalized with the dataset's stored embeddings, then

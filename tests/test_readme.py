@@ -8,8 +8,9 @@ from mmloom.train.families.kandinsky import Config as KandinskyConfig
 from mmloom.train.families.mtdiffusion import Config as MTDiffusionConfig
 from mmloom.train.families.mumu import Config as MumuConfig
 from mmloom.train.families.mvader import Config as MVaderConfig
+from mmloom.train.families.versatile import Config as VersatileConfig
 
-FAMILY_CONFIGS = [MumuConfig, MVaderConfig, MTDiffusionConfig, KandinskyConfig]
+FAMILY_CONFIGS = [MumuConfig, MVaderConfig, VersatileConfig, MTDiffusionConfig, KandinskyConfig]
 
 
 def _rows():

@@ -60,7 +60,8 @@ class LoopConfig(Section):
 
 
 class TrainConfig(Section):
-    family: Literal["mumu", "mvader", "mtdiffusion", "kandinsky"] = Field("mumu", description="model family (train/families/): mumu, mvader, mtdiffusion, kandinsky")
+    family: Literal["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"] = Field(
+        "mumu", description="model family (train/families/): mumu, mvader, versatile, mtdiffusion, kandinsky")
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     model: dict[str, Any] = Field(default_factory=dict, description="the family's own config section")

@@ -96,6 +96,19 @@ def make_tiny_unet_kandinsky(path: str, clip_dim: int = 32, text_width: int = 64
     return path
 
 
+def make_tiny_text_unet(path: str, latent_dim: int = 32, cross_attention_dim: int = 32, seed: int = 0) -> str:
+    """A tiny diffusers UNetFlatConditionModel (Versatile Diffusion's text data layers:
+    FCResBlocks) with tiny:unet's block layout, so the two share context and global layers."""
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+
+    torch.manual_seed(seed)
+    UNetFlatConditionModel(sample_size=4, in_channels=latent_dim // 4, out_channels=latent_dim // 4, layers_per_block=1,
+                           block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlockFlat", "DownBlockFlat"),
+                           up_block_types=("UpBlockFlat", "CrossAttnUpBlockFlat"), cross_attention_dim=cross_attention_dim,
+                           attention_head_dim=8, norm_num_groups=8).save_pretrained(path)
+    return path
+
+
 def make_tiny_mumu(root: str, words: list[str], sdxl: bool = False) -> dict:
     """Every tiny part under ``root``; returns the ``model:`` section of a mumu config."""
     vlm = make_tiny_vlm(os.path.join(root, "vlm"), words)
@@ -121,14 +134,14 @@ def _tiny_clip(path: str) -> str:
 
 
 def resolve_tiny(ref: str, cache: str | None = None) -> str:
-    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:unet-kandinsky`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` -> a directory holding
+    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:unet-kandinsky`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` / ``tiny:text-unet`` / ``tiny:text-vae`` -> a directory holding
     that tiny random-weight model in its real format (made once, then reused)."""
     if not ref.startswith("tiny:"):
         return ref
     name = ref.split(":", 1)[1]
     root = cache or os.environ.get("MMLOOM_TINY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmloom", "tiny"))
     path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "open_clip_config.json")):
+    if any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "open_clip_config.json", "text_vae.json")):
         return path
     makers = {
         "vlm": lambda p: make_tiny_vlm(p, TINY_WORDS),
@@ -138,6 +151,8 @@ def resolve_tiny(ref: str, cache: str | None = None) -> str:
         "vq": make_tiny_vq,
         "unet-kandinsky": make_tiny_unet_kandinsky,
         "clip": _tiny_clip,
+        "text-unet": make_tiny_text_unet,
+        "text-vae": lambda p: __import__("mmloom.train.text_vae", fromlist=["x"]).make_tiny_text_vae(p, TINY_WORDS),
     }
     if name not in makers:
         from mmloom.errors import UserError

@@ -20,6 +20,7 @@ FAMILIES = {
     "mtdiffusion": "mmloom.train.families.mtdiffusion",
     "kandinsky": "mmloom.train.families.kandinsky",
     "mvader": "mmloom.train.families.mvader",
+    "versatile": "mmloom.train.families.versatile",
 }
 
 
