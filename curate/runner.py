@@ -16,18 +16,14 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-
-def _use_local_auth_token() -> None:
-    """See mmloom/__init__.py: a token that appeared since (a first local Ray) counts too."""
-    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
-        os.environ["RAY_AUTH_MODE"] = "token"
+from mmloom import use_local_ray_token
 
 
 def init_ray(address: str | None = None) -> None:
     """Start Ray in process, or connect to the cluster at ``address``."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    _use_local_auth_token()
+    use_local_ray_token()
     import ray
 
     if ray.is_initialized():

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from mmloom.filters.heads import MLPHead
-from mmloom.filters.models import fingerprint, load_state_dict, resolve_file
+from mmloom.filters.heads import MLPHead, load_head
+from mmloom.filters.models import fingerprint
 
 LAION_SIZES = [768, 1024, 128, 64, 16, 1]
 
 
 class AestheticScorer:
     def __init__(self, ref: str, clip_ref: str):
-        path = resolve_file(ref, "aesthetic head", ("sac+logos+ava1-l14-linearMSE.pth", "model.pth", "model.pt"))
-        self.head = MLPHead.from_state_dict(load_state_dict(path), "none", ref)
+        self.head, path = load_head(ref, "aesthetic head", ("sac+logos+ava1-l14-linearMSE.pth", "model.pth", "model.pt"), "none")
         self.needs_clip = clip_ref
         self.version = f"aesthetic mlp {fingerprint(path)} on {clip_ref}"
 

@@ -48,6 +48,15 @@ class MLPHead(nn.Module):
         return self.layers(x)
 
 
+def load_head(ref: str, kind: str, names: tuple[str, ...], activation: str) -> tuple[MLPHead, str]:
+    """An MLP head from a file, a directory holding one of ``names``, or a hub path; returns
+    (head, resolved file) so that the scorer can fingerprint it."""
+    from mmloom.filters.models import load_state_dict, resolve_file
+
+    path = resolve_file(ref, kind, names)
+    return MLPHead.from_state_dict(load_state_dict(path), activation, ref), path
+
+
 def save_head(path: str, sizes: list[int], activation: str = "relu", seed: int = 0) -> None:
     """A random head in the on-disk format (for tests and the demo). ``sizes`` = [in, h1, ..., out]."""
     torch.manual_seed(seed)

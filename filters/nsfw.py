@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmloom.filters.heads import MLPHead
-from mmloom.filters.models import fingerprint, load_state_dict, package_version, resolve_file
+from mmloom.filters.heads import load_head
+from mmloom.filters.models import fingerprint, package_version
 
 NUDENET_EXPOSED = {
     "FEMALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",
@@ -51,8 +51,7 @@ class NudeNetNsfw:
 
 class ClipMlpNsfw:
     def __init__(self, ref: str, clip_ref: str):
-        path = resolve_file(ref, "NSFW head", ("nsfw_head.pt", "model.pt", "model.pth"))
-        self.head = MLPHead.from_state_dict(load_state_dict(path), "relu", ref)
+        self.head, path = load_head(ref, "NSFW head", ("nsfw_head.pt", "model.pt", "model.pth"), "relu")
         self.needs_clip = clip_ref
         self.version = f"mlp head {fingerprint(path)} on {clip_ref}"
 

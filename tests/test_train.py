@@ -104,7 +104,7 @@ def test_frozen_lora_and_group_learning_rates(tiny):
     cfg = tcfg(tiny)
     model = fam.build(cfg.model, cfg)
     named = dict(model.named_parameters())
-    assert not any(p.requires_grad for n, p in named.items() if n.startswith("vae."))
+    assert any(n.startswith("ae.") for n in named) and not any(p.requires_grad for n, p in named.items() if n.startswith("ae."))
     assert not any(p.requires_grad for p in model.encoder.vision_parameters())
     assert all(p.requires_grad for n, p in named.items() if n.startswith("adapter."))
     assert not any(p.requires_grad for n, p in named.items() if n.startswith("unet.") and "lora_" not in n)

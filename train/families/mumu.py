@@ -17,7 +17,6 @@ from torch import nn
 
 from mmloom.configbase import Section
 from mmloom.errors import UserError
-from mmloom.filters.models import hf_pretrained
 
 
 class Config(Section):
@@ -70,20 +69,18 @@ class Adapter(nn.Module):
 class MumuModel(nn.Module):
     def __init__(self, cfg: Config, crop_size: int, cond_dropout: float, gradient_checkpointing: bool = False):
         super().__init__()
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from peft import LoraConfig, inject_adapter_in_model
 
+        from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet
         from mmloom.train.encoders import VLMEncoder
         from mmloom.train.tiny import resolve_tiny
 
-        cfg = cfg.model_copy(update={k: resolve_tiny(getattr(cfg, k)) for k in ("vlm", "unet", "vae")})
         self.cfg, self.cond_dropout = cfg, cond_dropout
-        self.encoder = VLMEncoder(cfg.vlm, cfg.bypass_resampler, cfg.vlm_image_size or crop_size)
-        kw = lambda sub: {"subfolder": sub} if sub else {}  # noqa: E731
-        self.unet = hf_pretrained(UNet2DConditionModel, cfg.unet, "UNet", **kw(cfg.unet_subfolder))
-        self.vae = hf_pretrained(AutoencoderKL, cfg.vae, "VAE", **kw(cfg.vae_subfolder))
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                             beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon")
+        self.encoder = VLMEncoder(resolve_tiny(cfg.vlm), cfg.bypass_resampler, cfg.vlm_image_size or crop_size)
+        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
+        self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
+        self.noise_scheduler = ddpm(ScheduleConfig(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                                   beta_start=cfg.beta_start, beta_end=cfg.beta_end))
         uc = self.unet.config
         self.sdxl = uc.addition_embed_type == "text_time"
         pooled = uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim if self.sdxl else None
@@ -125,8 +122,7 @@ class MumuModel(nn.Module):
         prompts = [p.parts for p in batch["prompts"]]
         drop = (torch.rand(len(prompts)) < self.cond_dropout).tolist()  # classifier-free guidance
         prompts = [[""] if d else p for p, d in zip(prompts, drop)]
-        with torch.no_grad():
-            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
@@ -139,18 +135,18 @@ class MumuModel(nn.Module):
     def generate(self, prompts: list[list], steps: int = 50, guidance: float = 6.0, seeds: list[int] | None = None,
                  size: int | None = None):
         from diffusers import DDIMScheduler
-        from PIL import Image
+
+        from mmloom.train.diffusion import start_noise, to_pil
 
         seeds = seeds or list(range(len(prompts)))
-        size = size or self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = size or self.unet.config.sample_size * self.ae.downscale
         sched = DDIMScheduler.from_config(self.noise_scheduler.config)
         sched.set_timesteps(steps)
         dev = self.unet.device
         ctx, mask, pooled = self.condition(prompts)
         uctx, umask, upooled = self.condition([[""]] * len(prompts))
-        h = size // 2 ** (len(self.vae.config.block_out_channels) - 1)
-        lat = torch.stack([torch.randn((self.unet.config.in_channels, h, h), generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
-        lat = lat * sched.init_noise_sigma
+        h = size // self.ae.downscale
+        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
         for t in sched.timesteps:
             inp = sched.scale_model_input(lat, t)
             eps_c = self.unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
@@ -158,9 +154,7 @@ class MumuModel(nn.Module):
             eps_u = self.unet(inp, t, encoder_hidden_states=uctx, encoder_attention_mask=umask,
                               added_cond_kwargs=self._added(upooled, len(prompts), size, size, dev)).sample
             lat = sched.step(eps_u + guidance * (eps_c - eps_u), t, lat).prev_sample
-        img = self.vae.decode(lat / self.vae.config.scaling_factor).sample
-        arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return to_pil(self.ae.decode(lat))
 
 
 def build(model_cfg: dict, train_cfg) -> MumuModel:
