@@ -59,6 +59,20 @@ class ShardRun:
             out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
         (self.results if out["ok"] else self.failures).append(out)
 
+    def collect_next(self, pending: dict, bar) -> list:
+        """Wait for at least one of ``pending`` (task ref -> (worker, shard)) to finish, file
+        its result, and return the workers that are free again."""
+        import ray
+
+        done, _ = ray.wait(list(pending), num_returns=1)
+        freed = []
+        for ref in done:
+            worker, shard = pending.pop(ref)
+            self.collect(ref, shard)
+            freed.append(worker)
+            bar.update(1)
+        return freed
+
     def sort(self) -> "ShardRun":
         self.results.sort(key=lambda r: r["shard"])
         self.failures.sort(key=lambda r: r["shard"])
@@ -94,14 +108,10 @@ def run_shards(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, name=f"mmloom-{name}"
     )
     kw_ref = ray.put(kwargs or {})
-    pending = {task.remote(fn, s, kw_ref): s for s in shards}
+    pending = {task.remote(fn, s, kw_ref): (None, s) for s in shards}
     bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress, leave=False)
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            shard = pending.pop(ref)
-            run.collect(ref, shard)
-            bar.update(1)
+        run.collect_next(pending, bar)
     bar.close()
     return run.sort()
 
@@ -183,12 +193,7 @@ def run_shards_on_actors(
         while idle and queue:
             a, s = idle.pop(), queue.pop(0)
             pending[a.call.remote(method, s, kw_ref)] = (a, s)
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            actor, shard = pending.pop(ref)
-            run.collect(ref, shard)
-            idle.append(actor)
-            bar.update(1)
+        idle.extend(run.collect_next(pending, bar))
     bar.close()
     for a in actors:
         ray.kill(a)

@@ -139,10 +139,14 @@ def cmd_train(a) -> int:
 
 
 def cmd_sample(a) -> int:
-    from mmloom.train.sample import sample
+    from mmloom.train.sample import parse_settings, sample
 
-    out = sample(a.checkpoint, a.prompt, a.out, a.seeds, a.steps, a.guidance, a.size, theta=a.theta)
-    print(f"sample: {len(a.seeds)} image(s) -> {out}")
+    out = a.out or ("samples.txt" if a.text else "samples.png")
+    out = sample(a.checkpoint, a.prompt, out, a.seeds, a.steps, a.guidance, a.size, theta=a.theta,
+                 settings=parse_settings(a.set), text=a.text)
+    if a.text:
+        print(open(out).read(), end="")
+    print(f"sample: {len(a.seeds)} {'sentence' if a.text else 'image'}(s) -> {out}")
     return 0
 
 
@@ -276,13 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a checkpoint with an interleaved prompt")
     s.add_argument("checkpoint", help="a run directory or one of its checkpoints")
     s.add_argument("--prompt", required=True, help='e.g. "a <image:man.jpg> man and his <image:dog.jpg> dog"')
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", default=None, help="PNG grid (default samples.png), or text file with --text (samples.txt)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50; MT-Diffusion always runs all T steps of Algorithm 1)")
     s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6; Kandinsky: 4)")
     s.add_argument("--size", type=int, default=None, help="image size (default: the training resolution)")
     s.add_argument("--theta", type=float, nargs="+", default=None,
                    help="M-VADER attention factors: one value for every image segment, or one per prompt segment (0 removes it)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override the run's config for sampling, e.g. model.mix_rate=0.3, model.pca=-2, "
+                        "model.image_scales=[1,0.5], model.text_weight=0.7 (repeatable)")
+    s.add_argument("--text", action="store_true", help="Versatile Diffusion: write sentences (image-to-text, text variation)")
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")

@@ -4,6 +4,7 @@ a rebuild is byte-identical, and a second run resumes with nothing to do."""
 
 import glob
 import hashlib
+import os
 
 import pandas as pd
 import pytest
@@ -134,7 +135,7 @@ def test_build_twice_is_byte_identical(pipeline_run):
 
 
 @pytest.mark.parametrize("family", ["mvader", "versatile", "mtdiffusion", "kandinsky"])
-def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, family, tiny_cache):
+def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, family, tiny_cache, tmp_path):
     """What `mmloom demo --family F` runs after the pipeline: each tiny config trains on the
     final shards (Kandinsky: prior normalized with the dataset's stored embeddings, then
     the decoder, sampled through the prior) with falling loss, and one image comes out."""
@@ -160,3 +161,41 @@ def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, 
         mean, _std, n = embedding_stats(root)
         state = load_file(f"{latest_checkpoint(r['runs']['kandinsky-prior-tiny'])}/model.safetensors")
         assert int(state["norm.count"]) == n and state["norm.mean"].numpy() == pytest.approx(mean, abs=1e-6)
+    if family == "versatile":
+        _versatile_sampling_knobs(r["runs"]["versatile-tiny"], tmp_path)
+
+
+def _versatile_sampling_knobs(run, tmp):
+    """`mmloom sample --set` reaches the rebuilt model: with attention-level mixing at
+    mix_rate 1 a text-and-image prompt samples exactly the text-only image; image scales
+    must match the prompt's images; `--text` writes one sentence per seed."""
+    import numpy as np
+    from PIL import Image
+
+    from mmloom.cli import main
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp / "red.png")
+    common = ["--seeds", "3", "--steps", "4", "--size", "64"]
+
+    def image(prompt, *extra):
+        out = tmp / f"s{abs(hash((prompt, extra)))}.png"
+        assert main(["sample", run, "--prompt", prompt, "--out", str(out), *common, *extra]) == 0
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    prev = os.getcwd()
+    os.chdir(tmp)
+    try:
+        text_only = image("a red square")
+        both = "a red square <image:red.png>"
+        assert np.array_equal(image(both, "--set", "model.mix_rate=1"), text_only)
+        assert not np.array_equal(image(both, "--set", "model.mix_rate=0"), text_only)
+        assert main(["sample", run, "--prompt", "<image:red.png> <image:red.png>", "--out", str(tmp / "x.png"),
+                     *common, "--set", "model.image_scales=[1]"]) == 2  # one scale for two images
+        assert main(["sample", run, "--prompt", "x", *common, "--set", "model.mix_rte=1"]) == 2  # unknown field
+        out = tmp / "caption.txt"
+        assert main(["sample", run, "--prompt", "<image:red.png>", "--text", "--out", str(out),
+                     "--seeds", "0", "1", "--steps", "3", "--guidance", "1"]) == 0
+        lines = out.read_text().splitlines()
+        assert [ln.split("\t")[0] for ln in lines] == ["0", "1"]
+    finally:
+        os.chdir(prev)

@@ -1,7 +1,8 @@
 """`mmloom sample CHECKPOINT --prompt "a <image:man.jpg> man and his <image:dog.jpg> dog"`:
-rebuild the model from the run's train_config.yaml, load the checkpoint's weights,
-sample with DDIM (50 steps, guidance 6 by default: MUMU sections 2.1 and 6) for each
-seed, and save a PNG grid."""
+rebuild the model from the run's train_config.yaml (with ``--set`` overrides of its
+inference knobs), load the checkpoint's weights, sample with DDIM (50 steps, guidance 6
+by default: MUMU sections 2.1 and 6) for each seed, and save a PNG grid; or, for
+families with text outputs (Versatile Diffusion), write one sentence per seed."""
 
 from __future__ import annotations
 
@@ -30,13 +31,31 @@ def find_run(checkpoint: str) -> tuple[str, str]:
     return run, checkpoint
 
 
-def load_for_sampling(checkpoint: str):
+def parse_settings(items: list[str] | None) -> dict:
+    """``["model.mix_rate=0.3", "model.image_scales=[1, 0.5]"]`` -> {dotted key: YAML value}."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. model.mix_rate=0.3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+    return out
+
+
+def load_for_sampling(checkpoint: str, settings: dict | None = None):
+    """(family, model in eval mode, config) of a run's checkpoint; ``settings`` override
+    the run's train_config.yaml (inference knobs such as model.mix_rate)."""
     from safetensors.torch import load_file
 
+    from mmloom.configbase import load_model
     from mmloom.train.families import get_family
 
     run, ck = find_run(checkpoint)
-    cfg = TrainConfig.model_validate(yaml.safe_load(open(os.path.join(run, "train_config.yaml"))))
+    path = os.path.join(run, "train_config.yaml")
+    cfg = load_model(TrainConfig, path, settings, source=f"{path} with --set" if settings else path)
     family = get_family(cfg.family)
     model = family.build(cfg.model, cfg)
     weights = os.path.join(ck, "model.safetensors")
@@ -61,13 +80,24 @@ def grid(images, cols: int | None = None):
 
 
 def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int = 50, guidance: float = 6.0,
-           size: int | None = None, base_dir: str = ".", theta: list[float] | None = None) -> str:
+           size: int | None = None, base_dir: str = ".", theta: list[float] | None = None,
+           settings: dict | None = None, text: bool = False) -> str:
     """Sample ``seeds`` images into one grid at ``out``. ``theta`` (M-VADER only): one value
-    for every image segment, or one per prompt segment (attention manipulation)."""
+    for every image segment, or one per prompt segment (attention manipulation). ``text``:
+    sentences instead of images (image-to-text, text variation), one line per seed."""
     from mmloom.train.prompts import parse_prompt
 
-    family, model, cfg = load_for_sampling(checkpoint)
+    family, model, cfg = load_for_sampling(checkpoint, settings)
     parts = parse_prompt(prompt, base_dir)
+    if text:
+        if not hasattr(family, "generate_text"):
+            raise UserError(f"--text needs a family with text outputs (versatile); this is a {cfg.family} run")
+        with torch.no_grad():
+            lines = family.generate_text(model, [parts] * len(seeds), steps, guidance, seeds)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.writelines(f"{seed}\t{line}\n" for seed, line in zip(seeds, lines))
+        return out
     with torch.no_grad():
         extra = {}
         if theta:

@@ -72,7 +72,8 @@ class Config(Section):
     image_uncond: Literal["zero_image", "zero_embedding"] = Field("zero_image", description="unconditional image context: CLIP of an all-zero image, or all-zero embeddings (B.1)")
     mixing: Literal["attention", "layer"] = Field("attention", description="dual-context blending: attention-level or layer-level mixing (A.2)")
     mix_rate: float = Field(0.5, ge=0, le=1, description="dual-context blending: weight of the text context (0 image only, 1 text only)")
-    pca: int = Field(0, description="image variation: k > 0 keeps only the first k principal components (style), k < 0 removes the first |k| (semantics)")
+    pca: int = Field(0, description="image variation: k > 0 keeps only the first k principal components (style), k < 0 removes the first -k (semantics)")
+    image_scales: list[float] = Field(default_factory=list, description="multi-context (A.3): one scale per prompt image at sampling (empty: all 1)")
     text_max_length: int = Field(32, gt=0, description="image-to-text: longest sentence decoded")
 
 
@@ -316,12 +317,13 @@ class VersatileModel(nn.Module):
 
     def prompt_contexts(self, parts: list):
         """(image context or None, text context or None) of one prompt: images
-        concatenated (multi-context) each scaled by 1; PCA edit applied to image contexts."""
+        concatenated (multi-context) each scaled by ``image_scales``; PCA edit applied to
+        image contexts."""
         from PIL import Image
 
         text = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
         images = [p for p in parts if isinstance(p, Image.Image)]
-        ictx = self.multi_context(images) if images else None
+        ictx = self.multi_context(images, self.cfg.image_scales or None) if images else None
         return ictx, (self.text_context([text]) if text else None)
 
     def multi_context(self, images, scales: list[float] | None = None) -> torch.Tensor:
@@ -398,3 +400,7 @@ def param_groups(model: VersatileModel, model_cfg: dict) -> list[dict]:
 
 def generate(model: VersatileModel, prompts, steps=50, guidance=7.5, seeds=None, size=None):
     return model.generate(prompts, steps, guidance, seeds, size)
+
+
+def generate_text(model: VersatileModel, prompts, steps=50, guidance=2.0, seeds=None) -> list[str]:
+    return model.generate_text(prompts, steps, guidance, seeds)
