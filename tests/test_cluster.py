@@ -44,6 +44,21 @@ def slow_dataset(tmp_path, images, srv, n=18, delay=0.6):
     return root, urls
 
 
+def download_until_a_shard_commits(cluster, root):
+    """Start `mmloom download` through the cluster as its own process group; return it
+    once the first shard is committed (mid-stage)."""
+    p = mmloom("download", root, "--ray-address", cluster.address, "--allow-private-addresses", "--thread-count", "1", "--no-progress")
+    assert wait_for(lambda: ShardStore(root).committed_shards("download"))
+    return p
+
+
+def rerun_download(cluster, root):
+    r = subprocess.run([sys.executable, "-m", "mmloom", "download", root, "--ray-address", cluster.address,
+                        "--allow-private-addresses", "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 def wait_for(cond, timeout=240, every=0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -62,15 +77,11 @@ def check_every_sample_once(root, urls):
 def test_worker_node_killed_mid_download(cluster, tmp_path, images):
     with LocalServer({}) as srv:
         root, urls = slow_dataset(tmp_path, images, srv)
-        store = ShardStore(root)
-        p = mmloom("download", root, "--ray-address", cluster.address, "--allow-private-addresses", "--thread-count", "1", "--no-progress")
-        assert wait_for(lambda: store.committed_shards("download"))
+        p = download_until_a_shard_commits(cluster, root)
         cluster.kill_worker(0)  # a whole node, mid-stage
         out, _ = p.communicate(timeout=600)
         if p.returncode != 0:  # lost shards are listed; a rerun finishes them
-            r = subprocess.run([sys.executable, "-m", "mmloom", "download", root, "--ray-address", cluster.address,
-                                "--allow-private-addresses", "--no-progress"], capture_output=True, text=True, timeout=600)
-            assert r.returncode == 0, r.stdout + r.stderr
+            rerun_download(cluster, root)
         check_every_sample_once(root, urls)
     cluster.add_worker()
 
@@ -79,15 +90,12 @@ def test_killed_driver_rerun_skips_committed_shards(cluster, tmp_path, images):
     with LocalServer({}) as srv:
         root, urls = slow_dataset(tmp_path, images, srv)
         store = ShardStore(root)
-        p = mmloom("download", root, "--ray-address", cluster.address, "--allow-private-addresses", "--thread-count", "1", "--no-progress")
-        assert wait_for(lambda: store.committed_shards("download"))
+        p = download_until_a_shard_commits(cluster, root)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         done = store.committed_shards("download")
         assert 1 <= len(done) < 6
-        r = subprocess.run([sys.executable, "-m", "mmloom", "download", root, "--ray-address", cluster.address,
-                            "--allow-private-addresses", "--no-progress"], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
+        r = rerun_download(cluster, root)
         assert f"{6 - len(done)} shard(s) downloaded, {len(done)} already done" in r.stdout
         check_every_sample_once(root, urls)
 
