@@ -79,6 +79,20 @@ def start_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tenso
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
 
+def guided_sample(sched, steps: int, shape: tuple[int, ...], seeds: list[int], device, guidance: float,
+                  eps_cond, eps_uncond) -> torch.Tensor:
+    """Classifier-free-guided sampling with a diffusers scheduler (DDIM, PNDM): seeded start
+    noise, then ``eps_u + guidance * (eps_c - eps_u)`` at each of ``steps`` steps.
+    ``eps_cond(x, t)`` and ``eps_uncond(x, t)`` are the model's two noise predictions."""
+    sched.set_timesteps(steps)
+    x = start_noise(shape, seeds, device) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        c, u = eps_cond(inp, t), eps_uncond(inp, t)
+        x = sched.step(u + guidance * (c - u), t, x).prev_sample
+    return x
+
+
 def to_pil(images: torch.Tensor):
     """[B, 3, H, W] in [-1, 1] -> PIL images."""
     from PIL import Image

@@ -31,7 +31,7 @@ from torch import nn
 
 from mmloom.configbase import Section
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
 
 
 class PriorSchedule(ScheduleConfig):
@@ -316,19 +316,13 @@ class KandinskyModel(nn.Module):
         dev = self._device()
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
-        sched = DDIMScheduler.from_config(self.sched.config)
-        sched.set_timesteps(steps)
         conds = [self.embed_prompt(p, s) for p, s in zip(prompts, seeds)]
         img = torch.stack([c[0] for c in conds])
         cond = self._condition([c[1] for c in conds], img)
         uncond = self._condition([""] * len(prompts), self.black.expand_as(img))
         h = size // self.ae.downscale
-        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(lat, t)
-            c = self.unet(inp, t, **cond).sample
-            u = self.unet(inp, t, **uncond).sample
-            lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+        lat = guided_sample(DDIMScheduler.from_config(self.sched.config), steps, (self.unet.config.in_channels, h, h), seeds,
+                            dev, guidance, lambda x, t: self.unet(x, t, **cond).sample, lambda x, t: self.unet(x, t, **uncond).sample)
         return to_pil(self.ae.decode(lat))
 
 

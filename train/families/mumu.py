@@ -136,24 +136,21 @@ class MumuModel(nn.Module):
                  size: int | None = None):
         from diffusers import DDIMScheduler
 
-        from mmloom.train.diffusion import start_noise, to_pil
+        from mmloom.train.diffusion import guided_sample, to_pil
 
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
-        sched = DDIMScheduler.from_config(self.noise_scheduler.config)
-        sched.set_timesteps(steps)
         dev = self.unet.device
         ctx, mask, pooled = self.condition(prompts)
         uctx, umask, upooled = self.condition([[""]] * len(prompts))
+        cond = dict(encoder_hidden_states=ctx, encoder_attention_mask=mask,
+                    added_cond_kwargs=self._added(pooled, len(prompts), size, size, dev))
+        uncond = dict(encoder_hidden_states=uctx, encoder_attention_mask=umask,
+                      added_cond_kwargs=self._added(upooled, len(prompts), size, size, dev))
         h = size // self.ae.downscale
-        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(lat, t)
-            eps_c = self.unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=mask,
-                              added_cond_kwargs=self._added(pooled, len(prompts), size, size, dev)).sample
-            eps_u = self.unet(inp, t, encoder_hidden_states=uctx, encoder_attention_mask=umask,
-                              added_cond_kwargs=self._added(upooled, len(prompts), size, size, dev)).sample
-            lat = sched.step(eps_u + guidance * (eps_c - eps_u), t, lat).prev_sample
+        lat = guided_sample(DDIMScheduler.from_config(self.noise_scheduler.config), steps, (self.unet.config.in_channels, h, h),
+                            seeds, dev, guidance, lambda x, t: self.unet(x, t, **cond).sample,
+                            lambda x, t: self.unet(x, t, **uncond).sample)
         return to_pil(self.ae.decode(lat))
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from mmloom.configbase import Section
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
 
 
 class Config(Section):
@@ -210,19 +210,23 @@ class MVaderModel(nn.Module):
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
         sched = PNDMScheduler.from_config(self.noise_scheduler.config, skip_prk_steps=True)
-        sched.set_timesteps(steps)
         ctx, mask = self.encode(prompts)
         lt = self.theta_for(prompts, theta)  # from the token layout the encoder just read
+        lt = None if lt is None else lt.to(dev)
         uctx, umask = self.encode([[""]] * len(prompts))
+
+        def cond(x, t):  # attention manipulation on the prompt's pass only
+            self.theta.log_theta = lt
+            try:
+                return self.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+            finally:
+                self.theta.log_theta = None
+
+        def uncond(x, t):
+            return self.unet(x, t, encoder_hidden_states=uctx, encoder_attention_mask=umask).sample
+
         h = size // self.ae.downscale
-        lat = start_noise((self.unet.config.in_channels, h, h), seeds, dev) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(lat, t)
-            self.theta.log_theta = None if lt is None else lt.to(dev)
-            c = self.unet(inp, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
-            self.theta.log_theta = None
-            u = self.unet(inp, t, encoder_hidden_states=uctx, encoder_attention_mask=umask).sample
-            lat = sched.step(u + guidance * (c - u), t, lat).prev_sample
+        lat = guided_sample(sched, steps, (self.unet.config.in_channels, h, h), seeds, dev, guidance, cond, uncond)
         return to_pil(self.ae.decode(lat))
 
 
