@@ -36,7 +36,7 @@ from torch import nn
 
 from mmloom.configbase import Section
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, start_noise, to_pil
+from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, to_pil
 
 FLOWS = {  # name -> (output data type, context type)
     "text_to_image": ("image", "text"),
@@ -218,6 +218,7 @@ class VersatileModel(nn.Module):
         self.unet = MultiFlowUNet(image_unet, text_unet)
         self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
         self.clip = ClipEmbedder(resolve_tiny(cfg.clip))
+        self._uncond: dict[str, torch.Tensor] = {}  # kind -> CLIP of the empty text / the all-zero image
         needs_text = any(FLOWS[f][0] == "text" for f in cfg.flows)
         if needs_text and not cfg.text_vae:
             raise UserError("model.text_vae is empty: the image_to_text and text_variation flows need a text VAE")
@@ -263,12 +264,16 @@ class VersatileModel(nn.Module):
         return (ctx / pooled.float().cpu().norm(dim=-1, keepdim=True)[:, None].clamp(min=1e-6)).to(self._dev())
 
     def uncond_context(self, kind: str, n: int) -> torch.Tensor:
-        if kind == "text":
-            return self.text_context([""] * n)
-        from PIL import Image
+        """The unconditional context, ``n`` times: CLIP of the empty text, or (B.1) CLIP of an
+        all-zero image or all-zero embeddings. CLIP is frozen, so each is encoded once."""
+        if kind not in self._uncond:
+            from PIL import Image
 
-        zero = self.image_context([Image.new("RGB", (224, 224))])
-        return torch.zeros_like(zero).expand(n, -1, -1) if self.cfg.image_uncond == "zero_embedding" else zero.expand(n, -1, -1)
+            self._uncond[kind] = self.text_context([""]) if kind == "text" else self.image_context([Image.new("RGB", (224, 224))])
+        u = self._uncond[kind].to(self._dev())
+        if kind == "image" and self.cfg.image_uncond == "zero_embedding":
+            u = torch.zeros_like(u)
+        return u.expand(n, -1, -1)
 
     # -- training (Algorithm 1) -------------------------------------------------------------------
     def _text_latents(self, texts: list[str]) -> torch.Tensor:
@@ -306,14 +311,8 @@ class VersatileModel(nn.Module):
     def _denoise(self, shape, seeds, steps, guidance, eps_cond, eps_uncond):
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler.from_config(self.sched.config)
-        sched.set_timesteps(steps)
-        x = start_noise(shape, seeds, self._dev()) * sched.init_noise_sigma
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(x, t)
-            c, u = eps_cond(inp, t), eps_uncond(inp, t)
-            x = sched.step(u + guidance * (c - u), t, x).prev_sample
-        return x
+        return guided_sample(DDIMScheduler.from_config(self.sched.config), steps, shape, seeds, self._dev(), guidance,
+                             eps_cond, eps_uncond)
 
     def prompt_contexts(self, parts: list):
         """(image context or None, text context or None) of one prompt: images
@@ -347,14 +346,14 @@ class VersatileModel(nn.Module):
             ictx, tctx = self.prompt_contexts(parts)
             if ictx is None and tctx is None:
                 tctx = self.text_context([""])
-            if ictx is not None and tctx is not None:
+            if ictx is not None and tctx is not None:  # dual context; guidance against the empty text
+                kind = "text"
                 cond = lambda x, t: self.unet.blend(x, t, "image", ictx, tctx, self.cfg.mix_rate, self.cfg.mixing)  # noqa: E731
-                uncond = lambda x, t: self.unet(x, t, "image", "text", self.uncond_context("text", 1))  # noqa: E731
             else:
                 kind, ctx = ("image", ictx) if ictx is not None else ("text", tctx)
-                u = self.uncond_context(kind, 1)
                 cond = lambda x, t, kind=kind, ctx=ctx: self.unet(x, t, "image", kind, ctx)  # noqa: E731
-                uncond = lambda x, t, kind=kind, u=u: self.unet(x, t, "image", kind, u)  # noqa: E731
+            u = self.uncond_context(kind, 1)
+            uncond = lambda x, t, kind=kind, u=u: self.unet(x, t, "image", kind, u)  # noqa: E731
             lat = self._denoise((image_unet.config.in_channels, h, h), [seed], steps, guidance, cond, uncond)
             out += to_pil(self.ae.decode(lat))
         return out
