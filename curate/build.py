@@ -51,11 +51,11 @@ def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
     score stage did not store embeddings)."""
     if not store.is_committed("score", shard):
         return {}
-    rel = ("scores", shard_name(shard) + ".parquet")
-    with store.open(*rel) as f:
-        if "clip_image_embedding" not in pq.read_schema(f).names:
+    with store.open("scores", shard_name(shard) + ".parquet") as f:
+        pf = pq.ParquetFile(f)
+        if "clip_image_embedding" not in pf.schema_arrow.names:
             return {}
-    t = store.read_table(*rel, columns=["sample_key", "clip_image_embedding"])
+        t = pf.read(columns=["sample_key", "clip_image_embedding"])
     return dict(zip(t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()))
 
 

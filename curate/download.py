@@ -146,11 +146,11 @@ def _tar_keys(path: str, ext: str) -> list[str]:
         return [m.name.rsplit(".", 1)[0] for m in t.getmembers() if m.name.endswith("." + ext)]
 
 
-def _merge_tars(old: str, new: str, rename: dict[str, str], out: str) -> None:
-    """old tar + new tar (members renamed old-key-wise) -> out tar."""
+def _merge_tars(old, new, rename: dict[str, str], out: str) -> None:
+    """old tar + new tar (open binary files; members of new renamed old-key-wise) -> out tar."""
     with tarfile.open(out, "w") as dst:
         for src, ren in ((old, {}), (new, rename)):
-            with tarfile.open(src) as t:
+            with tarfile.open(fileobj=src) as t:
                 for m in t.getmembers():
                     data = t.extractfile(m).read()
                     stem, ext = m.name.rsplit(".", 1)
@@ -220,9 +220,9 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
             **{k: got.get(k) for k in ("width", "height", "original_width", "original_height", "sha256")},
         })
     if committed:
-        merged, old = os.path.join(staging, "merged.tar"), os.path.join(staging, "committed.tar")
-        store.fs.get_file(store.path(OUT_DIR, shard_name(shard) + ".tar"), old)
-        _merge_tars(old, tar_path, rename, merged)
+        merged = os.path.join(staging, "merged.tar")
+        with store.open(OUT_DIR, shard_name(shard) + ".tar") as old, open(tar_path, "rb") as new:
+            _merge_tars(old, new, rename, merged)  # streamed from the dataset's filesystem
         tar_path = merged
     table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
     status_parquet = os.path.join(staging, "status.parquet")
