@@ -75,8 +75,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
 
     out = os.path.abspath(out)
-    if family not in DEMO_FAMILIES:  # before any work is done
-        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
+    demo_family(family)  # before any work is done
     prepare_dir(out)
     echo("[demo] building tiny random-weight scoring models (CLIP, aesthetic head, watermark); NSFW uses nudenet's real detector")
     score_cfg = make_score_models(os.path.join(out, "models"))
@@ -143,6 +142,13 @@ DEMO_FAMILIES = {
 }
 
 
+def demo_family(family: str) -> tuple[list[str], str]:
+    """(tiny configs, description) of a demo family; a clear error for any other name."""
+    if family not in DEMO_FAMILIES:
+        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
+    return DEMO_FAMILIES[family]
+
+
 def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, family: str = "mumu") -> dict:
     """Train the family's tiny config(s) on the demo's final/ shards, sample one image from
     a prompt built from the shards, and plot the loss curve beside it."""
@@ -154,9 +160,7 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
     from mmloom.train.loop import read_metrics, train
     from mmloom.train.sample import sample
 
-    if family not in DEMO_FAMILIES:
-        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
-    names, what = DEMO_FAMILIES[family]
+    names, what = demo_family(family)
     clip = dataset_config(out, None).score.clip.model  # the CLIP whose embeddings the score stage stored
     runs = {}
     for name in names:
@@ -193,7 +197,6 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
         how, png_steps, guidance = "prior, then DDIM 50 steps, guidance 4, text-and-image fusion", 50, 4.0
     png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=png_steps, guidance=guidance,
                  theta=[0.5] if family == "mvader" else None)
-    hist = read_metrics(run_dir)
     echo(f"[sample] {how}: {png} (random-init models: expect noise, not a picture)")
     echo(f"[train] loss curves: {', '.join(os.path.join(r, 'loss.png') for r in runs.values())}")
     return {"family": family, "runs": runs, "steps": len(hist), "sample": png, "loss_plot": os.path.join(run_dir, "loss.png"),

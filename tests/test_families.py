@@ -185,19 +185,26 @@ def _kandinsky(stage, **over):
     return fam, fam.build(mc, cfg), mc
 
 
-@pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
-def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
-    fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, text_dropout=0.0)
-    model.norm.fit(torch.zeros(32), torch.full((32,), 0.2), 10)
+def _fit(fam, model, mc, steps: int) -> list[float]:
+    """``steps`` AdamW updates (lr 2e-3) of the family's first parameter group on fresh tiny
+    batches; the losses."""
     opt = torch.optim.AdamW(fam.param_groups(model, mc)[0]["params"], lr=2e-3)
     torch.manual_seed(0)
     losses = []
-    for _ in range(30):
+    for _ in range(steps):
         loss = model(_batch())["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
+def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
+    fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, text_dropout=0.0)
+    model.norm.fit(torch.zeros(32), torch.full((32,), 0.2), 10)
+    losses = _fit(fam, model, mc, 30)
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
     assert model.prior_embed(["a red cat"], steps=3).shape == (1, 32)
 
@@ -228,15 +235,7 @@ def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     from mmloom.train.families.kandinsky import interpolate
 
     fam, model, mc = _kandinsky("decoder", image_dropout=0.1)
-    opt = torch.optim.AdamW(fam.param_groups(model, mc)[0]["params"], lr=2e-3)
-    torch.manual_seed(0)
-    losses = []
-    for _ in range(25):
-        loss = model(_batch())["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = _fit(fam, model, mc, 25)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     a, b = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
     assert torch.allclose(interpolate([a, b], [1.0, 0.0]), a, atol=1e-6)

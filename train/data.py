@@ -26,8 +26,6 @@ log = logging.getLogger("mmloom.train.data")
 
 def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
     """webdataset opener for object-store URLs (s3://, gcs://, ...) through fsspec."""
-    import fsspec
-
     return fsspec.open(url, mode).open()
 
 
@@ -50,9 +48,7 @@ def shard_urls(spec: str) -> list[str]:
     """A dataset directory, a glob or a brace pattern -> tar URLs (local or fsspec URLs)."""
     if not spec:
         raise UserError("data.shards is empty: give a dataset directory, a glob or a brace pattern of final/ tars")
-    if spec.startswith(("pipe:", "http://", "https://")):
-        urls = list(braceexpand.braceexpand(spec))
-    elif "{" in spec:
+    if spec.startswith(("pipe:", "http://", "https://")) or "{" in spec:  # patterns webdataset opens itself
         urls = list(braceexpand.braceexpand(spec))
     else:
         fs, path = fsspec.core.url_to_fs(spec)
