@@ -81,14 +81,14 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
     bcfg = BuildConfig.model_validate(cfg)
     store = ShardStore(root)
     samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])
-    full = {r["sample_key"]: r for r in store.read_table("selection", "selected.parquet").to_pylist()
+    full = {r["sample_key"]: r for r in store.read_table_verified("select", 0, "selection/selected.parquet").to_pylist()
             if r["shard"] == shard}
-    det_rows = store.read_table("detections", shard_name(shard) + ".parquet").to_pylist()
+    det_rows = store.read_table_verified("ground", shard, f"detections/{shard_name(shard)}.parquet").to_pylist()
     dets: dict[str, list[dict]] = {}
     for d in det_rows:
         dets.setdefault(d["sample_key"], []).append(d)
     embeddings = stored_embeddings(store, shard)
-    blobs = read_images(store, f'{S.STAGE_DIRS["download"]}/{shard_name(shard)}.tar', encode_format)
+    blobs = read_images(store, shard, encode_format)
     staging = store.staging_dir(OUT_DIR, shard)
     tar_path = os.path.join(staging, "final.tar")
     manifest, crop_rows, dropped = [], [], Counter()

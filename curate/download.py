@@ -171,8 +171,8 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     committed = store.is_committed(STAGE, shard)
     if committed and not retry_failed:
         return {"skipped": True}
-    cands = store.read_table(
-        S.STAGE_DIRS["ingest"], shard_name(shard) + ".parquet",
+    cands = store.read_table_verified(
+        "ingest", shard, f"{S.STAGE_DIRS['ingest']}/{shard_name(shard)}.parquet",
         columns=["sample_key", "url", "caption", "status", "reason"],
     ).to_pylist()
     keys = {}  # sample_key -> img2dataset key, from each candidate's position in the shard
@@ -182,7 +182,7 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
 
     prev: dict[str, dict] = {}
     if committed:  # retry_failed: fetch only what failed to download or decode
-        prev = {r["sample_key"]: r for r in store.read_table(OUT_DIR, shard_name(shard) + ".parquet").to_pylist()}
+        prev = {r["sample_key"]: r for r in store.read_table_verified(STAGE, shard, f"{OUT_DIR}/{shard_name(shard)}.parquet").to_pylist()}
         todo = [r for r in eligible if prev[r["sample_key"]]["status"] in (S.FAILED_TO_DOWNLOAD, S.FAILED_TO_DECODE)]
         if not todo:
             return {"skipped": True}
@@ -221,8 +221,9 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
         })
     if committed:
         merged = os.path.join(staging, "merged.tar")
-        with store.open(OUT_DIR, shard_name(shard) + ".tar") as old, open(tar_path, "rb") as new:
-            _merge_tars(old, new, rename, merged)  # streamed from the dataset's filesystem
+        old = io.BytesIO(store.read_verified(STAGE, shard, f"{OUT_DIR}/{shard_name(shard)}.tar"))
+        with open(tar_path, "rb") as new:
+            _merge_tars(old, new, rename, merged)
         tar_path = merged
     table = pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
     status_parquet = os.path.join(staging, "status.parquet")
@@ -266,8 +267,8 @@ def download(root: str, config: PipelineConfig, ray_address: str | None = None, 
     ingest_summary = json.load(store.fs.open(summary_path))
     n = ingest_summary["shards"]
     shards = list(range(n))
+    store.clean_staging([OUT_DIR])  # finishes a commit cut short first (store.recover)
     todo = shards if retry_failed else [s for s in shards if not store.is_committed(STAGE, s)]
-    store.clean_staging([OUT_DIR])
     cfg = config.download
     chash = config_hash(cfg.model_dump())
     run = run_shards(

@@ -37,7 +37,7 @@ SCHEMA = pa.schema([
 def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
     if not store.is_committed("select", 0):
         return {}
-    rows = store.read_table("selection", "selected.parquet", columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
+    rows = store.read_table_verified("select", 0, "selection/selected.parquet", columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
     out: dict[int, list[dict]] = {}
     for r in rows:
         out.setdefault(int(r["shard"]), []).append(r)
@@ -60,7 +60,7 @@ class GroundWorker:
         store = ShardStore(root)
         # batch images of similar shape together: a batch is padded to its largest image
         samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: (r["width"] / r["height"], r["key"]))
-        blobs = read_images(store, f'{S.STAGE_DIRS["download"]}/{shard_name(shard)}.tar', encode_format)
+        blobs = read_images(store, shard, encode_format)
         rows: list[dict] = []
         bs = self.cfg.batch_size
         for i in range(0, len(samples), bs):

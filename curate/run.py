@@ -12,6 +12,20 @@ from mmloom.errors import UserError
 
 
 def run_pipeline(pipeline: str, out: str | None, ray_address: str | None, progress: bool = True, echo=print) -> int:
+    cfg = load_config(pipeline)
+    out = out or cfg.run.out
+    if not out:
+        raise UserError(f"{pipeline}: run.out is not set (or pass --out DIR)")
+    ray_address = ray_address or cfg.run.ray_address
+    base = os.path.dirname(os.path.abspath(pipeline))
+    sources = [s if os.path.isabs(s) or "://" in s else os.path.join(base, s) for s in cfg.run.sources]
+    from mmloom.manifests.lock import writer_lock
+
+    with writer_lock(out, "run " + os.path.basename(pipeline)):
+        return _run_stages(cfg, pipeline, out, sources, ray_address, progress, echo)
+
+
+def _run_stages(cfg, pipeline: str, out: str, sources: list[str], ray_address: str | None, progress: bool, echo) -> int:
     from mmloom.curate.build import build
     from mmloom.curate.card import write_card
     from mmloom.curate.download import download
@@ -21,13 +35,6 @@ def run_pipeline(pipeline: str, out: str | None, ray_address: str | None, progre
     from mmloom.curate.stats import funnel, render
     from mmloom.filters.select import render_funnel, select
 
-    cfg = load_config(pipeline)
-    out = out or cfg.run.out
-    if not out:
-        raise UserError(f"{pipeline}: run.out is not set (or pass --out DIR)")
-    ray_address = ray_address or cfg.run.ray_address
-    base = os.path.dirname(os.path.abspath(pipeline))
-    sources = [s if os.path.isabs(s) or "://" in s else os.path.join(base, s) for s in cfg.run.sources]
     save_dataset_config(out, cfg)
     for stage in cfg.run.stages:
         if stage == "ingest":

@@ -16,18 +16,19 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from mmloom import use_local_ray_token
 
 
 def init_ray(address: str | None = None) -> None:
     """Start Ray in process, or connect to the cluster at ``address``."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    use_local_ray_token()
     import ray
 
     if ray.is_initialized():
         return
+    from mmloom.rayauth import configure_for
+
+    configure_for(address)  # the cluster's auth mode, asked before connecting
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)

@@ -20,21 +20,40 @@ from mmloom.curate.config import PipelineConfig, ScoreConfig
 from mmloom.curate.runner import Resources, actor_count, run_shards_on_actors
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash, shard_name
+from mmloom.manifests.store import CorruptFile, ShardStore, config_hash, shard_name
 
 STAGE = "score"
 OUT_DIR = "scores"
 
 
-def read_images(store: ShardStore, rel: str, ext: str = "jpg") -> dict[str, bytes]:
-    """key -> encoded image bytes of one webdataset tar in the dataset (any filesystem)."""
+def read_images(store: ShardStore, shard: int, ext: str = "jpg") -> dict[str, bytes]:
+    """key -> encoded image bytes of one committed download tar (any filesystem), checked
+    against the sha256 in its completion record first; errors name the tar."""
+    rel = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.tar"
+    data = store.read_verified("download", shard, rel)
     out = {}
-    with store.open(rel) as f, tarfile.open(fileobj=f) as t:
-        for m in t.getmembers():
-            stem, _, e = m.name.rpartition(".")
-            if e == ext:
-                out[stem] = t.extractfile(m).read()
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            for m in t.getmembers():
+                stem, _, e = m.name.rpartition(".")
+                if e == ext and m.isfile():
+                    out[stem] = t.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise CorruptFile(store.url(rel), f"unreadable tar ({e})") from None
     return out
+
+
+def download_rows(store: ShardStore, shard: int, blobs: dict[str, bytes], ext: str) -> list[dict]:
+    """The successful rows of a committed download shard; every one must have its image
+    in the tar, else the shard is inconsistent (never recorded as a per-image error,
+    which would be permanent)."""
+    rel = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.parquet"
+    rows = [r for r in store.read_table_verified("download", shard, rel).to_pylist() if r["status"] == S.SUCCESS]
+    missing = [r["key"] for r in rows if r["key"] not in blobs]
+    if missing:
+        raise CorruptFile(store.url(rel), f"lists {len(missing)} successful image(s) that its tar lacks "
+                                          f"(first: {missing[0]}.{ext})")
+    return rows
 
 
 def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg") -> dict:
@@ -44,9 +63,8 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     from mmloom.filters.scoring import COLUMN_TYPES
 
     store = ShardStore(root)
-    base = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}"
-    rows = [r for r in store.read_table(base + ".parquet").to_pylist() if r["status"] == S.SUCCESS]
-    blobs = read_images(store, base + ".tar", encode_format)
+    blobs = read_images(store, shard, encode_format)
+    rows = download_rows(store, shard, blobs, encode_format)
     cols = scorers.columns()
     table: dict[str, list] = {c: [] for c in ["sample_key", "key", "original_width", "original_height", *cols, "score_error"]}
     bs = scorers.cfg.batch_size
@@ -107,13 +125,14 @@ class ScoreWorker:
 
 def score(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
     store = ShardStore(root)
+    store.recover()  # a download commit cut short is finished (or its shard redone) first
     downloaded = store.committed_shards("download")
     if not downloaded:
         raise UserError(f"{root} has no downloaded shards; run `mmloom download {root}` first")
     cfg = config.score
     chash = config_hash(cfg.model_dump())
-    todo = [s for s in downloaded if not store.is_committed(STAGE, s)]
     store.clean_staging([OUT_DIR])
+    todo = [s for s in downloaded if not store.is_committed(STAGE, s)]
     run = run_shards_on_actors(
         "score", todo, ScoreWorker, {"cfg": cfg.model_dump()}, "run",
         {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},

@@ -1,11 +1,21 @@
 """Atomic per-shard outputs and completion records.
 
-DESIGN principle 1: a stage writes its files for one shard under temporary names inside
-the dataset directory, renames them into place, and writes the completion record last.
-A shard without a record does not exist; a rerun skips shards whose record is present
-and whose files still match it. Works on any fsspec filesystem (local paths, s3://...);
-on object stores the rename is a copy, but the record written last keeps the commit
-atomic all the same.
+A stage writes its files for one shard under temporary names inside the dataset
+directory, renames them into place, and writes the completion record last. A shard
+without a record does not exist; a rerun skips shards whose record is present and whose
+files still match it. Works on any fsspec filesystem (local paths, s3://...); on object
+stores the rename is a copy, but the record written last keeps the commit atomic all the
+same.
+
+Recommitting a shard (``download --retry-failed``) replaces several files. The commit
+first writes a journal (``_commits/<stage>/NNNNN.pending.json``: the staged files and the
+new record), then removes the old record, so readers stop seeing the shard before any
+file changes; a commit killed half way is finished from the journal by the next writer
+(``recover``), or, when its staged files are gone, the shard is simply redone. Readers
+therefore only ever see a tar and a parquet that belong together.
+
+Every file a record names carries its sha256; ``read_verified`` checks it on read and
+``mmloom verify`` checks all of them.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any, Iterable
 import fsspec
 
 from mmloom import __version__
+from mmloom.errors import UserError
 
 COMMITS = "_commits"
 
@@ -36,6 +47,15 @@ def config_hash(config: Any) -> str:
     """Stable short hash of a JSON-able config (recorded with every commit)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class CorruptFile(UserError):
+    """A committed file that no longer matches its completion record (or cannot be parsed)."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem} (run `mmloom verify DIR --repair`, then rerun the stage)")
+        self.path = path
+        self.problem = problem
 
 
 def file_digest(fs, path: str) -> tuple[int, str]:
@@ -97,8 +117,43 @@ class ShardStore:
         p = self.record_path(stage, shard)
         if not self.fs.exists(p):
             return None
-        with self.fs.open(p, "r") as f:
-            return json.load(f)
+        try:
+            with self.fs.open(p, "r") as f:
+                rec = json.load(f)
+            if not isinstance(rec, dict) or not isinstance(rec.get("files"), dict):
+                raise ValueError("not a completion record")
+            return rec
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptFile(self.url(COMMITS, stage, shard_name(shard) + ".json"), f"unreadable completion record ({e})") from None
+
+    def read_verified(self, stage: str, shard: int, rel: str) -> bytes:
+        """The bytes of committed file ``rel`` of ``stage``'s shard, checked against the
+        size and sha256 in its completion record (``CorruptFile`` names the file)."""
+        rec = self.record(stage, shard)
+        if rec is None or rel not in rec["files"]:
+            raise CorruptFile(self.url(rel), f"no {stage} completion record lists it")
+        meta = rec["files"][rel]
+        try:
+            with self.open(rel) as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CorruptFile(self.url(rel), "missing") from None
+        if len(data) != meta["bytes"]:
+            raise CorruptFile(self.url(rel), f"{len(data)} bytes, its record says {meta['bytes']}")
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CorruptFile(self.url(rel), "sha256 differs from its completion record")
+        return data
+
+    def read_table_verified(self, stage: str, shard: int, rel: str, columns: list[str] | None = None):
+        """``read_verified`` for a parquet file, parsed (errors name the file)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = self.read_verified(stage, shard, rel)
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise CorruptFile(self.url(rel), f"unreadable parquet ({e})") from None
 
     def is_committed(self, stage: str, shard: int, verify_checksums: bool = False) -> bool:
         """True when the record exists and every file it names is there, same size
@@ -159,21 +214,10 @@ class ShardStore:
         """Move staged files into place, then write the completion record.
 
         ``files`` maps the final path relative to the dataset root (``images/00000.tar``)
-        to the staged local path (in a folder from ``staging_dir``).
+        to the staged local path (in a folder from ``staging_dir``). A journal written
+        first makes the switch all-or-nothing (module docstring).
         """
-        entries = {}
-        for rel, staged in sorted(files.items()):
-            size, digest = file_digest(LOCAL, staged)
-            final = self.path(rel)
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            if self.fs.exists(final):
-                self.fs.rm(final)
-            if self.is_local:
-                self.fs.mv(staged, final)
-            else:
-                self.fs.put_file(staged, final)
-                os.remove(staged)
-            entries[rel] = {"bytes": size, "sha256": digest}
+        entries = {rel: dict(zip(("bytes", "sha256"), file_digest(LOCAL, staged))) for rel, staged in sorted(files.items())}
         record = {
             "stage": stage,
             "shard": shard,
@@ -184,8 +228,67 @@ class ShardStore:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
+        journal = self.journal_path(stage, shard)
+        self.write_json_atomic(journal, {"moves": files, "record": record})
+        self.uncommit(stage, shard)  # the old pair stops existing before any file changes
+        self._apply_moves(files)
         self.write_json_atomic(self.record_path(stage, shard), record)
+        self.fs.rm(journal)
         return record
+
+    def journal_path(self, stage: str, shard: int) -> str:
+        return self.path(COMMITS, stage, shard_name(shard) + ".pending.json")
+
+    def _apply_moves(self, files: dict[str, str]) -> None:
+        for rel, staged in sorted(files.items()):
+            final = self.path(rel)
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            if self.fs.exists(final):
+                self.fs.rm(final)
+            if self.is_local:
+                self.fs.mv(staged, final)
+            else:
+                self.fs.put_file(staged, final)
+                os.remove(staged)
+
+    def pending_commits(self) -> list[str]:
+        """Journals of commits that were interrupted (paths)."""
+        return sorted(self.fs.glob(self.path(COMMITS, "*", "*.pending.json")))
+
+    def recover(self) -> list[str]:
+        """Finish or abandon interrupted commits; returns one line per journal.
+
+        A journal whose staged files are all still there (or already in place with the
+        recorded sha256) is rolled forward; otherwise it is dropped and its shard stays
+        uncommitted, so the next run redoes it. Call before ``clean_staging``."""
+        out = []
+        for journal in self.pending_commits():
+            name = journal.rsplit("/", 1)[-1]
+            try:
+                with self.fs.open(journal, "r") as f:
+                    j = json.load(f)
+                moves, record = j["moves"], j["record"]
+            except (ValueError, KeyError, TypeError):
+                self.fs.rm(journal)
+                out.append(f"{name}: unreadable journal dropped; the shard will be redone")
+                continue
+            ready = True
+            todo = {}
+            for rel, staged in moves.items():
+                if LOCAL.exists(staged):
+                    todo[rel] = staged
+                elif not (self.fs.exists(self.path(rel)) and file_digest(self.fs, self.path(rel))[1] == record["files"][rel]["sha256"]):
+                    ready = False
+            stage, shard = record["stage"], int(record["shard"])
+            if ready:
+                self.uncommit(stage, shard)
+                self._apply_moves(todo)
+                self.write_json_atomic(self.record_path(stage, shard), record)
+                out.append(f"{stage} shard {shard}: interrupted commit finished")
+            else:
+                out.append(f"{stage} shard {shard}: interrupted commit abandoned; the shard will be redone")
+            self.fs.rm(journal)
+        return out
 
     def write_json_atomic(self, path: str, obj: Any) -> None:
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -201,6 +304,8 @@ class ShardStore:
             self.fs.rm(p)
 
     def clean_staging(self, stage_dirs: Iterable[str]) -> None:
+        """Remove leftover staging folders (after finishing interrupted commits)."""
+        self.recover()
         for sd in stage_dirs:
             p = self.path(sd, "_tmp")
             if self.fs.exists(p):

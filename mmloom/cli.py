@@ -27,6 +27,24 @@ def report_failures(failed: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def writes(dir_attr: str):
+    """Run a command that writes the dataset at ``args.<dir_attr>`` under its writer lock
+    (manifests/lock.py): a second writer on the same directory stops with one line."""
+    def wrap(fn):
+        def run(a) -> int:
+            from mmloom.manifests.lock import writer_lock
+
+            if getattr(a, "dry_run", False):
+                return fn(a)
+            with writer_lock(getattr(a, dir_attr), a.command):
+                return fn(a)
+        run.__name__ = fn.__name__
+        run.__doc__ = fn.__doc__
+        return run
+    return wrap
+
+
+@writes("out")
 def cmd_ingest(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.curate.ingest import ingest
@@ -46,6 +64,7 @@ def cmd_ingest(a) -> int:
     return 0
 
 
+@writes("dir")
 def cmd_download(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.curate.download import download
@@ -64,6 +83,7 @@ def cmd_download(a) -> int:
     return report_failures(s["failed"])
 
 
+@writes("dir")
 def cmd_score(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.curate.score import score
@@ -76,6 +96,7 @@ def cmd_score(a) -> int:
     return report_failures(s["failed"])
 
 
+@writes("dir")
 def cmd_select(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.filters.select import render_funnel, select
@@ -93,6 +114,7 @@ def cmd_select(a) -> int:
     return 0
 
 
+@writes("dir")
 def cmd_ground(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
     from mmloom.curate.ground import ground
@@ -105,6 +127,7 @@ def cmd_ground(a) -> int:
     return report_failures(s["failed"])
 
 
+@writes("dir")
 def cmd_build(a) -> int:
     from mmloom.curate.build import build
     from mmloom.curate.card import write_card
@@ -156,6 +179,31 @@ def _require_dataset(root: str) -> None:
     store = ShardStore(root)
     if not store.fs.isdir(store.base):
         raise UserError(f"no dataset directory {root}")
+
+
+def cmd_verify(a) -> int:
+    from mmloom.manifests.verify import verify
+
+    _require_dataset(a.dir)
+    if a.repair:
+        from mmloom.manifests.lock import writer_lock
+
+        with writer_lock(a.dir, "verify --repair"):
+            rep = verify(a.dir, True, not a.no_progress)
+    else:
+        rep = verify(a.dir, False, not a.no_progress)
+    for line in rep.pending:
+        print(f"  {line}" if a.repair else f"  interrupted commit: {line} (`--repair` finishes or abandons it)")
+    for p in rep.problems:
+        print(f"BAD {p.line()}")
+    print(f"verify: {rep.files} file(s), {rep.bytes / 2**20:.1f} MiB checked against their completion records; "
+          f"{len(rep.problems)} bad")
+    if rep.repaired:
+        shards = ", ".join(f"{s} {n:05d}" if n >= 0 else "ingest summary" for s, n in rep.repaired)
+        print(f"repair: marked not done: {shards}; rerun those stages (or `mmloom run`) to redo them")
+    elif rep.problems:
+        print(f"rerun with `mmloom verify {a.dir} --repair` to mark the affected shards not done")
+    return 1 if rep.problems and not a.repair else 0
 
 
 def cmd_query(a) -> int:
@@ -304,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("verify", help="check every committed file against its completion record (size, sha256)")
+    s.add_argument("dir")
+    s.add_argument("--repair", action="store_true",
+                   help="mark the shards with bad files not done, so the next run of their stage redoes them")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("clean-caption", help="clean captions with Versatile Diffusion's rules (appendix C.1)")
     s.add_argument("text", nargs="+")

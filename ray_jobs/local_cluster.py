@@ -19,11 +19,15 @@ def free_port() -> int:
 
 
 class LocalCluster:
-    def __init__(self, workers: int = 2, cpus_per_worker: int = 1, object_store_mb: int = 150):
+    def __init__(self, workers: int = 2, cpus_per_worker: int = 1, object_store_mb: int = 150, auth_mode: str | None = None):
+        """``auth_mode`` ("token" or "disabled") sets the nodes' RAY_AUTH_MODE; by default
+        they inherit this process's."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        if auth_mode:
+            self.env["RAY_AUTH_MODE"] = auth_mode
         store = str(object_store_mb * 1024 * 1024)
         self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false",
                                  f"--object-store-memory={store}"])
@@ -33,9 +37,9 @@ class LocalCluster:
             # drivers given an explicit address join with it. Without a token, auth is off.
             token = os.path.expanduser("~/.ray/auth_token")
             deadline = time.time() + 10
-            while not os.path.exists(token) and time.time() < deadline and self.head.poll() is None:
+            while auth_mode != "disabled" and not os.path.exists(token) and time.time() < deadline and self.head.poll() is None:
                 time.sleep(0.2)
-            if os.path.exists(token):
+            if os.path.exists(token) and auth_mode != "disabled":
                 self.env.setdefault("RAY_AUTH_MODE", "token")
             self._wait_nodes(1)
             for _ in range(workers):
