@@ -51,11 +51,9 @@ def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
     score stage did not store embeddings)."""
     if not store.is_committed("score", shard):
         return {}
-    with store.open("scores", shard_name(shard) + ".parquet") as f:
-        pf = pq.ParquetFile(f)
-        if "clip_image_embedding" not in pf.schema_arrow.names:
-            return {}
-        t = pf.read(columns=["sample_key", "clip_image_embedding"])
+    t = store.read_table_verified("score", shard, f"scores/{shard_name(shard)}.parquet")
+    if "clip_image_embedding" not in t.column_names:
+        return {}
     return dict(zip(t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()))
 
 
