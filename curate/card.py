@@ -14,7 +14,8 @@ from mmloom.curate.config import PipelineConfig
 from mmloom.curate.prompt import render
 from mmloom.curate.stats import funnel, render as render_funnel
 from mmloom.manifests.store import ShardStore
-from mmloom.manifests.views import open_dataset, view_names
+from mmloom.manifests.sql import ident
+from mmloom.manifests.views import open_dataset, reading, view_names
 
 
 def _save(store: ShardStore, fig, rel: str, dpi: int) -> str:
@@ -40,7 +41,7 @@ def _plots(store: ShardStore, con, names: set[str]) -> list[str]:
         fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3), squeeze=False)
         sel = set(r[0] for r in con.execute("SELECT sample_key FROM selected").fetchall()) if "selected" in names else set()
         for ax, c in zip(axes[0], cols):
-            rows = con.execute(f"SELECT sample_key, {c} FROM scores WHERE {c} IS NOT NULL").fetchall()
+            rows = con.execute(f"SELECT sample_key, {ident(c)} FROM scores WHERE {ident(c)} IS NOT NULL").fetchall()
             allv = [v for _k, v in rows]
             selv = [v for k, v in rows if k in sel]
             ax.hist(allv, bins=20, alpha=0.5, label="scored")
@@ -102,6 +103,11 @@ def _examples(store: ShardStore, n: int) -> list[tuple[str, str]]:
 
 
 def write_card(root: str, cfg: PipelineConfig) -> str:
+    with reading(root):  # a damaged committed file: one line naming it
+        return _write_card(root, cfg)
+
+
+def _write_card(root: str, cfg: PipelineConfig) -> str:
     store = ShardStore(root)
     con = open_dataset(root)
     names = set(view_names(con))

@@ -10,11 +10,11 @@ rows stay with a status and reason; duplicates are counted in the summary.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 
+import duckdb
 import fsspec
 from urllib.parse import urlsplit
 
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mmloom.curate.config import IngestConfig, PipelineConfig
 from mmloom.curate.runner import Resources, run_shards
-from mmloom.curate.sources import detect
+from mmloom.curate.sources import detect, pandas_index_columns, src_columns
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
 from mmloom.manifests.store import ShardStore, config_hash, shard_name
@@ -46,18 +46,18 @@ def expand_sources(sources: list[str]) -> list[str]:
         fs, path = fsspec.core.url_to_fs(s)
         remote = "://" in s
         name = (lambda p: fs.unstrip_protocol(p)) if remote else os.path.abspath
-        if any(ch in s for ch in "*?["):
+        if fs.isdir(path):  # a name that exists is itself, even with * ? [ in it
+            hits = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            if not hits:
+                raise UserError(f"directory {s} holds no .parquet file")
+        elif fs.exists(path):
+            hits = [path]
+        elif any(ch in s for ch in "*?["):
             hits = sorted(fs.glob(path))
             if not hits:
                 raise UserError(f"no file matches {s!r}")
-        elif fs.isdir(path):
-            hits = sorted(fs.glob(path.rstrip("/") + "/**/*.parquet"))
-            if not hits:
-                raise UserError(f"directory {s} holds no .parquet file")
-        elif not fs.exists(path):
-            raise UserError(f"input file not found: {s}")
         else:
-            hits = [path]
+            raise UserError(f"input file not found: {s}")
         files += [name(h) for h in hits]
     return list(dict.fromkeys(files))
 
@@ -73,9 +73,14 @@ def _numeric(df: pd.DataFrame, cols: list[str], field: str, bad: list[str | None
         broken = raw.notna() & num.isna()
         for i in np.flatnonzero(broken.to_numpy()):
             if bad[i] is None:
-                bad[i] = f"non-numeric {c} {raw.iloc[i]!r}"
+                bad[i] = f"non-numeric {c} {_short(raw.iloc[i])}"
         values.append(num.astype("float64"))
     return pd.concat(values, axis=1).max(axis=1, skipna=True) if len(values) > 1 else values[0]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _url_problem(url) -> str | None:
@@ -120,19 +125,74 @@ def prefilter_reasons(df: pd.DataFrame, pf) -> list[str]:
     return ["; ".join(r) for r in reasons]
 
 
-def normalize_table(table: pa.Table, path: str, file_idx: int, cfg: IngestConfig) -> pd.DataFrame:
-    """One metadata table -> candidate rows (before dedup and sharding)."""
+def _texts(table: pa.Table, name: str, what: str, bad: list[str | None]) -> list:
+    """One url/caption column as Python values: text stays text, binary is decoded as
+    UTF-8 (undecodable bytes mark the row invalid, naming the column), other types pass
+    through for the caller to refuse. Never the Python repr of a value."""
+    col = table.column(table.column_names.index(name))
+    typ = col.type
+    if pa.types.is_dictionary(typ):
+        col, typ = col.cast(typ.value_type), typ.value_type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        try:
+            col.validate(full=True)  # checks the UTF-8
+            return col.to_pylist()
+        except pa.ArrowInvalid:  # text that is not UTF-8: decode value by value below
+            col = col.cast(pa.binary() if pa.types.is_string(typ) else pa.large_binary())
+    elif not (pa.types.is_binary(typ) or pa.types.is_large_binary(typ)):
+        return col.to_pylist()
+    out = []
+    for i, v in enumerate(col.to_pylist()):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(v.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            out.append(v)  # kept as bytes: not text, and still keys the row (_row_key)
+            if bad[i] is None:
+                bad[i] = f"{what} ({name}) is not UTF-8 text (byte {e.start}: {v[e.start:e.start + 4]!r})"
+    return out
+
+
+def _src_column(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A source column as kept: its own type, except text that is not valid UTF-8, which
+    is kept as bytes (DuckDB refuses to read such text)."""
+    typ = col.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid:
+            return col.cast(pa.binary() if pa.types.is_string(typ) else pa.large_binary())
+    return col
+
+
+# the staged parquet's candidate columns, typed even when every value is null
+STAGED_SCHEMA = pa.schema([
+    ("url", pa.string()), ("caption", pa.string()), ("width", pa.float64()), ("height", pa.float64()),
+    ("clip_similarity", pa.float64()), ("nsfw_score", pa.float64()), ("watermark_score", pa.float64()),
+    ("aesthetic_score", pa.float64()), ("sample_key", pa.string()), ("source_format", pa.string()),
+    ("source_file", pa.string()), ("source_row", pa.int64()), ("file_idx", pa.int64()),
+    ("status", pa.string()), ("reason", pa.string()),
+])
+
+
+def normalize_table(table: pa.Table, path: str, file_idx: int, cfg: IngestConfig) -> pa.Table:
+    """One metadata table -> candidate rows (before dedup and sharding), with the source
+    columns kept as ``src_...`` (sources.src_columns)."""
+    drop = pandas_index_columns(table.schema)
+    keep = [i for i, c in enumerate(table.column_names) if c not in drop]
+    table = table.select(keep).replace_schema_metadata(None)  # pandas metadata never shapes the rows
     m = detect(table.column_names, cfg.format, cfg.url_col, cfg.caption_col, path)
-    df = table.to_pandas(types_mapper=None)
-    n = len(df)
+    n = table.num_rows
     bad: list[str | None] = [None] * n
-    out = pd.DataFrame(index=df.index)
-    urls = df[m.url]
-    for i, u in enumerate(urls.tolist()):
-        if (p := _url_problem(u)) is not None:
+    out = pd.DataFrame(index=pd.RangeIndex(n))
+    urls = _texts(table, m.url, "url", bad)
+    for i, u in enumerate(urls):
+        if bad[i] is None and (p := _url_problem(u)) is not None:
             bad[i] = p
-    out["url"] = [u.strip() if isinstance(u, str) else None for u in urls.tolist()]
-    caps = df[m.caption].tolist()
+    out["url"] = [u.strip() if isinstance(u, str) else None for u in urls]
+    caps = _texts(table, m.caption, "caption", bad)
     for i, c in enumerate(caps):
         if bad[i] is None:
             if c is None or (isinstance(c, float) and np.isnan(c)):
@@ -142,14 +202,15 @@ def normalize_table(table: pa.Table, path: str, file_idx: int, cfg: IngestConfig
             elif not c.strip():
                 bad[i] = f"caption ({m.caption}) is empty"
     out["caption"] = [c if isinstance(c, str) else None for c in caps]
+    numeric = {c: table.column(table.column_names.index(c)).to_pandas() for cols in m.numeric_fields().values() for c in cols}
     for fld, cols in m.numeric_fields().items():
-        out[fld] = _numeric(df, cols, fld, bad)
+        out[fld] = _numeric(pd.DataFrame({c: numeric[c] for c in cols}), cols, fld, bad)
     for fld in ("width", "height"):
         nonpos = out[fld] <= 0
         for i in np.flatnonzero(nonpos.fillna(False).to_numpy()):
             if bad[i] is None:
                 bad[i] = f"{fld} must be positive (got {out[fld].iat[i]})"
-    out["sample_key"] = [sample_key(u or "", c if isinstance(c, str) else "") for u, c in zip(out["url"], caps)]
+    out["sample_key"] = [_row_key(u, c) for u, c in zip(urls, caps)]
     out["source_format"] = m.format
     out["source_file"] = path
     out["source_row"] = np.arange(n, dtype="int64")
@@ -157,9 +218,19 @@ def normalize_table(table: pa.Table, path: str, file_idx: int, cfg: IngestConfig
     reasons = prefilter_reasons(out, cfg.prefilter)
     out["status"] = [S.INVALID if b else (S.PREFILTERED if r else S.CANDIDATE) for b, r in zip(bad, reasons)]
     out["reason"] = [b if b else r for b, r in zip(bad, reasons)]
-    for c in table.column_names:  # keep the source columns, prefixed
-        out["src_" + c.lower()] = df[c]
-    return out
+    staged = pa.Table.from_pandas(out[STAGED_SCHEMA.names], schema=STAGED_SCHEMA, preserve_index=False)
+    for i, name in enumerate(src_columns(table.column_names)):  # keep the source columns
+        staged = staged.append_column(name, _src_column(table.column(i)))
+    return staged
+
+
+def _row_key(url, caption) -> str:
+    """sample_key of one row; a url or caption that is not text (bytes that are not UTF-8,
+    a number) is keyed on its raw value, so distinct values never collapse into duplicates."""
+    if (url is None or isinstance(url, str)) and (caption is None or isinstance(caption, str)):
+        return sample_key(url or "", caption or "")
+    raw = [v if isinstance(v, bytes) else ("" if v is None else str(v)).encode("utf-8", "surrogatepass") for v in (url, caption)]
+    return hashlib.blake2b(b"\x00raw\x1f" + raw[0] + b"\x1f" + raw[1], digest_size=16).hexdigest()
 
 
 def normalize_file(file_idx: int, path: str, cfg: dict, staging: str) -> dict:
@@ -169,15 +240,20 @@ def normalize_file(file_idx: int, path: str, cfg: dict, staging: str) -> dict:
         fs, local = fsspec.core.url_to_fs(path)
         table = pq.read_table(local, filesystem=fs)
     except Exception as e:
-        raise UserError(f"cannot read {path} as parquet: {e}") from None
-    df = normalize_table(table, path, file_idx, icfg)
+        raise UserError(f"cannot read {path} as parquet: {_one_line(e)}") from None
+    staged = normalize_table(table, path, file_idx, icfg)
     fs, base = fsspec.core.url_to_fs(staging)  # shared by every node: the dataset's own filesystem
     fs.makedirs(base, exist_ok=True)
     out = f"{base}/{file_idx:06d}.parquet"
     with fs.open(out + ".tmp", "wb") as f:
-        df.to_parquet(f, index=False)
+        pq.write_table(staged, f)
     fs.mv(out + ".tmp", out)
-    return {"rows": len(df), "format": df["source_format"].iat[0] if len(df) else None, "file": path}
+    fmt = staged.column("source_format")[0].as_py() if staged.num_rows else None
+    return {"rows": staged.num_rows, "format": fmt, "file": path, "staged": f"{staging}/{file_idx:06d}.parquet"}
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:500]
 
 
 def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
@@ -218,10 +294,10 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         raise UserError(f"ingest stopped, nothing was written:\n  {msgs}")
 
     con = store.duckdb()
-    con.execute(f"SET threads TO {max(1, os.cpu_count() or 1)}")
-    con.execute(
-        f"CREATE TABLE raw AS SELECT * FROM read_parquet('{staging}/*.parquet', union_by_name=true)"
-    )
+    con.execute("SET threads = ?", [max(1, os.cpu_count() or 1)])
+    done = sorted(run.results, key=lambda r: r["staged"])  # file order
+    raw, retyped = _union_staged(con, [r["staged"] for r in done], [r["file"] for r in done])
+    raw.create("raw")
     input_rows = con.execute("SELECT count(*) FROM raw").fetchall()[0][0]
     con.execute(
         """
@@ -232,34 +308,35 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
     )
     kept = con.execute("SELECT count(*) FROM dedup").fetchall()[0][0]
     con.execute(
-        f"""
+        """
         CREATE TABLE sharded AS
         SELECT *, CAST((row_number() OVER (
-                   ORDER BY (status = '{S.CANDIDATE}') DESC, file_idx, source_row) - 1)
-                   // {cfg.shard_size} AS INTEGER) AS shard
+                   ORDER BY (status = $candidate) DESC, file_idx, source_row) - 1)
+                   // $size AS INTEGER) AS shard
         FROM dedup
-        """
+        """,
+        {"candidate": S.CANDIDATE, "size": cfg.shard_size},
     )
     n_shards = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM sharded").fetchall()[0][0]
-    src_cols = [r[0] for r in con.execute("DESCRIBE sharded").fetchall() if r[0].startswith("src_")]
-    cols = ", ".join([*S.CANDIDATE_COLUMNS, *[f'"{c}"' for c in src_cols]])
+    sharded = con.table("sharded")
+    cols = [*S.CANDIDATE_COLUMNS, *[c for c in sharded.columns if c.startswith("src_")]]
     parts = os.path.join(store.staging_dir(OUT_DIR, 0), "parts")
-    con.execute(
-        f"COPY (SELECT {cols} FROM sharded ORDER BY shard, file_idx, source_row) "
-        f"TO '{parts}' (FORMAT parquet, PARTITION_BY (shard), WRITE_PARTITION_COLUMNS true)"
-    )
+    (sharded.order("shard, file_idx, source_row")
+        .select(*[duckdb.ColumnExpression(c) for c in cols])
+        .write_parquet(parts, partition_by=["shard"], write_partition_columns=True))
     counts = dict(con.execute("SELECT status, count(*) FROM dedup GROUP BY status ORDER BY status").fetchall())
     per_shard = {
         s: dict(zip(("rows", "candidates"), (r, c)))
         for s, r, c in con.execute(
-            f"SELECT shard, count(*), count(*) FILTER (status = '{S.CANDIDATE}') FROM sharded GROUP BY shard"
+            "SELECT shard, count(*), count(*) FILTER (status = ?) FROM sharded GROUP BY shard", [S.CANDIDATE]
         ).fetchall()
     }
     con.close()
     for s in range(n_shards):
         if store.is_committed(STAGE, s):
             continue
-        part_files = glob.glob(os.path.join(parts, f"shard={s}", "*.parquet"))
+        shard_dir = os.path.join(parts, f"shard={s}")
+        part_files = [os.path.join(shard_dir, f) for f in os.listdir(shard_dir) if f.endswith(".parquet")]
         assert len(part_files) == 1, part_files
         store.commit(STAGE, s, {f"{OUT_DIR}/{shard_name(s)}.parquet": part_files[0]}, per_shard[s], chash)
     store.discard(os.path.dirname(parts))
@@ -274,9 +351,73 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
         "shards": n_shards,
         "shard_size": cfg.shard_size,
         "config_hash": chash,
+        "retyped_columns": retyped,
     }
     store.write_json_atomic(summary_path, summary)
     return summary
+
+
+NUMBER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                "UBIGINT", "UHUGEINT", "FLOAT", "DOUBLE"}
+
+
+def _is_number(t: str) -> bool:
+    return t in NUMBER_TYPES or t.startswith("DECIMAL")
+
+
+def _union_staged(con, staged: list[str], files: list[str]):
+    """All staged files as one relation (by column name), and the source columns whose
+    type differs between files, retyped: numbers of different widths become DuckDB's
+    common number type, anything else text (VARCHAR), or bytes (BLOB, text as UTF-8)
+    when one file holds bytes. Returns (relation, {column: "TYPE (was T1 in FILE, ...)"})."""
+    every = con.read_parquet(staged, union_by_name=True)
+    target = {c: str(t) for c, t in zip(every.columns, every.types)}
+    per_file = []
+    for p in staged:
+        r = con.read_parquet(p)
+        per_file.append({c: str(t) for c, t in zip(r.columns, r.types)})
+    retype: dict[str, str] = {}
+    for c in target:
+        kinds = {f[c] for f in per_file if c in f}
+        if len(kinds) < 2:
+            continue
+        if all(_is_number(k) for k in kinds):
+            retype[c] = target[c]
+        else:
+            retype[c] = "BLOB" if "BLOB" in kinds else "VARCHAR"
+    if not retype:
+        return every, {}
+    notes = {}
+    for c, t in retype.items():
+        seen: dict[str, str] = {}
+        for f, types in zip(files, per_file):
+            if c in types:
+                seen.setdefault(types[c], f)
+        notes[c] = f"{t} (" + ", ".join(f"{k} in {f}" for k, f in seen.items()) + ")"
+
+    def expr(c: str, types: dict[str, str]):
+        want = retype.get(c, target[c])
+        if c not in types:  # the union takes the type of the files that have it
+            null = duckdb.ConstantExpression(None)
+            return (null.cast(duckdb.sqltype(want)) if c in retype else null).alias(c)
+        col = duckdb.ColumnExpression(c)
+        have = types[c]
+        if have == want:
+            return col.alias(c)
+        if want == "BLOB":  # text as its UTF-8 bytes (a cast would read backslash escapes)
+            text = col if have == "VARCHAR" else col.cast(duckdb.sqltype("VARCHAR"))
+            return duckdb.FunctionExpression("encode", text).alias(c)
+        return col.cast(duckdb.sqltype(want)).alias(c)
+
+    groups: dict[tuple, list[str]] = {}  # files with one schema are read together
+    for p, types in zip(staged, per_file):
+        groups.setdefault(tuple(types.items()), []).append(p)
+    rel = None
+    for key, paths in groups.items():
+        types = dict(key)
+        part = con.read_parquet(paths).select(*[expr(c, types) for c in target])
+        rel = part if rel is None else rel.union(part)
+    return rel, notes
 
 
 def _normalize_by_index(idx: int, files: list[str], cfg: dict, staging: str) -> dict:

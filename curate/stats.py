@@ -9,11 +9,19 @@ from __future__ import annotations
 import json
 
 from mmloom.manifests.store import ShardStore
-from mmloom.manifests.views import open_dataset, view_names
+from mmloom.manifests.views import open_dataset, reading, view_names
 
 
 def funnel(root: str, top: int = 5) -> dict:
     con = open_dataset(root)
+    try:
+        with reading(root):
+            return _funnel(con, root, top)
+    finally:
+        con.close()
+
+
+def _funnel(con, root: str, top: int) -> dict:
     views = set(view_names(con))
     store = ShardStore(root)
     out: dict = {"dataset": store.root}
@@ -26,18 +34,20 @@ def funnel(root: str, top: int = 5) -> dict:
         out["candidates"] = dict(con.execute("SELECT status, count(*) FROM candidates GROUP BY 1 ORDER BY 2 DESC").fetchall())
         out["candidate_reasons"] = {
             status: con.execute(
-                f"""SELECT rule, count(*) FROM (
+                """SELECT rule, count(*) FROM (
                       SELECT regexp_extract(unnest(string_split(reason, '; ')), '^[^0-9(]*[^ 0-9(]') AS rule
-                      FROM candidates WHERE status = '{status}')
-                    GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT {top}"""
+                      FROM candidates WHERE status = $status)
+                    GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT $top""",
+                {"status": status, "top": top},
             ).fetchall()
             for status in ("invalid", "prefiltered")
         }
     if "downloads" in views:
         out["downloads"] = dict(con.execute("SELECT status, count(*) FROM downloads GROUP BY 1 ORDER BY 2 DESC").fetchall())
         out["download_errors"] = con.execute(
-            f"""SELECT status, error_message, count(*) FROM downloads
-                WHERE status NOT IN ('success', 'skipped') GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT {top}"""
+            """SELECT status, error_message, count(*) FROM downloads
+                WHERE status NOT IN ('success', 'skipped') GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT ?""",
+            [top],
         ).fetchall()
     if "scores" in views:
         out["scored"] = con.execute("SELECT count(*), count(score_error) FROM scores").fetchall()[0]
@@ -45,7 +55,6 @@ def funnel(root: str, top: int = 5) -> dict:
         out["selected"] = con.execute("SELECT count(*) FROM selected").fetchall()[0][0]
         out["rejected_by_first_rule"] = con.execute(
             "SELECT first_rule, count(*) FROM rejects GROUP BY 1 ORDER BY 2 DESC, 1").fetchall() if "rejects" in views else []
-    con.close()
     return out
 
 

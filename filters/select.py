@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from mmloom.curate.config import PipelineConfig, SelectConfig
 from mmloom.errors import UserError
 from mmloom.manifests.store import ShardStore, config_hash
-from mmloom.manifests.views import open_dataset, view_names
+from mmloom.manifests.sql import ident_list
+from mmloom.manifests.views import open_dataset, reading, view_names
 
 STAGE = "select"
 OUT_DIR = "selection"
@@ -103,8 +104,8 @@ def near_duplicates(con, max_distance: int) -> dict[str, tuple[str, int]]:
         WITH bands AS ({band_sql})
         SELECT DISTINCT a.phash, b.phash, bit_count(xor(a.phash_int, b.phash_int)) AS d
         FROM bands a JOIN bands b ON a.band = b.band AND a.v = b.v AND a.phash < b.phash
-        WHERE bit_count(xor(a.phash_int, b.phash_int)) <= {max_distance}
-    """).fetchall()
+        WHERE bit_count(xor(a.phash_int, b.phash_int)) <= $max_distance
+    """, {"max_distance": int(max_distance)}).fetchall()
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -134,13 +135,18 @@ def near_duplicates(con, max_distance: int) -> dict[str, tuple[str, int]]:
 
 def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
     """Run the selection query; write selection/ unless ``dry_run``. Returns the funnel."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cfg = config.select
     con = open_dataset(root)
     if "scores" not in view_names(con):
         raise UserError(f"{root} has no scores yet; run `mmloom score {root}` first")
+    with reading(root):  # a damaged committed file: one line naming it
+        return _select(con, root, cfg, dry_run)
+
+
+def _select(con, root: str, cfg: SelectConfig, dry_run: bool) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     columns = {r[0] for r in con.execute("DESCRIBE samples").fetchall()}
     sql = build_query(cfg, columns)
     con.execute(f"CREATE TEMP TABLE judged AS {sql}")
@@ -149,14 +155,14 @@ def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
     con.execute("CREATE TEMP TABLE dup (sample_key VARCHAR, kept VARCHAR, d INTEGER)")
     if dups:
         con.executemany("INSERT INTO dup VALUES (?, ?, ?)", [(k, v[0], v[1]) for k, v in dups.items()])
-    con.execute(f"""
+    con.execute("""
         CREATE TEMP TABLE final AS
         SELECT j.sample_key,
                CASE WHEN dup.sample_key IS NULL THEN j.failed
-                    ELSE list_append(j.failed, {{'rule': 'dedup_max_distance',
-                         'value': dup.d || ' bits from ' || dup.kept, 'threshold': '{cfg.dedup_max_distance}'}}) END AS failed
+                    ELSE list_append(j.failed, {'rule': 'dedup_max_distance',
+                         'value': dup.d || ' bits from ' || dup.kept, 'threshold': CAST($threshold AS VARCHAR)}) END AS failed
         FROM judged j LEFT JOIN dup USING (sample_key)
-    """)
+    """, {"threshold": str(cfg.dedup_max_distance)})
     rule_names = [r.name for r in rules(cfg)] + (["dedup_max_distance"] if cfg.dedup_max_distance is not None else [])
     per_rule = dict(con.execute("""
         SELECT f.rule, count(*) FROM (SELECT unnest(failed) AS f FROM final) GROUP BY 1
@@ -173,7 +179,7 @@ def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
 
     store = ShardStore(root)
     emb = [c for c in columns if c.endswith("_embedding")]
-    exclude = f" EXCLUDE ({', '.join(emb)})" if emb else ""
+    exclude = f" EXCLUDE ({ident_list(emb)})" if emb else ""
     selected = con.sql(f"""
         SELECT s.*{exclude} FROM samples s JOIN final f USING (sample_key)
         WHERE len(f.failed) = 0 ORDER BY s.shard, s.source_row, s.sample_key

@@ -6,6 +6,12 @@ half-written shard can never show up in a query. Views appear as stages complete
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import duckdb
+
+from mmloom.errors import UserError
+from mmloom.manifests.sql import ident
 from mmloom.manifests.store import ShardStore
 
 # view name -> (stage whose records list the files, folder, file-name suffix); a suffix
@@ -43,19 +49,84 @@ def committed_files(store: ShardStore, stage: str, folder: str, suffix: str) -> 
     return sorted(files)
 
 
-def _sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+def dataset_files(store: ShardStore) -> dict[str, str]:
+    """Every committed parquet file a view reads -> the stage that wrote it."""
+    out: dict[str, str] = {}
+    for stage, folder, suffix in VIEWS.values():
+        for f in committed_files(store, stage, folder, suffix):
+            out.setdefault(f, stage)
+    return out
+
+
+def _fs_path(store: ShardStore, url: str) -> str:
+    """``store.url(rel)`` -> ``store.path(rel)`` (the form the filesystem takes)."""
+    return store.path(url[len(store.root) + 1:])
+
+
+def _first_line(e: BaseException) -> str:
+    text = "".join(ch if ch.isprintable() else " " for ch in str(e))
+    return " ".join(text.split())[:300]
+
+
+def _damaged(f: str, stage: str, why: str) -> UserError:
+    return UserError(f"cannot read {f} ({why}); it was written by the {stage} stage: delete it, then rerun that stage")
+
+
+def _unreadable(store: ShardStore, files: dict[str, str], err: BaseException) -> UserError | None:
+    """The committed file behind a DuckDB read error, as a one-line UserError naming it:
+    the file the message names, else the first one pyarrow cannot read through (footer,
+    then every page). None when every file reads (the error is something else)."""
+    import pyarrow.parquet as pq
+
+    text = str(err)
+    named = [f for f in files if f in text or _fs_path(store, f) in text]
+    if named:
+        f = max(named, key=len)
+        return _damaged(f, files[f], _first_line(err))
+    for f, stage in files.items():
+        try:
+            with store.fs.open(_fs_path(store, f), "rb") as fh:
+                for _ in pq.ParquetFile(fh).iter_batches(batch_size=65536):
+                    pass
+        except Exception as e:  # any failure to parse is the file's, named here
+            return _damaged(f, stage, _first_line(e))
+    return None
+
+
+@contextmanager
+def reading(root: str):
+    """Run queries over the dataset's views: a DuckDB error caused by a damaged committed
+    file becomes a one-line UserError naming that file; any other error is left as it is."""
+    try:
+        yield
+    except duckdb.Error as e:
+        if isinstance(e, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)):
+            raise
+        store = ShardStore(root)
+        mapped = _unreadable(store, dataset_files(store), e)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def open_dataset(root: str, extra_views: dict[str, str] | None = None):
-    """A DuckDB connection with one view per available stage (plus ``extra_views`` SQL)."""
+    """A DuckDB connection with one view per available stage (plus ``extra_views``:
+    SQL written by mmloom, never from data). A committed file DuckDB cannot open is a
+    one-line UserError naming it."""
 
     store = ShardStore(root)
     con = store.duckdb()
     for name, (stage, folder, suffix) in VIEWS.items():
         files = committed_files(store, stage, folder, suffix)
         if files:
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_list(files)}, union_by_name=true)")
+            try:  # binding reads every file's footer (union_by_name)
+                con.read_parquet(files, union_by_name=True).create_view(name)
+            except duckdb.Error as e:
+                mapped = _unreadable(store, {f: stage for f in files}, e)
+                con.close()
+                if mapped is None:
+                    raise
+                raise mapped from None
     names = set(view_names(con))
     if {"candidates", "downloads"} <= names:
         has_scores = "scores" in names
@@ -64,7 +135,7 @@ def open_dataset(root: str, extra_views: dict[str, str] | None = None):
             score_join="\nLEFT JOIN scores s USING (sample_key)" if has_scores else "",
         ))
     for name, sql in (extra_views or {}).items():
-        con.execute(f"CREATE VIEW {name} AS {sql}")
+        con.execute(f"CREATE VIEW {ident(name)} AS {sql}")
     return con
 
 

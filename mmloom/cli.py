@@ -209,24 +209,25 @@ def cmd_verify(a) -> int:
 def cmd_query(a) -> int:
     import duckdb
 
-    from mmloom.manifests.views import open_dataset, view_names
+    from mmloom.manifests.views import open_dataset, reading, view_names
 
     _require_dataset(a.dir)
     con = open_dataset(a.dir)
     try:
-        rel = con.sql(a.sql)
+        with reading(a.dir):  # a damaged committed file: one line naming it
+            rel = con.sql(a.sql)
+            if rel is None:
+                return 0
+            if a.format == "table":
+                rel.show(max_width=200, max_rows=a.max_rows)
+            else:
+                df = rel.df()
+                if a.format == "csv":
+                    df.to_csv(sys.stdout, index=False)
+                else:
+                    print(df.to_json(orient="records", indent=1, default_handler=str))
     except duckdb.Error as e:
         raise UserError(f"query failed: {e}\n(views in {a.dir}: {', '.join(view_names(con)) or 'none yet'})") from None
-    if rel is None:
-        return 0
-    if a.format == "table":
-        rel.show(max_width=200, max_rows=a.max_rows)
-    else:
-        df = rel.df()
-        if a.format == "csv":
-            df.to_csv(sys.stdout, index=False)
-        else:
-            print(df.to_json(orient="records", indent=1, default_handler=str))
     return 0
 
 

@@ -60,7 +60,7 @@ def test_laion_schema_normalized_with_keys_sources_and_statuses(tmp_path):
 
 def test_case_insensitive_columns_and_aesthetic_variant(tmp_path):
     t = laion_table([{"url": "https://a.example/1.jpg"}]).rename(columns={"URL": "url", "TEXT": "Text", "AESTHETIC_SCORE": "aesthetic"})
-    df = normalize_table(__import__("pyarrow").Table.from_pandas(t), "x.parquet", 0, load_config(None).ingest)
+    df = normalize_table(__import__("pyarrow").Table.from_pandas(t), "x.parquet", 0, load_config(None).ingest).to_pandas()
     assert df.source_format.iat[0] == "laion" and df.aesthetic_score.iat[0] == 5.0
 
 

@@ -35,17 +35,19 @@ def embedding_stats(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(mean [D], std [D], count) of the stored image embeddings behind ``data.shards``."""
     root = dataset_root(spec)
     if root is not None:
-        from mmloom.manifests.views import open_dataset, view_names
+        from mmloom.manifests.sql import ident
+        from mmloom.manifests.views import open_dataset, reading, view_names
 
         con = open_dataset(root)
         try:
-            if "scores" not in view_names(con) or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
-                raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
-            rows = con.execute(f"""
-                WITH e AS (SELECT {COLUMN} AS v FROM scores WHERE {COLUMN} IS NOT NULL),
-                     x AS (SELECT unnest(generate_series(1, len(v))) AS i, unnest(v) AS val FROM e)
-                SELECT i, avg(val), stddev_pop(val), count(*) FROM x GROUP BY i ORDER BY i
-            """).fetchall()
+            with reading(root):  # a damaged committed file: one line naming it
+                if "scores" not in view_names(con) or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
+                    raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
+                rows = con.execute(f"""
+                    WITH e AS (SELECT {ident(COLUMN)} AS v FROM scores WHERE {ident(COLUMN)} IS NOT NULL),
+                         x AS (SELECT unnest(generate_series(1, len(v))) AS i, unnest(v) AS val FROM e)
+                    SELECT i, avg(val), stddev_pop(val), count(*) FROM x GROUP BY i ORDER BY i
+                """).fetchall()
         finally:
             con.close()
         if not rows:
