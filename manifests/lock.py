@@ -118,7 +118,7 @@ class WriterLock:
             stale = f"{self.path}.stale-{self.token}"
             try:
                 self.store.fs.mv(self.path, stale)
-                self.store.fs.rm(stale)
+                self.store.fs.rm_file(stale)
             except FileNotFoundError:
                 pass
         else:
@@ -140,7 +140,7 @@ class WriterLock:
         if self._thread:
             self._thread.join(timeout=5)
         if (self._read() or {}).get("token") == self.token:
-            self.store.fs.rm(self.path)
+            self.store.fs.rm_file(self.path)
 
 
 @contextmanager

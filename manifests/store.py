@@ -190,13 +190,21 @@ class ShardStore:
         return self.fs.open(self.path(*parts), mode)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a small side file (card, figure) in one piece: temporary name, then rename."""
-        final = self.path(rel)
+        """Write a small side file (card, figure) in one piece."""
+        self._write_whole(self.path(rel), data)
+
+    def _write_whole(self, final: str, data: bytes) -> None:
+        """Readers see the old file or the new one: on a local disk a temporary name and a
+        rename; on an object store one PUT, which is atomic by itself (and fsspec's mv
+        would read `[` or `*` in the path as a glob)."""
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if not self.is_local:
+            self.fs.pipe_file(final, data)
+            return
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        self.fs.mv(tmp, final)
+        os.replace(tmp, final)
 
     def records(self, stage: str) -> list[dict]:
         return [r for s in self.committed_shards(stage) if (r := self.record(stage, s))]
@@ -233,7 +241,7 @@ class ShardStore:
         self.uncommit(stage, shard)  # the old pair stops existing before any file changes
         self._apply_moves(files)
         self.write_json_atomic(self.record_path(stage, shard), record)
-        self.fs.rm(journal)
+        self.fs.rm_file(journal)
         return record
 
     def journal_path(self, stage: str, shard: int) -> str:
@@ -244,16 +252,27 @@ class ShardStore:
             final = self.path(rel)
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             if self.fs.exists(final):
-                self.fs.rm(final)
-            if self.is_local:
-                self.fs.mv(staged, final)
-            else:
-                self.fs.put_file(staged, final)
-                os.remove(staged)
+                self.fs.rm_file(final)
+            self._move(staged, final)
+
+    def _move(self, staged: str, final: str) -> None:
+        """One staged local file into its final place (a rename on the same local disk)."""
+        if self.is_local:
+            shutil.move(staged, final)
+        else:
+            self.fs.put_file(staged, final)
+            os.remove(staged)
 
     def pending_commits(self) -> list[str]:
         """Journals of commits that were interrupted (paths)."""
-        return sorted(self.fs.glob(self.path(COMMITS, "*", "*.pending.json")))
+        base = self.path(COMMITS)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for d in self.fs.ls(base, detail=True):  # listings, not globs: the root may hold `[` or `*`
+            if d["type"] == "directory":
+                out += [p for p in self.fs.ls(d["name"], detail=False) if p.endswith(".pending.json")]
+        return sorted(out)
 
     def recover(self) -> list[str]:
         """Finish or abandon interrupted commits; returns one line per journal.
@@ -269,7 +288,7 @@ class ShardStore:
                     j = json.load(f)
                 moves, record = j["moves"], j["record"]
             except (ValueError, KeyError, TypeError):
-                self.fs.rm(journal)
+                self.fs.rm_file(journal)
                 out.append(f"{name}: unreadable journal dropped; the shard will be redone")
                 continue
             ready = True
@@ -287,29 +306,28 @@ class ShardStore:
                 out.append(f"{stage} shard {shard}: interrupted commit finished")
             else:
                 out.append(f"{stage} shard {shard}: interrupted commit abandoned; the shard will be redone")
-            self.fs.rm(journal)
+            self.fs.rm_file(journal)
         return out
 
     def write_json_atomic(self, path: str, obj: Any) -> None:
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        self.fs.mv(tmp, path)
+        self._write_whole(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def uncommit(self, stage: str, shard: int) -> None:
         """Forget a shard (its record goes first, so it stops existing at once)."""
         p = self.record_path(stage, shard)
         if self.fs.exists(p):
-            self.fs.rm(p)
+            self.fs.rm_file(p)
 
     def clean_staging(self, stage_dirs: Iterable[str]) -> None:
         """Remove leftover staging folders (after finishing interrupted commits)."""
         self.recover()
         for sd in stage_dirs:
             p = self.path(sd, "_tmp")
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
+            if self.is_local:
+                shutil.rmtree(p, ignore_errors=True)
+            elif self.fs.exists(p):
+                for f in self.fs.find(p):  # file by file: fs.rm would expand `[`, `*` in the path as a glob
+                    self.fs.rm_file(f)
 
     def duckdb(self):
         """A DuckDB connection that can read this dataset's URLs (``store.url(...)``).

@@ -112,7 +112,7 @@ def verify(root: str, repair: bool = False, progress: bool = True) -> Report:
             store.uncommit(stage, shard)
             rep.repaired.append((stage, shard))
         if any(p.file.endswith(SUMMARY) for p in rep.problems):
-            store.fs.rm(store.path(COMMITS, SUMMARY))  # ingest writes it anew
+            store.fs.rm_file(store.path(COMMITS, SUMMARY))  # ingest writes it anew
             rep.repaired.append(("ingest", -1))
     return rep
 

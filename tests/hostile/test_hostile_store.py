@@ -75,19 +75,19 @@ def test_recommit_killed_between_files_is_never_seen_torn_and_is_finished(tmp_pa
     new_tar, new_status = _tar({"a.jpg": b"A", "b.jpg": b"B"}), _status(["a", "b"])
     files, _ = _staged(store, 0, new_tar, new_status)
 
-    real_mv = store.fs.mv
+    real_move = store._move
     moved = []
 
-    def mv_then_die(src, dst, *a, **k):  # the process dies after the first file moved
+    def move_then_die(staged, final):  # the process dies after the first file moved
         if moved:
             raise KeyboardInterrupt("killed")
-        moved.append(dst)
-        return real_mv(src, dst, *a, **k)
+        moved.append(final)
+        return real_move(staged, final)
 
-    monkeypatch.setattr(store.fs, "mv", mv_then_die)
+    monkeypatch.setattr(store, "_move", move_then_die)
     with pytest.raises(KeyboardInterrupt):
         store.commit("download", 0, files, {"rows": 2}, "h2")
-    monkeypatch.setattr(store.fs, "mv", real_mv)
+    assert len(moved) == 1
 
     # readers never see the new parquet with the old tar: the shard does not exist now
     fresh = ShardStore(store.root)
@@ -273,3 +273,17 @@ def test_cluster_without_token_auth_runs_every_shard(tmp_path):
         assert r.returncode == 1 and "runs without token authentication but RAY_AUTH_MODE=token" in r.stderr
     finally:
         c.stop()
+
+
+def test_object_store_path_with_glob_characters(s3_bucket, tmp_path):
+    """`[`, `*` in a dataset URL are names, never patterns (fsspec's rm and glob expand them)."""
+    store = ShardStore(f"{s3_bucket}/odd[1]*'ds")
+    _commit_download(store, 0, _tar({"a.jpg": b"A"}), _status(["a"]))
+    files, _ = _staged(store, 0, _tar({"a.jpg": b"A2"}), _status(["a"]))
+    store.commit("download", 0, files, {"rows": 1}, "h2")  # a recommit removes files
+    assert store.pending_commits() == [] and store.recover() == []
+    store.fs.pipe_file(store.path("images", "_tmp", "00000-x", "left.tar"), b"x")
+    store.clean_staging(["images"])
+    assert not store.fs.exists(store.path("images", "_tmp", "00000-x", "left.tar"))
+    assert store.read_verified("download", 0, "images/00000.tar") == _tar({"a.jpg": b"A2"})
+    assert not verify(store.root, progress=False).problems
