@@ -146,6 +146,8 @@ def fault_routes(good_jpeg: bytes, redirect_target: str, hang_seconds: float | N
         "/fault/not-an-image.jpg": (Route(b"<html><body>hello</body></html>", content_type="text/html"), "failed_to_resize"),
         "/fault/redirect.jpg": (Route(redirect_to=redirect_target), "success"),
         "/fault/huge.png": (Route(huge_png_header(), content_type="image/png"), "refused"),
+        "/fault/bomb.hdr": (Route(pixel_bomb("HDR"), content_type="image/vnd.radiance"), "failed_to_resize"),
+        "/fault/image.tiff": (Route(other_format("TIFF"), content_type="image/tiff"), "failed_to_resize"),
         "/fault/opt-out.jpg": (Route(good_jpeg, headers={"X-Robots-Tag": "noai, noimageai"}), "opted_out"),
     }
     if hang_seconds:

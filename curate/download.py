@@ -9,8 +9,9 @@ around it:
   atomically with a completion record; a rerun redoes exactly the uncommitted shards;
 * ``retry_failed`` re-fetches failed samples of committed shards and recommits;
 * URLs resolving to non-public addresses are refused (``netguard``), including redirects;
-* images whose header declares more than ``max_pixels`` are refused before decoding,
-  and truncated JPEG/PNG files are rejected instead of being decoded half grey.
+* only JPEG, PNG, WebP and GIF are decoded (``imageguard``): their header is read first,
+  more than ``max_pixels`` is refused before decoding, truncated files and every other
+  format (TIFF, BMP, Radiance HDR, PFM, OpenEXR ...) are ``failed_to_resize``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 from collections import Counter
 
@@ -46,30 +48,23 @@ STATUS_SCHEMA = pa.schema([
 
 
 def make_resizer(cfg: DownloadConfig):
-    """img2dataset's Resizer behind a cheap header check (pixel limit, truncation)."""
+    """img2dataset's Resizer behind ``imageguard.inspect``: format allow-list, pixel count
+    from the header, truncation; nothing else reaches OpenCV's decoder."""
     from img2dataset.resizer import Resizer
     from PIL import Image
+
+    from mmloom import imageguard
 
     # our own limit (max_pixels, checked on the header before any decode) replaces PIL's
     Image.MAX_IMAGE_PIXELS = None
 
     class GuardedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
-            data = img_stream.getbuffer()
-            fmt = None
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    w, h = im.size
-                    fmt = im.format
-            except Exception:
-                w = h = 0  # not an image PIL knows: img2dataset's decoder decides
-            if w * h > cfg.max_pixels:
-                return None, None, None, None, None, f"{S.REFUSED}: image is {w}x{h} = {w * h} pixels, above max_pixels {cfg.max_pixels}"
-            tail = bytes(data[-2048:])
-            if fmt == "JPEG" and b"\xff\xd9" not in tail:
-                return None, None, None, None, None, "truncated image: JPEG has no end-of-image marker"
-            if fmt == "PNG" and b"IEND" not in tail[-64:]:
-                return None, None, None, None, None, "truncated image: PNG has no IEND chunk"
+                imageguard.inspect(img_stream.getvalue(), cfg.max_pixels)
+            except imageguard.ImageRejected as e:
+                err = f"{S.REFUSED}: {e.reason}" if e.status == S.REFUSED else e.reason
+                return None, None, None, None, None, err
             return super().__call__(img_stream, blurring_bbox_list)
 
     return GuardedResizer(
@@ -107,6 +102,13 @@ def _i2d_shard_size(shard_size: int) -> int:
 
 def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfig, shard_size: int) -> tuple[str, str]:
     """Download ``rows`` (url, caption, sample_key) with img2dataset into ``staging``."""
+    from mmloom import imageguard
+
+    # OpenCV's own pixel ceiling, a second line behind the header check: read once, when
+    # cv2 is first imported in this worker process (a later value cannot take effect)
+    if "cv2" not in sys.modules:
+        os.environ[imageguard.CV_MAX_PIXELS_ENV] = str(cfg.max_pixels)
+
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
