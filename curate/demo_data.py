@@ -148,6 +148,7 @@ def fault_routes(good_jpeg: bytes, redirect_target: str, hang_seconds: float | N
         "/fault/huge.png": (Route(huge_png_header(), content_type="image/png"), "refused"),
         "/fault/bomb.hdr": (Route(pixel_bomb("HDR"), content_type="image/vnd.radiance"), "failed_to_resize"),
         "/fault/image.tiff": (Route(other_format("TIFF"), content_type="image/tiff"), "failed_to_resize"),
+        "/fault/huge-body.jpg": (Route(stream_bytes=2**31), "failed_to_download"),
         "/fault/opt-out.jpg": (Route(good_jpeg, headers={"X-Robots-Tag": "noai, noimageai"}), "opted_out"),
     }
     if hang_seconds:

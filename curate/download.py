@@ -8,7 +8,10 @@ around it:
 * the shard is checked (tar members agree with the status parquet) and committed
   atomically with a completion record; a rerun redoes exactly the uncommitted shards;
 * ``retry_failed`` re-fetches failed samples of committed shards and recommits;
-* URLs resolving to non-public addresses are refused (``netguard``), including redirects;
+* URLs are fetched by ``fetch`` in place of img2dataset's urllib call: hosts resolving
+  to non-public addresses are refused (``netguard``), redirects included, and the socket
+  connects to the checked address; one deadline bounds each request and
+  ``max_body_bytes`` its body; URLs are percent-encoded like a browser does;
 * only JPEG, PNG, WebP and GIF are decoded (``imageguard``): their header is read first,
   more than ``max_pixels`` is refused before decoding, truncated files and every other
   format (TIFF, BMP, Radiance HDR, PFM, OpenEXR ...) are ``failed_to_resize``.
@@ -38,6 +41,7 @@ from mmloom.manifests.store import ShardStore, config_hash, shard_name
 STAGE = "download"
 OUT_DIR = S.STAGE_DIRS[STAGE]
 OPT_OUT_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"
+REFUSED_PREFIX = "refused:"  # netguard.REFUSED_PREFIX, and the resizer's pixel-bomb refusals
 
 STATUS_SCHEMA = pa.schema([
     ("sample_key", pa.string()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
@@ -84,8 +88,8 @@ def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
     err = error or ""
     if err.startswith(OPT_OUT_MESSAGE):
         return S.OPTED_OUT, "X-Robots-Tag opts out of AI use"
-    if "refused:" in err:
-        return S.REFUSED, err[err.index("refused:") + len("refused:"):].strip(" >")
+    if err.startswith(REFUSED_PREFIX):  # only mmloom's own refusals, never a server's text
+        return S.REFUSED, err[len(REFUSED_PREFIX):].strip()
     return i2d_status, err
 
 
@@ -112,9 +116,7 @@ def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfi
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from mmloom.curate import netguard
-
-    netguard.install(cfg.allow_private_addresses)
+    from mmloom.curate import fetch
     feed = os.path.join(staging, "input.arrow")
     with pa.OSFile(feed, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
         w.write_table(rows)
@@ -138,7 +140,10 @@ def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfi
         user_agent_token=cfg.user_agent_token,
         disallowed_header_directives=cfg.disallowed_header_directives or None,
     )
-    downloader.download_shard((shard, feed))  # raises on shard-level failure
+    limits = fetch.Limits(timeout=cfg.timeout, deadline=cfg.deadline, max_body_bytes=cfg.max_body_bytes,
+                          allow_private=cfg.allow_private_addresses)
+    with fetch.installed(limits):
+        downloader.download_shard((shard, feed))  # raises on shard-level failure
     base = os.path.join(out, shard_name(shard))
     return base + ".tar", base + ".parquet"
 
