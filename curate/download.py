@@ -81,6 +81,17 @@ def make_resizer(cfg: DownloadConfig):
     )
 
 
+def opencv_pixel_ceiling(max_pixels: int) -> bool:
+    """Set OpenCV's own pixel ceiling, a second line behind the header check. OpenCV reads
+    it once, when cv2 is first imported in the process: True if this call was in time."""
+    from mmloom import imageguard
+
+    if "cv2" in sys.modules:
+        return False
+    os.environ[imageguard.CV_MAX_PIXELS_ENV] = str(max_pixels)
+    return True
+
+
 def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
     """img2dataset's (status, error_message) -> mmloom's download status."""
     if i2d_status == "success":
@@ -106,13 +117,7 @@ def _i2d_shard_size(shard_size: int) -> int:
 
 def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfig, shard_size: int) -> tuple[str, str]:
     """Download ``rows`` (url, caption, sample_key) with img2dataset into ``staging``."""
-    from mmloom import imageguard
-
-    # OpenCV's own pixel ceiling, a second line behind the header check: read once, when
-    # cv2 is first imported in this worker process (a later value cannot take effect)
-    if "cv2" not in sys.modules:
-        os.environ[imageguard.CV_MAX_PIXELS_ENV] = str(cfg.max_pixels)
-
+    opencv_pixel_ceiling(cfg.max_pixels)
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 

@@ -186,6 +186,27 @@ def test_formats_outside_the_allow_list_and_header_bombs(tmp_path, ray_local, go
     assert_intact(df, good, root)
 
 
+def test_opencv_pixel_ceiling_takes_effect_when_set_before_cv2():
+    """The second line: OpenCV itself refuses to decode above max_pixels."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from mmloom.curate.download import opencv_pixel_ceiling\n"
+        "assert opencv_pixel_ceiling(100)\n"
+        "import cv2, numpy as np\n"
+        "ok, buf = cv2.imencode('.png', np.zeros((20, 20, 3), np.uint8))\n"
+        "try:\n"
+        "    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)\n"
+        "except cv2.error as e:\n"
+        "    sys.exit('refused' if 'CV_IO_MAX_IMAGE_PIXELS' in str(e) else str(e))\n"
+        "sys.exit('decoded' if img is not None else 'refused')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "refused", r.stderr[-2000:]
+
+
 # --------------------------------------------- the address guard, on a fake internet
 
 
