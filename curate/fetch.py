@@ -84,11 +84,6 @@ class Target:
     port: int
     target: str  # percent-encoded path and query, what goes on the request line
 
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == (443 if self.scheme == "https" else 80) else f"{host}:{self.port}"
-
 
 def parse_url(url: str) -> Target:
     """What to connect to and what to ask for; raises ``FetchError`` for a URL no request can carry."""

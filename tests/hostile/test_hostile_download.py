@@ -379,7 +379,7 @@ def test_host_is_idna_encoded_and_ports_checked():
     from mmloom.curate import fetch
 
     u = fetch.parse_url("https://Bücher.Example:8443/x")
-    assert (u.scheme, u.host, u.port, u.host_header) == ("https", "xn--bcher-kva.example", 8443, "xn--bcher-kva.example:8443")
+    assert (u.scheme, u.host, u.port, u.target) == ("https", "xn--bcher-kva.example", 8443, "/x")
     assert fetch.parse_url("http://[::1]/").host == "::1"
     for bad, why in [("http://h/a\r\nX: y", "control character"), ("http://h/\x00", "control character"),
                      ("http://h\t/", "control character"), ("ftp://h/x", "scheme"), ("http://h:99999/", "port"),
