@@ -54,7 +54,9 @@ class DownloadConfig(Section):
     encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format images are re-encoded to")
     encode_quality: int = Field(95, ge=0, le=100, description="JPEG/WebP quality (PNG: compression 0-9)")
     thread_count: int = Field(64, gt=0, description="download threads per shard worker")
-    timeout: float = Field(10.0, gt=0, description="seconds per HTTP request")
+    timeout: float = Field(10.0, gt=0, description="seconds one step of a request may wait (connect, TLS handshake, each read)")
+    deadline: float = Field(30.0, gt=0, description="total seconds per URL, redirects included; a slower transfer is failed_to_download")
+    max_body_bytes: int = Field(32 * 2**20, gt=0, description="largest response body read (bytes); a longer one is failed_to_download, its connection closed")
     retries: int = Field(0, ge=0, description="extra attempts per URL inside a shard")
     max_pixels: int = Field(89_478_485, gt=0, description="refuse images whose decoded size is above this many pixels (PIL's bomb limit)")
     disallowed_header_directives: list[str] = Field(

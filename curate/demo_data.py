@@ -99,6 +99,44 @@ def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
+def _small(fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def pixel_bomb(fmt: str, side: int = 20000) -> bytes:
+    """A small file whose header declares a huge image, in ``fmt``: PNG, JPEG, WEBP, GIF
+    (formats mmloom accepts: refused on the header), HDR or PFM (Radiance HDR and Portable
+    FloatMap, which OpenCV decodes into gigabytes of floats: not accepted at all; ``side`` x ``side``)."""
+    if fmt == "PNG":
+        return huge_png_header()
+    if fmt == "JPEG":
+        data = bytearray(_small("JPEG"))
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)
+        return bytes(data)
+    if fmt == "WEBP":
+        data = bytearray(_small("WEBP", quality=80))
+        vp8 = data.index(b"\x9d\x01\x2a")  # VP8 key frame start code, then 14-bit sizes
+        data[vp8 + 3:vp8 + 7] = struct.pack("<HH", 16383, 16383)
+        return bytes(data)
+    if fmt == "GIF":
+        data = bytearray(_small("GIF"))
+        data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
+        return bytes(data)
+    if fmt == "HDR":
+        return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y %d +X %d\n" % (side, side) + b"\x02\x02" + struct.pack(">H", side) + bytes(256)
+    if fmt == "PFM":
+        return b"PF\n%d %d\n-1.0\n" % (side, side) + bytes(256)
+    raise ValueError(f"no pixel bomb for {fmt}")
+
+
+def other_format(fmt: str) -> bytes:
+    """A small, valid image in a format mmloom does not accept (TIFF, BMP ...)."""
+    return _small(fmt)
+
+
 def fault_routes(good_jpeg: bytes, redirect_target: str, hang_seconds: float | None = None) -> dict[str, tuple[Route, str]]:
     """Faulty routes -> (route, the download status it must end in)."""
     routes = {
@@ -108,6 +146,9 @@ def fault_routes(good_jpeg: bytes, redirect_target: str, hang_seconds: float | N
         "/fault/not-an-image.jpg": (Route(b"<html><body>hello</body></html>", content_type="text/html"), "failed_to_resize"),
         "/fault/redirect.jpg": (Route(redirect_to=redirect_target), "success"),
         "/fault/huge.png": (Route(huge_png_header(), content_type="image/png"), "refused"),
+        "/fault/bomb.hdr": (Route(pixel_bomb("HDR"), content_type="image/vnd.radiance"), "failed_to_resize"),
+        "/fault/image.tiff": (Route(other_format("TIFF"), content_type="image/tiff"), "failed_to_resize"),
+        "/fault/huge-body.jpg": (Route(stream_bytes=2**31), "failed_to_download"),
         "/fault/opt-out.jpg": (Route(good_jpeg, headers={"X-Robots-Tag": "noai, noimageai"}), "opted_out"),
     }
     if hang_seconds:

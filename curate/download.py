@@ -8,9 +8,13 @@ around it:
 * the shard is checked (tar members agree with the status parquet) and committed
   atomically with a completion record; a rerun redoes exactly the uncommitted shards;
 * ``retry_failed`` re-fetches failed samples of committed shards and recommits;
-* URLs resolving to non-public addresses are refused (``netguard``), including redirects;
-* images whose header declares more than ``max_pixels`` are refused before decoding,
-  and truncated JPEG/PNG files are rejected instead of being decoded half grey.
+* URLs are fetched by ``fetch`` in place of img2dataset's urllib call: hosts resolving
+  to non-public addresses are refused (``netguard``), redirects included, and the socket
+  connects to the checked address; one deadline bounds each request and
+  ``max_body_bytes`` its body; URLs are percent-encoded like a browser does;
+* only JPEG, PNG, WebP and GIF are decoded (``imageguard``): their header is read first,
+  more than ``max_pixels`` is refused before decoding, truncated files and every other
+  format (TIFF, BMP, Radiance HDR, PFM, OpenEXR ...) are ``failed_to_resize``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 from collections import Counter
 
@@ -36,6 +41,7 @@ from mmloom.manifests.store import ShardStore, config_hash, shard_name
 STAGE = "download"
 OUT_DIR = S.STAGE_DIRS[STAGE]
 OPT_OUT_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"
+REFUSED_PREFIX = "refused:"  # netguard.REFUSED_PREFIX, and the resizer's pixel-bomb refusals
 
 STATUS_SCHEMA = pa.schema([
     ("sample_key", pa.string()), ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
@@ -46,30 +52,23 @@ STATUS_SCHEMA = pa.schema([
 
 
 def make_resizer(cfg: DownloadConfig):
-    """img2dataset's Resizer behind a cheap header check (pixel limit, truncation)."""
+    """img2dataset's Resizer behind ``imageguard.inspect``: format allow-list, pixel count
+    from the header, truncation; nothing else reaches OpenCV's decoder."""
     from img2dataset.resizer import Resizer
     from PIL import Image
+
+    from mmloom import imageguard
 
     # our own limit (max_pixels, checked on the header before any decode) replaces PIL's
     Image.MAX_IMAGE_PIXELS = None
 
     class GuardedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
-            data = img_stream.getbuffer()
-            fmt = None
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    w, h = im.size
-                    fmt = im.format
-            except Exception:
-                w = h = 0  # not an image PIL knows: img2dataset's decoder decides
-            if w * h > cfg.max_pixels:
-                return None, None, None, None, None, f"{S.REFUSED}: image is {w}x{h} = {w * h} pixels, above max_pixels {cfg.max_pixels}"
-            tail = bytes(data[-2048:])
-            if fmt == "JPEG" and b"\xff\xd9" not in tail:
-                return None, None, None, None, None, "truncated image: JPEG has no end-of-image marker"
-            if fmt == "PNG" and b"IEND" not in tail[-64:]:
-                return None, None, None, None, None, "truncated image: PNG has no IEND chunk"
+                imageguard.inspect(img_stream.getvalue(), cfg.max_pixels)
+            except imageguard.ImageRejected as e:
+                err = f"{S.REFUSED}: {e.reason}" if e.status == S.REFUSED else e.reason
+                return None, None, None, None, None, err
             return super().__call__(img_stream, blurring_bbox_list)
 
     return GuardedResizer(
@@ -82,6 +81,17 @@ def make_resizer(cfg: DownloadConfig):
     )
 
 
+def opencv_pixel_ceiling(max_pixels: int) -> bool:
+    """Set OpenCV's own pixel ceiling, a second line behind the header check. OpenCV reads
+    it once, when cv2 is first imported in the process: True if this call was in time."""
+    from mmloom import imageguard
+
+    if "cv2" in sys.modules:
+        return False
+    os.environ[imageguard.CV_MAX_PIXELS_ENV] = str(max_pixels)
+    return True
+
+
 def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
     """img2dataset's (status, error_message) -> mmloom's download status."""
     if i2d_status == "success":
@@ -89,8 +99,8 @@ def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
     err = error or ""
     if err.startswith(OPT_OUT_MESSAGE):
         return S.OPTED_OUT, "X-Robots-Tag opts out of AI use"
-    if "refused:" in err:
-        return S.REFUSED, err[err.index("refused:") + len("refused:"):].strip(" >")
+    if err.startswith(REFUSED_PREFIX):  # only mmloom's own refusals, never a server's text
+        return S.REFUSED, err[len(REFUSED_PREFIX):].strip()
     return i2d_status, err
 
 
@@ -107,12 +117,11 @@ def _i2d_shard_size(shard_size: int) -> int:
 
 def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfig, shard_size: int) -> tuple[str, str]:
     """Download ``rows`` (url, caption, sample_key) with img2dataset into ``staging``."""
+    opencv_pixel_ceiling(cfg.max_pixels)
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from mmloom.curate import netguard
-
-    netguard.install(cfg.allow_private_addresses)
+    from mmloom.curate import fetch
     feed = os.path.join(staging, "input.arrow")
     with pa.OSFile(feed, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
         w.write_table(rows)
@@ -136,7 +145,10 @@ def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfi
         user_agent_token=cfg.user_agent_token,
         disallowed_header_directives=cfg.disallowed_header_directives or None,
     )
-    downloader.download_shard((shard, feed))  # raises on shard-level failure
+    limits = fetch.Limits(timeout=cfg.timeout, deadline=cfg.deadline, max_body_bytes=cfg.max_body_bytes,
+                          allow_private=cfg.allow_private_addresses)
+    with fetch.installed(limits):
+        downloader.download_shard((shard, feed))  # raises on shard-level failure
     base = os.path.join(out, shard_name(shard))
     return base + ".tar", base + ".parquet"
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 # Pillow format names; the README's threat model lists the same set
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 
-# OpenCV's own ceiling, as a second line of defence (it reads this once, at import)
-CV_MAX_PIXELS_ENV = "CV_IO_MAX_IMAGE_PIXELS"
+# OpenCV's own ceiling (its CV_IO_MAX_IMAGE_PIXELS), as a second line of defence; the
+# environment variable OpenCV reads, once, when cv2 is imported
+CV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
 
 
 class ImageRejected(ValueError):

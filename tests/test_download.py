@@ -55,6 +55,9 @@ def test_every_fault_ends_in_its_status(tmp_path, fault_server):
         assert df.loc[url, "status"] == want, (url, df.loc[url, "error_message"])
     assert "timed out" in df.loc[srv.url("/fault/hang.jpg"), "error_message"]
     assert "above max_pixels" in df.loc[srv.url("/fault/huge.png"), "error_message"]
+    assert "Radiance HDR" in df.loc[srv.url("/fault/bomb.hdr"), "error_message"]
+    assert "TIFF" in df.loc[srv.url("/fault/image.tiff"), "error_message"]
+    assert "above max_body_bytes" in df.loc[srv.url("/fault/huge-body.jpg"), "error_message"]
     assert "X-Robots-Tag" in df.loc[srv.url("/fault/opt-out.jpg"), "error_message"]
     ok = df[df.status == "success"]
     assert (ok.original_width > 0).all() and (ok.width > 0).all() and ok.sha256.notna().all()
