@@ -104,6 +104,15 @@ def classify(i2d_status: str, error: str | None) -> tuple[str, str | None]:
     return i2d_status, err
 
 
+def retryable(row: dict) -> bool:
+    """What ``--retry-failed`` fetches again: failed downloads and decodes, and hosts that
+    did not resolve (refused then, since an address that can't be checked is never
+    contacted, but DNS failures pass)."""
+    if row["status"] in (S.FAILED_TO_DOWNLOAD, S.FAILED_TO_DECODE):
+        return True
+    return row["status"] == S.REFUSED and "does not resolve" in (row.get("error_message") or "")
+
+
 def key_for(index: int, shard: int, shard_size: int) -> str:
     """img2dataset's sample key for row ``index`` of a shard (its compute_key)."""
     from img2dataset.downloader import compute_key
@@ -195,7 +204,7 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     prev: dict[str, dict] = {}
     if committed:  # retry_failed: fetch only what failed to download or decode
         prev = {r["sample_key"]: r for r in store.read_table_verified(STAGE, shard, f"{OUT_DIR}/{shard_name(shard)}.parquet").to_pylist()}
-        todo = [r for r in eligible if prev[r["sample_key"]]["status"] in (S.FAILED_TO_DOWNLOAD, S.FAILED_TO_DECODE)]
+        todo = [r for r in eligible if retryable(prev[r["sample_key"]])]
         if not todo:
             return {"skipped": True}
     else:

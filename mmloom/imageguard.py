@@ -46,14 +46,26 @@ class ImageHeader:
         return self.width * self.height
 
 
+def _pillow_limit_off() -> None:
+    """``inspect`` replaces Pillow's global pixel ceiling with the caller's ``max_pixels``
+    (checked on every image mmloom accepts); Pillow's would refuse a large image the
+    config allows, or warn on every one."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def inspect(data: bytes | bytearray | memoryview, max_pixels: int) -> ImageHeader:
     """Format and size from the header alone; raises ``ImageRejected`` for anything else."""
     from PIL import Image, UnidentifiedImageError
 
+    _pillow_limit_off()
     buf = bytes(data)
     try:
         with Image.open(io.BytesIO(buf), formats=FORMATS) as im:
             fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError as e:  # Pillow's own ceiling, if the caller left it on
+        raise ImageRejected("refused", f"image above Pillow's pixel limit ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         head = buf[:12]
         raise ImageRejected("failed_to_resize", f"not a supported image ({'/'.join(FORMATS)}): {_describe(head, e)}") from None

@@ -518,3 +518,26 @@ def test_deadline_covers_a_tls_handshake_that_never_ends():
         with pytest.raises(fetch.FetchError, match="deadline of 1 s"):
             fetch.fetch(f"https://127.0.0.1:{port}/x.jpg", limits, None)
         assert time.monotonic() - t0 < 1.5
+
+
+def test_retry_failed_takes_dns_failures_but_not_real_refusals():
+    from mmloom.curate.download import retryable
+
+    assert retryable({"status": "failed_to_download", "error_message": "deadline of 30 s exceeded"})
+    assert retryable({"status": "failed_to_resize", "error_message": "truncated image"})
+    assert retryable({"status": "refused", "error_message": "nowhere.example does not resolve (Name or service not known); refused since its address cannot be checked"})
+    assert not retryable({"status": "refused", "error_message": "h resolves to non-public address 10.0.0.1"})
+    assert not retryable({"status": "success", "error_message": None})
+
+
+def test_pillow_default_ceiling_does_not_override_max_pixels():
+    import io
+
+    from PIL import Image
+
+    from mmloom.imageguard import inspect
+
+    Image.MAX_IMAGE_PIXELS = 1000  # a caller that left Pillow's (smaller) ceiling on
+    buf = io.BytesIO()
+    Image.new("L", (100, 100)).save(buf, "PNG")
+    assert inspect(buf.getvalue(), 10**6).pixels == 10000
