@@ -153,11 +153,14 @@ def cmd_train(a) -> int:
     from mmloom.train.config import TrainConfig
     from mmloom.train.loop import train
 
-    cfg = load_model(TrainConfig, a.config, {"loop.out": a.out, "loop.steps": a.steps, "data.shards": a.shards})
+    cfg = load_model(TrainConfig, a.config, {"loop.out": a.out, "loop.steps": a.steps, "data.shards": a.shards,
+                                             "data.allow_pipe": True if a.allow_pipe else None})
     r = train(cfg)
     last = r["history"][-1] if r["history"] else {}
+    skipped = (f"; {r['corrupt_samples']} sample(s) skipped, {r['skipped_members']} unknown tar member(s) dropped unread"
+               if r["corrupt_samples"] or r["skipped_members"] else "")
     print(f"train: {r['steps']} steps in {r['out']}; last loss {last.get('loss', float('nan')):.4f}, "
-          f"{last.get('images_per_s', 0):.2f} images/s" + (f", MFU {last['mfu']:.1%}" if "mfu" in last else ""))
+          f"{last.get('images_per_s', 0):.2f} images/s" + (f", MFU {last['mfu']:.1%}" if "mfu" in last else "") + skipped)
     return 0
 
 
@@ -324,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", default=None, help="overrides data.shards")
     s.add_argument("--out", default=None, help="overrides loop.out")
     s.add_argument("--steps", type=int, default=None, help="overrides loop.steps")
+    s.add_argument("--allow-pipe", action="store_true",
+                   help="allow pipe: shard URLs, which webdataset runs as shell commands (data.allow_pipe)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint with an interleaved prompt")

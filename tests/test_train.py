@@ -283,7 +283,11 @@ def test_accumulation_ema_and_checkpointing_options(tiny, shards, tmp_path):
     r = train(load_model(TrainConfig, data=cfg), echo=lambda *a: None)
     assert r["steps"] == 3 and len(read_metrics(str(tmp_path / "opts"))) == 3
     ck = latest_checkpoint(str(tmp_path / "opts"))
-    # the EMA and the data position are checkpointed beside the weights, optimizer and RNG
-    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "optimizer.bin", "random_states_0.pkl"} <= set(os.listdir(ck))
+    # the EMA and the data position are checkpointed beside the weights, optimizer and RNG,
+    # as safetensors and JSON (no pickles), all sealed by the manifest
+    names = set(os.listdir(ck))
+    assert {"ema.safetensors", "ema.json", "data_state_0.json", "optimizer.bin", "random_states_0.pkl"} <= names
+    assert not any(n.startswith("custom_checkpoint") for n in names)
+    assert set(json.load(open(os.path.join(ck, "mmloom_checkpoint.json")))["files"]) == names - {"DONE", "mmloom_checkpoint.json"}
     with open(os.path.join(tmp_path / "opts", "train_config.yaml")) as f:
         assert yaml.safe_load(f)["loop"]["grad_accum"] == 2

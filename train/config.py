@@ -14,13 +14,15 @@ from mmloom.configbase import Section
 
 
 class DataConfig(Section):
-    shards: str = Field("", description="final/ shards: a dataset directory, a glob, or a brace pattern like final/{00000..00009}.tar")
+    shards: str = Field("", description="final/ shards: a dataset directory (only shards whose build completion record's sha256 matches), or a glob or brace pattern like final/{00000..00009}.tar (used unverified, with a warning)")
     resolution: int = Field(64, gt=0, description="training image size (images padded to square with black, MUMU section 5)")
     shuffle_buffer: int = Field(64, ge=0, description="webdataset sample shuffle buffer")
     resampled: bool = Field(True, description="sample shards with replacement (endless epochs); false = one pass per epoch over shards split by node and worker")
     num_workers: int = Field(0, ge=0, description="DataLoader workers (exact resume is guaranteed with 0)")
     use_weights: bool = Field(True, description="keep each sample with probability weight/max_weight, favouring images with people")
     max_weight: float = Field(2.0, gt=0, description="the largest sample weight in the shards (build.person_weight)")
+    max_pixels: int = Field(89_478_485, gt=0, description="skip a sample whose image header declares more pixels than this (checked before decoding, like download.max_pixels)")
+    allow_pipe: bool = Field(False, description="allow pipe: shard URLs (and webdataset's other shell-run openers); webdataset runs them as shell commands (--allow-pipe)")
 
 
 class PromptConfig(Section):

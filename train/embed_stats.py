@@ -59,13 +59,11 @@ def embedding_stats(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _scan_shards(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
-    import webdataset as wds
-
-    from mmloom.train.data import shard_urls
+    from mmloom.train.data import read_members, shard_urls
 
     total = total_sq = None
     n = 0
-    for s in wds.WebDataset(shard_urls(spec), shardshuffle=False).decode():
+    for s in read_members(shard_urls(spec), {"clip_image.npy"}):  # no other member is read (never a pickle)
         v = s.get("clip_image.npy")
         if v is None:
             continue

@@ -5,19 +5,33 @@ accumulation; checkpoints are accelerate's own state (weights including LoRA, op
 LR schedule, RNG states) plus the data position, so a killed run resumes on the same loss
 curve. Logs go to TensorBoard (W&B optional) and to metrics.jsonl. The family supplies the
 model and its parameter groups; nothing here knows about MUMU. No Ray, no DuckDB.
+
+A checkpoint folder is data a resume loads, so it loads only what mmloom wrote: after
+accelerate's ``save_state`` mmloom writes its own state (data position, EMA) as JSON and
+safetensors, never pickles, and a manifest (``mmloom_checkpoint.json``: sha256 of every
+file). Before ``load_state`` every file must be in the manifest with the same sha256,
+and every torch file must pass ``torch.load(weights_only=True)``; otherwise the resume
+stops with a UserError naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
+import zipfile
 
 import torch
 import yaml
 
+from mmloom.errors import UserError
 from mmloom.train.config import TrainConfig
+
+CHECKPOINT_MANIFEST = "mmloom_checkpoint.json"
+# markers written beside the state (DONE last; Ray Train's step name and metadata), never loaded as state
+NOT_STATE = {"DONE", CHECKPOINT_MANIFEST, "MMLOOM_STEP", ".metadata.json"}
 
 
 class DataState:
@@ -31,6 +45,146 @@ class DataState:
 
     def load_state_dict(self, d):
         self.consumed = int(d["consumed"])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(ckpt: str) -> list[str]:
+    """Every entry under ``ckpt`` (relative paths); anything but a regular file is refused."""
+    out = []
+    for d, dirs, names in os.walk(ckpt):
+        for n in dirs + names:
+            p = os.path.join(d, n)
+            if os.path.islink(p) or not (os.path.isdir(p) or os.path.isfile(p)):
+                raise UserError(f"{p}: not a regular file (a link?); mmloom does not resume from {ckpt}")
+            if os.path.isfile(p):
+                out.append(os.path.relpath(p, ckpt))
+    return sorted(out)
+
+
+def write_manifest(ckpt: str) -> None:
+    files = {rel: {"bytes": os.path.getsize(os.path.join(ckpt, rel)), "sha256": _sha256(os.path.join(ckpt, rel))}
+             for rel in _files(ckpt) if rel not in NOT_STATE}
+    tmp = os.path.join(ckpt, CHECKPOINT_MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(ckpt, CHECKPOINT_MANIFEST))
+
+
+def verify_checkpoint(ckpt: str, only: list[str] | None = None) -> None:
+    """Refuse (UserError naming the file) a checkpoint holding anything mmloom did not
+    write: a file missing from its manifest, or one whose sha256 differs. Then every torch
+    file (all but safetensors and JSON) must load with ``weights_only=True``, which runs no
+    code; accelerate loads them the same way. ``only``: check just these files (sampling)."""
+    mpath = os.path.join(ckpt, CHECKPOINT_MANIFEST)
+    if not os.path.isfile(mpath):
+        raise UserError(f"{ckpt} has no {CHECKPOINT_MANIFEST}: not a checkpoint this mmloom wrote and sealed; "
+                        "move it away (or set loop.resume: false) to start afresh")
+    try:
+        with open(mpath) as f:
+            files = json.load(f)["files"]
+        files = {str(rel): (int(m["bytes"]), str(m["sha256"])) for rel, m in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{mpath}: not a valid checkpoint manifest ({e})") from None
+    if only is None:
+        for rel in _files(ckpt):
+            if rel not in files and rel not in NOT_STATE:
+                raise UserError(f"{os.path.join(ckpt, rel)} is not listed in {mpath}: not written by mmloom; "
+                                f"refusing to resume from {ckpt}")
+    names = sorted(files) if only is None else only
+    for rel in names:
+        if rel not in files:
+            raise UserError(f"{os.path.join(ckpt, rel)} is not listed in {mpath}: not written by mmloom")
+        p = os.path.normpath(os.path.join(ckpt, rel))
+        if os.path.isabs(rel) or not p.startswith(os.path.normpath(ckpt) + os.sep):
+            raise UserError(f"{mpath}: entry {rel!r} points outside {ckpt}")
+        size, digest = files[rel]
+        if not os.path.isfile(p) or os.path.islink(p):
+            raise UserError(f"{p} is listed in {mpath} but missing")
+        if os.path.getsize(p) != size or _sha256(p) != digest:
+            raise UserError(f"{p} does not match its sha256 in {mpath}: the checkpoint changed after mmloom wrote it")
+    for rel in names:
+        if not rel.endswith((".safetensors", ".json")):
+            _weights_only(os.path.join(ckpt, rel))
+
+
+def _weights_only(path: str) -> None:
+    """torch.load(weights_only=True) with the numpy allowlist accelerate uses for its RNG
+    states; memory-mapped, so a large optimizer state is not read twice."""
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+    except ImportError:  # an accelerate without it loads RNG states without numpy globals
+        TORCH_SAFE_GLOBALS = []
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler says, the file is refused
+        raise UserError(f"{path}: refused by the weights-only loader ({_reason(e)}); mmloom loads checkpoint state "
+                        "with torch.load(weights_only=True) only") from None
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused (not its advice
+    to retry with weights_only=False)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = [ln for ln in lines[1:] if not ln.startswith(("Check the documentation", "Please file an issue"))]
+    return lines[0] if lines else type(e).__name__
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+EMA_SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
+
+
+def save_own_state(acc, path: str, data_state: DataState, ema) -> None:
+    """mmloom's state beside accelerate's, as JSON and safetensors (no pickles): the data
+    position of each process, and the EMA weights (main process)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    _write_json(os.path.join(path, f"data_state_{acc.process_index}.json"), data_state.state_dict())
+    if ema is not None and acc.is_main_process:
+        sd = ema.state_dict()
+        save_file({f"shadow.{i}": t.detach().cpu().contiguous().clone() for i, t in enumerate(sd["shadow_params"])},
+                  os.path.join(path, "ema.safetensors"))
+        _write_json(os.path.join(path, "ema.json"), {k: sd[k] for k in EMA_SCALARS})
+
+
+def load_own_state(acc, path: str, data_state: DataState, ema) -> None:
+    from safetensors.torch import load_file
+
+    own = os.path.join(path, f"data_state_{acc.process_index}.json")
+    p = own if os.path.exists(own) else os.path.join(path, "data_state_0.json")  # fewer processes than before
+    try:
+        with open(p) as f:
+            data_state.load_state_dict(json.load(f))
+        if data_state.consumed < 0:
+            raise ValueError("negative position")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p}: not a valid data position ({e})") from None
+    if ema is not None:
+        p = os.path.join(path, "ema.safetensors")
+        try:
+            with open(os.path.join(path, "ema.json")) as f:
+                sd = {k: v for k, v in json.load(f).items() if k in EMA_SCALARS}
+            shadow = load_file(p)
+            sd["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+            if len(sd["shadow_params"]) != len(ema.shadow_params):
+                raise ValueError(f"{len(shadow)} EMA tensors, the model has {len(ema.shadow_params)}")
+            ema.load_state_dict(sd)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{p}: EMA state does not fit this run ({e})") from None
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -50,12 +204,13 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
     from diffusers.optimization import get_constant_schedule_with_warmup
 
-    from mmloom.train.data import make_loader
+    from mmloom.train.data import make_loader, shard_urls
     from mmloom.train.families import get_family
     from mmloom.train.flops import flops_per_sample, peak_flops
     from mmloom.train.prompts import PromptBuilder
 
     L = cfg.loop
+    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)  # refused specs fail before any model loads
     os.makedirs(L.out, exist_ok=True)
     trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
     acc = Accelerator(
@@ -77,8 +232,6 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
-        acc.register_for_checkpointing(ema)
-    acc.register_for_checkpointing(data_state)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     if acc.is_main_process:
         with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
@@ -88,7 +241,9 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     step = 0
     ckpt = latest_checkpoint(L.out) if L.resume else None
     if ckpt:
-        acc.load_state(ckpt)
+        verify_checkpoint(ckpt)
+        acc.load_state(ckpt, load_kwargs={"weights_only": True})
+        load_own_state(acc, ckpt, data_state, ema)
         step = int(os.path.basename(ckpt).split("_")[1])
         echo(f"resumed from {ckpt} (step {step}, {data_state.consumed} samples consumed)")
         if acc.is_main_process:
@@ -97,7 +252,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
 
     builder = PromptBuilder(cfg.prompt)
     seed = L.seed + 1000 * acc.process_index
-    loader, dataset = make_loader(cfg.data, builder, L.batch_size, seed, skip=data_state.consumed)
+    loader, dataset = make_loader(cfg.data, builder, L.batch_size, seed, skip=data_state.consumed, urls=urls)
     unwrapped = acc.unwrap_model(model)
     flops = None
     peak = peak_flops(acc.device, L.peak_tflops)
@@ -131,7 +286,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
             ips = seen0 / dt if dt > 0 else 0.0
             rec = {"step": step, "loss": loss, "images_per_s": ips,
                    **{f"lr/{n}": g["lr"] for n, g in zip(names, optimizer.param_groups)},
-                   "data/corrupt_samples": dataset.corrupt.count}
+                   "data/corrupt_samples": dataset.corrupt.count, "data/skipped_members": dataset.members.count}
             if flops and peak:
                 rec["mfu"] = flops * ips / (peak * acc.num_processes)
             acc.log(rec, step=step)
@@ -141,18 +296,22 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
             history.append(rec)
             t0, seen0 = time.perf_counter(), 0
         if step % L.checkpoint_every == 0 or step == L.steps:
-            path = save_checkpoint(acc, L.out, step, L.keep_checkpoints)
+            path = save_checkpoint(acc, L.out, step, L.keep_checkpoints, data_state, ema)
             if on_checkpoint is not None:
                 on_checkpoint(path, step, {"step": step, "loss": loss})
     acc.end_training()
-    return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out}
+    return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out,
+            "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
 
 
-def save_checkpoint(acc, out: str, step: int, keep: int) -> str:
+def save_checkpoint(acc, out: str, step: int, keep: int, data_state: DataState | None = None, ema=None) -> str:
     path = os.path.join(out, "checkpoints", f"step_{step:08d}")
     acc.save_state(path)
+    if data_state is not None:
+        save_own_state(acc, path, data_state, ema)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        write_manifest(path)  # sha256 of every file: a resume loads nothing else
         open(os.path.join(path, "DONE"), "w").close()  # a checkpoint without DONE is ignored
         ckpts = sorted(c for c in os.listdir(os.path.join(out, "checkpoints")) if c.startswith("step_"))
         for old in ckpts[:-keep]:

@@ -52,6 +52,7 @@ def load_for_sampling(checkpoint: str, settings: dict | None = None):
 
     from mmloom.configbase import load_model
     from mmloom.train.families import get_family
+    from mmloom.train.loop import verify_checkpoint
 
     run, ck = find_run(checkpoint)
     path = os.path.join(run, "train_config.yaml")
@@ -61,6 +62,7 @@ def load_for_sampling(checkpoint: str, settings: dict | None = None):
     weights = os.path.join(ck, "model.safetensors")
     if not os.path.exists(weights):
         raise UserError(f"{ck} has no model.safetensors")
+    verify_checkpoint(ck, only=["model.safetensors"])  # the weights mmloom wrote, unchanged
     missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
     if unexpected:
         raise UserError(f"{weights} does not match the model built from {run}/train_config.yaml: unexpected {unexpected[:3]}")
