@@ -136,9 +136,11 @@ def _write_card(root: str, cfg: PipelineConfig) -> str:
         for text, pic in ex:
             lines += [f"- `{text}`", f"  ![example]({pic})"]
         lines.append("")
-    lines += ["## Loading", "", "```python", "import webdataset as wds",
+    lines += ["## Loading", "", "```python", "import json, webdataset as wds",
               *([] if store.is_local else ["import mmloom.train.data  # lets webdataset open object-store URLs through fsspec"]),
-              f"ds = wds.WebDataset('{store.root}/final/{{00000..{max(store.committed_shards('build') or [0]):05d}}}.tar').decode('pil')",
+              f"ds = wds.WebDataset({store.root + '/final/{00000..' + format(max(store.committed_shards('build') or [0]), '05d') + '}.tar'!r}).decode(",
+              "    'pil', wds.handle_extension('json', json.loads), wds.handle_extension('txt', bytes.decode),",
+              "    pre=[], post=[])  # never webdataset's default decoders: they unpickle .pyd/.pickle members",
               "for s in ds:  # s['jpg'], s['txt'], s['prompt.json']['segments'], s['crop0.jpg'], ...", "    break", "```", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", ""]
     con.close()

@@ -253,13 +253,12 @@ def example_prompts(root: str, n: int) -> list[str]:
     """Rendered prompts read back from final/ with plain webdataset."""
     import glob
 
-    import webdataset as wds
-
     from mmloom.curate.prompt import render as render_prompt
+    from mmloom.train.data import read_members
 
     out = []
     shards = sorted(glob.glob(os.path.join(root, "final", "*.tar")))
-    for sample in wds.WebDataset(shards, shardshuffle=False).decode():
+    for sample in read_members(shards, {"prompt.json"}):  # decodes that member alone, safely
         out.append(render_prompt(sample["prompt.json"]["segments"]))
         if len(out) >= n:
             break

@@ -31,8 +31,9 @@ def dataset_root(spec: str) -> str | None:
     return None
 
 
-def embedding_stats(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mean [D], std [D], count) of the stored image embeddings behind ``data.shards``."""
+def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean [D], std [D], count) of the stored image embeddings behind ``data.shards``
+    (``allow_pipe``: the user's ``data.allow_pipe``, for ``pipe:`` specs)."""
     root = dataset_root(spec)
     if root is not None:
         from mmloom.manifests.sql import ident
@@ -55,15 +56,15 @@ def embedding_stats(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
         mean = np.array([r[1] for r in rows], np.float32)
         std = np.array([r[2] for r in rows], np.float32)
         return mean, std, int(rows[0][3])
-    return _scan_shards(spec)
+    return _scan_shards(spec, allow_pipe)
 
 
-def _scan_shards(spec: str) -> tuple[np.ndarray, np.ndarray, int]:
+def _scan_shards(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     from mmloom.train.data import read_members, shard_urls
 
     total = total_sq = None
     n = 0
-    for s in read_members(shard_urls(spec), {"clip_image.npy"}):  # no other member is read (never a pickle)
+    for s in read_members(shard_urls(spec, allow_pipe), {"clip_image.npy"}):  # no other member is read (never a pickle)
         v = s.get("clip_image.npy")
         if v is None:
             continue

@@ -149,12 +149,12 @@ class DiffusionPrior(nn.Module):
 
 
 class KandinskyModel(nn.Module):
-    def __init__(self, cfg: Config, data_spec: str = ""):
+    def __init__(self, cfg: Config, data_spec: str = "", allow_pipe: bool = False):
         super().__init__()
         from mmloom.filters.clip_embed import ClipEmbedder
         from mmloom.train.tiny import resolve_tiny
 
-        self.cfg, self.data_spec = cfg, data_spec
+        self.cfg, self.data_spec, self.allow_pipe = cfg, data_spec, allow_pipe
         self.clip = ClipEmbedder(resolve_tiny(cfg.clip))  # frozen; not an nn.Module, not in checkpoints
         self.dim = self.clip.dim
         self.text_width = int(self.clip.model.ln_final.normalized_shape[0])
@@ -198,7 +198,7 @@ class KandinskyModel(nn.Module):
 
         if not self.data_spec:
             raise UserError("data.shards is empty: the prior's normalization needs the dataset's stored embeddings")
-        mean, std, n = embedding_stats(self.data_spec)
+        mean, std, n = embedding_stats(self.data_spec, self.allow_pipe)
         if mean.shape[0] != self.dim:
             raise UserError(f"the stored embeddings are {mean.shape[0]}-d but model.clip {self.cfg.clip} gives {self.dim}-d")
         self.norm.fit(mean, std, n)
@@ -339,7 +339,7 @@ def interpolate(embs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 def build(model_cfg: dict, train_cfg) -> KandinskyModel:
     from mmloom.configbase import load_model
 
-    return KandinskyModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.shards)
+    return KandinskyModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.shards, train_cfg.data.allow_pipe)
 
 
 def param_groups(model: KandinskyModel, model_cfg: dict) -> list[dict]:
