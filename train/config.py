@@ -22,6 +22,7 @@ class DataConfig(Section):
     use_weights: bool = Field(True, description="keep each sample with probability weight/max_weight, favouring images with people")
     max_weight: float = Field(2.0, gt=0, description="the largest sample weight in the shards (build.person_weight)")
     max_pixels: int = Field(89_478_485, gt=0, description="skip a sample whose image header declares more pixels than this (checked before decoding, like download.max_pixels)")
+    max_member_bytes: int = Field(64 * 2**20, gt=0, description="skip a tar member larger than this (its header size is checked before it is read)")
     allow_pipe: bool = Field(False, description="allow pipe: shard URLs (and webdataset's other shell-run openers); webdataset runs them as shell commands (--allow-pipe)")
 
 

@@ -256,21 +256,42 @@ class MemberCounter:
         return False
 
 
+def tar_members(fileobj, url: str, keep, max_bytes: int, handler):
+    """webdataset's tar_file_iterator, plus a size bound: each kept regular member's size
+    is read from its tar header and a member above ``max_bytes`` is skipped unread
+    (reported to ``handler``), so a huge or decompression-bomb member never fills memory."""
+    import tarfile
+
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    for info in stream:
+        try:
+            if not info.isreg() or not info.name or info.name.startswith("__") or not keep(info.name):
+                continue
+            if info.size > max_bytes:
+                raise ValueError(f"{url}: member {info.name} is {info.size} bytes, above data.max_member_bytes {max_bytes}; skipped unread")
+            yield {"fname": info.name, "data": stream.extractfile(info).read()}
+        except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset
+            if not handler(exn):
+                return
+        finally:
+            stream.members = []
+
+
 class _TarSamples:
     """webdataset's tarfile_to_samples, with the member filter told which shard it reads."""
 
-    def __init__(self, handler, members: MemberCounter):
-        self.handler, self.members = handler, members
+    def __init__(self, handler, members: MemberCounter, max_member_bytes: int = DataConfig.model_fields["max_member_bytes"].default):
+        self.handler, self.members, self.max_member_bytes = handler, members, max_member_bytes
 
     def __call__(self, src):
-        from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
+        from webdataset.tariterators import group_by_keys, url_opener
 
         def files():
             for source in url_opener(src, handler=self.handler):
                 url = source["url"]
                 try:
-                    for f in tar_file_iterator(source["stream"], handler=self.handler,
-                                               select_files=lambda n, url=url: self.members.keep(url, n)):
+                    for f in tar_members(source["stream"], url, lambda n, url=url: self.members.keep(url, n),
+                                         self.max_member_bytes, self.handler):
                         f["__url__"] = url
                         yield f
                 except Exception as exn:  # noqa: BLE001 - the handler decides, as in webdataset
@@ -356,7 +377,7 @@ def make_dataset(cfg: DataConfig, builder: PromptBuilder, seed: int, skip: int =
     stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if cfg.resampled else [
         wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
     stages += [
-        _TarSamples(counter, members),
+        _TarSamples(counter, members, cfg.max_member_bytes),
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seed)),
         _Skip(skip),
         wds.map(SafeDecoder(cfg.max_pixels), handler=counter),  # never webdataset's default decoders

@@ -156,6 +156,20 @@ def test_only_mmloom_members_are_decoded_and_the_other_samples_stay(dataset, mar
     assert "k0001.pickle" in caplog.text and "dropped" in caplog.text
 
 
+def test_a_member_above_max_member_bytes_is_skipped_unread(tmp_path):
+    from mmloom.train.data import make_dataset
+
+    big = sample_members("huge", 0)
+    big["txt"] = b"x" * 4096  # declared size above the cap: never read into memory
+    commit_tar(str(tmp_path), 0, [("huge", big), *[(k, sample_members(k, i)) for i, k in enumerate(GOOD[:2])]])
+    from mmloom.train.prompts import PromptBuilder
+
+    ds = make_dataset(data_cfg(str(tmp_path), max_member_bytes=2048), PromptBuilder(PromptConfig(crop_size=32, augment_prob=0)), seed=0)
+    examples = list(ds)
+    assert any("huge.txt is 4096 bytes, above data.max_member_bytes 2048" in r for r in ds.corrupt.reasons)
+    assert set(GOOD[:2]) <= {e["key"] for e in examples}
+
+
 def test_member_decoders_are_an_explicit_map():
     import numpy as np
 
