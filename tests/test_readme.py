@@ -30,3 +30,19 @@ def test_readme_documents_every_config_key():
 def test_every_config_field_has_a_description():
     rows = _rows()
     assert [k for k, _d, desc in rows if not desc] == []
+
+
+def test_threat_model_cites_tests_that_exist():
+    """Every `file.py::test_name` in README's threat model names a test that is there."""
+    import re
+
+    root = Path(__file__).parent
+    readme = (root.parent / "README.md").read_text()
+    section = readme.split("## Threat model", 1)[1].split("\n## ", 1)[0]
+    cited, current = [], None
+    for m in re.finditer(r"`(?:(test_[a-z_]+\.py))?::(test_\w+)`", section):
+        current = m.group(1) or current
+        cited.append((current, m.group(2)))
+    assert len(cited) >= 20
+    for file, name in cited:
+        assert re.search(rf"^def {name}\(", (root / "hostile" / file).read_text(), re.M), f"{file}::{name} is not a test"
