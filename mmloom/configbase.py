@@ -15,7 +15,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # validate_default: a default goes through its field's type like a loaded value does
+    # (an int default of a float field becomes a float), so a saved config reloads equal
+    # and its hash, which decides what a rerun redoes, does not change
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), validate_default=True)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
