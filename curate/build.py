@@ -23,16 +23,17 @@ import pyarrow.parquet as pq
 
 from mmloom.curate.config import BuildConfig, PipelineConfig
 from mmloom.curate.crops import apply_crop_rules
-from mmloom.curate.ground import selected_by_shard, up_to_date
+from mmloom.curate.ground import selected_by_shard
 from mmloom.curate.prompt import build_segments
-from mmloom.curate.runner import Resources, run_shards
+from mmloom.curate.runner import Resources
+from mmloom.curate.stage import Stage, Task, run_stage
 from mmloom.curate.score import read_images
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash, shard_name
+from mmloom.manifests.store import ShardStore, shard_name
 
 STAGE = "build"
-OUT_DIR = "final"
+OUT_DIR = S.STAGE_DIRS[STAGE]
 BUILT, NO_CROPS = "built", "too_few_crops"
 SCORE_KEYS = ["clip_score", "nsfw", "watermark", "aesthetic", "face_count", "original_width", "original_height",
               "width", "height", "phash"]
@@ -166,35 +167,36 @@ CROPS_SCHEMA = pa.schema([
 ])
 
 
-def build(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root)
+def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
     by_shard = selected_by_shard(store)
     if not by_shard and not store.is_committed("select", 0):
-        raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")
+        raise UserError(f"{store.root} has no selection yet; run `mmloom select {store.root}` first")
     missing = [s for s in by_shard if not store.is_committed("ground", s)]
     if missing:
-        raise UserError(f"{root}: shards {missing[:10]} are not grounded yet; run `mmloom ground {root}` first")
-    ground_recs = {s: store.record("ground", s)["files"] for s in sorted(by_shard)}
-    cfg = config.build
-    shards = sorted(by_shard)
-    for s in store.committed_shards(STAGE):
-        if s not in by_shard:
-            store.uncommit(STAGE, s)
-    hashes = {s: config_hash({"cfg": cfg.model_dump(), "ground": ground_recs[s]}) for s in shards}
-    todo = [s for s in shards if not up_to_date(store, STAGE, s, hashes[s])]
-    store.clean_staging([OUT_DIR])
-    run = run_shards(
-        "build", todo, _build_by_hash,
-        {"root": store.root, "cfg": cfg.model_dump(), "hashes": hashes, "encode_format": config.download.encode_format},
-        Resources(num_cpus=1), ray_address, progress,
-    )
-    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
-    totals = Counter()
-    for rec in store.records(STAGE):
-        totals.update({k: v for k, v in rec["counts"].items()})
-    return {"shards": len(shards), "ran": len(run.results), "skipped": len(shards) - len(todo), "failed": run.failures,
-            "built": totals["built"], "samples": totals["rows"], "crops": totals["crops"]}
+        raise UserError(f"{store.root}: shards {missing[:10]} are not grounded yet; run `mmloom ground {store.root}` first")
+    return sorted(by_shard)
 
 
-def _build_by_hash(shard: int, root: str, cfg: dict, hashes: dict, encode_format: str) -> dict:
-    return build_shard(shard, root, cfg, hashes[shard], encode_format)
+def _inputs(store: ShardStore, shard: int) -> dict:
+    """Its detections (themselves made from the selection and the images) and the stored
+    embeddings of its scores."""
+    return {"detections": store.record("ground", shard)["files"],
+            "scores": (store.record("score", shard) or {}).get("files", {})}
+
+
+STAGE_DEF = Stage(
+    name=STAGE, out_dir=OUT_DIR, section="build",
+    shards=_shards, inputs=_inputs,
+    work=Task(build_shard),
+    resources=lambda cfg: Resources(num_cpus=1),
+    ignore=frozenset({"card_examples"}),  # the card, not the shards
+    extra=lambda store, config: {"encode_format": config.download.encode_format},
+)
+
+
+def build(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
+    """Run the build stage (``stage.run_stage``) over the grounded shards."""
+    s = run_stage(STAGE_DEF, root, config, ray_address, progress)
+    c = Counter(s["counts"])
+    s.update(built=c["built"], samples=c["rows"], crops=c["crops"])
+    return s

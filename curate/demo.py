@@ -14,7 +14,6 @@ import shutil
 import pandas as pd
 
 from mmloom.curate.config import load_config
-from mmloom.curate.dataset import save_dataset_config
 from mmloom.curate.demo_data import demo_images, fault_routes
 from mmloom.curate.localserver import LocalServer, Route
 from mmloom.errors import UserError
@@ -64,15 +63,11 @@ def prepare_dir(out: str) -> None:
 
 
 def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print, family: str = "mumu") -> dict:
-    from mmloom.curate.download import download
-    from mmloom.curate.ingest import ingest
-    from mmloom.curate.score import score
+    from mmloom.curate.run import run_stages
+    from mmloom.curate.stages import NAMES
     from mmloom.curate.stats import funnel, render
-    from mmloom.filters.select import render_funnel, select
-    from mmloom.curate.build import build
-    from mmloom.curate.card import write_card
-    from mmloom.curate.ground import ground
     from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
+    from mmloom.manifests.lock import writer_lock
 
     out = os.path.abspath(out)
     demo_family(family)  # before any work is done
@@ -93,43 +88,25 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
         "download.timeout": 5,
         "download.thread_count": 16,
     })
-    with LocalServer({}) as server:
+    with LocalServer({}) as server, writer_lock(out, "demo"):
         meta = demo_metadata(server)
         meta_path = os.path.join(out, "metadata", "demo-laion.parquet")
         os.makedirs(os.path.dirname(meta_path))
         meta.to_parquet(meta_path, index=False)
         echo(f"[demo] {len(meta)} metadata rows served from {server.base}")
-        save_dataset_config(out, cfg)
-        s = ingest([meta_path], out, cfg, ray_address, progress)
-        echo(f"[ingest] {s['input_rows']} rows -> {s['rows']} in {s['shards']} shards ({s['duplicates']} duplicates dropped): {s['status_counts']}")
-        d = download(out, cfg, ray_address, progress=progress)
-        echo(f"[download] {d['committed']}/{d['shards']} shards committed: {d['status_counts']}")
-        if d["failed"]:
-            raise UserError(f"download failed for shards {[f['shard'] for f in d['failed']]}: {d['failed'][0]['error']}")
-        sc = score(out, cfg, ray_address, progress)
-        echo(f"[score] {sc['rows']} images scored in {sc['committed']} shards")
-        if sc["failed"]:
-            raise UserError(f"score failed for shards {[f['shard'] for f in sc['failed']]}: {sc['failed'][0]['error']}")
-    sel = select(out, cfg)
-    echo("[select] " + render_funnel(sel))
-    g = ground(out, cfg, ray_address, progress)
-    echo(f"[ground] {g['boxes']} boxes in {g['committed']} shards (tiny RANDOM-WEIGHT Grounding DINO: boxes are plumbing, not judgement)")
-    b = build(out, cfg, ray_address, progress)
-    echo(f"[build] {b['built']} of {b['samples']} selected samples in final/ with {b['crops']} crops")
-    card = write_card(out, cfg)
-    echo("[select] RANDOM-WEIGHT scores (plumbing only, no judgement): clip_score, watermark, aesthetic. "
-         "Real models: nsfw (nudenet), faces (OpenCV cascade), phash, geometry, caption cleaning.")
+        done = run_stages(cfg, out, NAMES, [meta_path], ray_address, progress, echo, "rerun the demo")
+    echo("[demo] RANDOM-WEIGHT models (plumbing only, no judgement): clip_score, watermark, aesthetic, Grounding DINO "
+         "boxes. Real models: nsfw (nudenet), faces (OpenCV cascade), phash, geometry, caption cleaning.")
     f = funnel(out)
     echo(render(f))
     echo("\nInterleaved prompts (first few):")
     for text in example_prompts(out, 5):
         echo("  " + text)
-    echo(f"\nDataset card: {card}")
+    echo(f"\nDataset card: {done['build']['card']}")
     t = train_demo(out, ray_address, echo, family=family)
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
-    return {"out": out, "ingest": s, "download": d, "score": sc, "select": sel, "ground": g, "build": b, "funnel": f,
-            "train": t}
+    return {"out": out, **done, "funnel": f, "train": t}
 
 
 # family -> the tiny configs it trains, in order, and what the demo prints about it

@@ -33,10 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import DownloadConfig, PipelineConfig
-from mmloom.curate.runner import Resources, run_shards
+from mmloom.curate.runner import Resources
+from mmloom.curate.stage import Stage, Task, run_stage
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash, shard_name
+from mmloom.manifests.store import ShardStore, shard_name
 
 STAGE = "download"
 OUT_DIR = S.STAGE_DIRS[STAGE]
@@ -189,7 +190,9 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     """Ray task body: download one candidate shard and commit it."""
     dcfg = DownloadConfig.model_validate(cfg)
     store = ShardStore(root)
-    committed = store.is_committed(STAGE, shard)
+    rec = store.record(STAGE, shard)
+    # a committed shard made with other settings or inputs is redone whole, never merged
+    committed = rec is not None and rec.get("config_hash") == chash and store.is_committed(STAGE, shard)
     if committed and not retry_failed:
         return {"skipped": True}
     cands = store.read_table_verified(
@@ -279,36 +282,35 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     return {"counts": dict(counts), "attempted": len(todo)}
 
 
+def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
+    return list(range(_ingest_summary(store)["shards"]))
+
+
+def _ingest_summary(store: ShardStore) -> dict:
+    path = store.path("_commits", "ingest.json")
+    if not store.fs.exists(path):
+        raise UserError(f"{store.root} has no ingested candidates; run `mmloom ingest SOURCE --out {store.root}` first")
+    with store.fs.open(path, "r") as f:
+        return json.load(f)
+
+
+STAGE_DEF = Stage(
+    name=STAGE, out_dir=OUT_DIR, section="download",
+    shards=_shards,
+    inputs=lambda store, shard: (store.record("ingest", shard) or {}).get("files", {}),
+    work=Task(download_shard),
+    resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_shard, max_retries=cfg.shard_retries),
+    # how it fetches, not what it keeps: changing these redoes nothing (--retry-failed does)
+    ignore=frozenset({"thread_count", "timeout", "deadline", "retries", "cpus_per_shard", "shard_retries"}),
+    extra=lambda store, config: {"shard_size": _ingest_summary(store)["shard_size"]},
+)
+
+
 def download(root: str, config: PipelineConfig, ray_address: str | None = None, retry_failed: bool = False, progress: bool = True) -> dict:
-    """Run the download stage over every uncommitted shard; returns a summary."""
-    store = ShardStore(root)
-    summary_path = store.path("_commits", "ingest.json")
-    if not store.fs.exists(summary_path):
-        raise UserError(f"{root} has no ingested candidates; run `mmloom ingest SOURCE --out {root}` first")
-    ingest_summary = json.load(store.fs.open(summary_path))
-    n = ingest_summary["shards"]
-    shards = list(range(n))
-    store.clean_staging([OUT_DIR])  # finishes a commit cut short first (store.recover)
-    todo = shards if retry_failed else [s for s in shards if not store.is_committed(STAGE, s)]
-    cfg = config.download
-    chash = config_hash(cfg.model_dump())
-    run = run_shards(
-        "download", todo, download_shard,
-        {"root": store.root, "cfg": cfg.model_dump(), "shard_size": ingest_summary["shard_size"],
-         "retry_failed": retry_failed, "chash": chash},
-        Resources(num_cpus=cfg.cpus_per_shard, max_retries=cfg.shard_retries),
-        ray_address, progress,
-    )
-    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
-    totals: Counter = Counter()
-    for rec in store.records(STAGE):
-        totals.update({k: v for k, v in rec["counts"].items() if k != "rows"})
-    done = [r for r in run.results if not r.get("skipped")]
-    return {
-        "shards": n,
-        "ran": len(done),
-        "skipped": (n - len(todo)) + (len(run.results) - len(done)),  # committed before, or nothing to retry
-        "failed": run.failures,
-        "committed": len(store.committed_shards(STAGE)),
-        "status_counts": dict(totals),
-    }
+    """Run the download stage (``stage.run_stage``); ``retry_failed`` also revisits every
+    up-to-date shard to fetch its failed samples again."""
+    s = run_stage(STAGE_DEF, root, config, ray_address, progress,
+                  redo=(lambda shard: "retry failed samples") if retry_failed else None,
+                  options={"retry_failed": retry_failed})
+    s["status_counts"] = {k: v for k, v in s["counts"].items() if k != "rows"}
+    return s

@@ -16,14 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import GroundConfig, PipelineConfig
-from mmloom.curate.runner import Resources, actor_count, run_shards_on_actors
+from mmloom.curate.runner import Resources
+from mmloom.curate.stage import Actors, ActorWorker, Stage, run_stage
 from mmloom.curate.score import read_images
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash, shard_name
+from mmloom.manifests.store import ShardStore, shard_name
 
 STAGE = "ground"
-OUT_DIR = "detections"
+OUT_DIR = S.STAGE_DIRS[STAGE]
 
 SCHEMA = pa.schema([
     ("sample_key", pa.string()), ("key", pa.string()), ("shard", pa.int32()), ("det_id", pa.int32()),
@@ -44,7 +45,7 @@ def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
     return out
 
 
-class GroundWorker:
+class GroundWorker(ActorWorker):
     def __init__(self, cfg: dict):
         from mmloom.filters.grounding import GroundingDino, HeadFinder
 
@@ -91,35 +92,30 @@ class GroundWorker:
         return {"boxes": len(rows), "samples": len(samples)}
 
 
-def up_to_date(store: ShardStore, stage: str, shard: int, chash: str) -> bool:
-    rec = store.record(stage, shard)
-    return rec is not None and rec["config_hash"] == chash and store.is_committed(stage, shard)
+def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
+    if not store.is_committed("select", 0):
+        raise UserError(f"{store.root} has no selection yet; run `mmloom select {store.root}` first")
+    return sorted(selected_by_shard(store))
+
+
+def _inputs(store: ShardStore, shard: int) -> dict:
+    """The selection (its one file) and the shard's downloaded images."""
+    return {"selection": store.record("select", 0)["files"],
+            "images": (store.record("download", shard) or {}).get("files", {})}
+
+
+STAGE_DEF = Stage(
+    name=STAGE, out_dir=OUT_DIR, section="ground",
+    shards=_shards, inputs=_inputs,
+    work=Actors(GroundWorker, what="grounding model"),
+    resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
+    ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker"}),
+    extra=lambda store, config: {"encode_format": config.download.encode_format},
+)
 
 
 def ground(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root)
-    if not store.is_committed("select", 0):
-        raise UserError(f"{root} has no selection yet; run `mmloom select {root}` first")
-    by_shard = selected_by_shard(store)
-    cfg = config.ground
-    sel_rec = store.record("select", 0)
-    chash = config_hash({"cfg": cfg.model_dump(), "selection": sel_rec["files"]})
-    shards = sorted(by_shard)
-    for s in store.committed_shards(STAGE):  # shards no longer selected at all
-        if s not in by_shard:
-            store.uncommit(STAGE, s)
-    todo = [s for s in shards if not up_to_date(store, STAGE, s, chash)]
-    store.clean_staging([OUT_DIR])
-    run = run_shards_on_actors(
-        "ground", todo, GroundWorker, {"cfg": cfg.model_dump()}, "run",
-        {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},
-        num_actors=actor_count(cfg, len(todo), ray_address),
-        resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
-        ray_address=ray_address, progress=progress,
-    )
-    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
-    init_errors = {f["error"] for f in run.failures if f.get("init_error")}
-    if init_errors and not run.results:
-        raise UserError("grounding model could not be loaded:\n  " + "\n  ".join(e.removeprefix("UserError: ") for e in sorted(init_errors)))
-    return {"shards": len(shards), "ran": len(run.results), "skipped": len(shards) - len(todo), "failed": run.failures,
-            "boxes": sum(r.get("boxes", 0) for r in run.results), "committed": len(store.committed_shards(STAGE))}
+    """Run the ground stage (``stage.run_stage``) over the shards with selected samples."""
+    s = run_stage(STAGE_DEF, root, config, ray_address, progress)
+    s["boxes"] = sum(r.get("boxes", 0) for r in s["results"])
+    return s

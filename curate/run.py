@@ -1,5 +1,6 @@
-"""`mmloom run PIPELINE.yaml`: ingest, download, score, select, ground and build in order,
-each resuming where it stopped (committed shards are skipped), from one YAML."""
+"""`mmloom run PIPELINE.yaml`: the stages of curate/stages.py in order (``run.stages``),
+each resuming where it stopped (``stage.run_stage`` redoes only what changed), from one
+YAML, under the dataset's writer lock."""
 
 from __future__ import annotations
 
@@ -25,36 +26,44 @@ def run_pipeline(pipeline: str, out: str | None, ray_address: str | None, progre
         return _run_stages(cfg, pipeline, out, sources, ray_address, progress, echo)
 
 
-def _run_stages(cfg, pipeline: str, out: str, sources: list[str], ray_address: str | None, progress: bool, echo) -> int:
-    from mmloom.curate.build import build
-    from mmloom.curate.card import write_card
-    from mmloom.curate.download import download
-    from mmloom.curate.ground import ground
-    from mmloom.curate.ingest import ingest
-    from mmloom.curate.score import score
-    from mmloom.curate.stats import funnel, render
-    from mmloom.filters.select import render_funnel, select
+def run_stages(cfg, out: str, stages: list[str], sources: list[str], ray_address: str | None, progress: bool,
+               echo=print, on_failure: str = "rerun the command") -> dict[str, dict]:
+    """Run ``stages`` (names from curate/stages.py, in the given order) on ``out``: each
+    prints its summary, and a stage with failed shards stops the run, naming them.
+    Used by `mmloom run` and by the demo. Returns each stage's summary."""
+    from mmloom.curate.stages import BY_NAME
 
     save_dataset_config(out, cfg)
-    for stage in cfg.run.stages:
-        if stage == "ingest":
-            if not sources:
-                raise UserError(f"{pipeline}: run.sources is empty")
-            s = ingest(sources, out, cfg, ray_address, progress)
-            echo(f"[ingest] {s['input_rows']} rows, {s['duplicates']} duplicates, {s['shards']} shards: {s['status_counts']}")
-            continue
-        if stage == "select":
-            echo("[select] " + render_funnel(select(out, cfg)))
-            continue
-        fn = {"download": download, "score": score, "ground": ground, "build": build}[stage]
-        s = fn(out, cfg, ray_address, progress=progress)
-        echo(f"[{stage}] {s.get('ran', 0)} shard(s) run, {s.get('skipped', 0)} already done")
+    done: dict[str, dict] = {}
+    for name in stages:
+        entry = BY_NAME[name]
+        s = entry.run(out, cfg, ray_address, progress, **({"sources": sources} if entry.sources else {}))
+        s["out"] = out
+        lines = entry.lines(s)
+        echo(f"[{name}] " + (lines[0] if lines else "done"))
+        for line in lines[1:]:
+            echo(f"    {line}")
+        done[name] = s
         if s.get("failed"):
             for f in s["failed"]:
-                echo(f"  shard {f['shard']} FAILED: {f['error']}", file=sys.stderr)
-            echo(f"[{stage}] stopped: rerun `mmloom run {pipeline}` to retry the failed shards", file=sys.stderr)
-            return 1
-    if "build" in cfg.run.stages:
-        echo(f"[card] {write_card(out, cfg)}")
+                print(f"  shard {f['shard']} FAILED: {f['error']}", file=sys.stderr)
+            raise StageFailed(f"[{name}] stopped: {on_failure} to retry the failed shards")
+    return done
+
+
+class StageFailed(UserError):
+    pass
+
+
+def _run_stages(cfg, pipeline: str, out: str, sources: list[str], ray_address: str | None, progress: bool, echo) -> int:
+    from mmloom.curate.stats import funnel, render
+
+    if "ingest" in cfg.run.stages and not sources:
+        raise UserError(f"{pipeline}: run.sources is empty")
+    try:
+        run_stages(cfg, out, cfg.run.stages, sources, ray_address, progress, echo, f"rerun `mmloom run {pipeline}`")
+    except StageFailed as e:
+        print(str(e), file=sys.stderr)
+        return 1
     echo(render(funnel(out)))
     return 0

@@ -17,13 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import PipelineConfig, ScoreConfig
-from mmloom.curate.runner import Resources, actor_count, run_shards_on_actors
+from mmloom.curate.runner import Resources
+from mmloom.curate.stage import Actors, ActorWorker, Stage, run_stage
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
-from mmloom.manifests.store import CorruptFile, ShardStore, config_hash, shard_name
+from mmloom.manifests.store import CorruptFile, ShardStore, shard_name
 
 STAGE = "score"
-OUT_DIR = "scores"
+OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
 def read_images(store: ShardStore, shard: int, ext: str = "jpg") -> dict[str, bytes]:
@@ -111,7 +112,7 @@ def _base_cols(table: dict, r: dict, error: str | None) -> None:
     table["score_error"].append(error)
 
 
-class ScoreWorker:
+class ScoreWorker(ActorWorker):
     """What one Ray actor holds: every scoring model, loaded once."""
 
     def __init__(self, cfg: dict):
@@ -123,28 +124,29 @@ class ScoreWorker:
         return score_shard(self.scorers, shard, root, chash, encode_format)
 
 
-def score(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
-    store = ShardStore(root)
+def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
     store.recover()  # a download commit cut short is finished (or its shard redone) first
     downloaded = store.committed_shards("download")
     if not downloaded:
-        raise UserError(f"{root} has no downloaded shards; run `mmloom download {root}` first")
-    cfg = config.score
-    chash = config_hash(cfg.model_dump())
-    store.clean_staging([OUT_DIR])
-    todo = [s for s in downloaded if not store.is_committed(STAGE, s)]
-    run = run_shards_on_actors(
-        "score", todo, ScoreWorker, {"cfg": cfg.model_dump()}, "run",
-        {"root": store.root, "chash": chash, "encode_format": config.download.encode_format},
-        num_actors=actor_count(cfg, len(todo), ray_address), resources=Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
-        ray_address=ray_address, progress=progress,
-    )
-    store.clean_staging([OUT_DIR])  # empty leftovers of this run's attempts
-    init_errors = {f["error"] for f in run.failures if f.get("init_error")}
-    if init_errors and not run.results:
-        raise UserError("scoring models could not be loaded:\n  " + "\n  ".join(e.removeprefix("UserError: ") for e in sorted(init_errors)))
-    return {
-        "shards": len(downloaded), "ran": len(run.results), "skipped": len(downloaded) - len(todo),
-        "failed": run.failures, "rows": sum(r.get("rows", 0) for r in run.results),
-        "committed": len(store.committed_shards(STAGE)),
-    }
+        raise UserError(f"{store.root} has no downloaded shards; run `mmloom download {store.root}` first")
+    return downloaded
+
+
+STAGE_DEF = Stage(
+    name=STAGE, out_dir=OUT_DIR, section="score",
+    shards=_shards,
+    # a re-downloaded shard (--retry-failed, verify --repair) is scored again
+    inputs=lambda store, shard: (store.record("download", shard) or {}).get("files", {}),
+    work=Actors(ScoreWorker, what="scoring models"),
+    resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
+    ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker"}),
+    extra=lambda store, config: {"encode_format": config.download.encode_format},
+)
+
+
+def score(root: str, config: PipelineConfig, ray_address: str | None = None, progress: bool = True) -> dict:
+    """Run the score stage (``stage.run_stage``): every downloaded shard whose scores are
+    missing, or were made by other models or from other images."""
+    s = run_stage(STAGE_DEF, root, config, ray_address, progress)
+    s["rows"] = sum(r.get("rows", 0) for r in s["results"])
+    return s

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 from mmloom.curate.config import PipelineConfig, SelectConfig
 from mmloom.errors import UserError
+from mmloom.manifests import schemas as S
 from mmloom.manifests.store import ShardStore, config_hash
 from mmloom.manifests.sql import ident_list
 from mmloom.manifests.views import open_dataset, reading, view_names
 
 STAGE = "select"
-OUT_DIR = "selection"
+OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
 @dataclass

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-# stage name -> folder under the dataset directory
+# stage name -> folder under the dataset directory, in pipeline order: the one place
+# folder names live (stages, views, verify and the README's layout read them here)
 STAGE_DIRS = {
     "ingest": "candidates",
     "download": "images",
+    "score": "scores",
+    "select": "selection",
+    "ground": "detections",
+    "build": "final",
 }
+STAGE_ORDER = list(STAGE_DIRS)
 
 # ingest row statuses
 CANDIDATE = "candidate"  # eligible for download

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from mmloom.manifests.schemas import STAGE_ORDER
 from mmloom.manifests.store import COMMITS, CorruptFile, ShardStore, file_digest
 
 # the order in which stages consume each other's output
-STAGES = ["ingest", "download", "score", "select", "ground", "build"]
+STAGES = STAGE_ORDER
 GLOBAL_STAGES = {"select"}
 SUMMARY = "ingest.json"  # ingest's summary, beside the records  # one shard (0) made from every shard of the stages before it
 

@@ -12,20 +12,15 @@ import duckdb
 
 from mmloom.errors import UserError
 from mmloom.manifests.sql import ident
+from mmloom.manifests.schemas import STAGE_DIRS
 from mmloom.manifests.store import ShardStore
 
 # view name -> (stage whose records list the files, folder, file-name suffix); a suffix
 # starting with "." matches plain shard files only (00000.parquet, not 00000_crops.parquet)
-VIEWS: dict[str, tuple[str, str, str]] = {
-    "candidates": ("ingest", "candidates", ".parquet"),
-    "downloads": ("download", "images", ".parquet"),
-    "scores": ("score", "scores", ".parquet"),
-    "selected": ("select", "selection", "selected.parquet"),
-    "rejects": ("select", "selection", "rejects.parquet"),
-    "detections": ("ground", "detections", ".parquet"),
-    "final": ("build", "final", ".parquet"),
-    "crops": ("build", "final", "_crops.parquet"),
-}
+_V = [("candidates", "ingest", ".parquet"), ("downloads", "download", ".parquet"), ("scores", "score", ".parquet"),
+      ("selected", "select", "selected.parquet"), ("rejects", "select", "rejects.parquet"),
+      ("detections", "ground", ".parquet"), ("final", "build", ".parquet"), ("crops", "build", "_crops.parquet")]
+VIEWS: dict[str, tuple[str, str, str]] = {view: (stage, STAGE_DIRS[stage], suffix) for view, stage, suffix in _V}
 
 # every column of a sample, joined on its key (ingest, download, score)
 SAMPLES_SQL = """

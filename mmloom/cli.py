@@ -27,119 +27,31 @@ def report_failures(failed: list[dict]) -> int:
     return 1 if failed else 0
 
 
-def writes(dir_attr: str):
-    """Run a command that writes the dataset at ``args.<dir_attr>`` under its writer lock
-    (manifests/lock.py): a second writer on the same directory stops with one line."""
-    def wrap(fn):
-        def run(a) -> int:
-            from mmloom.manifests.lock import writer_lock
-
-            if getattr(a, "dry_run", False):
-                return fn(a)
-            with writer_lock(getattr(a, dir_attr), a.command):
-                return fn(a)
-        run.__name__ = fn.__name__
-        run.__doc__ = fn.__doc__
-        return run
-    return wrap
-
-
-@writes("out")
-def cmd_ingest(a) -> int:
+def cmd_stage(a) -> int:
+    """Every stage command: load DIR's config with the flags as overrides, run the stage
+    under the dataset's writer lock (not for a dry run), save the config, print the
+    summary, list failed shards. One function for all: the stages differ only by their
+    entry in curate/stages.py."""
     from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.curate.ingest import ingest
+    from mmloom.curate.stages import BY_NAME
+    from mmloom.manifests.lock import writer_lock
 
-    cfg = dataset_config(a.out, a.config, {
-        "ingest.format": a.format, "ingest.url_col": a.url_col,
-        "ingest.caption_col": a.caption_col, "ingest.shard_size": a.shard_size,
-    })
-    s = ingest(a.sources, a.out, cfg, a.ray_address, not a.no_progress)
-    save_dataset_config(a.out, cfg)
-    if s.get("skipped"):
-        print(f"{a.out}: already ingested from these inputs; nothing to do")
-    print(f"ingest: {len(s['files'])} file(s) ({', '.join(s['formats'])}), {s['input_rows']} rows, "
-          f"{s['duplicates']} duplicates dropped, {s['rows']} rows in {s['shards']} shards")
-    for k, v in sorted(s["status_counts"].items()):
-        print(f"  {k:<12} {v}")
-    return 0
-
-
-@writes("dir")
-def cmd_download(a) -> int:
-    from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.curate.download import download
-
-    cfg = dataset_config(a.dir, a.config, {
-        "download.allow_private_addresses": True if a.allow_private_addresses else None,
-        "download.image_size": a.image_size, "download.resize_mode": a.resize_mode,
-        "download.timeout": a.timeout, "download.retries": a.retries, "download.thread_count": a.thread_count,
-    })
-    s = download(a.dir, cfg, a.ray_address, a.retry_failed, not a.no_progress)
-    save_dataset_config(a.dir, cfg)
-    print(f"download: {s['ran']} shard(s) downloaded, {s['skipped']} already done, "
-          f"{s['committed']}/{s['shards']} committed")
-    for k, v in sorted(s["status_counts"].items()):
-        print(f"  {k:<18} {v}")
-    return report_failures(s["failed"])
-
-
-@writes("dir")
-def cmd_score(a) -> int:
-    from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.curate.score import score
-
-    cfg = dataset_config(a.dir, a.config, {"score.batch_size": a.batch_size, "score.device": a.device})
-    s = score(a.dir, cfg, a.ray_address, not a.no_progress)
-    save_dataset_config(a.dir, cfg)
-    print(f"score: {s['ran']} shard(s) scored ({s['rows']} images), {s['skipped']} already done, "
-          f"{s['committed']}/{s['shards']} downloaded shards scored")
-    return report_failures(s["failed"])
-
-
-@writes("dir")
-def cmd_select(a) -> int:
-    from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.filters.select import render_funnel, select
-
-    cfg = dataset_config(a.dir, a.config)
-    f = select(a.dir, cfg, dry_run=a.dry_run)
-    if a.show_sql:
-        print(f["sql"])
-    print(render_funnel(f))
-    if a.dry_run:
-        print("(dry run: nothing written)")
+    entry = BY_NAME[a.command]
+    root = a.out if entry.sources else a.dir
+    overrides, kwargs = entry.split_args(a)
+    if entry.sources:
+        kwargs["sources"] = a.sources
+    cfg = dataset_config(root, a.config, overrides)
+    if kwargs.get("dry_run"):
+        s = entry.run(root, cfg, None, not a.no_progress, **kwargs)
     else:
-        save_dataset_config(a.dir, cfg)
-        print(f"wrote {a.dir}/selection/selected.parquet and rejects.parquet")
-    return 0
-
-
-@writes("dir")
-def cmd_ground(a) -> int:
-    from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.curate.ground import ground
-
-    cfg = dataset_config(a.dir, a.config, {"ground.batch_size": a.batch_size, "ground.device": a.device})
-    s = ground(a.dir, cfg, a.ray_address, not a.no_progress)
-    save_dataset_config(a.dir, cfg)
-    print(f"ground: {s['ran']} shard(s) grounded ({s['boxes']} boxes), {s['skipped']} up to date, "
-          f"{s['committed']}/{s['shards']} committed")
-    return report_failures(s["failed"])
-
-
-@writes("dir")
-def cmd_build(a) -> int:
-    from mmloom.curate.build import build
-    from mmloom.curate.card import write_card
-    from mmloom.curate.dataset import dataset_config, save_dataset_config
-
-    cfg = dataset_config(a.dir, a.config)
-    s = build(a.dir, cfg, a.ray_address, not a.no_progress)
-    save_dataset_config(a.dir, cfg)
-    card = write_card(a.dir, cfg)
-    print(f"build: {s['ran']} shard(s) built, {s['skipped']} up to date; {s['built']} of {s['samples']} selected "
-          f"samples in final/ with {s['crops']} crops; dataset card {card}")
-    return report_failures(s["failed"])
+        with writer_lock(root, a.command):
+            s = entry.run(root, cfg, getattr(a, "ray_address", None), not a.no_progress, **kwargs)
+            save_dataset_config(root, cfg)
+    s["out"] = root
+    for line in entry.lines(s):
+        print(line)
+    return report_failures(s.get("failed") or [])
 
 
 def cmd_run(a) -> int:
@@ -267,53 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmloom", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("ingest", help="metadata parquet (LAION, COYO, any url+caption) -> candidate shards")
-    s.add_argument("sources", nargs="+", help="parquet files, globs or directories")
-    s.add_argument("--out", required=True, help="dataset directory")
-    s.add_argument("--format", choices=["auto", "laion", "coyo", "generic"], default=None)
-    s.add_argument("--url-col", default=None, help="url column of a generic table")
-    s.add_argument("--caption-col", default=None, help="caption column of a generic table")
-    s.add_argument("--shard-size", type=int, default=None, help="rows per shard")
-    _common(s)
-    s.set_defaults(fn=cmd_ingest)
+    from mmloom.curate.stages import STAGES
 
-    s = sub.add_parser("download", help="download candidate images with img2dataset into webdataset shards")
-    s.add_argument("dir")
-    s.add_argument("--retry-failed", action="store_true", help="re-fetch samples whose download failed")
-    s.add_argument("--allow-private-addresses", action="store_true", help="allow URLs on private/loopback addresses")
-    s.add_argument("--image-size", type=int, default=None)
-    s.add_argument("--resize-mode", default=None, choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
-    s.add_argument("--timeout", type=float, default=None)
-    s.add_argument("--retries", type=int, default=None)
-    s.add_argument("--thread-count", type=int, default=None)
-    _common(s)
-    s.set_defaults(fn=cmd_download)
-
-    s = sub.add_parser("score", help="score downloaded images (CLIP, NSFW, watermark, aesthetic, faces, phash, captions)")
-    s.add_argument("dir")
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N")
-    _common(s)
-    s.set_defaults(fn=cmd_score)
-
-    s = sub.add_parser("select", help="apply thresholds with one DuckDB query; write selection/ and the reject ledger")
-    s.add_argument("dir")
-    s.add_argument("--dry-run", action="store_true", help="print the funnel per rule, write nothing")
-    s.add_argument("--show-sql", action="store_true", help="print the compiled query")
-    _common(s, ray=False)
-    s.set_defaults(fn=cmd_select)
-
-    s = sub.add_parser("ground", help="ground caption phrases with Grounding DINO -> detections/")
-    s.add_argument("dir")
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--device", default=None)
-    _common(s)
-    s.set_defaults(fn=cmd_ground)
-
-    s = sub.add_parser("build", help="apply the crop rules and write final/ interleaved-prompt shards and the dataset card")
-    s.add_argument("dir")
-    _common(s)
-    s.set_defaults(fn=cmd_build)
+    for entry in STAGES:
+        s = sub.add_parser(entry.name, help=entry.help)
+        if entry.sources:
+            s.add_argument("sources", nargs="+", help="parquet files, globs or directories")
+            s.add_argument("--out", required=True, help="dataset directory")
+        else:
+            s.add_argument("dir")
+        entry.add_arguments(s)
+        _common(s, ray=entry.uses_ray)
+        s.set_defaults(fn=cmd_stage)
 
     s = sub.add_parser("run", help="run every stage from one pipeline YAML, resuming where it stopped")
     s.add_argument("pipeline", help="pipeline YAML (see configs/laion.yaml, configs/coyo.yaml)")
