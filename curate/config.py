@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from mmloom.configbase import Section, describe, load_model  # noqa: F401  (describe re-exported)
+from mmloom.manifests.schemas import STAGE_ORDER
 
 
 class PrefilterConfig(Section):
@@ -174,8 +175,8 @@ class RunConfig(Section):
     sources: list[str] = Field(default_factory=list, description="metadata parquet files, globs or folders")
     out: Optional[str] = Field(None, description="dataset directory")
     ray_address: Optional[str] = Field(None, description="Ray cluster address (null: Ray in process)")
-    stages: list[Literal["ingest", "download", "score", "select", "ground", "build"]] = Field(
-        default_factory=lambda: ["ingest", "download", "score", "select", "ground", "build"], description="stages to run, in order")
+    stages: list[Literal[tuple(STAGE_ORDER)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(STAGE_ORDER), description="stages to run, in order")
 
 
 class PipelineConfig(Section):
