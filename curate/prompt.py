@@ -1,4 +1,4 @@
-"""The interleaved prompt (DESIGN.md): ordered segments, each crop placed right before
+"""The interleaved prompt (ARCHITECTURE.md; MUMU section 4): ordered segments, each crop placed right before
 the words it depicts (MUMU section 4). Joining the text segments gives back the clean
 caption exactly; ``span`` indexes the clean caption."""
 

@@ -1,7 +1,7 @@
 """The one adapter between stages and Ray.
 
 Stages are plain functions `fn(shard, **kwargs) -> dict` that never import Ray
-(STYLE habit 3). `run_shards` turns a list of shard ids into Ray tasks with the
+(ARCHITECTURE.md, habit 3). `run_shards` turns a list of shard ids into Ray tasks with the
 resources the stage declares, retries shards whose worker died, shows progress, and
 returns one result per shard. The same code runs on a laptop (Ray started in process)
 and on a cluster (`--ray-address`).

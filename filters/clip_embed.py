@@ -1,6 +1,6 @@
 """open_clip image and text embeddings, computed once per model and shared.
 
-STYLE habit 4: the CLIP pass runs once per batch per model; the clip score, the NSFW
+ARCHITECTURE.md, habit 4: the CLIP pass runs once per batch per model; the clip score, the NSFW
 MLP head, the aesthetic head and the stored embeddings all read its output.
 """
 

@@ -1,7 +1,7 @@
 """Every scorer of the score stage, built once per worker from the config.
 
 `ScoreSet.score(images, captions)` returns one list per output column. Each CLIP model
-encodes a batch once; heads that need its embedding read it (STYLE habit 4). Each column
+encodes a batch once; heads that need its embedding read it (ARCHITECTURE.md, habit 4). Each column
 carries the model and version that produced it (`ScoreSet.field_metadata`).
 Nothing here knows about Ray, shards or files.
 """

@@ -1,4 +1,4 @@
-"""DuckDB views over a dataset directory (DESIGN principle 3).
+"""DuckDB views over a dataset directory (ARCHITECTURE.md, principle 3).
 
 Each view reads the parquet files named by its stage's completion records, so a
 half-written shard can never show up in a query. Views appear as stages complete.

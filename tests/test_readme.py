@@ -46,3 +46,24 @@ def test_threat_model_cites_tests_that_exist():
     assert len(cited) >= 20
     for file, name in cited:
         assert re.search(rf"^def {name}\(", (root / "hostile" / file).read_text(), re.M), f"{file}::{name} is not a test"
+
+
+def test_every_reference_in_the_code_resolves_from_a_clone():
+    """The code cites ARCHITECTURE.md's principles and habits and files of the repository:
+    each must be there (no document outside the repository)."""
+    import re
+
+    repo = Path(__file__).parent.parent
+    arch = (repo / "ARCHITECTURE.md").read_text()
+    principles = set(re.findall(r"^(\d+)\. \*\*", arch.split("## Principles", 1)[1].split("## Habits")[0], re.M))
+    habits = set(re.findall(r"^(\d+)\. ", arch.split("## Habits", 1)[1].split("## Where")[0], re.M))
+    bad = []
+    for f in repo.rglob("*.py"):
+        if ".venv" in f.parts or f.name == "test_readme.py":
+            continue
+        text = f.read_text()
+        bad += [f"{f.name}: principle {n}" for n in re.findall(r"principle (\d+)", text) if n not in principles]
+        bad += [f"{f.name}: habit {n}" for n in re.findall(r"habit (\d+)", text) if n not in habits]
+        bad += [f"{f.name}: {m}" for m in re.findall(r"\b([A-Za-z_-]+\.md)\b", text)
+                if not any(repo.rglob(m))]
+    assert not bad, bad

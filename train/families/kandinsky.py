@@ -1,4 +1,4 @@
-"""Kandinsky (kandinsky.md): an image prior and a latent-diffusion decoder, trained apart.
+"""Kandinsky (Razzhigaev et al., 2023; ARCHITECTURE.md, Papers): an image prior and a latent-diffusion decoder, trained apart.
 
 * ``stage: prior`` (section 4, Table 3) maps CLIP text embeddings to CLIP image
   embeddings. Three priors: ``linear`` (one linear layer, the best FID in Table 3),

@@ -1,4 +1,4 @@
-"""MT-Diffusion (mt-diffusion.md): several modalities aggregated into one forward process.
+"""MT-Diffusion (Chen et al., 2024; ARCHITECTURE.md, Papers): several modalities aggregated into one forward process.
 
 Forward aggregation (section 2.2.2, Theorem 2, appendix B): each modality's data x_i is
 encoded into the diffusion space, e_i = E_i(x_i), and added to the noising chain,

@@ -1,4 +1,4 @@
-"""MUMU (mumu.md): a vision-language model encodes the interleaved prompt, a small
+"""MUMU (Berman and Peysakhovich, 2024; ARCHITECTURE.md, Papers): a vision-language model encodes the interleaved prompt, a small
 non-causal "adapter" transformer maps its hidden states into the UNet's cross-attention
 (section 3), and a diffusers UNet2DConditionModel denoises AutoencoderKL latents with
 epsilon prediction, MSE and a DDPM schedule (section 2.1). Table 1: vision tower frozen;

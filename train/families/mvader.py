@@ -1,4 +1,4 @@
-"""M-VADER (m-vader.md): a diffusion model conditioned on a decoder language model's
+"""M-VADER (Weinbach, Bellagente et al., 2022; ARCHITECTURE.md, Papers): a diffusion model conditioned on a decoder language model's
 view of interleaved images and text.
 
 * Condition (section 3.1): the last hidden states of a decoder LM that reads images and

@@ -1,4 +1,4 @@
-"""Versatile Diffusion (versatile-diffusion.md): one multi-flow diffuser for text-to-image,
+"""Versatile Diffusion (Xu et al., ICCV 2023; ARCHITECTURE.md, Papers): one multi-flow diffuser for text-to-image,
 image variation, image-to-text and text variation.
 
 Multi-flow UNet (sections 3.2, 3.3): layers fall in three groups. Global layers (the time
