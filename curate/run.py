@@ -40,7 +40,7 @@ def run_stages(cfg, out: str, stages: list[str], sources: list[str], ray_address
         s = entry.run(out, cfg, ray_address, progress, **({"sources": sources} if entry.sources else {}))
         s["out"] = out
         lines = entry.lines(s)
-        echo(f"[{name}] " + (lines[0] if lines else "done"))
+        echo(f"[{name}] " + (lines[0].removeprefix(f"{name}: ") if lines else "done"))
         for line in lines[1:]:
             echo(f"    {line}")
         done[name] = s

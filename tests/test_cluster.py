@@ -188,7 +188,7 @@ def test_whole_run_through_the_cluster_to_s3(cluster, tmp_path, images, s3_bucke
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr[-3000:]
-    assert "[download] 0 shard(s) run, 2 already done" in again.stdout
+    assert "[download] 0 shard(s) downloaded, 2 already done" in again.stdout
     assert not list(tmp_path.glob("s3*")), "wrote to a local folder named after the URL"
 
     store = ShardStore(out)
