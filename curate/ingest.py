@@ -252,6 +252,19 @@ def normalize_file(file_idx: int, path: str, cfg: dict, staging: str) -> dict:
     return {"rows": staged.num_rows, "format": fmt, "file": path, "staged": f"{staging}/{file_idx:06d}.parquet"}
 
 
+def check_schemas(files: list[str], cfg: IngestConfig) -> None:
+    """Read every file's footer: it must be parquet with the columns its format needs.
+    A mistake is one line naming the file, before any Ray task or directory exists."""
+    for path in files:
+        try:
+            fs, local = fsspec.core.url_to_fs(path)
+            schema = pq.read_schema(local, filesystem=fs)
+        except Exception as e:
+            raise UserError(f"cannot read {path} as parquet: {_one_line(e)}") from None
+        drop = pandas_index_columns(schema)
+        detect([c for c in schema.names if c not in drop], cfg.format, cfg.url_col, cfg.caption_col, path)
+
+
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:500]
 
@@ -261,6 +274,7 @@ def ingest(sources: list[str], out: str, config: PipelineConfig, ray_address: st
 
     files = expand_sources(sources)
     cfg = config.ingest
+    check_schemas(files, cfg)  # seconds, before Ray starts or anything is written
     store = ShardStore(out)
     out = store.root
     store.fs.makedirs(store.base, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 
 from mmloom.errors import UserError
 
@@ -39,13 +40,17 @@ def cmd_stage(a) -> int:
     entry = BY_NAME[a.command]
     root = a.out if entry.sources else a.dir
     overrides, kwargs = entry.split_args(a)
-    if entry.sources:
-        kwargs["sources"] = a.sources
+    if entry.sources:  # cheap checks first: the inputs exist, before anything is created
+        from mmloom.curate.ingest import expand_sources
+
+        kwargs["sources"] = expand_sources(a.sources)
+    else:
+        _require_dataset(root)
     cfg = dataset_config(root, a.config, overrides)
     if kwargs.get("dry_run"):
         s = entry.run(root, cfg, None, not a.no_progress, **kwargs)
     else:
-        with writer_lock(root, a.command):
+        with _removed_if_left_empty(root), writer_lock(root, a.command):
             s = entry.run(root, cfg, getattr(a, "ray_address", None), not a.no_progress, **kwargs)
             save_dataset_config(root, cfg)
     s["out"] = root
@@ -86,6 +91,24 @@ def cmd_sample(a) -> int:
         print(open(out).read(), end="")
     print(f"sample: {len(a.seeds)} {'sentence' if a.text else 'image'}(s) -> {out}")
     return 0
+
+
+@contextmanager
+def _removed_if_left_empty(root: str):
+    """A command that fails on a directory it created leaves nothing behind."""
+    import os
+    import shutil
+
+    local = "://" not in root
+    existed = not local or os.path.exists(root)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(root):
+            files = [f for _d, _s, fs in os.walk(root) for f in fs]
+            if not files:
+                shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def _require_dataset(root: str) -> None:

@@ -59,3 +59,24 @@ def test_user_mistakes_are_one_line_errors(ingested, tmp_path, args, needle):
     r = mmloom(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["select", "{tmp}/absent"], "no dataset directory {tmp}/absent"),
+    (["download", "{tmp}/absent"], "no dataset directory {tmp}/absent"),
+    (["ingest", "{tmp}/nourl.parquet", "--out", "{tmp}/new"], "cannot detect the metadata format"),
+])
+def test_cheap_checks_answer_fast_and_leave_no_directory(tmp_path, args, says):
+    """A mistake is found before Ray starts or anything is created (issue: 71 s to learn
+    that a URL column is missing)."""
+    import time
+
+    import pandas as pd
+
+    pd.DataFrame({"link": ["http://x"], "TEXT": ["a"]}).to_parquet(tmp_path / "nourl.parquet")
+    t = time.perf_counter()
+    r = mmloom(*[a.format(tmp=tmp_path) for a in args])
+    took = time.perf_counter() - t
+    assert r.returncode == 2 and says.format(tmp=tmp_path) in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "absent").exists() and not (tmp_path / "new").exists()
+    assert took < 30, took  # about 4 s here (the interpreter's start-up); Ray alone takes longer
