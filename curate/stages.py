@@ -65,7 +65,8 @@ def _counts(d: dict, width: int = 18) -> list[str]:
 
 
 def _redo(s: dict) -> str:
-    why = s.get("redo") or {}
+    """Why shards were redone, when it is not simply that they were new."""
+    why = {r: n for r, n in (s.get("redo") or {}).items() if r != "new"}
     return (" (" + ", ".join(f"{n} {r}" for r, n in sorted(why.items())) + ")") if why else ""
 
 
