@@ -68,7 +68,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     from mmloom.curate.ingest import ingest
     from mmloom.curate.score import score
     from mmloom.curate.stats import funnel, render
-    from mmloom.filters.select import render_funnel, select
+    from mmloom.curate.select import render_funnel, select
     from mmloom.curate.build import build
     from mmloom.curate.card import write_card
     from mmloom.curate.ground import ground

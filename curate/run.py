@@ -33,7 +33,7 @@ def _run_stages(cfg, pipeline: str, out: str, sources: list[str], ray_address: s
     from mmloom.curate.ingest import ingest
     from mmloom.curate.score import score
     from mmloom.curate.stats import funnel, render
-    from mmloom.filters.select import render_funnel, select
+    from mmloom.curate.select import render_funnel, select
 
     save_dataset_config(out, cfg)
     for stage in cfg.run.stages:

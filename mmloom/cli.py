@@ -99,7 +99,7 @@ def cmd_score(a) -> int:
 @writes("dir")
 def cmd_select(a) -> int:
     from mmloom.curate.dataset import dataset_config, save_dataset_config
-    from mmloom.filters.select import render_funnel, select
+    from mmloom.curate.select import render_funnel, select
 
     cfg = dataset_config(a.dir, a.config)
     f = select(a.dir, cfg, dry_run=a.dry_run)
