@@ -108,7 +108,7 @@ def main() -> None:
 
     from mmloom.curate.config import ScoreConfig
     from mmloom.filters.aesthetic import AestheticScorer
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
     from mmloom.filters.nsfw import ClipMlpNsfw
     from mmloom.filters.scoring import ScoreSet
     from mmloom.filters.tiny_models import make_score_models

@@ -11,7 +11,7 @@ import re
 import torch
 
 from mmloom.errors import UserError
-from mmloom.filters.models import fingerprint, hf_pretrained, package_version
+from mmloom.models import fingerprint, hf_pretrained, package_version
 
 
 class HfImageClassifier:

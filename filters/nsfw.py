@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mmloom.filters.heads import load_head
-from mmloom.filters.models import fingerprint, package_version
+from mmloom.models import fingerprint, package_version
 
 NUDENET_EXPOSED = {
     "FEMALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",

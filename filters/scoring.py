@@ -106,7 +106,7 @@ class ScoreSet:
             for c in ("face_count", "face_boxes"):
                 self.meta[c] = {"model": f"faces/{cfg.faces.backend}", "version": self.faces.version}
         if cfg.phash:
-            from mmloom.filters.models import package_version
+            from mmloom.models import package_version
 
             for c in ("phash", "phash_int"):
                 self.meta[c] = {"model": "imagehash.phash (64-bit DCT)", "version": package_version("imagehash")}
@@ -127,7 +127,7 @@ class ScoreSet:
 
     def _embedder(self, ref: str):
         if ref not in self.embedders:
-            from mmloom.filters.clip_embed import ClipEmbedder
+            from mmloom.clip import ClipEmbedder
 
             self.embedders[ref] = ClipEmbedder(ref, self.device, self.cfg.precision)
         return self.embedders[ref]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.filters.models import fingerprint, load_state_dict, package_version, resolve_file
+from mmloom.models import fingerprint, load_state_dict, package_version, resolve_file
 
 
 def laion_head(in_features: int) -> nn.Module:

@@ -27,7 +27,7 @@ def pics():
 
 
 def test_open_clip_local_dir_embeddings_normalized(models, pics):
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
 
     e = ClipEmbedder(models[1]["clip"]["model"])
     img = e.images([pics["astronaut.jpg"], pics["coffee.jpg"]])
@@ -41,7 +41,7 @@ def test_open_clip_local_dir_embeddings_normalized(models, pics):
 
 @pytest.mark.parametrize("ref", ["ViT-B-32/openai", "hf-hub:nobody/no-such-clip", "/no/such/dir/open_clip"])
 def test_missing_clip_is_a_clear_error(ref):
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
 
     with pytest.raises(UserError) as e:
         ClipEmbedder(ref)
@@ -121,7 +121,7 @@ def test_phash_groups_near_copies(pics):
 
 def test_scoreset_shares_one_clip_pass(models, pics, monkeypatch):
     from mmloom.curate.config import ScoreConfig
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
     from mmloom.filters.scoring import ScoreSet
 
     root, cfg = models
