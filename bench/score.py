@@ -106,9 +106,9 @@ def main() -> None:
     rows.append(("OpenCV frontal-face cascade", rate(OpenCvFaces(), ims, a.batch_size)))
     rows.append(("phash (imagehash)", rate(lambda b: [phash(i) for i in b], ims, a.batch_size)))
 
+    from mmloom.clip import ClipEmbedder
     from mmloom.curate.config import ScoreConfig
     from mmloom.filters.aesthetic import AestheticScorer
-    from mmloom.filters.clip_embed import ClipEmbedder
     from mmloom.filters.nsfw import ClipMlpNsfw
     from mmloom.filters.scoring import ScoreSet
     from mmloom.filters.tiny_models import make_score_models

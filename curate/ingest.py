@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmloom.curate.config import IngestConfig, PipelineConfig
+from mmloom.curate.rules import PREFILTER, failure_reasons
 from mmloom.curate.runner import Resources, run_shards
 from mmloom.curate.sources import detect, pandas_index_columns, src_columns
 from mmloom.errors import UserError
@@ -103,26 +104,9 @@ def _url_problem(url) -> str | None:
 
 
 def prefilter_reasons(df: pd.DataFrame, pf) -> list[str]:
-    """Every failed prefilter rule per row, '; '-joined ('' when it passes)."""
-    w, h = df["width"], df["height"]
-    aspect = w / h
-    area = w * h
-    # (failing mask, values, message template); a NaN value compares False and passes
-    checks = [
-        (pf.min_aspect, aspect, lambda v, t: v < t, "aspect {v:.3f} < {t}"),
-        (pf.max_aspect, aspect, lambda v, t: v > t, "aspect {v:.3f} > {t}"),
-        (pf.min_area, area, lambda v, t: v < t, "area {v:.0f} < {t:.0f}"),
-        (pf.min_clip_similarity, df["clip_similarity"], lambda v, t: v < t, "clip_similarity {v:.3f} < {t}"),
-        (pf.max_nsfw, df["nsfw_score"], lambda v, t: v >= t, "nsfw {v:.3f} >= {t}"),
-        (pf.max_watermark, df["watermark_score"], lambda v, t: v >= t, "watermark {v:.3f} >= {t}"),
-        (pf.min_aesthetic, df["aesthetic_score"], lambda v, t: v < t, "aesthetic {v:.2f} < {t}"),
-    ]
-    rules = [(fails(values, t).fillna(False), values, t, text) for t, values, fails, text in checks if t is not None]
-    reasons: list[list[str]] = [[] for _ in range(len(df))]
-    for mask, values, t, text in rules:
-        for i in np.flatnonzero(mask.to_numpy()):
-            reasons[i].append(text.format(v=values.iat[i], t=t))
-    return ["; ".join(r) for r in reasons]
+    """Every failed prefilter rule per row, '; '-joined ('' when it passes). The rules and
+    their NULL policy (a missing value passes) are `curate.rules.PREFILTER`."""
+    return failure_reasons(PREFILTER, pf, df)
 
 
 def _texts(table: pa.Table, name: str, what: str, bad: list[str | None]) -> list:

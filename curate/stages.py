@@ -99,7 +99,7 @@ def _run_score(root, config, ray_address=None, progress=True):
 
 
 def _run_select(root, config, ray_address=None, progress=True, dry_run=False, show_sql=False):
-    from mmloom.filters.select import select
+    from mmloom.curate.select import select
 
     f = select(root, config, dry_run=bool(dry_run))
     f.update(dry_run=bool(dry_run), show_sql=bool(show_sql), out=root)
@@ -107,7 +107,7 @@ def _run_select(root, config, ray_address=None, progress=True, dry_run=False, sh
 
 
 def _select_lines(f: dict) -> list[str]:
-    from mmloom.filters.select import render_funnel
+    from mmloom.curate.select import render_funnel
 
     return ([f["sql"]] if f.get("show_sql") else []) + render_funnel(f).splitlines() + [
         "(dry run: nothing written)" if f.get("dry_run") else f"wrote {f.get('out')}/selection/selected.parquet and rejects.parquet"]

@@ -4,19 +4,28 @@ predict ratings on a 1 to 10 scale. The output is clipped to that scale."""
 
 from __future__ import annotations
 
+import pyarrow as pa
 import torch
 
 from mmloom.filters.heads import MLPHead, load_head
-from mmloom.filters.models import fingerprint
+from mmloom.models import fingerprint
 
 LAION_SIZES = [768, 1024, 128, 64, 16, 1]
 
 
 class AestheticScorer:
+    """The ``aesthetic`` column as a scorer (`filters.base.Scorer`)."""
+
+    columns = {"aesthetic": pa.float32()}
+
     def __init__(self, ref: str, clip_ref: str):
         self.head, path = load_head(ref, "aesthetic head", ("sac+logos+ava1-l14-linearMSE.pth", "model.pth", "model.pt"), "none")
         self.needs_clip = clip_ref
         self.version = f"aesthetic mlp {fingerprint(path)} on {clip_ref}"
+        self.meta = {"aesthetic": {"model": ref, "version": self.version}}
+
+    def score(self, batch) -> dict[str, list]:
+        return {"aesthetic": self(batch.images, batch.clip_images(self.needs_clip))}
 
     @torch.no_grad()
     def __call__(self, images, embeddings, detections=None) -> list[float]:

@@ -1,13 +1,24 @@
 """Face count and boxes from detectors that ship their weights: OpenCV's Haar cascade or
 nudenet's face classes. MUMU section 4 keeps realistic images with 0 or 1 people; the face
-count is the people proxy (a face detector, not a person detector: backs are not counted)."""
+count is the people proxy (a face detector, not a person detector: backs are not counted).
+Both are scorers of ``face_count`` and ``face_boxes`` (`filters.base.Scorer`)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+
+COLUMNS = {"face_count": pa.int32(), "face_boxes": pa.list_(pa.list_(pa.int32()))}
+
+
+def _columns(boxes: list[list[list[int]]]) -> dict[str, list]:
+    return {"face_count": [len(b) for b in boxes], "face_boxes": boxes}
 
 
 class OpenCvFaces:
+    columns = COLUMNS
+    needs_clip = None
+
     def __init__(self, min_size: int = 24):
         import cv2
 
@@ -15,6 +26,10 @@ class OpenCvFaces:
         self.cascade = cv2.CascadeClassifier(path)
         self.cv2, self.min_size = cv2, min_size
         self.version = f"opencv {cv2.__version__} haarcascade_frontalface_default"
+        self.meta = {c: {"model": "faces/opencv", "version": self.version} for c in COLUMNS}
+
+    def score(self, batch) -> dict[str, list]:
+        return _columns(self(batch.images))
 
     def __call__(self, images, detections=None) -> list[list[list[int]]]:
         out = []
@@ -26,9 +41,16 @@ class OpenCvFaces:
 
 
 class NudeNetFaces:
+    columns = COLUMNS
+    needs_clip = None
+
     def __init__(self, nudenet, min_score: float = 0.4):
         self.nn, self.min_score = nudenet, min_score
         self.version = f"{nudenet.version} FACE_* classes (score >= {min_score})"
+        self.meta = {c: {"model": "faces/nudenet", "version": self.version} for c in COLUMNS}
+
+    def score(self, batch) -> dict[str, list]:
+        return _columns(self(batch.images, batch.detections(self.nn)))
 
     def __call__(self, images, detections=None) -> list[list[list[int]]]:
         from mmloom.filters.nsfw import NUDENET_FACES

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from mmloom.filters.models import fingerprint, hf_pretrained, package_version
+from mmloom.models import fingerprint, hf_pretrained, package_version
 from mmloom.filters.scoring import resolve_device
 
 

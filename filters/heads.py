@@ -51,7 +51,7 @@ class MLPHead(nn.Module):
 def load_head(ref: str, kind: str, names: tuple[str, ...], activation: str) -> tuple[MLPHead, str]:
     """An MLP head from a file, a directory holding one of ``names``, or a hub path; returns
     (head, resolved file) so that the scorer can fingerprint it."""
-    from mmloom.filters.models import load_state_dict, resolve_file
+    from mmloom.models import load_state_dict, resolve_file
 
     path = resolve_file(ref, kind, names)
     return MLPHead.from_state_dict(load_state_dict(path), activation, ref), path

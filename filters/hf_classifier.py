@@ -1,7 +1,8 @@
 """Any Hugging Face image-classification model as a probability of some labels.
 
 Used for NSFW and watermark: ``positive_labels`` are regular expressions matched against
-the model's ``id2label``; the score is the summed softmax probability of those labels.
+the model's ``id2label``; the score is the summed softmax probability of those labels,
+the scorer's one ``column`` (`filters.base.Scorer`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import re
 import torch
 
 from mmloom.errors import UserError
-from mmloom.filters.models import fingerprint, hf_pretrained, package_version
+from mmloom.filters.base import PROBABILITY
+from mmloom.models import fingerprint, hf_pretrained, package_version
 
 
 class HfImageClassifier:
-    def __init__(self, ref: str, positive_labels: list[str], device: str = "cpu", what: str = "image classifier"):
+    needs_clip = None
+
+    def __init__(self, ref: str, positive_labels: list[str], device: str = "cpu", what: str = "image classifier",
+                 column: str = "probability"):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         self.processor = hf_pretrained(AutoImageProcessor, ref, what)
@@ -27,8 +32,12 @@ class HfImageClassifier:
         if not self.positive:
             raise UserError(f"{what} {ref}: none of its labels {sorted(labels.values())} matches {positive_labels}")
         self.version = f"transformers {package_version('transformers')}, weights {fingerprint(ref)}, labels {[labels[i] for i in self.positive]}"
+        self.column = column
+        self.columns = {column: PROBABILITY}
+        self.meta = {column: {"model": f"{column}/hf:{ref}", "version": self.version}}
 
-    needs_clip = None  # the scorer interface of filters/scoring.py
+    def score(self, batch) -> dict[str, list]:
+        return {self.column: self(batch.images)}
 
     @torch.no_grad()
     def __call__(self, pil_images, embeddings=None, detections=None) -> list[float]:

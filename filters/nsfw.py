@@ -1,5 +1,6 @@
 """NSFW probability, three interchangeable backends behind one call:
-``scorer(images, embeddings) -> list[float]`` in [0, 1].
+``scorer(images, embeddings) -> list[float]`` in [0, 1], and as scorers of the ``nsfw``
+column (`filters.base.Scorer`).
 
 * ``nudenet``: nudenet's detector (ships its ONNX weights): the highest score among its
   exposed-body-part classes. Real decisions offline.
@@ -13,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmloom.filters.base import PROBABILITY
 from mmloom.filters.heads import load_head
-from mmloom.filters.models import fingerprint, package_version
+from mmloom.models import fingerprint, package_version
 
 NUDENET_EXPOSED = {
     "FEMALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED",
@@ -38,11 +40,16 @@ class NudeNet:
 
 
 class NudeNetNsfw:
+    columns = {"nsfw": PROBABILITY}
     needs_clip = None
 
     def __init__(self, nudenet: NudeNet):
         self.nn = nudenet
         self.version = nudenet.version
+        self.meta = {"nsfw": {"model": "nsfw/nudenet:nudenet", "version": self.version}}
+
+    def score(self, batch) -> dict[str, list]:
+        return {"nsfw": self(batch.images, None, batch.detections(self.nn))}
 
     def __call__(self, images, embeddings=None, detections=None) -> list[float]:
         dets = detections if detections is not None else self.nn.detect(images)
@@ -50,10 +57,16 @@ class NudeNetNsfw:
 
 
 class ClipMlpNsfw:
+    columns = {"nsfw": PROBABILITY}
+
     def __init__(self, ref: str, clip_ref: str):
         self.head, path = load_head(ref, "NSFW head", ("nsfw_head.pt", "model.pt", "model.pth"), "relu")
         self.needs_clip = clip_ref
         self.version = f"mlp head {fingerprint(path)} on {clip_ref}"
+        self.meta = {"nsfw": {"model": f"nsfw/clip_mlp:{ref}", "version": self.version}}
+
+    def score(self, batch) -> dict[str, list]:
+        return {"nsfw": self(batch.images, batch.clip_images(self.needs_clip))}
 
     @torch.no_grad()
     def __call__(self, images, embeddings, detections=None) -> list[float]:

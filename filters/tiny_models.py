@@ -1,7 +1,7 @@
 """Tiny random-weight models in the real on-disk formats.
 
 Tests and the demo build these and load them through the same code as real weights
-(`filters/models.py`): an open_clip local directory (config + state dict), LAION-layout
+(`mmloom/models.py`): an open_clip local directory (config + state dict), LAION-layout
 MLP heads (torch state dicts), a timm checkpoint, a Hugging Face ``save_pretrained``
 image classifier. Random weights exercise the plumbing, not judgement: their scores
 mean nothing.
@@ -9,29 +9,11 @@ mean nothing.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def make_open_clip(path: str, seed: int = 0) -> str:
-    import open_clip
-
-    os.makedirs(path, exist_ok=True)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CLIP_CFG)
-    torch.save(model.state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))
-    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {
-            "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
-    return path
+from mmloom.clip import TINY_CLIP_CFG, make_open_clip
 
 
 def make_hf_classifier(path: str, labels: list[str], seed: int = 0) -> str:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.filters.models import fingerprint, load_state_dict, package_version, resolve_file
+from mmloom.filters.base import PROBABILITY
+from mmloom.models import fingerprint, load_state_dict, package_version, resolve_file
 
 
 def laion_head(in_features: int) -> nn.Module:
@@ -34,6 +35,9 @@ def build_timm(arch: str, head: str) -> nn.Module:
 
 
 class TimmWatermark:
+    """The ``watermark`` column as a scorer (`filters.base.Scorer`)."""
+
+    columns = {"watermark": PROBABILITY}
     needs_clip = None
 
     def __init__(self, ref: str, arch: str, head: str, positive_index: int, device: str, image_size: int = 256):
@@ -53,6 +57,10 @@ class TimmWatermark:
             T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
         ])
         self.version = f"timm {package_version('timm')} {arch}, weights {fingerprint(path)}"
+        self.meta = {"watermark": {"model": f"watermark/timm:{ref}", "version": self.version}}
+
+    def score(self, batch) -> dict[str, list]:
+        return {"watermark": self(batch.images)}
 
     @torch.no_grad()
     def __call__(self, images, embeddings=None, detections=None) -> list[float]:

@@ -179,7 +179,7 @@ def cmd_stats(a) -> int:
 
 
 def cmd_clean_caption(a) -> int:
-    from mmloom.curate.captions import clean_caption
+    from mmloom.filters.captions import clean_caption
 
     rc = 0
     for text in a.text:

@@ -12,7 +12,7 @@ import pandas as pd
 
 import pytest
 
-from mmloom.curate.captions import clean, clean_caption
+from mmloom.filters.captions import clean, clean_caption
 
 CASES = [
     # (a) URLs, links, emails

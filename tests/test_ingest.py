@@ -137,3 +137,23 @@ def test_dedup_sharding_is_deterministic_and_prefilter_switchable(tmp_path):
     off.ingest.prefilter.max_nsfw = None
     s3 = ingest([a], str(tmp_path / "d3"), off, progress=False)
     assert s3["status_counts"] == {"candidate": 23}
+
+
+def test_prefilter_missing_metadata_passes_and_thresholds_are_exact():
+    """ingest's NULL policy (curate.rules.PREFILTER): a row without a score or size passes
+    the rules that read it; values at a threshold fall on the documented side."""
+    from mmloom.curate.ingest import prefilter_reasons
+
+    nan = float("nan")
+    df = pd.DataFrame({
+        "width": [nan, 512.0, 512.0, 600.0, 512.0], "height": [nan, 512.0, 0.0, 1000.0, 512.0],
+        "clip_similarity": [nan, 0.3, nan, 0.3, 0.29], "nsfw_score": [nan, 0.299, nan, 0.3, nan],
+        "watermark_score": [nan, nan, nan, 0.3, nan], "aesthetic_score": [nan, 5.0, nan, 4.99, nan],
+    })
+    pf = load_config(None, {"ingest.prefilter.min_aesthetic": 5.0}).ingest.prefilter
+    assert prefilter_reasons(df, pf) == [
+        "", "",  # all missing; at the minimum thresholds (>=) and under the maximum ones
+        "area 0 < 49152",  # a zero height has no aspect (the row is invalid anyway)
+        "nsfw 0.300 >= 0.3; watermark 0.300 >= 0.3; aesthetic 4.99 < 5.0",  # aspect 0.6 is at the minimum
+        "clip_similarity 0.290 < 0.3",
+    ]

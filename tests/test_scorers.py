@@ -27,7 +27,7 @@ def pics():
 
 
 def test_open_clip_local_dir_embeddings_normalized(models, pics):
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
 
     e = ClipEmbedder(models[1]["clip"]["model"])
     img = e.images([pics["astronaut.jpg"], pics["coffee.jpg"]])
@@ -41,7 +41,7 @@ def test_open_clip_local_dir_embeddings_normalized(models, pics):
 
 @pytest.mark.parametrize("ref", ["ViT-B-32/openai", "hf-hub:nobody/no-such-clip", "/no/such/dir/open_clip"])
 def test_missing_clip_is_a_clear_error(ref):
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
 
     with pytest.raises(UserError) as e:
         ClipEmbedder(ref)
@@ -121,7 +121,7 @@ def test_phash_groups_near_copies(pics):
 
 def test_scoreset_shares_one_clip_pass(models, pics, monkeypatch):
     from mmloom.curate.config import ScoreConfig
-    from mmloom.filters.clip_embed import ClipEmbedder
+    from mmloom.clip import ClipEmbedder
     from mmloom.filters.scoring import ScoreSet
 
     root, cfg = models
@@ -145,3 +145,41 @@ def test_unset_model_is_a_clear_error(models):
     cfg = {**models[1], "watermark": {"backend": "hf", "model": None}}
     with pytest.raises(UserError, match="score.watermark.model is not set"):
         ScoreSet(ScoreConfig.model_validate(cfg))
+
+
+@pytest.mark.parametrize("variant", ["default", "nudenet_faces", "hf+no_embeddings"])
+def test_every_scorer_implements_the_protocol(models, pics, variant, monkeypatch):
+    """ScoreSet runs each scorer through `filters.base.Scorer`: the columns it declares
+    (typed as the scores/ table), their meta and one value per image; nudenet's detector
+    runs once per batch however many scorers read it."""
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.base import Batch, Scorer
+    from mmloom.filters.nsfw import NudeNet
+    from mmloom.filters.scoring import COLUMN_TYPES, ScoreSet
+
+    root, cfg = models
+    cfg = {
+        "default": cfg,
+        "nudenet_faces": {**cfg, "faces": {"backend": "nudenet"}},
+        "hf+no_embeddings": {**cfg, "nsfw": {"backend": "hf", "model": str(root / "tiny-hf-nsfw")},
+                             "clip": {"model": cfg["clip"]["model"], "store_embeddings": False}, "phash": False},
+    }[variant]
+    s = ScoreSet(ScoreConfig.model_validate(cfg))
+    imgs = [pics["astronaut.jpg"], pics["coffee.jpg"], pics["brick.jpg"]]
+    caps = ["an astronaut", None, "a wall"]
+    detect_calls = []
+    real_detect = NudeNet.detect
+    monkeypatch.setattr(NudeNet, "detect", lambda self, ims: detect_calls.append(len(ims)) or real_detect(self, ims))
+    batch = Batch(imgs, caps, s.embedders)
+    for scorer in s.scorers:
+        assert isinstance(scorer, Scorer), type(scorer).__name__
+        assert all(COLUMN_TYPES[c] == t for c, t in scorer.columns.items()), type(scorer).__name__
+        assert list(scorer.meta) == list(scorer.columns) and all(set(m) == {"model", "version"} for m in scorer.meta.values())
+        out = scorer.score(batch)
+        assert list(out) == list(scorer.columns) and all(len(v) == len(imgs) for v in out.values())
+    assert detect_calls == ([] if variant == "hf+no_embeddings" else [3])  # once for the NSFW score and the faces
+    assert s.columns() == [c for c in COLUMN_TYPES if c in s.columns()]  # the table's column order
+    assert ("phash" in s.columns()) == (variant != "hf+no_embeddings")
+    assert ("clip_image_embedding" in s.columns()) == (variant != "hf+no_embeddings")
+    assert s.meta["nsfw"]["model"] == (f"nsfw/hf:{root / 'tiny-hf-nsfw'}" if variant == "hf+no_embeddings" else "nsfw/nudenet:nudenet")
+    assert s.meta["face_count"]["model"] == ("faces/nudenet" if variant == "nudenet_faces" else "faces/opencv")

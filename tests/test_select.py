@@ -10,7 +10,7 @@ import pytest
 
 from mmloom.curate.config import load_config
 from mmloom.errors import UserError
-from mmloom.filters.select import select
+from mmloom.curate.select import select
 from mmloom.manifests.store import ShardStore
 
 
@@ -146,3 +146,85 @@ def test_views_samples_and_rejects(tmp_path):
     row = con.execute("SELECT ingest_status, download_status, clip_score FROM samples WHERE sample_key='b'").fetchall()
     assert row[0][0] == "candidate" and row[0][1] == "success" and row[0][2] == pytest.approx(0.1)
     assert con.execute("SELECT first_rule FROM rejects").fetchall() == [("min_clip_score",)]
+
+
+# -- the rule table (curate/rules.py): one definition, two compilers -----------------
+
+def _only(use, key, t):
+    """A config section with one rule of ``use`` switched on."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{k: (t if k == key else None) for k in use.rules})
+
+
+def _rule_frame(use, n=400, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    grid = {"width": [0, 100, 300, 500, 512, 1000], "height": [0, 100, 300, 512, 1000],
+            "clip_similarity": [0.1, 0.3, 0.31], "nsfw": [0.0, 0.3, 0.31], "watermark": [0.0, 0.3, 0.9],
+            "aesthetic": [4.5, 5.0, 5.5], "face_count": [0, 1, 2]}
+    cols = {}
+    for field, column in use.columns.items():
+        v = rng.choice(np.array(grid[field], dtype="float64"), n)
+        v[rng.random(n) < 0.15] = np.nan
+        cols[column] = v
+    return pd.DataFrame(cols)
+
+
+@pytest.mark.parametrize("null", ["passes", "fails"])
+@pytest.mark.parametrize("use_name", ["PREFILTER", "SELECT"])
+def test_each_rule_compiles_the_same_to_pandas_and_sql(use_name, null):
+    """Every rule of each use fails exactly the same rows in pandas and in DuckDB, under
+    either NULL policy (missing values, zero heights and values at the threshold included)."""
+    import duckdb
+
+    from mmloom.curate import rules as R
+
+    use = getattr(R, use_name)
+    df = _rule_frame(use)
+    con = duckdb.connect()
+    con.register("t", pa.Table.from_pandas(df, preserve_index=False))  # NaN -> NULL
+    thresholds = {"min_aspect": 0.6, "max_aspect": 1.6667, "min_area": 90000, "min_clip_similarity": 0.3,
+                  "min_clip_score": 0.3, "max_nsfw": 0.3, "max_watermark": 0.3, "min_aesthetic": 5.0,
+                  "min_side": 512, "max_people": 1}
+    for key in use.rules:
+        cfg = _only(use, key, thresholds[key])
+        in_pandas = [bool(r) for r in R.failure_reasons(use, cfg, df, null)]
+        (sql,) = R.sql_rules(use, cfg, null)
+        in_sql = [not p for (p,) in con.execute(f"SELECT {sql.passes} FROM t").fetchall()]
+        assert in_pandas == in_sql, key
+        assert 0 < sum(in_sql) < len(df), key  # the data exercises the rule both ways
+        missing = df[[use.columns[f] for f in use.rules[key].measure.fields]].isna().any(axis=1)
+        assert all(in_sql[i] == (null == "fails") for i in missing[missing].index), key
+
+
+def test_rule_table_covers_every_threshold_and_shares_six_rules():
+    from mmloom.curate import rules as R
+    from mmloom.curate.config import PrefilterConfig, SelectConfig
+
+    assert list(R.PREFILTER.rules) == list(PrefilterConfig.model_fields)
+    assert set(R.SELECT.rules) == set(SelectConfig.model_fields) - {"require_clean_caption", "dedup_max_distance"}
+    shared = [k for k, r in R.PREFILTER.rules.items() if r in R.SELECT.rules.values()]
+    assert shared == ["min_aspect", "max_aspect", "min_area", "min_clip_similarity", "max_nsfw", "max_watermark"]
+    assert R.PREFILTER.rules["min_clip_similarity"] is R.SELECT.rules["min_clip_score"]
+    assert (R.PREFILTER.null, R.SELECT.null) == ("passes", "fails")  # stated per use
+
+
+def test_rule_sql_holds_no_pasted_text(tmp_path):
+    """Columns are quoted identifiers and thresholds floats made by the compiler: an odd
+    column name reads as a name, a non-finite threshold as a number, a text threshold is refused."""
+    import duckdb
+
+    from mmloom.curate import rules as R
+
+    odd = 'x"); DROP TABLE t; --'
+    use = R.Use("t", {"min_x": R.Rule(R.Measure("x", "column", ("x",)), ">=")}, {"x": odd}, "fails")
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE t AS SELECT * FROM (VALUES (1.0), (NULL), ('inf'::DOUBLE)) v({R.ident(odd)})")
+    for t, want in [(0.5, [True, False, True]), (float("inf"), [False, False, True]), (float("-inf"), [True, False, True])]:
+        (sql,) = R.sql_rules(use, _only(use, "min_x", t))
+        assert [p for (p,) in con.execute(f"SELECT {sql.passes} FROM t").fetchall()] == want
+    assert con.execute("SELECT count(*) FROM t").fetchall() == [(3,)]
+    with pytest.raises(TypeError, match="t.min_x: a threshold must be a number"):
+        R.sql_rules(use, _only(use, "min_x", "0.5 OR true"))

@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.configbase import Section
-from mmloom.filters.models import hf_pretrained
+from mmloom.models import hf_pretrained
 
 
 class ScheduleConfig(Section):

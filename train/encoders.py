@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.filters.models import hf_pretrained
+from mmloom.models import hf_pretrained
 
 
 class ProjectionOnly(nn.Module):

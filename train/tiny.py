@@ -128,7 +128,7 @@ photo picture painting portrait style cartoon animated realistic sitting standin
 def _tiny_clip(path: str) -> str:
     """The score stage's tiny open_clip model (same seed, so the same weights as the
     demo's: its stored embeddings and this model's agree)."""
-    from mmloom.filters.tiny_models import make_open_clip
+    from mmloom.clip import make_open_clip
 
     return make_open_clip(path)
 

@@ -21,7 +21,6 @@ from mmloom.cli import main
 from mmloom.curate.config import load_config
 from mmloom.curate.download import download
 from mmloom.curate.ingest import ingest
-from mmloom.curate.localserver import Route
 from mmloom.curate.score import download_rows, read_images
 from mmloom.manifests import lock as lockmod
 from mmloom.manifests.store import CorruptFile, ShardStore

@@ -151,7 +151,7 @@ class DiffusionPrior(nn.Module):
 class KandinskyModel(nn.Module):
     def __init__(self, cfg: Config, data_spec: str = "", allow_pipe: bool = False):
         super().__init__()
-        from mmloom.filters.clip_embed import ClipEmbedder
+        from mmloom.clip import ClipEmbedder
         from mmloom.train.tiny import resolve_tiny
 
         self.cfg, self.data_spec, self.allow_pipe = cfg, data_spec, allow_pipe

@@ -204,8 +204,8 @@ class VersatileModel(nn.Module):
         from diffusers import UNet2DConditionModel
         from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
-        from mmloom.filters.clip_embed import ClipEmbedder
-        from mmloom.filters.models import hf_pretrained
+        from mmloom.clip import ClipEmbedder
+        from mmloom.models import hf_pretrained
         from mmloom.train.text_vae import TextVAE
         from mmloom.train.tiny import resolve_tiny
 

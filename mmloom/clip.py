@@ -1,15 +1,20 @@
-"""open_clip image and text embeddings, computed once per model and shared.
+"""open_clip image and text embeddings: the one open_clip loader.
 
-ARCHITECTURE.md, habit 4: the CLIP pass runs once per batch per model; the clip score, the NSFW
-MLP head, the aesthetic head and the stored embeddings all read its output.
+Shared by the score stage (`filters/scoring.py` runs each model once per batch; the clip
+score, the NSFW MLP head, the aesthetic head and the stored embeddings all read that
+pass) and by the trainers (Kandinsky's prior, Versatile Diffusion's encoders), so it sits
+below both, beside the model hub (`mmloom/models.py`).
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from mmloom.errors import UserError
-from mmloom.filters.models import local_path, missing, package_version, fingerprint
+from mmloom.models import local_path, missing, package_version, fingerprint
 
 
 class ClipEmbedder:
@@ -71,3 +76,25 @@ class ClipEmbedder:
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             e = self.model.encode_text(t)
         return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
+
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def make_open_clip(path: str, seed: int = 0) -> str:
+    """A tiny random open_clip model as a local directory in the format `ClipEmbedder`
+    loads (tests, the demo and the trainer's ``tiny:clip``): its scores mean nothing."""
+    import open_clip
+
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    torch.save(model.state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {
+            "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+    return path

@@ -1,5 +1,8 @@
 """The one path every model loads through: a hub id or a local directory/file.
 
+The scorers (`filters/`), the grounding model and the trainers (`train/`) all import it
+from here, below them.
+
 References are strings:
   * a local directory or file path (absolute, relative or ~),
   * ``hf-hub:ORG/REPO`` or ``ORG/REPO`` for Hugging Face hub ids (read from the local

@@ -26,6 +26,8 @@ import html
 import re
 import unicodedata
 
+import pyarrow as pa
+
 _TLDS = "com|net|org|edu|gov|io|co|uk|de|fr|ru|jp|cn|info|biz|me|us|ca|au|nl|it|es|pl|br|in|ly|gl|tv|app|xyz|site|shop"
 _WORD_TLDS = "it|in|to|me|us|is|at|as|so|no|my|do|go|am|an|by|be|of|or|on|id|tv|ly|gl|co|io|app|site|shop|info"
 _URL = re.compile(r"(?:(?:https?|ftp)://|www\.)\S+", re.IGNORECASE)  # scheme or www.
@@ -100,3 +102,21 @@ def clean_caption(text: str | None) -> tuple[str, str | None]:
     if not any(ch.isalnum() for ch in out):
         return out, "caption has no letters or digits after cleaning"
     return out, None
+
+
+class CaptionCleaner:
+    """The caption cleaning as a scorer (`filters.base.Scorer`): ``clean_caption`` and
+    ``caption_reason`` (None when the clean caption is usable)."""
+
+    columns = {"clean_caption": pa.string(), "caption_reason": pa.string()}
+    needs_clip = None
+
+    def __init__(self):
+        from mmloom import __version__
+
+        self.meta = {c: {"model": "Versatile Diffusion appendix C.1 rules", "version": f"mmloom {__version__}"}
+                     for c in self.columns}
+
+    def score(self, batch) -> dict[str, list]:
+        pairs = [clean_caption(c) for c in batch.captions]
+        return {"clean_caption": [p[0] for p in pairs], "caption_reason": [p[1] for p in pairs]}

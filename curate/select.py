@@ -1,68 +1,50 @@
 """`mmloom select`: thresholds -> one DuckDB query over the manifests, plus near-duplicates.
 
-Design principle 2: scoring never deletes; selection is SQL. Each rule is a predicate that
-must be TRUE to pass; a NULL (a missing score) fails the rule with the value ``NULL``, so a
-sample with a missing score is never selected silently. The reject ledger keeps, for every
-rejected sample, every rule it failed with the value and the threshold. Changing a
-threshold re-runs this query, not the models.
+Scoring never deletes; selection is SQL. Each rule is a predicate that must be TRUE to
+pass; the threshold rules are defined once in `curate.rules` (shared with ingest's
+prefilters) and compiled here with select's NULL policy: a NULL (a missing score) fails
+the rule with the value ``NULL``, so a sample with a missing score is never selected
+silently. The reject ledger keeps, for every rejected sample, every rule it failed with
+the value and the threshold. Changing a threshold re-runs this query, not the models.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from mmloom.curate.config import PipelineConfig, SelectConfig
+from mmloom.curate.rules import SELECT, SqlRule, sql_rules
 from mmloom.errors import UserError
 from mmloom.manifests import schemas as S
 from mmloom.manifests.store import ShardStore, config_hash
-from mmloom.manifests.sql import ident_list
+from mmloom.manifests.sql import ident, ident_list
 from mmloom.manifests.views import open_dataset, reading, view_names
 
 STAGE = "select"
 OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
-@dataclass
-class Rule:
-    name: str  # config key that set it
-    passes: str  # SQL that must be TRUE
-    value: str  # SQL of the value recorded when it fails
-    threshold: str
-    needs: tuple[str, ...]  # score columns it reads
-
-
-ASPECT = "original_width::DOUBLE / nullif(original_height, 0)"
-AREA = "original_width::BIGINT * original_height"
-
-
-def rules(cfg: SelectConfig) -> list[Rule]:
-    """The enabled rules, in funnel order."""
-    out = [Rule("scorable", "score_error IS NULL AND clip_score IS NOT NULL", "coalesce(score_error, 'not scored')", "image scored", ("score_error",))]
-    spec = [
-        ("min_clip_score", "clip_score >= {t}", "clip_score", ("clip_score",)),
-        ("max_nsfw", "nsfw < {t}", "nsfw", ("nsfw",)),
-        ("max_watermark", "watermark < {t}", "watermark", ("watermark",)),
-        ("min_aspect", f"{ASPECT} >= {{t}}", ASPECT, ()),
-        ("max_aspect", f"{ASPECT} <= {{t}}", ASPECT, ()),
-        ("min_area", f"{AREA} >= {{t}}", AREA, ()),
-        ("min_aesthetic", "aesthetic > {t}", "aesthetic", ("aesthetic",)),
-        ("min_side", "least(original_width, original_height) >= {t}", "least(original_width, original_height)", ()),
-        ("max_people", "face_count <= {t}", "face_count", ("face_count",)),
-    ]
-    for name, passes, value, needs in spec:
-        t = getattr(cfg, name)
-        if t is not None:
-            out.append(Rule(name, passes.format(t=float(t)), value, str(t), needs))
+def rules(cfg: SelectConfig) -> list[SqlRule]:
+    """The enabled rules, in funnel order: the sample was scored, the threshold rules of
+    `curate.rules.SELECT` (a missing value fails), the caption survived cleaning."""
+    out = [SqlRule("scorable", f"{ident('score_error')} IS NULL AND {ident('clip_score')} IS NOT NULL",
+                   f"coalesce({ident('score_error')}, 'not scored')", "image scored", ("score_error",))]
+    out += sql_rules(SELECT, cfg)
     if cfg.require_clean_caption:
-        out.append(Rule("require_clean_caption", "caption_reason IS NULL AND clean_caption IS NOT NULL", "caption_reason", "non-empty clean caption", ("caption_reason",)))
+        out.append(SqlRule("require_clean_caption", f"{ident('caption_reason')} IS NULL AND {ident('clean_caption')} IS NOT NULL",
+                           ident("caption_reason"), "non-empty clean caption", ("caption_reason",)))
     return out
 
 
-def failed_expr(rs: list[Rule]) -> str:
+def _text(s: str) -> str:
+    """A rule name or threshold label made here, as an SQL string literal."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def failed_expr(rs: list[SqlRule]) -> str:
     items = ",\n    ".join(
-        f"CASE WHEN coalesce(({r.passes}), false) THEN NULL ELSE "
-        f"{{'rule': '{r.name}', 'value': coalesce(CAST(({r.value}) AS VARCHAR), 'NULL'), 'threshold': '{r.threshold}'}} END"
+        f"CASE WHEN ({r.passes}) THEN NULL ELSE "
+        f"{{'rule': {_text(r.name)}, 'value': coalesce(CAST(({r.value}) AS VARCHAR), 'NULL'), 'threshold': {_text(r.threshold)}}} END"
         for r in rs
     )
     return f"list_filter([\n    {items}\n  ], lambda x: x IS NOT NULL)"

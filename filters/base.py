@@ -1,0 +1,64 @@
+"""The Scorer protocol: what the score stage asks of every scorer and detector here.
+
+A scorer adds columns to ``scores/``. It declares them with their Arrow types
+(``columns``), names the model and version that produced each one (``meta``, written
+into the column's parquet field metadata), and computes them for one batch of images
+with their raw captions (``score``), one value per image and column.
+
+Several scorers read the same model pass: the clip score, the NSFW MLP head and the
+aesthetic head read an open_clip model's image embeddings, the NSFW score and the face
+count read nudenet's detections. Each such pass runs once per batch: a scorer names the
+open_clip model it reads (``needs_clip``) and takes the pass from the `Batch`, which
+computes it the first time it is asked. `filters.scoring.ScoreSet` builds the scorers
+the config asks for, loads each open_clip model once and iterates over the scorers.
+Nothing in ``filters/`` knows about Ray, shards, files or the pipeline config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+PROBABILITY = pa.float32()  # a score in [0, 1]
+
+
+class Batch:
+    """One batch: PIL images (RGB) with their raw captions, and the model passes that
+    several scorers share, each computed once (`clip_images`, `detections`)."""
+
+    def __init__(self, images, captions, embedders: dict | None = None):
+        self.images = list(images)
+        self.captions = list(captions)
+        self.embedders = embedders or {}  # open_clip ref -> mmloom.clip.ClipEmbedder
+        self._done: dict[Any, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def once(self, key, compute: Callable[[], Any]):
+        """``compute()`` the first time ``key`` is asked for in this batch, then its result."""
+        if key not in self._done:
+            self._done[key] = compute()
+        return self._done[key]
+
+    def clip_images(self, ref: str):
+        """[N, D] normalized image embeddings of the open_clip model ``ref``."""
+        return self.once(("clip", ref), lambda: self.embedders[ref].images(self.images))
+
+    def detections(self, nudenet) -> list[list[dict]]:
+        """nudenet's detections per image (`filters.nsfw.NudeNet`)."""
+        return self.once(("nudenet", id(nudenet)), lambda: nudenet.detect(self.images))
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A scorer or detector as the score stage runs it."""
+
+    columns: dict[str, pa.DataType]  # the columns it adds, in order, with their Arrow types
+    meta: dict[str, dict[str, str]]  # per column: {"model": ..., "version": ...}
+    needs_clip: str | None  # the open_clip model whose image embeddings it reads, if any
+
+    def score(self, batch: Batch) -> dict[str, list]:
+        """One list per column of ``columns``, one value per image of ``batch``."""
+        ...
