@@ -1,8 +1,10 @@
-"""MT-Diffusion and Kandinsky: the forward-aggregation closed forms against the one-step
-process, the posterior mean of equation 5, masked-patch training data, the heads' stop
-gradients, Kandinsky's linear prior on a known map, full-dataset normalization, the
-black-image unconditional input and embedding fusion; each tiny config trains with
-falling loss. Random-weight models: these test the mechanisms, not image quality."""
+"""The Family contract (every registered family: shared config names, sampling defaults
+from its paper, renamed keys named on load, demo configs); MT-Diffusion and Kandinsky:
+the forward-aggregation closed forms against the one-step process, the posterior mean of
+equation 5, masked-patch training data, the heads' stop gradients, Kandinsky's linear
+prior on a known map, full-dataset normalization, the black-image unconditional input
+and embedding fusion; each tiny config trains with falling loss. Random-weight models:
+these test the mechanisms, not image quality."""
 
 import re
 from pathlib import Path
