@@ -43,8 +43,8 @@ def make_reference_models(root: str) -> dict:
     cfg.text_config.update(dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4))
     cfg.perceiver_config.update(dict(hidden_size=768))
     Idefics2ForConditionalGeneration(cfg).save_pretrained(vlm)
-    return {"vlm": vlm, "unet": os.path.join(root, "unet"), "unet_subfolder": None, "vae": os.path.join(root, "vae"),
-            "vae_subfolder": None, "vlm_image_size": 224, "adapter_layers": 4, "adapter_heads": 16}
+    return {"encoder": {"path": vlm, "image_size": 224}, "backbone": {"path": os.path.join(root, "unet"), "subfolder": None},
+            "autoencoder": {"path": os.path.join(root, "vae"), "subfolder": None}, "adapter_layers": 4, "adapter_heads": 16}
 
 
 def main() -> None:

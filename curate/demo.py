@@ -109,26 +109,17 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     return {"out": out, **done, "funnel": f, "train": t}
 
 
-# family -> the tiny configs it trains, in order, and what the demo prints about it
-DEMO_FAMILIES = {
-    "mumu": (["mumu-tiny"], "tiny MUMU (random-init Idefics2 + adapter + UNet + VAE)"),
-    "mvader": (["mvader-tiny"], "tiny M-VADER (random-init Idefics2 as the multimodal LM, new cross-attention, UNet + VAE)"),
-    "versatile": (["versatile-tiny"], "tiny four-flow Versatile Diffusion (random-init image and text UNets, text VAE, CLIP)"),
-    "mtdiffusion": (["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)"),
-    "kandinsky": (["kandinsky-prior-tiny", "kandinsky-decoder-tiny"], "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)"),
-}
+def demo_family(family: str):
+    """The registered family (its ``demo`` says what the demo trains); a clear error for any other name."""
+    from mmloom.train.families import get_family
 
-
-def demo_family(family: str) -> tuple[list[str], str]:
-    """(tiny configs, description) of a demo family; a clear error for any other name."""
-    if family not in DEMO_FAMILIES:
-        raise UserError(f"--family {family!r}: choose one of {', '.join(DEMO_FAMILIES)}")
-    return DEMO_FAMILIES[family]
+    return get_family(family)
 
 
 def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, family: str = "mumu") -> dict:
-    """Train the family's tiny config(s) on the demo's final/ shards, sample one image from
-    a prompt built from the shards, and plot the loss curve beside it."""
+    """Train the family's tiny config(s) (its ``demo``) on the demo's final/ shards, sample
+    one image from a prompt built from the shards with the family's sampling defaults, and
+    plot the loss curve beside it."""
     from importlib.resources import files
 
     from mmloom.configbase import load_model
@@ -137,43 +128,26 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
     from mmloom.train.loop import read_metrics, train
     from mmloom.train.sample import sample
 
-    names, what = demo_family(family)
+    fam = demo_family(family)
+    demo = fam.demo
     clip = dataset_config(out, None).score.clip.model  # the CLIP whose embeddings the score stage stored
     runs = {}
-    for name in names:
+    for name in demo.configs:
         run_dir = os.path.join(out, "runs", name)
-        over = {"data.shards": out, "loop.out": run_dir, "loop.steps": steps, "loop.checkpoint_every": steps}
-        if family == "kandinsky":
-            over["model.clip"] = clip
-            if "decoder" in name:
-                over["model.prior_checkpoint"] = runs["kandinsky-prior-tiny"]
+        over = {"data.shards": out, "loop.out": run_dir, "loop.steps": steps, "loop.checkpoint_every": steps,
+                **fam.demo_overrides(name, runs, clip)}
         cfg = load_model(TrainConfig, str(files("mmloom") / "configs" / "train" / f"{name}.yaml"), over)
-        echo(f"[train] {name}: {what}, {steps} steps on CPU ...")
+        echo(f"[train] {name}: {demo.what}, {steps} steps on CPU ...")
         train(cfg, echo=echo)
         hist = read_metrics(run_dir)
         echo(f"[train] {name}: loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} (mean of first 10 "
              f"{_mean(hist[:10]):.3f}, last 10 {_mean(hist[-10:]):.3f}), {hist[-1]['images_per_s']:.1f} images/s")
         _plot_loss(hist, os.path.join(run_dir, "loss.png"), name)
         runs[name] = run_dir
-    run_dir = runs[names[-1]]
-    paths = _prompt_images(out, run_dir, 2 if family in ("mumu", "mvader") else 1)
-    if family == "mumu":
-        prompt = "a photo of " + " and ".join(f"<image:{p}> thing {i}" for i, p in enumerate(paths)) if paths else "a red circle"
-        how, png_steps, guidance = "DDIM 50 steps, guidance 6", 50, 6.0
-    elif family == "mvader":
-        prompt = f"a photo of <image:{paths[0]}> in the style of <image:{paths[1]}>" if len(paths) > 1 else "a red circle"
-        how, png_steps, guidance = "PNDM 50 steps, guidance 8, image tokens down-weighted to theta 0.5 (composition)", 50, 8.0
-    elif family == "versatile":
-        prompt = f"a red circle <image:{paths[0]}>" if paths else "a red circle"
-        how, png_steps, guidance = "DDIM 50 steps, guidance 7.5, dual-context blending (attention-level, mix rate 0.5)", 50, 7.5
-    elif family == "mtdiffusion":
-        prompt = f"<image:{paths[0]}>" if paths else "a cat"
-        how, png_steps, guidance = "Algorithm 1 over all 1000 steps, a crop given as the masked-image modality", 0, 1.0
-    else:
-        prompt = f"a red circle <image:{paths[0]}>" if paths else "a red circle"
-        how, png_steps, guidance = "prior, then DDIM 50 steps, guidance 4, text-and-image fusion", 50, 4.0
-    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], steps=png_steps, guidance=guidance,
-                 theta=[0.5] if family == "mvader" else None)
+    run_dir = runs[demo.configs[-1]]
+    prompt = fam.demo_prompt(_prompt_images(out, run_dir, demo.prompt_images))
+    png = sample(run_dir, prompt, os.path.join(run_dir, "sample.png"), seeds=[0], **demo.options)
+    how = cfg.model.sampling.summary() + (f", {demo.note}" if demo.note else "")
     echo(f"[sample] {how}: {png} (random-init models: expect noise, not a picture)")
     echo(f"[train] loss curves: {', '.join(os.path.join(r, 'loss.png') for r in runs.values())}")
     return {"family": family, "runs": runs, "steps": len(hist), "sample": png, "loss_plot": os.path.join(run_dir, "loss.png"),

@@ -199,6 +199,8 @@ def cmd_demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmloom.train.families import FAMILIES  # the registry's names (no family module is imported)
+
     p = argparse.ArgumentParser(prog="mmloom", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -236,14 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True, help='e.g. "a <image:man.jpg> man and his <image:dog.jpg> dog"')
     s.add_argument("--out", default=None, help="PNG grid (default samples.png), or text file with --text (samples.txt)")
     s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (MUMU: 50; MT-Diffusion always runs all T steps of Algorithm 1)")
-    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (MUMU: 6; Kandinsky: 4)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the family's, model.sampling.steps of the run's config, from its paper)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the family's, model.sampling.guidance of the run's config)")
     s.add_argument("--size", type=int, default=None, help="image size (default: the training resolution)")
     s.add_argument("--theta", type=float, nargs="+", default=None,
                    help="M-VADER attention factors: one value for every image segment, or one per prompt segment (0 removes it)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override the run's config for sampling, e.g. model.mix_rate=0.3, model.pca=-2, "
-                        "model.image_scales=[1,0.5], model.text_weight=0.7 (repeatable)")
+                   help="override the run's config for sampling, e.g. model.sampling.sampler=ddim, model.mix_rate=0.3, "
+                        "model.pca=-2, model.image_scales=[1,0.5], model.text_weight=0.7 (repeatable)")
     s.add_argument("--text", action="store_true", help="Versatile Diffusion: write sentences (image-to-text, text variation)")
     s.set_defaults(fn=cmd_sample)
 
@@ -272,8 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
-    s.add_argument("--family", default="mumu", choices=["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"],
-                   help="model family trained on the demo shards at the end")
+    s.add_argument("--family", default="mumu", choices=list(FAMILIES), help="model family trained on the demo shards at the end")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_demo)

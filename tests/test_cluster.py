@@ -108,7 +108,7 @@ def test_ray_train_resumes_after_losing_the_worker_node(cluster, tmp_path):
     _write_final_shards(str(data))
     model = make_tiny_mumu(str(tmp_path / "models"), "a red circle".split())
     out = str(tmp_path / "run")
-    cfg = {"family": "mumu", "model": {**model, "lr_adapter": 1e-3},
+    cfg = {"family": "mumu", "model": {**model, "lr": {"adapter": 1e-3}},
            "prompt": {"crop_size": 64}, "data": {"shards": str(data), "resolution": 64, "shuffle_buffer": 4},
            "loop": {"out": out, "steps": 40, "batch_size": 2, "checkpoint_every": 5, "tensorboard": False}}
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))

@@ -1,20 +1,107 @@
-"""MT-Diffusion and Kandinsky: the forward-aggregation closed forms against the one-step
-process, the posterior mean of equation 5, masked-patch training data, the heads' stop
-gradients, Kandinsky's linear prior on a known map, full-dataset normalization, the
-black-image unconditional input and embedding fusion; each tiny config trains with
-falling loss. Random-weight models: these test the mechanisms, not image quality."""
+"""The Family contract (every registered family: shared config names, sampling defaults
+from its paper, renamed keys named on load, demo configs); MT-Diffusion and Kandinsky:
+the forward-aggregation closed forms against the one-step process, the posterior mean of
+equation 5, masked-patch training data, the heads' stop gradients, Kandinsky's linear
+prior on a known map, full-dataset normalization, the black-image unconditional input
+and embedding fusion; each tiny config trains with falling loss. Random-weight models:
+these test the mechanisms, not image quality."""
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from mmloom.train.config import TrainConfig
-from mmloom.train.families import get_family
+from mmloom.train.families import FAMILIES, get_family
 from mmloom.train.families.mtdiffusion import ForwardAggregation, mask_patches
 
 LINEAR = np.linspace(1e-4, 0.02, 1000)
+ROOT = Path(__file__).parent.parent
+
+
+# -- the Family contract ---------------------------------------------------------------------
+# each paper's sampling settings (or, where it is silent, the choice its family's docstring names)
+PAPER_SAMPLING = {
+    "mumu": {"sampler": "ddim", "steps": 50, "guidance": 6.0},  # MUMU 2.1: 50-step DDIM, scale unstated
+    "mvader": {"sampler": "pndm", "steps": 50, "guidance": 8.0},  # M-VADER 3.3
+    "versatile": {"sampler": "ddim", "steps": 50, "guidance": 7.5, "text_guidance": 2.0},  # unstated: released pipelines
+    "mtdiffusion": {"sampler": "algorithm1", "steps": None, "guidance": None},  # appendix C, all T steps
+    "kandinsky": {"sampler": "ddim", "steps": 100, "guidance": 4.0, "prior_steps": 25, "prior_guidance": 4.0},
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_keeps_the_contract(name):
+    """One registry entry is a whole family: its Config with the shared parts under their
+    shared names, its paper's sampling defaults in that config, a demo whose tiny configs
+    exist, and defaults that round-trip through a saved train_config.yaml unchanged."""
+    from mmloom.configbase import load_model
+    from mmloom.train.families.base import Family, FamilyConfig, GuidedConfig
+
+    fam = get_family(name)
+    assert isinstance(fam, Family) and fam.name == name and issubclass(fam.Config, FamilyConfig)
+    fields = fam.Config.model_fields
+    assert {"backbone", "autoencoder", "schedule", "lr", "sampling"} <= set(fields)
+    assert not set(fields) & {"vae", "vlm", "lm", "clip", "unet", "image_unet", "embedding_dropout", "context_dropout",
+                              "text_dropout", "image_dropout", "num_train_timesteps"}
+    assert not [f for f in fields if f.startswith("lr_")]
+    assert issubclass(fam.Config, GuidedConfig) == (fam.sampling.guidance is not None)  # guided sampling needs dropout
+    assert fam.sampling.model_dump() == PAPER_SAMPLING[name]
+    cfg = TrainConfig.model_validate({"family": name})
+    assert cfg.model == fam.Config() and cfg.model.sampling == fam.sampling
+    saved = yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))
+    again = TrainConfig.model_validate(saved)
+    assert again == cfg and again.model_dump(mode="json") == saved
+    for config in fam.demo.configs:
+        tiny = load_model(TrainConfig, ROOT / "configs" / "train" / f"{config}.yaml")
+        assert tiny.family == name and isinstance(tiny.model, fam.Config)
+
+
+def test_a_sub_config_given_in_part_keeps_the_family_defaults():
+    cfg = TrainConfig.model_validate({"family": "mvader", "model": {"backbone": {"path": "tiny:unet"}, "lr": {"unet": 1e-3},
+                                                                   "sampling": {"steps": 20}}})
+    m = cfg.model
+    assert (m.backbone.path, m.backbone.subfolder) == ("tiny:unet", "unet")
+    assert (m.lr.unet, m.lr.cross_attn) == (1e-3, 1e-4)
+    assert (m.sampling.sampler, m.sampling.steps, m.sampling.guidance) == ("pndm", 20, 8.0)
+
+
+@pytest.mark.parametrize("name,old,new", [
+    ("mumu", {"vae": "x"}, "model.vae is now model.autoencoder.path"),
+    ("mumu", {"lr_unett": 1e-4}, "model.lr_unett: unknown key"),
+    ("mumu", {"lr": {"unett": 1e-4}}, "model.lr.unett: unknown key"),
+    ("mumu", {"beta_end": 0.02}, "model.beta_end is now model.schedule.beta_end"),
+    ("mvader", {"lm": "x", "embedding_dropout": 0.05}, "model.lm is now model.encoder.path, model.embedding_dropout is now model.cond_dropout"),
+    ("versatile", {"lr": 5e-5}, "model.lr is now model.lr.GROUP"),
+    ("versatile", {"lr_scale_global": 0.1}, "model.lr_scale_global is now model.lr.global_layers"),
+    ("mtdiffusion", {"autoencoder": "x"}, "model.autoencoder is now model.autoencoder.path"),
+    ("kandinsky", {"clip": "x", "prior_steps": 25}, "model.clip is now model.encoder.path, model.prior_steps is now model.sampling.prior_steps"),
+])
+def test_misspelt_and_renamed_family_keys_stop_the_load(name, old, new):
+    from mmloom.configbase import load_model
+    from mmloom.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(new)):
+        load_model(TrainConfig, data={"family": name, "model": old}, source="t.yaml")
+
+
+def test_prompt_cond_dropout_moved_to_the_family_and_unknown_families_are_named():
+    from mmloom.configbase import load_model
+    from mmloom.errors import UserError
+
+    with pytest.raises(UserError, match="prompt.cond_dropout is now model.cond_dropout"):
+        load_model(TrainConfig, data={"prompt": {"cond_dropout": 0.1}})
+    with pytest.raises(UserError, match="family: unknown model family; known: mumu, mvader"):
+        load_model(TrainConfig, data={"family": "mumuu"})
+    with pytest.raises(UserError, match="unknown model family 'mumuu'"):
+        get_family("mumuu")
+
+
 
 
 # -- MT-Diffusion: Theorem 2 ---------------------------------------------------------------
@@ -78,10 +165,10 @@ def test_masked_patches_are_16px_and_at_most_ten():
 
 
 def _mt(task, **over):
-    mc = {"task": task, "unet": "tiny:unet", "unet_subfolder": None, "autoencoder": "tiny:vae", "autoencoder_subfolder": None,
+    mc = {"task": task, "backbone": {"path": "tiny:unet", "subfolder": None}, "autoencoder": {"path": "tiny:vae", "subfolder": None},
           "labels": ["cat", "person"], "embedding_dim": 32, "head_hidden": 16, **over}
     cfg = TrainConfig.model_validate({"family": "mtdiffusion", "model": mc, "data": {"resolution": 64}})
-    return get_family("mtdiffusion"), get_family("mtdiffusion").build(mc, cfg), mc
+    return get_family("mtdiffusion"), get_family("mtdiffusion").build(cfg.model, cfg), cfg.model
 
 
 def _batch(n=4, seed=0):
@@ -124,6 +211,19 @@ def test_mtdiffusion_label_task_needs_labels(tiny_cache):
 
     with pytest.raises(UserError, match="model.labels"):
         _mt("image_label", labels=[])
+
+
+def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
+    """Algorithm 1 runs all T steps and has no classifier-free guidance: other settings are
+    refused by name rather than ignored."""
+    from mmloom.errors import UserError
+
+    fam, model, _ = _mt("masked_image", schedule={"num_train_timesteps": 4})
+    with pytest.raises(UserError, match="all T = 4 steps; 50 steps"):
+        fam.generate(model.eval(), [["a cat"]], steps=50, seeds=[0], size=64)
+    with pytest.raises(UserError, match="no classifier-free guidance"):
+        fam.generate(model, [["a cat"]], guidance=6.0, seeds=[0], size=64)
+    assert fam.generate(model, [["a cat"]], steps=4, seeds=[0], size=64)[0].size == (64, 64)
 
 
 # -- Kandinsky -------------------------------------------------------------------------------
@@ -178,11 +278,12 @@ def test_normalization_round_trips_and_uses_whole_dataset_statistics(tmp_path):
 
 
 def _kandinsky(stage, **over):
-    mc = {"stage": stage, "clip": "tiny:clip", "prior": "diffusion", "prior_layers": 2, "prior_heads": 2, "prior_width": 32,
-          "unet": "tiny:unet-kandinsky", "unet_subfolder": None, "autoencoder": "tiny:vq", "autoencoder_subfolder": None, **over}
+    mc = {"stage": stage, "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 2, "prior_heads": 2,
+          "prior_width": 32, "backbone": {"path": "tiny:unet-kandinsky", "subfolder": None},
+          "autoencoder": {"path": "tiny:vq", "subfolder": None}, **over}
     cfg = TrainConfig.model_validate({"family": "kandinsky", "model": mc, "data": {"resolution": 64}})
     fam = get_family("kandinsky")
-    return fam, fam.build(mc, cfg), mc
+    return fam, fam.build(cfg.model, cfg), cfg.model
 
 
 def _fit(fam, model, mc, steps: int) -> list[float]:
@@ -202,7 +303,7 @@ def _fit(fam, model, mc, steps: int) -> list[float]:
 
 @pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
 def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
-    fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, text_dropout=0.0)
+    fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, cond_dropout=0.0)
     model.norm.fit(torch.zeros(32), torch.full((32,), 0.2), 10)
     losses = _fit(fam, model, mc, 30)
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
@@ -210,7 +311,7 @@ def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
 
 
 def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, monkeypatch):
-    fam, model, mc = _kandinsky("decoder", image_dropout=1.0)
+    fam, model, mc = _kandinsky("decoder", cond_dropout=1.0)
     from PIL import Image
 
     black = model.clip.images([Image.new("RGB", (224, 224))])[0]
@@ -234,7 +335,7 @@ def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
 
     from mmloom.train.families.kandinsky import interpolate
 
-    fam, model, mc = _kandinsky("decoder", image_dropout=0.1)
+    fam, model, mc = _kandinsky("decoder", cond_dropout=0.1)
     losses = _fit(fam, model, mc, 25)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     a, b = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
@@ -293,18 +394,18 @@ def test_theta_zero_removes_a_segment_and_theta_one_changes_nothing():
 
 
 def _mvader(**over):
-    mc = {"lm": "tiny:vlm", "lm_image_size": 64, "unet": "tiny:unet", "unet_subfolder": None, "vae": "tiny:vae",
-          "vae_subfolder": None, **over}
+    mc = {"encoder": {"path": "tiny:vlm", "image_size": 64}, "backbone": {"path": "tiny:unet", "subfolder": None},
+          "autoencoder": {"path": "tiny:vae", "subfolder": None}, **over}
     cfg = TrainConfig.model_validate({"family": "mvader", "model": mc, "data": {"resolution": 64}})
     fam = get_family("mvader")
-    return fam, fam.build(mc, cfg), mc
+    return fam, fam.build(cfg.model, cfg), cfg.model
 
 
 def test_mvader_segments_draw_rates_and_learning_rates(tiny_cache):
     from PIL import Image
 
-    fam, model, mc = _mvader(encoder_training="bias", lr_cross_attn=5e-4, lr_unet=5e-5, lr_encoder=1e-5,
-                             image_prob=0.2, embedding_dropout=0.0)
+    fam, model, mc = _mvader(encoder_training="bias", lr={"cross_attn": 5e-4, "unet": 5e-5, "encoder": 1e-5},
+                             image_prob=0.2, cond_dropout=0.0)
     red = Image.new("RGB", (64, 64), "red")
     prompts = [["a cat and ", red, " a dog"], [red, red]]
     model.encode(prompts)
@@ -318,7 +419,7 @@ def test_mvader_segments_draw_rates_and_learning_rates(tiny_cache):
     torch.manual_seed(0)
     kinds = model.draw_conditions(20000)
     assert abs(kinds.count("image") / len(kinds) - 0.2) < 0.01 and "empty" not in kinds
-    model.cfg = model.cfg.model_copy(update={"embedding_dropout": 0.1})
+    model.cfg = model.cfg.model_copy(update={"cond_dropout": 0.1})
     kinds = model.draw_conditions(20000)
     assert abs(kinds.count("empty") / len(kinds) - 0.1) < 0.01
 
@@ -350,11 +451,12 @@ def test_mvader_samples_with_theta_and_refuses_a_mismatched_theta(tiny_cache):
 
 # -- Versatile Diffusion ---------------------------------------------------------------------------
 def _versatile(**over):
-    mc = {"image_unet": "tiny:unet", "image_unet_subfolder": None, "text_unet": "tiny:text-unet", "text_unet_subfolder": None,
-          "vae": "tiny:vae", "vae_subfolder": None, "text_vae": "tiny:text-vae", "clip": "tiny:clip", **over}
+    mc = {"backbone": {"path": "tiny:unet", "subfolder": None}, "text_backbone": {"path": "tiny:text-unet", "subfolder": None},
+          "autoencoder": {"path": "tiny:vae", "subfolder": None}, "text_vae": "tiny:text-vae", "encoder": {"path": "tiny:clip"},
+          **over}
     cfg = TrainConfig.model_validate({"family": "versatile", "model": mc, "data": {"resolution": 64}})
     fam = get_family("versatile")
-    return fam, fam.build(mc, cfg), mc
+    return fam, fam.build(cfg.model, cfg), cfg.model
 
 
 def _grads(model):
@@ -371,14 +473,16 @@ def _grads(model):
     ("text_variation", {"global", "data_text", "context_text"}),
 ])
 def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
-    _fam, model, _ = _versatile(flows=[flow], context_dropout=0.0)
+    _fam, model, _ = _versatile(flows=[flow], cond_dropout=0.0)
     model.zero_grad()
     model(_batch(2))["loss"].backward()
     assert {k for k, v in _grads(model).items() if v} == expect
 
 
 def test_versatile_sums_all_flows_and_multipliers_reach_the_optimizer(tiny_cache):
-    fam, model, mc = _versatile(lr=1e-3, context_dropout=0.0)
+    # a base rate of 1e-3 times Table 1's four-flow scales
+    rates = {"global_layers": 1e-4, "data_image": 2e-4, "data_text": 1e-3, "context_image": 1e-3, "context_text": 1e-3}
+    fam, model, mc = _versatile(lr=rates, cond_dropout=0.0)
     torch.manual_seed(0)
     out = model(_batch(2))
     assert torch.isclose(out["loss"], sum(out[f"loss_{f}"] for f in model.cfg.flows))
@@ -387,7 +491,7 @@ def test_versatile_sums_all_flows_and_multipliers_reach_the_optimizer(tiny_cache
     assert all(_grads(model).values())  # four flows: every group receives gradient in one update
     opt = torch.optim.AdamW(fam.param_groups(model, mc))
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lrs == pytest.approx({"global": 1e-4, "data_image": 2e-4, "data_text": 1e-3, "context_image": 1e-3, "context_text": 1e-3})
+    assert lrs == rates
     # no parameter sits in two groups, and none is left out
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len([p for p in model.unet.parameters() if p.requires_grad])

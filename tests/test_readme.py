@@ -4,19 +4,14 @@ from pathlib import Path
 
 from mmloom.curate.config import PipelineConfig, describe
 from mmloom.train.config import TrainConfig
-from mmloom.train.families.kandinsky import Config as KandinskyConfig
-from mmloom.train.families.mtdiffusion import Config as MTDiffusionConfig
-from mmloom.train.families.mumu import Config as MumuConfig
-from mmloom.train.families.mvader import Config as MVaderConfig
-from mmloom.train.families.versatile import Config as VersatileConfig
-
-FAMILY_CONFIGS = [MumuConfig, MVaderConfig, VersatileConfig, MTDiffusionConfig, KandinskyConfig]
+from mmloom.train.families import FAMILIES, get_family
+from mmloom.train.families.base import describe_config
 
 
 def _rows():
     rows = describe(PipelineConfig) + describe(TrainConfig)
-    for c in FAMILY_CONFIGS:
-        rows += describe(c, "model.")
+    for name in FAMILIES:  # every registered family's keys, with that family's defaults
+        rows += describe_config(get_family(name).Config(), "model.")
     return rows
 
 

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from mmloom.configbase import load_model
+from mmloom.errors import UserError
 from mmloom.train.config import PromptConfig, TrainConfig
 from mmloom.train.prompts import PromptBuilder, pad_to_square
 
@@ -84,7 +85,7 @@ def tiny(tmp_path_factory):
 
 def tcfg(tiny, **loop):
     return TrainConfig.model_validate({
-        "model": tiny, "prompt": {"crop_size": 64, "cond_dropout": 0.0},
+        "model": {**tiny, "cond_dropout": 0.0}, "prompt": {"crop_size": 64},
         "data": {"resolution": 64}, "loop": loop,
     })
 
@@ -163,10 +164,10 @@ def test_reference_configs_load_with_tiny_stand_ins(name, unet, tiny, tmp_path, 
     monkeypatch.setenv("MMLOOM_TINY_CACHE", str(tmp_path))
     ref = yaml.safe_load(open(os.path.join(ROOT, "configs", "train", name)))
     cfg = TrainConfig.model_validate(ref)
-    assert cfg.model["lora_rank"] == 8 and cfg.model["bypass_resampler"] is True
+    assert cfg.model.lora_rank == 8 and cfg.model.encoder.bypass_resampler is True
     # same classes (Idefics2, UNet2DConditionModel with or without SDXL text_time, AutoencoderKL), tiny sizes
-    ref["model"].update(vlm=tiny["vlm"], unet=unet, unet_subfolder=None, vae=tiny["vae"], vae_subfolder=None,
-                        adapter_heads=2, adapter_layers=2, vlm_image_size=64)
+    ref["model"]["encoder"].update(path=tiny["encoder"]["path"], image_size=64)
+    ref["model"].update(backbone={"path": unet, "subfolder": None}, autoencoder=tiny["autoencoder"], adapter_heads=2, adapter_layers=2)
     ref["prompt"]["crop_size"] = 64
     cfg = TrainConfig.model_validate(ref)
     model = get_family("mumu").build(cfg.model, cfg)
@@ -175,11 +176,60 @@ def test_reference_configs_load_with_tiny_stand_ins(name, unet, tiny, tmp_path, 
     assert torch.isfinite(loss)
 
 
+def test_sampling_uses_the_run_config_defaults_unless_told(tiny, monkeypatch):
+    """`mmloom sample` without --steps/--guidance samples with the run's model.sampling (the
+    family's paper defaults); given, they win; the sampler named there is the one used."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    import mmloom.train.diffusion as diffusion
+    from mmloom.cli import build_parser
+    from mmloom.train.families import get_family
+
+    a = build_parser().parse_args(["sample", "run", "--prompt", "x"])
+    assert a.steps is None and a.guidance is None
+    seen = []
+
+    def spy(sched, steps, shape, seeds, device, guidance, cond, uncond):
+        seen.append((type(sched), steps, guidance))
+        return torch.zeros((len(seeds), *shape))
+
+    monkeypatch.setattr(diffusion, "guided_sample", spy)
+    fam = get_family("mumu")
+    cfg = TrainConfig.model_validate({"model": {**tiny, "sampling": {"steps": 7, "guidance": 2.5}}, "prompt": {"crop_size": 64},
+                                      "data": {"resolution": 64}})
+    model = fam.build(cfg.model, cfg).eval()
+    prompt = [["a red circle"]]
+    fam.generate(model, prompt, seeds=[0], size=64)
+    fam.generate(model, prompt, steps=3, guidance=1.0, seeds=[0], size=64)
+    model.cfg = model.cfg.model_copy(update={"sampling": model.cfg.sampling.model_copy(update={"sampler": "pndm"})})
+    fam.generate(model, prompt, seeds=[0], size=64)
+    assert seen == [(DDIMScheduler, 7, 2.5), (DDIMScheduler, 3, 1.0), (PNDMScheduler, 7, 2.5)]
+    with pytest.raises(UserError, match="theta: not a sampling option of mumu"):
+        fam.generate(model, prompt, seeds=[0], size=64, theta=0.5)
+
+
+def test_a_misspelt_family_key_stops_train_before_anything_is_made(tmp_path, capsys):
+    """model.lr.unett fails when the config loads, naming the key, before the output
+    directory or the accelerator exists (it used to be accepted silently)."""
+    from mmloom.cli import main
+
+    with tarfile.open(tmp_path / "00000.tar", "w"):
+        pass  # a shard the loop would accept, so only the misspelt key can stop it
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump({"family": "mumu", "model": {"lr": {"unett": 1e-4}},
+                                   "data": {"shards": str(tmp_path / "*.tar")}}))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid config in {cfg}" in err and "model.lr.unett: unknown key" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_missing_model_is_a_clear_error(tiny):
     from mmloom.errors import UserError
     from mmloom.train.families import get_family
 
-    bad = {**tiny, "unet": "stabilityai/stable-diffusion-xl-base-1.0", "unet_subfolder": "unet"}
+    bad = {**tiny, "backbone": {"path": "stabilityai/stable-diffusion-xl-base-1.0", "subfolder": "unet"}}
     cfg = tcfg(bad)
     with pytest.raises(UserError, match="stable-diffusion-xl-base-1.0.*not available"):
         get_family("mumu").build(cfg.model, cfg)
@@ -218,7 +268,7 @@ def shards(tmp_path_factory):
 
 
 def run_cfg(tiny, shards, out, steps, every):
-    return {"family": "mumu", "model": {**tiny, "lr_adapter": 1e-3, "lr_unet": 1e-3},
+    return {"family": "mumu", "model": {**tiny, "lr": {"adapter": 1e-3, "unet": 1e-3}},
             "prompt": {"crop_size": 64}, "data": {"shards": shards, "resolution": 64, "shuffle_buffer": 8},
             "loop": {"out": out, "steps": steps, "batch_size": 2, "checkpoint_every": every, "tensorboard": True}}
 

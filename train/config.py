@@ -1,16 +1,20 @@
 """Typed trainer configuration: data, prompt builder, model family, loop.
 
-The family section (``model``) is validated by the family itself (each family module
-declares its own config class), so adding a family touches one file and the registry.
+``family`` names a family in the registry (``train/families/__init__.py``) and ``model``
+is validated against that family's own config class when the config is loaded, so a
+misspelt ``model.lr.unett`` stops the load with an error naming it, before any output
+directory or accelerator exists. Adding a family touches its module and the registry.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from mmloom.configbase import Section
+from mmloom.train.families import FAMILIES
 
 
 class DataConfig(Section):
@@ -37,7 +41,15 @@ class PromptConfig(Section):
     augment_prob: float = Field(0.2, ge=0, le=1, description="conditioning image augmented (random crop, flip, Gaussian noise, grayscale)")
     structure: bool = Field(False, description="stage 1: add a Canny-edge image of the whole input")
     structure_prob: float = Field(0.3, ge=0, le=1, description="how often the structure image is added")
-    cond_dropout: float = Field(0.1, ge=0, le=1, description="prompt replaced by the empty prompt (classifier-free guidance)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "cond_dropout" in data:
+            raise PydanticCustomError("renamed_key", "prompt.cond_dropout is now model.cond_dropout (every family's "
+                                      "conditioning dropout has that name; rename it in the config, or in a saved run's "
+                                      "train_config.yaml)")
+        return data
 
 
 class LoopConfig(Section):
@@ -63,9 +75,31 @@ class LoopConfig(Section):
 
 
 class TrainConfig(Section):
-    family: Literal["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"] = Field(
-        "mumu", description="model family (train/families/): mumu, mvader, versatile, mtdiffusion, kandinsky")
+    family: str = Field("mumu", description="model family, from the registry in train/families/__init__.py: " + ", ".join(FAMILIES))
     data: DataConfig = Field(default_factory=DataConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
-    model: dict[str, Any] = Field(default_factory=dict, description="the family's own config section")
+    model: Any = Field(None, validate_default=True,
+                       description="the family's own section: its Config (train/families/FAMILY.py), validated on load")
     loop: LoopConfig = Field(default_factory=LoopConfig)
+
+    @field_validator("family")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in FAMILIES:
+            raise PydanticCustomError("unknown_family", "unknown model family; known: {known}", {"known": ", ".join(FAMILIES)})
+        return v
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _family_section(cls, v, info):
+        """``model:`` as the family's Config; its errors carry ``model.`` paths."""
+        if "family" not in info.data:  # the family itself is wrong: that error says so
+            return v
+        from mmloom.train.families import get_family
+
+        config = get_family(info.data["family"]).Config
+        if isinstance(v, config):
+            return v
+        if v is not None and not isinstance(v, dict):
+            raise PydanticCustomError("model_section", "must be a mapping of the family's keys")
+        return config.model_validate(v or {})

@@ -1,8 +1,10 @@
 """`mmloom sample CHECKPOINT --prompt "a <image:man.jpg> man and his <image:dog.jpg> dog"`:
 rebuild the model from the run's train_config.yaml (with ``--set`` overrides of its
-inference knobs), load the checkpoint's weights, sample with DDIM (50 steps, guidance 6
-by default: MUMU sections 2.1 and 6) for each seed, and save a PNG grid; or, for
-families with text outputs (Versatile Diffusion), write one sentence per seed."""
+inference knobs), load the checkpoint's weights, sample each seed with the family's
+sampling defaults (``model.sampling``: sampler, steps and guidance from its paper, e.g.
+MUMU DDIM 50 steps, M-VADER PNDM 50 steps guidance 8) unless ``steps``/``guidance`` are
+given, and save a PNG grid; or, for families with text outputs (Versatile Diffusion),
+write one sentence per seed."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def find_run(checkpoint: str) -> tuple[str, str]:
 
 
 def parse_settings(items: list[str] | None) -> dict:
-    """``["model.mix_rate=0.3", "model.image_scales=[1, 0.5]"]`` -> {dotted key: YAML value}."""
+    """``["model.mix_rate=0.3", "model.sampling.guidance=7"]`` -> {dotted key: YAML value}."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -58,7 +60,7 @@ def load_for_sampling(checkpoint: str, settings: dict | None = None):
     path = os.path.join(run, "train_config.yaml")
     cfg = load_model(TrainConfig, path, settings, source=f"{path} with --set" if settings else path)
     family = get_family(cfg.family)
-    model = family.build(cfg.model, cfg)
+    model = family.build(cfg.model, cfg)  # cfg.model: the family's Config, validated on load
     weights = os.path.join(ck, "model.safetensors")
     if not os.path.exists(weights):
         raise UserError(f"{ck} has no model.safetensors")
@@ -81,19 +83,20 @@ def grid(images, cols: int | None = None):
     return out
 
 
-def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int = 50, guidance: float = 6.0,
+def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int | None = None, guidance: float | None = None,
            size: int | None = None, base_dir: str = ".", theta: list[float] | None = None,
            settings: dict | None = None, text: bool = False) -> str:
-    """Sample ``seeds`` images into one grid at ``out``. ``theta`` (M-VADER only): one value
-    for every image segment, or one per prompt segment (attention manipulation). ``text``:
+    """Sample ``seeds`` images into one grid at ``out``. ``steps``/``guidance`` None: the
+    run's ``model.sampling`` (the family's defaults). ``theta`` (M-VADER): one value for
+    every image segment, or one per prompt segment (attention manipulation). ``text``:
     sentences instead of images (image-to-text, text variation), one line per seed."""
     from mmloom.train.prompts import parse_prompt
 
     family, model, cfg = load_for_sampling(checkpoint, settings)
     parts = parse_prompt(prompt, base_dir)
     if text:
-        if not hasattr(family, "generate_text"):
-            raise UserError(f"--text needs a family with text outputs (versatile); this is a {cfg.family} run")
+        if not family.text_outputs:
+            raise UserError(f"--text needs a family with text outputs; {cfg.family} makes pictures")
         with torch.no_grad():
             lines = family.generate_text(model, [parts] * len(seeds), steps, guidance, seeds)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -103,8 +106,9 @@ def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int 
     with torch.no_grad():
         extra = {}
         if theta:
-            if cfg.family != "mvader":
-                raise UserError(f"--theta is M-VADER's attention manipulation; this is a {cfg.family} run")
+            if "theta" not in family.options:
+                raise UserError(f"--theta: not a sampling option of a {cfg.family} run "
+                                f"(its options: {', '.join(sorted(family.options)) or 'none'})")
             extra["theta"] = theta[0] if len(theta) == 1 else [theta] * len(seeds)
         images = family.generate(model, [parts] * len(seeds), steps, guidance, seeds, size or cfg.data.resolution, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -114,8 +114,8 @@ def make_tiny_mumu(root: str, words: list[str], sdxl: bool = False) -> dict:
     vlm = make_tiny_vlm(os.path.join(root, "vlm"), words)
     unet = make_tiny_unet(os.path.join(root, "unet"), 32, sdxl)
     vae = make_tiny_vae(os.path.join(root, "vae"))
-    return {"vlm": vlm, "unet": unet, "unet_subfolder": None, "vae": vae, "vae_subfolder": None,
-            "adapter_layers": 2, "adapter_heads": 2, "vlm_image_size": 64}
+    return {"encoder": {"path": vlm, "image_size": 64}, "backbone": {"path": unet, "subfolder": None},
+            "autoencoder": {"path": vae, "subfolder": None}, "adapter_layers": 2, "adapter_heads": 2}
 
 
 TINY_WORDS = """a an the and his her their with in on of to at by for from under over behind near side looking

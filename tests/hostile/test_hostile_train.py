@@ -288,7 +288,7 @@ def tiny(tmp_path_factory):
 
 
 def run_cfg(tiny, shards, out, steps):
-    return {"family": "mumu", "model": {**tiny, "lr_adapter": 1e-3, "lr_unet": 1e-3}, "prompt": {"crop_size": 32},
+    return {"family": "mumu", "model": {**tiny, "lr": {"adapter": 1e-3, "unet": 1e-3}}, "prompt": {"crop_size": 32},
             "data": {"shards": shards, "resolution": 32, "shuffle_buffer": 4, "max_pixels": MAX_PIXELS},
             "loop": {"out": out, "steps": steps, "batch_size": 2, "checkpoint_every": 4, "tensorboard": False,
                      "ema_decay": 0.9}}

@@ -1,12 +1,10 @@
-"""Model families, built by name from config. A family module supplies:
+"""The model families, by name: the one registry that the trainer config, the CLI, the
+demo and the README's reference all read. Each module defines ``FAMILY``, a
+:class:`~mmloom.train.families.base.Family` (config class, build, parameter groups,
+sampling defaults, generate, demo).
 
-* ``Config``: its pydantic config class (the trainer config's ``model:`` section);
-* ``build(model_cfg, train_cfg) -> nn.Module`` whose ``forward(batch)`` returns a dict of
-  losses with ``loss`` the one to minimize (so DDP/FSDP wrap it unchanged);
-* ``param_groups(model, model_cfg) -> list[dict]`` (each with ``name``, ``params``, ``lr``);
-* ``generate(model, prompts, steps, guidance, seeds, size) -> list[PIL.Image]``.
-
-Adding a family: one module here and one line in ``FAMILIES``.
+Adding a family: one module here and one line in ``FAMILIES`` (then its tiny config in
+configs/train/, its rows in README's trainer reference, and its tests).
 """
 
 from __future__ import annotations
@@ -15,16 +13,20 @@ import importlib
 
 from mmloom.errors import UserError
 
-FAMILIES = {
+FAMILIES = {  # name -> the module that defines FAMILY (imported on first use)
     "mumu": "mmloom.train.families.mumu",
-    "mtdiffusion": "mmloom.train.families.mtdiffusion",
-    "kandinsky": "mmloom.train.families.kandinsky",
     "mvader": "mmloom.train.families.mvader",
     "versatile": "mmloom.train.families.versatile",
+    "mtdiffusion": "mmloom.train.families.mtdiffusion",
+    "kandinsky": "mmloom.train.families.kandinsky",
 }
 
 
 def get_family(name: str):
+    """The registered :class:`Family` called ``name``; a UserError naming the known ones otherwise."""
     if name not in FAMILIES:
-        raise UserError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[name])
+        raise UserError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    family = importlib.import_module(FAMILIES[name]).FAMILY
+    if family.name != name:
+        raise RuntimeError(f"{FAMILIES[name]}.FAMILY is named {family.name!r}, registered as {name!r}")
+    return family

@@ -1,4 +1,5 @@
-"""Kandinsky (Razzhigaev et al., 2023; ARCHITECTURE.md, Papers): an image prior and a latent-diffusion decoder, trained apart.
+"""Kandinsky (Kandinsky: an Improved Text-to-Image Synthesis with Image Prior and Latent
+Diffusion): an image prior and a latent-diffusion decoder, trained apart.
 
 * ``stage: prior`` (section 4, Table 3) maps CLIP text embeddings to CLIP image
   embeddings. Three priors: ``linear`` (one linear layer, the best FID in Table 3),
@@ -17,21 +18,27 @@ trained prior run), its images through the CLIP image tower; several embeddings 
 fused by interpolation (image fusion, text-and-image fusion); one image alone gives
 variations. Without a prior, text embeddings stand in for image embeddings (Table 3's
 "no prior" row). The CLIP model must be the one the score stage stored embeddings with.
+
+Sampling: the paper picks its guidance scale from FID-CLIP curves (section 5, Figure 4)
+without stating it, nor the sampler or step counts. mmloom uses the released Kandinsky
+2.1 pipelines' settings (diffusers' KandinskyPipeline and KandinskyPriorPipeline):
+decoder DDIM, 100 steps, guidance 4; diffusion prior 25 DDIM steps, guidance 4.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmloom.configbase import Section
 from mmloom.errors import UserError
 from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from mmloom.train.families.base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
+                                        Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
 
 
 class PriorSchedule(ScheduleConfig):
@@ -42,30 +49,48 @@ class DecoderSchedule(ScheduleConfig):
     beta_schedule: str = Field("linear", description="decoder's beta schedule (Kandinsky 2.1: linear 0.00085 to 0.012)")
 
 
-class Config(Section):
+class LR(LearningRates):
+    prior: float = Field(1e-4, ge=0, description="stage prior: the image prior")
+    unet: float = Field(1e-4, ge=0, description="stage decoder: the decoder UNet")
+
+
+class Sampling(SamplingDefaults):
+    sampler: Sampler = Field("ddim", description="decoder sampler (the paper states none: DDIM, as the released pipeline)")
+    steps: int = Field(100, gt=0, description="decoder steps (the released pipeline's 100)")
+    guidance: float = Field(4.0, ge=0, description="decoder guidance (section 5 picks it from FID-CLIP curves, unstated: the released pipeline's 4)")
+    prior_steps: int = Field(25, gt=0, description="diffusion prior: DDIM steps (the released prior pipeline's 25)")
+    prior_guidance: float = Field(4.0, ge=0, description="diffusion prior: classifier-free guidance (the released prior pipeline's 4)")
+
+
+class Config(GuidedConfig):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "clip": "encoder.path", "unet": "backbone.path", "unet_subfolder": "backbone.subfolder",
+        "autoencoder_subfolder": "autoencoder.subfolder", "autoencoder_type": "autoencoder.type",
+        "text_dropout": "cond_dropout", "image_dropout": "cond_dropout", "lr_prior": "lr.prior", "lr_unet": "lr.unet",
+        "prior_guidance": "sampling.prior_guidance", "prior_steps": "sampling.prior_steps",
+    }
+
     stage: Literal["prior", "decoder"] = Field("prior", description="train the image prior or the decoder (two runs)")
-    clip: str = Field("ViT-L-14/openai", description="open_clip model (ARCH/TAG, hf-hub:, dir): the score stage's, whose embeddings are stored")
+    encoder: ClipEncoderConfig = part(ClipEncoderConfig, "CLIP (open_clip): the score stage's, whose embeddings are stored",
+                                      path="ViT-L-14/openai")
     prior: Literal["linear", "residual", "diffusion"] = Field("diffusion", description="prior architecture (Table 3)")
     prior_layers: int = Field(20, gt=0, description="diffusion prior: transformer layers (section 4: 20)")
     prior_heads: int = Field(32, gt=0, description="diffusion prior: attention heads (section 4: 32)")
     prior_width: int = Field(2048, gt=0, description="diffusion prior: hidden size (section 4: 2048)")
     residual_blocks: int = Field(18, gt=0, description="residual prior: residual MLP blocks (section 5: 18)")
     prior_schedule: PriorSchedule = Field(default_factory=PriorSchedule, description="diffusion prior's noise schedule")
-    text_dropout: float = Field(0.1, ge=0, le=1, description="prior: text dropped for classifier-free guidance")
-    lr_prior: float = Field(1e-4, gt=0, description="prior learning rate")
-    unet: str = Field("kandinsky-community/kandinsky-2-1", description="decoder: diffusers UNet2DConditionModel with text_image_proj (hub id or dir)")
-    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
-    autoencoder: str = Field("kandinsky-community/kandinsky-2-1", description="decoder: diffusers autoencoder (MoVQ) hub id or dir")
-    autoencoder_subfolder: Optional[str] = Field("movq", description="subfolder of the autoencoder inside `autoencoder`")
-    autoencoder_type: Literal["vq", "kl"] = Field("vq", description="vq: VQModel (MoVQ); kl: AutoencoderKL")
+    backbone: Pretrained = part(Pretrained, "decoder: diffusers UNet2DConditionModel with text_image_proj",
+                                path="kandinsky-community/kandinsky-2-1", subfolder="unet")
+    autoencoder: AutoencoderConfig = part(AutoencoderConfig, "decoder: diffusers autoencoder (MoVQ)",
+                                          path="kandinsky-community/kandinsky-2-1", subfolder="movq", type="vq")
     schedule: DecoderSchedule = Field(default_factory=DecoderSchedule, description="decoder's DDPM schedule")
-    image_dropout: float = Field(0.1, ge=0, le=1, description="decoder: conditioning replaced by the black-image embedding and empty text")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="classifier-free guidance: prior, the caption dropped (empty text); "
+                                "decoder, the conditioning replaced by the black-image embedding and empty text")
     use_stored_embeddings: bool = Field(True, description="decoder: condition on the stored image embeddings (false: embed each training image)")
-    lr_unet: float = Field(1e-4, gt=0, description="decoder UNet learning rate")
+    lr: LR = Field(default_factory=LR, description="learning rate per parameter group (one per stage)")
     prior_checkpoint: Optional[str] = Field(None, description="decoder sampling: a trained prior run or checkpoint for text prompts")
-    prior_guidance: float = Field(4.0, ge=0, description="classifier-free guidance of the diffusion prior at sampling")
-    prior_steps: int = Field(25, gt=0, description="diffusion prior sampling steps")
     text_weight: float = Field(0.5, ge=0, le=1, description="text-and-image fusion: weight of the text's embedding (images share the rest)")
+    sampling: Sampling = Field(default_factory=Sampling, description="sampling defaults (the released Kandinsky 2.1 pipelines')")
 
 
 class Normalizer(nn.Module):
@@ -155,7 +180,7 @@ class KandinskyModel(nn.Module):
         from mmloom.train.tiny import resolve_tiny
 
         self.cfg, self.data_spec, self.allow_pipe = cfg, data_spec, allow_pipe
-        self.clip = ClipEmbedder(resolve_tiny(cfg.clip))  # frozen; not an nn.Module, not in checkpoints
+        self.clip = ClipEmbedder(resolve_tiny(cfg.encoder.path))  # frozen; not an nn.Module, not in checkpoints
         self.dim = self.clip.dim
         self.text_width = int(self.clip.model.ln_final.normalized_shape[0])
         self._prior_model = None
@@ -169,15 +194,16 @@ class KandinskyModel(nn.Module):
                 self.prior = DiffusionPrior(self.dim, self.text_width, cfg.prior_width, cfg.prior_layers, cfg.prior_heads)
             self.prior_sched = ddpm(cfg.prior_schedule, prediction_type="sample")
         else:
-            self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
+            self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
             uc = self.unet.config
             if uc.encoder_hid_dim_type != "text_image_proj" or uc.addition_embed_type != "text_image":
-                raise UserError(f"model.unet {cfg.unet}: a Kandinsky decoder needs encoder_hid_dim_type 'text_image_proj' and "
+                raise UserError(f"model.backbone.path {cfg.backbone.path}: a Kandinsky decoder needs encoder_hid_dim_type 'text_image_proj' and "
                                 f"addition_embed_type 'text_image' (Kandinsky 2.1's UNet)")
             if uc.cross_attention_dim != self.dim or uc.encoder_hid_dim != self.text_width:
-                raise UserError(f"model.unet {cfg.unet} expects {uc.cross_attention_dim}-d image embeddings and {uc.encoder_hid_dim}-d "
-                                f"text tokens; model.clip {cfg.clip} gives {self.dim} and {self.text_width}")
-            self.ae = Autoencoder(cfg.autoencoder, cfg.autoencoder_subfolder, cfg.autoencoder_type)
+                raise UserError(f"model.backbone.path {cfg.backbone.path} expects {uc.cross_attention_dim}-d image embeddings and "
+                                f"{uc.encoder_hid_dim}-d text tokens; model.encoder.path {cfg.encoder.path} gives {self.dim} and "
+                                f"{self.text_width}")
+            self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
             self.sched = ddpm(cfg.schedule)
             from PIL import Image
 
@@ -200,7 +226,7 @@ class KandinskyModel(nn.Module):
             raise UserError("data.shards is empty: the prior's normalization needs the dataset's stored embeddings")
         mean, std, n = embedding_stats(self.data_spec, self.allow_pipe)
         if mean.shape[0] != self.dim:
-            raise UserError(f"the stored embeddings are {mean.shape[0]}-d but model.clip {self.cfg.clip} gives {self.dim}-d")
+            raise UserError(f"the stored embeddings are {mean.shape[0]}-d but model.encoder.path {self.cfg.encoder.path} gives {self.dim}-d")
         self.norm.fit(mean, std, n)
 
     def _image_embeddings(self, batch: dict) -> torch.Tensor:
@@ -213,7 +239,8 @@ class KandinskyModel(nn.Module):
         else:
             emb = self.clip.images(to_pil(batch["pixels"]))
         if emb.shape[-1] != self.dim:
-            raise UserError(f"stored image embeddings are {emb.shape[-1]}-d, model.clip {self.cfg.clip} gives {self.dim}-d: use the score stage's CLIP")
+            raise UserError(f"stored image embeddings are {emb.shape[-1]}-d, model.encoder.path {self.cfg.encoder.path} gives {self.dim}-d: "
+                            "use the score stage's CLIP")
         return emb.to(self._device())
 
     # -- training ---------------------------------------------------------------------------
@@ -224,7 +251,7 @@ class KandinskyModel(nn.Module):
         if int(self.norm.count) == 0:
             self.fit_normalizer()
         x0 = self.norm(self._image_embeddings(batch))
-        drop = torch.rand(len(batch["captions"])) < self.cfg.text_dropout
+        drop = torch.rand(len(batch["captions"])) < self.cfg.cond_dropout
         tokens, mask, pooled = self.text(["" if d else c for c, d in zip(batch["captions"], drop.tolist())])
         if self.cfg.prior == "diffusion":
             t = torch.randint(0, self.prior_sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
@@ -244,7 +271,7 @@ class KandinskyModel(nn.Module):
     def _decoder_loss(self, batch: dict) -> dict:
         pixels = batch["pixels"].to(self._device())
         img = self._image_embeddings(batch)
-        drop = (torch.rand(img.shape[0]) < self.cfg.image_dropout).to(img.device)
+        drop = (torch.rand(img.shape[0]) < self.cfg.cond_dropout).to(img.device)
         img = torch.where(drop[:, None], self.black.expand_as(img), img)
         texts = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
         latents = self.ae.encode(pixels)
@@ -262,9 +289,9 @@ class KandinskyModel(nn.Module):
             return self.norm.inverse(self.prior(tokens, mask, pooled))
         from diffusers import DDIMScheduler
 
-        g = guidance if guidance is not None else self.cfg.prior_guidance
+        g = guidance if guidance is not None else self.cfg.sampling.prior_guidance
         sched = DDIMScheduler.from_config(self.prior_sched.config)
-        sched.set_timesteps(steps or self.cfg.prior_steps)
+        sched.set_timesteps(steps or self.cfg.sampling.prior_steps)
         utok, umask, upool = self.text([""] * len(texts))
         x = torch.randn((len(texts), self.dim), generator=torch.Generator().manual_seed(seed)).to(pooled.device)
         for t in sched.timesteps:
@@ -307,12 +334,14 @@ class KandinskyModel(nn.Module):
         return interpolate(embs, weights), text
 
     @torch.no_grad()
-    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 4.0, seeds=None, size: int | None = None):
+    def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None,
+                 size: int | None = None):
         if self.cfg.stage == "prior":
             raise UserError("a Kandinsky prior makes embeddings, not pictures: sample from a decoder run whose "
                             "model.prior_checkpoint names this prior")
-        from diffusers import DDIMScheduler
-
+        sampling = self.cfg.sampling
+        steps = sampling.steps if steps is None else steps
+        guidance = sampling.guidance if guidance is None else guidance
         dev = self._device()
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
@@ -321,7 +350,7 @@ class KandinskyModel(nn.Module):
         cond = self._condition([c[1] for c in conds], img)
         uncond = self._condition([""] * len(prompts), self.black.expand_as(img))
         h = size // self.ae.downscale
-        lat = guided_sample(DDIMScheduler.from_config(self.sched.config), steps, (self.unet.config.in_channels, h, h), seeds,
+        lat = guided_sample(make_sampler(sampling.sampler, self.sched.config), steps, (self.unet.config.in_channels, h, h), seeds,
                             dev, guidance, lambda x, t: self.unet(x, t, **cond).sample, lambda x, t: self.unet(x, t, **uncond).sample)
         return to_pil(self.ae.decode(lat))
 
@@ -336,17 +365,30 @@ def interpolate(embs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return mix / mix.norm().clamp(min=1e-8) * (w * stack.norm(dim=-1)).sum()
 
 
-def build(model_cfg: dict, train_cfg) -> KandinskyModel:
-    from mmloom.configbase import load_model
+class Kandinsky(Family):
+    name = "kandinsky"
+    title = "Kandinsky 2.1: a CLIP image prior, then a latent-diffusion decoder on MoVQ latents"
+    Config = Config
+    demo = Demo(["kandinsky-prior-tiny", "kandinsky-decoder-tiny"],
+                "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)", note="text through the prior, text-and-image fusion")
 
-    return KandinskyModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.shards, train_cfg.data.allow_pipe)
+    def build(self, cfg, train_cfg) -> KandinskyModel:
+        return KandinskyModel(self.config(cfg), train_cfg.data.shards, train_cfg.data.allow_pipe)
+
+    def param_groups(self, model: KandinskyModel, cfg) -> list[dict]:
+        name, trained = ("prior", model.prior) if model.cfg.stage == "prior" else ("unet", model.unet)
+        return lr_groups({name: [p for p in trained.parameters() if p.requires_grad]}, model.cfg.lr)
+
+    def demo_prompt(self, paths: list[str]) -> str:
+        return f"a red circle <image:{paths[0]}>" if paths else "a red circle"
+
+    def demo_overrides(self, config: str, runs: dict[str, str], dataset_clip: str) -> dict:
+        """Both runs use the score stage's CLIP (its stored embeddings); the decoder
+        samples text through the prior run trained just before it."""
+        over = {"model.encoder.path": dataset_clip}
+        if "decoder" in config:
+            over["model.prior_checkpoint"] = runs["kandinsky-prior-tiny"]
+        return over
 
 
-def param_groups(model: KandinskyModel, model_cfg: dict) -> list[dict]:
-    if model.cfg.stage == "prior":
-        return [{"name": "prior", "params": [p for p in model.prior.parameters() if p.requires_grad], "lr": model.cfg.lr_prior}]
-    return [{"name": "unet", "params": [p for p in model.unet.parameters() if p.requires_grad], "lr": model.cfg.lr_unet}]
-
-
-def generate(model: KandinskyModel, prompts, steps=50, guidance=4.0, seeds=None, size=None):
-    return model.generate(prompts, steps, guidance, seeds, size)
+FAMILY = Kandinsky()

@@ -1,4 +1,5 @@
-"""MT-Diffusion (Chen et al., 2024; ARCHITECTURE.md, Papers): several modalities aggregated into one forward process.
+"""MT-Diffusion (Diffusion Models for Multi-Modal Generative Modeling): several modalities
+aggregated into one forward process.
 
 Forward aggregation (section 2.2.2, Theorem 2, appendix B): each modality's data x_i is
 encoded into the diffusion space, e_i = E_i(x_i), and added to the noising chain,
@@ -20,7 +21,8 @@ Tasks (config ``task``):
 * ``image_label`` (section 4.2, E.3): x = the first crop's label among ``labels``.
 * ``image_representation`` (E.4): x = the stored CLIP image embedding of the sample.
 
-Sampling follows Algorithm 1 over all T steps: missing modalities start random and are
+Sampling follows Algorithm 1 (appendix C) over all T steps, the family's only sampler (no
+other step count, no classifier-free guidance: the heads' re-estimates guide it): missing modalities start random and are
 re-estimated from the heads at every step; z_{t-1} is the posterior mean of equation 5
 plus sqrt(beta~_t) noise. One deviation, said here: z_T starts from the forward marginal
 N(alpha~_T E(x), (1 - abar_T) I) rather than N(0, I), since with w_t = t / (T - t) the
@@ -30,7 +32,7 @@ aggregated term dominates z_T (alpha~_T is in the thousands); with all w_t = 0 t
 from __future__ import annotations
 
 import copy
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -38,9 +40,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmloom.configbase import Section
 from mmloom.errors import UserError
 from mmloom.train.diffusion import Autoencoder, ScheduleConfig, load_unet, start_noise, to_pil
+from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, FamilyConfig, LearningRates, Pretrained,
+                                        SamplingDefaults, lr_groups, part)
 
 
 class Schedule(ScheduleConfig):
@@ -51,14 +54,28 @@ class Schedule(ScheduleConfig):
     beta_end: float = Field(0.02, gt=0, description="last DDPM beta")
 
 
-class Config(Section):
+class LR(LearningRates):
+    all: float = Field(1e-4, ge=0, description="the UNet, heads and context embeddings (E.1: 1e-4; E.4: 1e-5)")
+
+
+class Sampling(SamplingDefaults):
+    sampler: Literal["algorithm1"] = Field("algorithm1", description="appendix C, Algorithm 1 (the only one)")
+    steps: Optional[int] = Field(None, gt=0, description="null: all T steps of Algorithm 1 (appendix C: T = 1000), the only count allowed")
+    guidance: None = Field(None, description="none: Algorithm 1 has no classifier-free guidance")
+
+
+class Config(FamilyConfig):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "autoencoder_subfolder": "autoencoder.subfolder",
+        "autoencoder_type": "autoencoder.type",
+    }
+
     task: Literal["masked_image", "image_label", "image_representation"] = Field(
         "masked_image", description="the extra modality: masked image (4.1), label (4.2) or CLIP image embedding (E.4)")
-    unet: str = Field("stabilityai/stable-diffusion-2-base", description="diffusers UNet2DConditionModel: hub id or dir")
-    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
-    autoencoder: str = Field("stabilityai/stable-diffusion-2-base", description="diffusers autoencoder: hub id or dir")
-    autoencoder_subfolder: Optional[str] = Field("vae", description="subfolder of the autoencoder inside `autoencoder`")
-    autoencoder_type: Literal["kl", "vq"] = Field("kl", description="kl: AutoencoderKL; vq: VQModel")
+    backbone: Pretrained = part(Pretrained, "the shared backbone: diffusers UNet2DConditionModel",
+                                path="stabilityai/stable-diffusion-2-base", subfolder="unet")
+    autoencoder: AutoencoderConfig = part(AutoencoderConfig, "diffusers autoencoder", path="stabilityai/stable-diffusion-2-base",
+                                          subfolder="vae", type="kl")
     schedule: Schedule = Field(default_factory=Schedule, description="DDPM schedule (E.1: linear, 1000 steps)")
     task_weight: Literal["ratio", "constant"] = Field("ratio", description="w_t: ratio = t / (T - t) (appendix E); constant = task_weight_value")
     task_weight_value: float = Field(1.0, ge=0, description="w_t when task_weight is constant (equation 8: 1)")
@@ -69,7 +86,8 @@ class Config(Section):
     patch_size: int = Field(16, gt=0, description="masked_image: patch side in pixels (4.1)")
     embedding_dim: int = Field(1024, gt=0, description="image_representation: width of the stored CLIP image embeddings (E.4: 1024)")
     head_hidden: int = Field(1024, gt=0, description="image_representation: hidden width of the two-layer MLP head (E.4: 1024)")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the UNet, heads and context embeddings (E.1: 1e-4; E.4: 1e-5)")
+    lr: LR = Field(default_factory=LR, description="learning rate (one group)")
+    sampling: Sampling = Field(default_factory=Sampling, description="sampling (Algorithm 1)")
 
 
 class ForwardAggregation:
@@ -135,8 +153,8 @@ class MTDiffusionModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
-        self.ae = Autoencoder(cfg.autoencoder, cfg.autoencoder_subfolder, cfg.autoencoder_type)
+        self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
+        self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
         T = cfg.schedule.num_train_timesteps
         from mmloom.train.diffusion import ddpm
 
@@ -261,7 +279,14 @@ class MTDiffusionModel(nn.Module):
         return out.float()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list], steps: int = 0, guidance: float = 1.0, seeds=None, size: int | None = None):
+    def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None,
+                 size: int | None = None):
+        T = len(self.agg.w)
+        steps = self.cfg.sampling.steps if steps is None else steps
+        if steps is not None and steps != T:
+            raise UserError(f"MT-Diffusion samples with Algorithm 1 over all T = {T} steps; {steps} steps is not an option")
+        if guidance is not None:
+            raise UserError("MT-Diffusion's Algorithm 1 has no classifier-free guidance; leave --guidance out")
         dev = self.unet.device
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
@@ -281,7 +306,6 @@ class MTDiffusionModel(nn.Module):
             else:
                 x = torch.randn((1, self.context.in_features), generator=g).to(dev)
                 e = self.encode(x, like)
-            T = len(self.agg.w)
             z = self.agg.marginal(torch.zeros_like(like), e, torch.tensor([T - 1], device=dev), start_noise(lat_shape, [seed], dev))
             for t in range(T - 1, -1, -1):
                 tt = torch.tensor([t], device=dev)
@@ -301,16 +325,21 @@ class MTDiffusionModel(nn.Module):
         return images
 
 
-def build(model_cfg: dict, train_cfg) -> MTDiffusionModel:
-    from mmloom.configbase import load_model
+class MTDiffusion(Family):
+    name = "mtdiffusion"
+    title = "MT-Diffusion: a second modality aggregated into the forward process, one decoder head per modality"
+    Config = Config
+    demo = Demo(["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)",
+                note="a crop given as the masked-image modality")
 
-    return MTDiffusionModel(load_model(Config, data=model_cfg, source="model"))
+    def build(self, cfg, train_cfg) -> MTDiffusionModel:
+        return MTDiffusionModel(self.config(cfg))
+
+    def param_groups(self, model: MTDiffusionModel, cfg) -> list[dict]:
+        return lr_groups({"all": [p for p in model.parameters() if p.requires_grad]}, model.cfg.lr)
+
+    def demo_prompt(self, paths: list[str]) -> str:
+        return f"<image:{paths[0]}>" if paths else "a cat"
 
 
-def param_groups(model: MTDiffusionModel, model_cfg: dict) -> list[dict]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"name": "unet+heads", "params": params, "lr": model.cfg.lr}]
-
-
-def generate(model: MTDiffusionModel, prompts, steps=0, guidance=1.0, seeds=None, size=None):
-    return model.generate(prompts, steps, guidance, seeds, size)
+FAMILY = MTDiffusion()

@@ -1,46 +1,70 @@
-"""MUMU (Berman and Peysakhovich, 2024; ARCHITECTURE.md, Papers): a vision-language model encodes the interleaved prompt, a small
-non-causal "adapter" transformer maps its hidden states into the UNet's cross-attention
-(section 3), and a diffusers UNet2DConditionModel denoises AutoencoderKL latents with
-epsilon prediction, MSE and a DDPM schedule (section 2.1). Table 1: vision tower frozen;
-rank-8 LoRA on the connector (3e-6), the language model (3e-6) and the UNet (5e-6); the
-adapter fully trained (1e-5). Sampling: DDIM, 50 steps, guidance 6 (sections 2.1, 6).
+"""MUMU (MUMU: Bootstrapping Multimodal Image Generation from Text-to-Image Data): a
+vision-language model encodes the interleaved prompt, a small non-causal "adapter"
+transformer maps its hidden states into the UNet's cross-attention (section 3), and a
+diffusers UNet2DConditionModel denoises AutoencoderKL latents with epsilon prediction, MSE
+and a DDPM schedule (section 2.1). Table 1: vision tower frozen; rank-8 LoRA on the
+connector (3e-6), the language model (3e-6) and the UNet (5e-6); the adapter fully
+trained (1e-5).
+
+Sampling (section 2.1): 50-step DDIM with classifier-free guidance "for all predictions".
+The paper states no guidance scale; mmloom uses 6 (its default before sampling defaults
+moved into the family, kept so that existing runs sample as they did; SDXL, MUMU's
+backbone, is commonly sampled at 5 to 7.5).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmloom.configbase import Section
 from mmloom.errors import UserError
+from mmloom.train.diffusion import ScheduleConfig
+from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
+                                        SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
 
-class Config(Section):
-    vlm: str = Field("HuggingFaceM4/idefics2-8b", description="vision-language model (image-text-to-text): hub id or local dir")
-    vlm_image_size: Optional[int] = Field(None, gt=0, description="VLM input size for each image (default: prompt.crop_size)")
-    bypass_resampler: bool = Field(True, description="Idefics2: drop the perceiver, one token per patch (section 3)")
-    unet: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description="diffusers UNet2DConditionModel: hub id or dir")
-    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
-    vae: str = Field("stabilityai/stable-diffusion-xl-base-1.0", description="diffusers AutoencoderKL: hub id or dir")
-    vae_subfolder: Optional[str] = Field("vae", description="subfolder of the VAE inside `vae`")
+class LR(LearningRates):
+    connector: float = Field(3e-6, ge=0, description="Table 1: ViT-to-VLM MLP LoRA")
+    lm: float = Field(3e-6, ge=0, description="Table 1: VLM LoRA")
+    adapter: float = Field(1e-5, ge=0, description="Table 1: adapter, fully trained")
+    unet: float = Field(5e-6, ge=0, description="Table 1: UNet LoRA")
+
+
+class Sampling(SamplingDefaults):
+    sampler: Sampler = Field("ddim", description="section 2.1: DDIM")
+    steps: int = Field(50, gt=0, description="section 2.1: 50 steps")
+    guidance: float = Field(6.0, ge=0, description="classifier-free guidance scale (section 2.1 uses guidance, states no scale: 6 is mmloom's choice)")
+
+
+class Config(GuidedConfig):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "vlm": "encoder.path", "vlm_image_size": "encoder.image_size", "bypass_resampler": "encoder.bypass_resampler",
+        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "vae": "autoencoder.path",
+        "vae_subfolder": "autoencoder.subfolder", "num_train_timesteps": "schedule.num_train_timesteps",
+        "beta_schedule": "schedule.beta_schedule", "beta_start": "schedule.beta_start", "beta_end": "schedule.beta_end",
+        "lr_connector": "lr.connector", "lr_lm": "lr.lm", "lr_adapter": "lr.adapter", "lr_unet": "lr.unet",
+    }
+
+    encoder: VLMEncoderConfig = part(VLMEncoderConfig, "the vision-language model (image-text-to-text; image_size null: prompt.crop_size; "
+                                     "bypass_resampler, section 3)", path="HuggingFaceM4/idefics2-8b", bypass_resampler=True)
+    backbone: Pretrained = part(Pretrained, "diffusers UNet2DConditionModel (SDXL's, section 3)",
+                                path="stabilityai/stable-diffusion-xl-base-1.0", subfolder="unet")
+    autoencoder: AutoencoderConfig = part(AutoencoderConfig, "diffusers autoencoder (SDXL's AutoencoderKL)",
+                                          path="stabilityai/stable-diffusion-xl-base-1.0", subfolder="vae")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="DDPM schedule (SD / SDXL)")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="prompt replaced by the empty prompt (classifier-free guidance)")
     adapter_layers: int = Field(16, gt=0, description="non-causal adapter transformer layers (section 3: 16)")
     adapter_heads: int = Field(16, gt=0, description="adapter attention heads (must divide the UNet's cross-attention dim)")
     lora_rank: int = Field(8, gt=0, description="LoRA rank for the connector, language model and UNet (Table 1: 8)")
     lora_connector: str = Field(r".*connector\..*(gate_proj|up_proj|down_proj|q_proj|k_proj|v_proj|o_proj)", description="regex of connector modules given LoRA")
     lora_lm: str = Field(r".*text_model\..*(q_proj|k_proj|v_proj|o_proj)", description="regex of language-model modules given LoRA")
     lora_unet: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention modules given LoRA")
-    lr_connector: float = Field(3e-6, gt=0, description="Table 1: ViT-to-VLM MLP LoRA")
-    lr_lm: float = Field(3e-6, gt=0, description="Table 1: VLM LoRA")
-    lr_adapter: float = Field(1e-5, gt=0, description="Table 1: adapter, fully trained")
-    lr_unet: float = Field(5e-6, gt=0, description="Table 1: UNet LoRA")
-    num_train_timesteps: int = Field(1000, gt=0, description="DDPM steps")
-    beta_schedule: str = Field("scaled_linear", description="DDPM beta schedule (SD / SDXL)")
-    beta_start: float = Field(0.00085, gt=0, description="first DDPM beta (SD)")
-    beta_end: float = Field(0.012, gt=0, description="last DDPM beta (SD)")
+    lr: LR = Field(default_factory=LR, description="learning rate per parameter group (Table 1; 0: the group is left out)")
+    sampling: Sampling = Field(default_factory=Sampling, description="sampling defaults (section 2.1)")
 
 
 class Adapter(nn.Module):
@@ -67,20 +91,20 @@ class Adapter(nn.Module):
 
 
 class MumuModel(nn.Module):
-    def __init__(self, cfg: Config, crop_size: int, cond_dropout: float, gradient_checkpointing: bool = False):
+    def __init__(self, cfg: Config, crop_size: int, gradient_checkpointing: bool = False):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet
+        from mmloom.train.diffusion import Autoencoder, ddpm, load_unet
         from mmloom.train.encoders import VLMEncoder
         from mmloom.train.tiny import resolve_tiny
 
-        self.cfg, self.cond_dropout = cfg, cond_dropout
-        self.encoder = VLMEncoder(resolve_tiny(cfg.vlm), cfg.bypass_resampler, cfg.vlm_image_size or crop_size)
-        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
-        self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
-        self.noise_scheduler = ddpm(ScheduleConfig(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                                   beta_start=cfg.beta_start, beta_end=cfg.beta_end))
+        self.cfg = cfg
+        enc = cfg.encoder
+        self.encoder = VLMEncoder(resolve_tiny(enc.path), enc.bypass_resampler, enc.image_size or crop_size)
+        self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
+        self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
+        self.noise_scheduler = ddpm(cfg.schedule)
         uc = self.unet.config
         self.sdxl = uc.addition_embed_type == "text_time"
         pooled = uc.projection_class_embeddings_input_dim - 6 * uc.addition_time_embed_dim if self.sdxl else None
@@ -120,7 +144,7 @@ class MumuModel(nn.Module):
         """Training loss for one batch: {'loss': mse of the noise prediction}."""
         pixels = batch["pixels"].to(self.unet.device)
         prompts = [p.parts for p in batch["prompts"]]
-        drop = (torch.rand(len(prompts)) < self.cond_dropout).tolist()  # classifier-free guidance
+        drop = (torch.rand(len(prompts)) < self.cfg.cond_dropout).tolist()  # classifier-free guidance
         prompts = [[""] if d else p for p, d in zip(prompts, drop)]
         latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
@@ -132,12 +156,13 @@ class MumuModel(nn.Module):
         return {"loss": F.mse_loss(pred.float(), noise.float())}
 
     @torch.no_grad()
-    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 6.0, seeds: list[int] | None = None,
-                 size: int | None = None):
-        from diffusers import DDIMScheduler
-
+    def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None,
+                 seeds: list[int] | None = None, size: int | None = None):
         from mmloom.train.diffusion import guided_sample, to_pil
 
+        sampling = self.cfg.sampling
+        steps = sampling.steps if steps is None else steps
+        guidance = sampling.guidance if guidance is None else guidance
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
         dev = self.unet.device
@@ -148,37 +173,41 @@ class MumuModel(nn.Module):
         uncond = dict(encoder_hidden_states=uctx, encoder_attention_mask=umask,
                       added_cond_kwargs=self._added(upooled, len(prompts), size, size, dev))
         h = size // self.ae.downscale
-        lat = guided_sample(DDIMScheduler.from_config(self.noise_scheduler.config), steps, (self.unet.config.in_channels, h, h),
+        lat = guided_sample(make_sampler(sampling.sampler, self.noise_scheduler.config), steps, (self.unet.config.in_channels, h, h),
                             seeds, dev, guidance, lambda x, t: self.unet(x, t, **cond).sample,
                             lambda x, t: self.unet(x, t, **uncond).sample)
         return to_pil(self.ae.decode(lat))
 
 
-def build(model_cfg: dict, train_cfg) -> MumuModel:
-    from mmloom.configbase import load_model
+class Mumu(Family):
+    name = "mumu"
+    title = "MUMU: a VLM's view of the interleaved prompt through an adapter into an SDXL/SD UNet"
+    Config = Config
+    demo = Demo(["mumu-tiny"], "tiny MUMU (random-init Idefics2 + adapter + UNet + VAE)", prompt_images=2)
 
-    cfg = load_model(Config, data=model_cfg)
-    return MumuModel(cfg, train_cfg.prompt.crop_size if train_cfg.prompt.stage == 1 else train_cfg.prompt.stage2_crop_size,
-                     train_cfg.prompt.cond_dropout, train_cfg.loop.gradient_checkpointing)
+    def build(self, cfg, train_cfg) -> MumuModel:
+        p = train_cfg.prompt
+        return MumuModel(self.config(cfg), p.crop_size if p.stage == 1 else p.stage2_crop_size, train_cfg.loop.gradient_checkpointing)
+
+    def param_groups(self, model: MumuModel, cfg) -> list[dict]:
+        groups = {"connector": [], "lm": [], "adapter": [], "unet": []}
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if n.startswith("adapter."):
+                groups["adapter"].append(p)
+            elif n.startswith("unet."):
+                groups["unet"].append(p)
+            elif ".connector." in n:
+                groups["connector"].append(p)
+            else:
+                groups["lm"].append(p)
+        return lr_groups(groups, model.cfg.lr)
+
+    def demo_prompt(self, paths: list[str]) -> str:
+        if not paths:
+            return "a red circle"
+        return "a photo of " + " and ".join(f"<image:{p}> thing {i}" for i, p in enumerate(paths))
 
 
-def param_groups(model: MumuModel, model_cfg: dict) -> list[dict]:
-    cfg = model.cfg
-    groups = {"connector": [], "lm": [], "adapter": [], "unet": []}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if n.startswith("adapter."):
-            groups["adapter"].append(p)
-        elif n.startswith("unet."):
-            groups["unet"].append(p)
-        elif ".connector." in n:
-            groups["connector"].append(p)
-        else:
-            groups["lm"].append(p)
-    lrs = {"connector": cfg.lr_connector, "lm": cfg.lr_lm, "adapter": cfg.lr_adapter, "unet": cfg.lr_unet}
-    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
-
-
-def generate(model: MumuModel, prompts, steps=50, guidance=6.0, seeds=None, size=None):
-    return model.generate(prompts, steps, guidance, seeds, size)
+FAMILY = Mumu()

@@ -1,5 +1,5 @@
-"""M-VADER (Weinbach, Bellagente et al., 2022; ARCHITECTURE.md, Papers): a diffusion model conditioned on a decoder language model's
-view of interleaved images and text.
+"""M-VADER (M-VADER: A Model for Diffusion with Multimodal Context): a diffusion model
+conditioned on a decoder language model's view of interleaved images and text.
 
 * Condition (section 3.1): the last hidden states of a decoder LM that reads images and
   text (any transformers image-text-to-text model; MAGMA/Luminous in the paper), fed to
@@ -10,8 +10,9 @@ view of interleaved images and text.
   guidance needs at inference; learning rates: new cross-attention 5e-4 or 1e-4, UNet
   5e-5; the language model frozen, or its biases trained (BitFit, the paper's semantic
   biases).
-* Inference (sections 3.3, 3.4): any interleaving of text and images; PNDM, 50 steps,
-  guidance 8; attention manipulation in every cross-attention layer,
+* Inference (sections 3.3, 3.4): any interleaving of text and images; "a guidance scale
+  of 8.0 and [...] 50 steps with the pseudo-numerical method" (PNDM, section 3.3), the
+  family's sampling defaults; attention manipulation in every cross-attention layer,
   s_ij + log(theta_i), with theta given per prompt segment (a float for every image
   segment, "down-weight all image tokens to 0.5", or one value per segment); theta 0
   removes a segment, theta 1 changes nothing. One image alone gives variations, several
@@ -20,34 +21,53 @@ view of interleaved images and text.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmloom.configbase import Section
 from mmloom.errors import UserError
 from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
+                                        SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
 
-class Config(Section):
-    lm: str = Field("HuggingFaceM4/idefics2-8b", description="decoder LM that reads interleaved images and text (image-text-to-text): hub id or dir")
-    lm_image_size: Optional[int] = Field(None, gt=0, description="LM input size of each image (default: data.resolution)")
-    bypass_resampler: bool = Field(False, description="Idefics2: one token per patch instead of the perceiver's (MAGMA: 144 per image)")
-    unet: str = Field("CompVis/stable-diffusion-v1-4", description="diffusers UNet2DConditionModel (section 3.1: Stable Diffusion 1.4)")
-    unet_subfolder: Optional[str] = Field("unet", description="subfolder of the UNet inside `unet`")
-    vae: str = Field("CompVis/stable-diffusion-v1-4", description="diffusers AutoencoderKL: hub id or dir")
-    vae_subfolder: Optional[str] = Field("vae", description="subfolder of the VAE inside `vae`")
+class LR(LearningRates):
+    cross_attn: float = Field(1e-4, ge=0, description="new cross-attention projections (Table 2: 5e-4 V1, 1e-4 V2)")
+    unet: float = Field(5e-5, ge=0, description="the rest of the UNet (Table 2: 5e-5)")
+    encoder: float = Field(1e-5, ge=0, description="language-model biases when encoder_training is bias")
+
+
+class Sampling(SamplingDefaults):
+    sampler: Sampler = Field("pndm", description="section 3.3: the pseudo-numerical method (PNDM)")
+    steps: int = Field(50, gt=0, description="section 3.3: 50 steps")
+    guidance: float = Field(8.0, ge=0, description="section 3.3: classifier-free guidance scale 8.0")
+
+
+class Config(GuidedConfig):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lm": "encoder.path", "lm_image_size": "encoder.image_size", "bypass_resampler": "encoder.bypass_resampler",
+        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "vae": "autoencoder.path",
+        "vae_subfolder": "autoencoder.subfolder", "embedding_dropout": "cond_dropout",
+        "lr_cross_attn": "lr.cross_attn", "lr_unet": "lr.unet", "lr_encoder": "lr.encoder",
+    }
+
+    encoder: VLMEncoderConfig = part(VLMEncoderConfig, "decoder LM that reads interleaved images and text (image-text-to-text; "
+                                     "image_size null: data.resolution; bypass_resampler false: the perceiver's tokens, "
+                                     "as MAGMA's 144 per image)", path="HuggingFaceM4/idefics2-8b", bypass_resampler=False)
+    backbone: Pretrained = part(Pretrained, "diffusers UNet2DConditionModel (section 3.1: Stable Diffusion 1.4)",
+                                path="CompVis/stable-diffusion-v1-4", subfolder="unet")
+    autoencoder: AutoencoderConfig = part(AutoencoderConfig, "diffusers autoencoder (Stable Diffusion 1.4's AutoencoderKL)",
+                                          path="CompVis/stable-diffusion-v1-4", subfolder="vae")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="DDPM schedule (Stable Diffusion's)")
     image_prob: float = Field(0.2, ge=0, le=1, description="a pair is conditioned on its image with this probability, else its caption (section 3.2)")
-    embedding_dropout: float = Field(0.1, ge=0, le=1, description="conditioning replaced by the empty prompt (Table 2: 0.05 V1, 0.1 V2)")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="embedding dropout: conditioning replaced by the empty prompt (Table 2: 0.05 V1, 0.1 V2)")
     encoder_training: Literal["frozen", "bias"] = Field("frozen", description="language model frozen, or its biases trained (BitFit)")
-    lr_cross_attn: float = Field(1e-4, gt=0, description="new cross-attention projections (Table 2: 5e-4 V1, 1e-4 V2)")
-    lr_unet: float = Field(5e-5, gt=0, description="the rest of the UNet (Table 2: 5e-5)")
-    lr_encoder: float = Field(1e-5, gt=0, description="language-model biases when encoder_training is bias")
+    lr: LR = Field(default_factory=LR, description="learning rate per parameter group (0: the group is left out)")
     image_theta: float = Field(1.0, ge=0, description="sampling: attention factor theta for every image segment (section 3.4; e.g. 0.5)")
+    sampling: Sampling = Field(default_factory=Sampling, description="sampling defaults (section 3.3)")
 
 
 class ThetaBias:
@@ -90,9 +110,10 @@ class MVaderModel(nn.Module):
         from mmloom.train.tiny import resolve_tiny
 
         self.cfg = cfg
-        self.encoder = VLMEncoder(resolve_tiny(cfg.lm), cfg.bypass_resampler, cfg.lm_image_size or resolution)
-        self.unet = load_unet(cfg.unet, cfg.unet_subfolder)
-        self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
+        enc = cfg.encoder
+        self.encoder = VLMEncoder(resolve_tiny(enc.path), enc.bypass_resampler, enc.image_size or resolution)
+        self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
+        self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
         self.noise_scheduler = ddpm(cfg.schedule)
         self.theta = ThetaBias()
         # newly trained key/value projections from the LM's width in every cross-attention
@@ -104,7 +125,7 @@ class MVaderModel(nn.Module):
                 mod.set_processor(ThetaAttnProcessor(self.theta))
                 self.cross_names += [f"unet.{name}.to_k.", f"unet.{name}.to_v."]
         if not self.cross_names:
-            raise UserError(f"model.unet {cfg.unet} has no cross-attention layers to condition")
+            raise UserError(f"model.backbone.path {cfg.backbone.path} has no cross-attention layers to condition")
         self.encoder.requires_grad_(False)
         if cfg.encoder_training == "bias":
             for n, p in self.encoder.model.named_parameters():
@@ -113,10 +134,11 @@ class MVaderModel(nn.Module):
 
     # -- conditioning ---------------------------------------------------------------------
     def draw_conditions(self, n: int) -> list[str]:
-        """Per sample: 'image' (probability image_prob), 'caption', or 'empty' (embedding dropout)."""
+        """Per sample: 'image' (probability image_prob), 'caption', or 'empty' (embedding
+        dropout, ``cond_dropout``)."""
         out = []
         for _ in range(n):
-            if float(torch.rand(())) < self.cfg.embedding_dropout:
+            if float(torch.rand(())) < self.cfg.cond_dropout:
                 out.append("empty")
             else:
                 out.append("image" if float(torch.rand(())) < self.cfg.image_prob else "caption")
@@ -203,13 +225,15 @@ class MVaderModel(nn.Module):
         return torch.stack([log_theta(seg[i:i + 1], per[i])[0] for i in range(len(prompts))])
 
     @torch.no_grad()
-    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 8.0, seeds=None, size: int | None = None, theta=None):
-        from diffusers import PNDMScheduler
-
+    def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None,
+                 size: int | None = None, theta=None):
+        sampling = self.cfg.sampling
+        steps = sampling.steps if steps is None else steps
+        guidance = sampling.guidance if guidance is None else guidance
         dev = self.unet.device
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
-        sched = PNDMScheduler.from_config(self.noise_scheduler.config, skip_prk_steps=True)
+        sched = make_sampler(sampling.sampler, self.noise_scheduler.config)
         ctx, mask = self.encode(prompts)
         lt = self.theta_for(prompts, theta)  # from the token layout the encoder just read
         lt = None if lt is None else lt.to(dev)
@@ -230,26 +254,32 @@ class MVaderModel(nn.Module):
         return to_pil(self.ae.decode(lat))
 
 
-def build(model_cfg: dict, train_cfg) -> MVaderModel:
-    from mmloom.configbase import load_model
+class MVader(Family):
+    name = "mvader"
+    title = "M-VADER: a multimodal decoder LM's hidden states into new cross-attention of an SD UNet"
+    Config = Config
+    demo = Demo(["mvader-tiny"], "tiny M-VADER (random-init Idefics2 as the multimodal LM, new cross-attention, UNet + VAE)",
+                prompt_images=2, note="image tokens down-weighted to theta 0.5 (composition)", options={"theta": [0.5]})
+    options = frozenset({"theta"})
 
-    return MVaderModel(load_model(Config, data=model_cfg, source="model"), train_cfg.data.resolution)
+    def build(self, cfg, train_cfg) -> MVaderModel:
+        return MVaderModel(self.config(cfg), train_cfg.data.resolution)
+
+    def param_groups(self, model: MVaderModel, cfg) -> list[dict]:
+        groups = {"cross_attn": [], "unet": [], "encoder": []}
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if any(n.startswith(c) for c in model.cross_names):
+                groups["cross_attn"].append(p)
+            elif n.startswith("unet."):
+                groups["unet"].append(p)
+            else:
+                groups["encoder"].append(p)
+        return lr_groups(groups, model.cfg.lr)
+
+    def demo_prompt(self, paths: list[str]) -> str:
+        return f"a photo of <image:{paths[0]}> in the style of <image:{paths[1]}>" if len(paths) > 1 else "a red circle"
 
 
-def param_groups(model: MVaderModel, model_cfg: dict) -> list[dict]:
-    groups = {"cross_attn": [], "unet": [], "encoder": []}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if any(n.startswith(c) for c in model.cross_names):
-            groups["cross_attn"].append(p)
-        elif n.startswith("unet."):
-            groups["unet"].append(p)
-        else:
-            groups["encoder"].append(p)
-    lrs = {"cross_attn": model.cfg.lr_cross_attn, "unet": model.cfg.lr_unet, "encoder": model.cfg.lr_encoder}
-    return [{"name": k, "params": v, "lr": lrs[k]} for k, v in groups.items() if v]
-
-
-def generate(model: MVaderModel, prompts, steps=50, guidance=8.0, seeds=None, size=None, theta=None):
-    return model.generate(prompts, steps, guidance, seeds, size, theta)
+FAMILY = MVader()

@@ -1,5 +1,6 @@
-"""Versatile Diffusion (Xu et al., ICCV 2023; ARCHITECTURE.md, Papers): one multi-flow diffuser for text-to-image,
-image variation, image-to-text and text variation.
+"""Versatile Diffusion (Versatile Diffusion: Text, Images and Variations All in One
+Diffusion Model): one multi-flow diffuser for text-to-image, image variation,
+image-to-text and text variation.
 
 Multi-flow UNet (sections 3.2, 3.3): layers fall in three groups. Global layers (the time
 embedding) always run. Data layers belong to an output type: the image UNet's ResBlocks
@@ -10,8 +11,9 @@ vector + patch tokens, 257 x 768 for ViT-L/14). A flow (output, context) runs th
 layers, its output's data layers and its context's context layers only.
 
 Training sums the losses, and so the gradients, of every flow before one update
-(Algorithm 1), with per-group learning-rate multipliers (Table 1, four-flow: data image
-0.2, data text 1.0, contexts 1.0, global 0.1). Text latents come from a text VAE of
+(Algorithm 1), with one learning rate per layer group: section 4.2's base rate (5e-5
+for four flows) times Table 1's gradient scale (four-flow: data image 0.2, data text
+1.0, contexts 1.0, global 0.1), so ``lr.data_image`` is 1e-5 and ``lr.global_layers`` 5e-6. Text latents come from a text VAE of
 Optimus's design (``train/text_vae.py``); image latents from AutoencoderKL; contexts are
 CLIP's projected token embeddings divided by the norm of the global one (section 3.3).
 
@@ -21,22 +23,29 @@ alternating them by layer (layer-level); multi-context from several images conca
 each scaled; style/semantic disentanglement by keeping (style) or removing (semantics)
 the first principal components of the image patch tokens, the global vector untouched;
 the unconditional image context is CLIP of an all-zero image or all-zero embeddings.
+
+Sampling: the paper states neither sampler, steps nor guidance scale (Figure 6 sweeps
+the scale). mmloom samples images with DDIM, 50 steps, guidance 7.5, the settings of
+the released model's pipelines (diffusers' VersatileDiffusion pipelines) and of Stable
+Diffusion 1.4, VD's starting point; text outputs with guidance 2.0 (mmloom's choice: a
+low scale keeps the decoded sentences fluent on small text VAEs).
 """
 
 from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Literal, Optional
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmloom.configbase import Section
 from mmloom.errors import UserError
 from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, to_pil
+from mmloom.train.families.base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
+                                        Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
 
 FLOWS = {  # name -> (output data type, context type)
     "text_to_image": ("image", "text"),
@@ -50,31 +59,52 @@ class Schedule(ScheduleConfig):
     beta_schedule: str = Field("linear", description="section 4.2: linear betas over 1000 steps (SD's 8.5e-4 to 1.2e-2)")
 
 
-class Config(Section):
-    image_unet: str = Field("shi-labs/versatile-diffusion", description="image data layers: diffusers UNet2DConditionModel (hub id or dir)")
-    image_unet_subfolder: Optional[str] = Field("image_unet", description="subfolder of the image UNet")
-    text_unet: str = Field("shi-labs/versatile-diffusion", description="text data layers: diffusers UNetFlatConditionModel (FCResBlocks)")
-    text_unet_subfolder: Optional[str] = Field("text_unet", description="subfolder of the text UNet")
-    vae: str = Field("shi-labs/versatile-diffusion", description="image VAE: diffusers AutoencoderKL")
-    vae_subfolder: Optional[str] = Field("vae", description="subfolder of the VAE")
+class LR(LearningRates):
+    """Section 4.2's four-flow rate 5e-5 times Table 1's four-flow gradient scales."""
+
+    data_image: float = Field(1e-5, ge=0, description="image data layers (Table 1: 0.2 x 5e-5; 1-2 flows: 0.1 x 1e-4)")
+    data_text: float = Field(5e-5, ge=0, description="text data layers, FCResBlocks (Table 1: 1.0 x 5e-5)")
+    context_image: float = Field(5e-5, ge=0, description="image context layers (Table 1: 1.0 x 5e-5)")
+    context_text: float = Field(5e-5, ge=0, description="text context layers (Table 1: 1.0 x 5e-5)")
+    global_layers: float = Field(5e-6, ge=0, description="global layers, the time embedding (Table 1: 0.1 x 5e-5)")
+
+
+class Sampling(SamplingDefaults):
+    sampler: Sampler = Field("ddim", description="the paper states none: DDIM, as the released pipelines")
+    steps: int = Field(50, gt=0, description="the paper states none: 50, as the released pipelines")
+    guidance: float = Field(7.5, ge=0, description="image outputs (the paper states none, Figure 6 sweeps it): 7.5, as the released pipelines")
+    text_guidance: float = Field(2.0, ge=0, description="text outputs (image-to-text, text variation; mmloom's choice)")
+
+
+class Config(GuidedConfig):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "image_unet": "backbone.path", "image_unet_subfolder": "backbone.subfolder", "text_unet": "text_backbone.path",
+        "text_unet_subfolder": "text_backbone.subfolder", "vae": "autoencoder.path", "vae_subfolder": "autoencoder.subfolder",
+        "clip": "encoder.path", "context_dropout": "cond_dropout",
+        **{f"lr_scale_{g}": f"lr.{g} (a rate now: the old lr x this scale)" for g in ("data_image", "data_text", "context_image", "context_text")},
+        "lr_scale_global": "lr.global_layers (a rate now: the old lr x this scale)",
+    }
+
+    encoder: ClipEncoderConfig = part(ClipEncoderConfig, "open_clip model for both context encoders", path="ViT-L-14/openai")
+    backbone: Pretrained = part(Pretrained, "image data layers: diffusers UNet2DConditionModel",
+                                path="shi-labs/versatile-diffusion", subfolder="image_unet")
+    text_backbone: Pretrained = part(Pretrained, "text data layers: diffusers UNetFlatConditionModel (FCResBlocks)",
+                                     path="shi-labs/versatile-diffusion", subfolder="text_unet")
+    autoencoder: AutoencoderConfig = part(AutoencoderConfig, "image VAE: diffusers AutoencoderKL",
+                                          path="shi-labs/versatile-diffusion", subfolder="vae")
     text_vae: str = Field("", description="text VAE (Optimus design: BERT encoder, GPT-2 decoder) directory or hub repo; required for text flows")
-    clip: str = Field("ViT-L-14/openai", description="open_clip model for both context encoders")
     flows: list[Literal["text_to_image", "image_variation", "image_to_text", "text_variation"]] = Field(
         default_factory=lambda: list(FLOWS), description="flows trained together (four-flow VD by default)")
     schedule: Schedule = Field(default_factory=Schedule, description="DDPM schedule")
-    lr: float = Field(5e-5, gt=0, description="base learning rate (section 4.2: 1e-4 one/two flows, 5e-5 four flows)")
-    lr_scale_data_image: float = Field(0.2, ge=0, description="Table 1: image data layers (0.1 for 1-2 flows)")
-    lr_scale_data_text: float = Field(1.0, ge=0, description="Table 1: text data layers (FCResBlocks)")
-    lr_scale_context_image: float = Field(1.0, ge=0, description="Table 1: image context layers")
-    lr_scale_context_text: float = Field(1.0, ge=0, description="Table 1: text context layers")
-    lr_scale_global: float = Field(0.1, ge=0, description="Table 1: global layers (time embedding)")
-    context_dropout: float = Field(0.1, ge=0, le=1, description="context replaced by the unconditional one (classifier-free guidance)")
+    lr: LR = Field(default_factory=LR, description="learning rate per layer group (section 4.2 x Table 1; 0: the group is left out)")
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="context replaced by the unconditional one (classifier-free guidance)")
     image_uncond: Literal["zero_image", "zero_embedding"] = Field("zero_image", description="unconditional image context: CLIP of an all-zero image, or all-zero embeddings (B.1)")
     mixing: Literal["attention", "layer"] = Field("attention", description="dual-context blending: attention-level or layer-level mixing (A.2)")
     mix_rate: float = Field(0.5, ge=0, le=1, description="dual-context blending: weight of the text context (0 image only, 1 text only)")
     pca: int = Field(0, description="image variation: k > 0 keeps only the first k principal components (style), k < 0 removes the first -k (semantics)")
     image_scales: list[float] = Field(default_factory=list, description="multi-context (A.3): one scale per prompt image at sampling (empty: all 1)")
     text_max_length: int = Field(32, gt=0, description="image-to-text: longest sentence decoded")
+    sampling: Sampling = Field(default_factory=Sampling, description="sampling defaults")
 
 
 def _attention_paths(unet: nn.Module) -> list[str]:
@@ -213,11 +243,12 @@ class VersatileModel(nn.Module):
         if not cfg.flows:
             raise UserError("model.flows is empty: name at least one of " + ", ".join(FLOWS))
         sub = lambda s: {"subfolder": s} if s else {}  # noqa: E731
-        image_unet = hf_pretrained(UNet2DConditionModel, resolve_tiny(cfg.image_unet), "image UNet", **sub(cfg.image_unet_subfolder))
-        text_unet = hf_pretrained(UNetFlatConditionModel, resolve_tiny(cfg.text_unet), "text UNet", **sub(cfg.text_unet_subfolder))
+        image_unet = hf_pretrained(UNet2DConditionModel, resolve_tiny(cfg.backbone.path), "image UNet", **sub(cfg.backbone.subfolder))
+        text_unet = hf_pretrained(UNetFlatConditionModel, resolve_tiny(cfg.text_backbone.path), "text UNet",
+                                  **sub(cfg.text_backbone.subfolder))
         self.unet = MultiFlowUNet(image_unet, text_unet)
-        self.ae = Autoencoder(cfg.vae, cfg.vae_subfolder, "kl")
-        self.clip = ClipEmbedder(resolve_tiny(cfg.clip))
+        self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
+        self.clip = ClipEmbedder(resolve_tiny(cfg.encoder.path))
         self._uncond: dict[str, torch.Tensor] = {}  # kind -> CLIP of the empty text / the all-zero image
         needs_text = any(FLOWS[f][0] == "text" for f in cfg.flows)
         if needs_text and not cfg.text_vae:
@@ -230,7 +261,7 @@ class VersatileModel(nn.Module):
                                 f"(in_channels {text_unet.config.in_channels} x 4)")
         if image_unet.config.cross_attention_dim != self.clip.dim:
             raise UserError(f"the UNets' cross_attention_dim ({image_unet.config.cross_attention_dim}) must equal the CLIP "
-                            f"embedding width ({self.clip.dim}) of model.clip")
+                            f"embedding width ({self.clip.dim}) of model.encoder.path")
         self.sched = ddpm(cfg.schedule)
 
     # -- contexts ----------------------------------------------------------------------------
@@ -297,7 +328,7 @@ class VersatileModel(nn.Module):
         for f in self.cfg.flows:  # every flow's loss in one backward: gradients summed (Algorithm 1)
             out, ck = FLOWS[f]
             x0, ctx = data[out], ctxs[ck]
-            drop = (torch.rand(ctx.shape[0]) < self.cfg.context_dropout).to(ctx.device)
+            drop = (torch.rand(ctx.shape[0]) < self.cfg.cond_dropout).to(ctx.device)
             if drop.any():
                 ctx = torch.where(drop[:, None, None], self.uncond_context(ck, ctx.shape[0]).to(ctx.dtype), ctx)
             noise = torch.randn_like(x0)
@@ -309,9 +340,7 @@ class VersatileModel(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------------
     def _denoise(self, shape, seeds, steps, guidance, eps_cond, eps_uncond):
-        from diffusers import DDIMScheduler
-
-        return guided_sample(DDIMScheduler.from_config(self.sched.config), steps, shape, seeds, self._dev(), guidance,
+        return guided_sample(make_sampler(self.cfg.sampling.sampler, self.sched.config), steps, shape, seeds, self._dev(), guidance,
                              eps_cond, eps_uncond)
 
     def prompt_contexts(self, parts: list):
@@ -334,9 +363,12 @@ class VersatileModel(nn.Module):
         return torch.cat(ctxs, dim=1)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list], steps: int = 50, guidance: float = 7.5, seeds=None, size: int | None = None):
+    def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None,
+                 size: int | None = None):
         """Images: text only -> text-to-image; images only -> image variation (several:
         multi-context); text and images -> dual-context blending."""
+        steps = self.cfg.sampling.steps if steps is None else steps
+        guidance = self.cfg.sampling.guidance if guidance is None else guidance
         seeds = seeds or list(range(len(prompts)))
         image_unet = self.unet.data["image"]
         size = size or image_unet.config.sample_size * self.ae.downscale
@@ -359,8 +391,10 @@ class VersatileModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate_text(self, prompts: list[list], steps: int = 50, guidance: float = 2.0, seeds=None) -> list[str]:
+    def generate_text(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None) -> list[str]:
         """Image-to-text (an image prompt) or text variation (a text prompt)."""
+        steps = self.cfg.sampling.steps if steps is None else steps
+        guidance = self.cfg.sampling.text_guidance if guidance is None else guidance
         if self.text_vae is None:
             raise UserError("model.text_vae is empty: text outputs need a text VAE")
         seeds = seeds or list(range(len(prompts)))
@@ -376,30 +410,31 @@ class VersatileModel(nn.Module):
         return out
 
 
-def build(model_cfg: dict, train_cfg) -> VersatileModel:
-    from mmloom.configbase import load_model
+class Versatile(Family):
+    name = "versatile"
+    title = "Versatile Diffusion: one multi-flow diffuser for text-to-image, image variation, image-to-text, text variation"
+    Config = Config
+    demo = Demo(["versatile-tiny"], "tiny four-flow Versatile Diffusion (random-init image and text UNets, text VAE, CLIP)",
+                note="dual-context blending (attention-level, mix rate 0.5)")
+    text_outputs = True
 
-    return VersatileModel(load_model(Config, data=model_cfg, source="model"))
+    def build(self, cfg, train_cfg) -> VersatileModel:
+        return VersatileModel(self.config(cfg))
+
+    def param_groups(self, model: VersatileModel, cfg) -> list[dict]:
+        """Table 1's layer groups, each at its own rate."""
+        u = model.unet
+        groups = {
+            "global_layers": u.global_layers, "data_image": u.data["image"], "data_text": u.data["text"],
+            "context_image": u.context["image"], "context_text": u.context["text"],
+        }
+        return lr_groups({k: [p for p in m.parameters() if p.requires_grad] for k, m in groups.items()}, model.cfg.lr)
+
+    def generate_text(self, model: VersatileModel, prompts, steps=None, guidance=None, seeds=None) -> list[str]:
+        return model.generate_text(prompts, steps, guidance, seeds)
+
+    def demo_prompt(self, paths: list[str]) -> str:
+        return f"a red circle <image:{paths[0]}>" if paths else "a red circle"
 
 
-def param_groups(model: VersatileModel, model_cfg: dict) -> list[dict]:
-    """Table 1's layer groups, each at lr x its multiplier."""
-    c = model.cfg
-    u = model.unet
-    groups = {
-        "global": (list(u.global_layers.parameters()), c.lr_scale_global),
-        "data_image": (list(u.data["image"].parameters()), c.lr_scale_data_image),
-        "data_text": (list(u.data["text"].parameters()), c.lr_scale_data_text),
-        "context_image": (list(u.context["image"].parameters()), c.lr_scale_context_image),
-        "context_text": (list(u.context["text"].parameters()), c.lr_scale_context_text),
-    }
-    return [{"name": k, "params": [p for p in ps if p.requires_grad], "lr": c.lr * s}
-            for k, (ps, s) in groups.items() if ps and s > 0]
-
-
-def generate(model: VersatileModel, prompts, steps=50, guidance=7.5, seeds=None, size=None):
-    return model.generate(prompts, steps, guidance, seeds, size)
-
-
-def generate_text(model: VersatileModel, prompts, steps=50, guidance=2.0, seeds=None) -> list[str]:
-    return model.generate_text(prompts, steps, guidance, seeds)
+FAMILY = Versatile()
