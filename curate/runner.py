@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from mmloom import progress_enabled, verbose
+
 
 
 def init_ray(address: str | None = None) -> None:
@@ -29,7 +31,7 @@ def init_ray(address: str | None = None) -> None:
     from mmloom.rayauth import configure_for
 
     configure_for(address)  # the cluster's auth mode, asked before connecting
-    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=True)
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=verbose())  # failures come back as results
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -110,7 +112,7 @@ def run_shards(
     )
     kw_ref = ray.put(kwargs or {})
     pending = {task.remote(fn, s, kw_ref): (None, s) for s in shards}
-    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress, leave=False)
+    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress_enabled(progress), leave=False)
     while pending:
         run.collect_next(pending, bar)
     bar.close()
@@ -189,7 +191,7 @@ def run_shards_on_actors(
     queue = list(shards)
     pending: dict = {}
     idle = list(actors)
-    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress, leave=False)
+    bar = tqdm(total=len(shards), desc=name, unit="shard", disable=not progress_enabled(progress), leave=False)
     while queue or pending:
         while idle and queue:
             a, s = idle.pop(), queue.pop(0)

@@ -52,6 +52,8 @@ def _stages_on_disk(store: ShardStore) -> list[str]:
 def check(store: ShardStore, progress: bool = True) -> Report:
     from tqdm import tqdm
 
+    from mmloom import progress_enabled
+
     rep = Report()
     rep.pending = store.pending_commits()
     summary = store.path(COMMITS, SUMMARY)
@@ -61,7 +63,7 @@ def check(store: ShardStore, progress: bool = True) -> Report:
         except (ValueError, UnicodeDecodeError) as e:
             rep.problems.append(Problem("ingest", -1, store.url(COMMITS, SUMMARY), f"unreadable ingest summary ({e})"))
     work = [(stage, shard) for stage in _stages_on_disk(store) for shard in store.committed_shards(stage)]
-    for stage, shard in tqdm(work, desc="verify", unit="shard", disable=not progress, leave=False):
+    for stage, shard in tqdm(work, desc="verify", unit="shard", disable=not progress_enabled(progress), leave=False):
         try:
             rec = store.record(stage, shard)
         except CorruptFile as e:

@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mmloom.train.families import FAMILIES  # the registry's names (no family module is imported)
 
     p = argparse.ArgumentParser(prog="mmloom", description=__doc__.splitlines()[0])
+    p.add_argument("--verbose", action="store_true",
+                   help="show libraries' progress bars and warnings and Ray workers' logs (kept out of the terminal otherwise)")
     sub = p.add_subparsers(dest="command", required=True)
 
     from mmloom.curate.stages import STAGES
@@ -285,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from mmloom import set_verbose
+
+        set_verbose()
     try:
         return args.fn(args)
     except UserError as e:
