@@ -38,6 +38,14 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address="local", **kwargs)  # a new in-process cluster, never a stale `ray start` one
 
 
+def _ray(address: str | None):
+    """The ray module, connected (imported here only: stages never import Ray)."""
+    import ray
+
+    init_ray(address)
+    return ray
+
+
 @dataclass
 class Resources:
     """What one task of a stage asks of the cluster."""
@@ -103,10 +111,7 @@ def run_shards(
     run = ShardRun()
     if not shards:
         return run
-    import ray
-
-    init_ray(ray_address)
-    res = resources or Resources()
+    ray, res = _ray(ray_address), resources or Resources()
     task = ray.remote(_call).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=res.max_retries, name=f"mmloom-{name}"
     )
@@ -178,10 +183,7 @@ def run_shards_on_actors(
     run = ShardRun()
     if not shards:
         return run
-    import ray
-
-    init_ray(ray_address)
-    res = resources or Resources()
+    ray, res = _ray(ray_address), resources or Resources()
     Host = ray.remote(_Host).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=res.max_retries,
         max_task_retries=res.max_retries, name=None,

@@ -58,23 +58,24 @@ def _funnel(con, root: str, top: int) -> dict:
     return out
 
 
+def _statuses(lines: list[str], title: str, counts: dict, reasons: dict) -> None:
+    """A total, then one line per status, each followed by its commonest reasons."""
+    lines.append(f"  {title:<22} {sum(counts.values()):>9}")
+    for status, n in counts.items():
+        lines.append(f"    {status:<20} {n:>9}")
+        for rule, m in reasons.get(status, []):
+            lines.append(f"        {rule:<28} {m:>6}")
+
+
 def render(f: dict) -> str:
     lines = [f"dataset {f['dataset']}"]
     if "metadata_rows" in f:
         lines.append(f"  metadata rows          {f['metadata_rows']:>9}")
         lines.append(f"  - duplicates dropped   {f['duplicates_dropped']:>9}")
     if "candidates" in f:
-        total = sum(f["candidates"].values())
-        lines.append(f"  ingested rows          {total:>9}")
-        for status, n in f["candidates"].items():
-            lines.append(f"    {status:<20} {n:>9}")
-            for rule, m in f["candidate_reasons"].get(status, []):
-                lines.append(f"        {rule:<28} {m:>6}")
+        _statuses(lines, "ingested rows", f["candidates"], f["candidate_reasons"])
     if "downloads" in f:
-        total = sum(f["downloads"].values())
-        lines.append(f"  download statuses      {total:>9}")
-        for status, n in f["downloads"].items():
-            lines.append(f"    {status:<20} {n:>9}")
+        _statuses(lines, "download statuses", f["downloads"], {})
         if f["download_errors"]:
             lines.append("  most common download failures:")
             for status, msg, n in f["download_errors"]:
