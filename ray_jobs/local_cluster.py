@@ -36,7 +36,7 @@ class LocalCluster:
             # with token auth on, the head uses (or writes) ~/.ray/auth_token; worker nodes and
             # drivers given an explicit address join with it. Without a token, auth is off.
             token = os.path.expanduser("~/.ray/auth_token")
-            deadline = time.time() + 10
+            deadline = time.time() + 60
             while auth_mode != "disabled" and not os.path.exists(token) and time.time() < deadline and self.head.poll() is None:
                 time.sleep(0.2)
             if os.path.exists(token) and auth_mode != "disabled":
@@ -69,7 +69,9 @@ class LocalCluster:
         except (ValueError, IndexError):
             return 0
 
-    def _wait_nodes(self, n: int, timeout: float = 120) -> None:
+    def _wait_nodes(self, n: int, timeout: float = 600) -> None:
+        """Until ``n`` nodes are registered: returns at once when they are; the ceiling is
+        for a machine so loaded that node start-up takes minutes."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.alive_nodes() >= n:

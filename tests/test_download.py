@@ -133,7 +133,7 @@ def test_killed_download_rerun_has_every_sample_once(tmp_path, images):
             start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         store = ShardStore(root)
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # an event with a generous ceiling: a loaded machine starts Ray slowly
         while time.time() < deadline and not store.committed_shards("download"):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
