@@ -29,8 +29,8 @@ import pandas as pd
 def serve(n: int, q) -> None:
     from PIL import Image
 
-    from mmloom.curate.demo_data import demo_images, jpeg_bytes
-    from mmloom.curate.localserver import LocalServer, Route
+    from mmloom.testkit.demo_data import demo_images, jpeg_bytes
+    from mmloom.testkit.localserver import LocalServer, Route
 
     import io
 

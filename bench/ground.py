@@ -20,9 +20,9 @@ from PIL import Image
 
 
 def main() -> None:
-    from mmloom.curate.demo_data import demo_images
+    from mmloom.testkit.demo_data import demo_images
     from mmloom.filters.grounding import GroundingDino
-    from mmloom.filters.tiny_models import make_grounding_dino
+    from mmloom.testkit.tiny_scoring import make_grounding_dino
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -28,8 +28,8 @@ def serve(n: int, delay: float, q) -> None:
 
     from PIL import Image
 
-    from mmloom.curate.demo_data import demo_images, jpeg_bytes
-    from mmloom.curate.localserver import LocalServer, Route
+    from mmloom.testkit.demo_data import demo_images, jpeg_bytes
+    from mmloom.testkit.localserver import LocalServer, Route
 
     pool = []
     for _n, data, *_ in demo_images():
@@ -43,7 +43,7 @@ def serve(n: int, delay: float, q) -> None:
 
 
 def run(nodes: int, meta: str, work: str, threads: int) -> tuple[float, int]:
-    from mmloom.ray_jobs.local_cluster import LocalCluster
+    from mmloom.testkit.local_cluster import LocalCluster
 
     ds = os.path.join(work, f"ds{nodes}")
     shutil.rmtree(ds, ignore_errors=True)

@@ -21,7 +21,7 @@ from PIL import Image
 
 
 def images(n: int):
-    from mmloom.curate.demo_data import demo_images
+    from mmloom.testkit.demo_data import demo_images
 
     pool = []
     for _n, d, *_ in demo_images():  # as the download stage leaves them: shorter side 256
@@ -111,7 +111,7 @@ def main() -> None:
     from mmloom.filters.aesthetic import AestheticScorer
     from mmloom.filters.nsfw import ClipMlpNsfw
     from mmloom.filters.scoring import ScoreSet
-    from mmloom.filters.tiny_models import make_score_models
+    from mmloom.testkit.tiny_scoring import make_score_models
 
     with tempfile.TemporaryDirectory() as d:
         cfg = make_score_models(d)

@@ -26,7 +26,7 @@ def make_reference_models(root: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration
 
-    from mmloom.train.tiny import make_tiny_vlm
+    from mmloom.testkit.tiny_train import make_tiny_vlm
 
     UNet2DConditionModel(  # stabilityai/stable-diffusion-2-base unet/config.json
         sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -52,7 +52,7 @@ def main() -> None:
     from mmloom.train.families import get_family
     from mmloom.train.flops import flops_per_sample, peak_flops
     from mmloom.train.prompts import Prompt
-    from mmloom.train.tiny import make_tiny_mumu
+    from mmloom.testkit.tiny_train import make_tiny_mumu
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -14,8 +14,8 @@ import shutil
 import pandas as pd
 
 from mmloom.curate.config import load_config
-from mmloom.curate.demo_data import demo_images, fault_routes
-from mmloom.curate.localserver import LocalServer, Route
+from mmloom.testkit.demo_data import demo_images, fault_routes
+from mmloom.testkit.localserver import LocalServer, Route
 from mmloom.errors import UserError
 
 MARKER = ".mmloom-demo"
@@ -66,7 +66,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     from mmloom.curate.run import run_stages
     from mmloom.curate.stages import NAMES
     from mmloom.curate.stats import funnel, render
-    from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
+    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_score_models
     from mmloom.manifests.lock import writer_lock
 
     out = os.path.abspath(out)

@@ -32,8 +32,8 @@ S3_PORT = _free_port()
 os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="mmloom-test",
                   AWS_SECRET_ACCESS_KEY="mmloom-test", AWS_DEFAULT_REGION="us-east-1")
 
-from mmloom.curate.demo_data import demo_images, fault_routes
-from mmloom.curate.localserver import LocalServer, Route
+from mmloom.testkit.demo_data import demo_images, fault_routes
+from mmloom.testkit.localserver import LocalServer, Route
 
 
 @pytest.fixture(scope="session")

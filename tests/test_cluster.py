@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from conftest import write_laion
-from mmloom.curate.localserver import LocalServer, Route
+from mmloom.testkit.localserver import LocalServer, Route
 from mmloom.manifests.store import ShardStore
-from mmloom.ray_jobs.local_cluster import LocalCluster
+from mmloom.testkit.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_killed_driver_rerun_skips_committed_shards(cluster, tmp_path, images):
 
 
 def test_ray_train_resumes_after_losing_the_worker_node(cluster, tmp_path):
-    from mmloom.train.tiny import make_tiny_mumu
+    from mmloom.testkit.tiny_train import make_tiny_mumu
 
     data = tmp_path / "final"
     data.mkdir()
@@ -165,7 +165,7 @@ def test_whole_run_through_the_cluster_to_s3(cluster, tmp_path, images, s3_bucke
     DuckDB queries it and training reads its shards from there."""
     import webdataset as wds
 
-    from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
+    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_score_models
     from mmloom.manifests.views import open_dataset
     from mmloom.train.data import shard_urls
 

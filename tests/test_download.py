@@ -14,7 +14,7 @@ from conftest import write_laion
 from mmloom.curate.config import load_config
 from mmloom.curate.download import download
 from mmloom.curate.ingest import ingest
-from mmloom.curate.localserver import Route
+from mmloom.testkit.localserver import Route
 from mmloom.manifests.store import ShardStore
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -119,7 +119,7 @@ def test_damaged_shard_is_not_done_and_is_redone(tmp_path, server, images):
 
 
 def test_killed_download_rerun_has_every_sample_once(tmp_path, images):
-    from mmloom.curate.localserver import LocalServer
+    from mmloom.testkit.localserver import LocalServer
 
     with LocalServer({}) as srv:
         urls = []

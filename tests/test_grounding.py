@@ -11,7 +11,7 @@ from mmloom.errors import UserError
 @pytest.fixture(scope="module")
 def dino(tmp_path_factory):
     from mmloom.filters.grounding import GroundingDino
-    from mmloom.filters.tiny_models import make_grounding_dino
+    from mmloom.testkit.tiny_scoring import make_grounding_dino
 
     path = make_grounding_dino(str(tmp_path_factory.mktemp("dino")), "a man and his dog on the grass".split())
     return GroundingDino(path, box_threshold=0.0, text_threshold=0.0)

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ABOVE = ("mmloom.curate", "mmloom.filters", "mmloom.train")
+ABOVE = ("mmloom.curate", "mmloom.filters", "mmloom.train", "mmloom.testkit")
 FORBIDDEN = {  # source folder or file -> packages it must not import
-    "filters": ("mmloom.curate", "mmloom.train"),
+    # (testkit/, the test and demo doubles, only for the demo and train's ``tiny:`` specs)
+    "filters": ("mmloom.curate", "mmloom.train", "mmloom.testkit"),
     "train": ("mmloom.curate", "mmloom.filters"),
     "manifests": ABOVE,
     "mmloom/models.py": ABOVE,

@@ -29,8 +29,8 @@ RAW_CAPTIONS = [
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, images):
-    from mmloom.curate.localserver import LocalServer, Route
-    from mmloom.filters.tiny_models import make_grounding_dino, make_score_models
+    from mmloom.testkit.localserver import LocalServer, Route
+    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_score_models
 
     tmp = tmp_path_factory.mktemp("pipe")
     by_name = {n: d for n, d, *_ in images}

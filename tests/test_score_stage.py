@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 @pytest.fixture(scope="module")
 def score_cfg(tmp_path_factory):
-    from mmloom.filters.tiny_models import make_score_models
+    from mmloom.testkit.tiny_scoring import make_score_models
 
     return make_score_models(str(tmp_path_factory.mktemp("models")))
 

@@ -12,7 +12,7 @@ from mmloom.errors import UserError
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from mmloom.filters.tiny_models import make_score_models
+    from mmloom.testkit.tiny_scoring import make_score_models
 
     root = tmp_path_factory.mktemp("models")
     return root, make_score_models(str(root))
@@ -20,7 +20,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pics():
-    from mmloom.curate.demo_data import demo_images
+    from mmloom.testkit.demo_data import demo_images
 
     imgs = {name: Image.open(io.BytesIO(data)).convert("RGB") for name, data, *_ in demo_images()}
     return imgs

@@ -77,7 +77,7 @@ def test_structure_image_and_stage_two():
 # ---------------------------------------------------------------- model and loop
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mmloom.train.tiny import make_tiny_mumu
+    from mmloom.testkit.tiny_train import make_tiny_mumu
 
     root = tmp_path_factory.mktemp("tinymumu")
     return make_tiny_mumu(str(root), "a red blue green circle square on grey background man dog thing".split())

@@ -24,10 +24,10 @@ import pytest
 from PIL import Image
 
 from mmloom.curate.config import load_config
-from mmloom.curate.demo_data import other_format, pixel_bomb
+from mmloom.testkit.demo_data import other_format, pixel_bomb
 from mmloom.curate.download import download, download_shard
 from mmloom.curate.ingest import ingest
-from mmloom.curate.localserver import LocalServer, Route
+from mmloom.testkit.localserver import LocalServer, Route
 from mmloom.manifests.store import config_hash
 
 MiB = 2**20

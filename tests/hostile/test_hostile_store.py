@@ -253,7 +253,7 @@ print("ok", len(run.results), "failed", len(run.failures), [f.get("error", "")[:
 
 @pytest.mark.slow
 def test_cluster_without_token_auth_runs_every_shard(tmp_path):
-    from mmloom.ray_jobs.local_cluster import LocalCluster
+    from mmloom.testkit.local_cluster import LocalCluster
 
     token = os.path.expanduser("~/.ray/auth_token")
     if not os.path.exists(token):  # the machine state the bug needs: an earlier local Ray made a token

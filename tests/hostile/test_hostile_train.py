@@ -282,7 +282,7 @@ def test_http_shards_are_opened_without_a_shell(markers):
 # ---------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mmloom.train.tiny import make_tiny_mumu
+    from mmloom.testkit.tiny_train import make_tiny_mumu
 
     return make_tiny_mumu(str(tmp_path_factory.mktemp("tinymumu")), "a red circle".split())
 

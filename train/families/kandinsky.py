@@ -177,7 +177,7 @@ class KandinskyModel(nn.Module):
     def __init__(self, cfg: Config, data_spec: str = "", allow_pipe: bool = False):
         super().__init__()
         from mmloom.clip import ClipEmbedder
-        from mmloom.train.tiny import resolve_tiny
+        from mmloom.testkit.tiny_train import resolve_tiny
 
         self.cfg, self.data_spec, self.allow_pipe = cfg, data_spec, allow_pipe
         self.clip = ClipEmbedder(resolve_tiny(cfg.encoder.path))  # frozen; not an nn.Module, not in checkpoints

@@ -97,7 +97,7 @@ class MumuModel(nn.Module):
 
         from mmloom.train.diffusion import Autoencoder, ddpm, load_unet
         from mmloom.train.encoders import VLMEncoder
-        from mmloom.train.tiny import resolve_tiny
+        from mmloom.testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         enc = cfg.encoder

@@ -107,7 +107,7 @@ class MVaderModel(nn.Module):
     def __init__(self, cfg: Config, resolution: int):
         super().__init__()
         from mmloom.train.encoders import VLMEncoder
-        from mmloom.train.tiny import resolve_tiny
+        from mmloom.testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         enc = cfg.encoder

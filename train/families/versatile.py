@@ -237,7 +237,7 @@ class VersatileModel(nn.Module):
         from mmloom.clip import ClipEmbedder
         from mmloom.models import hf_pretrained
         from mmloom.train.text_vae import TextVAE
-        from mmloom.train.tiny import resolve_tiny
+        from mmloom.testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         if not cfg.flows:
