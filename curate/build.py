@@ -21,16 +21,16 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmloom.curate.config import BuildConfig, PipelineConfig
-from mmloom.curate.crops import apply_crop_rules
-from mmloom.curate.ground import selected_by_shard
-from mmloom.curate.prompt import build_segments
-from mmloom.curate.runner import Resources
-from mmloom.curate.stage import Stage, Task, run_stage
-from mmloom.curate.score import read_images
+from .config import BuildConfig, PipelineConfig
+from .crops import apply_crop_rules
+from .ground import selected_by_shard
+from .prompt import build_segments
+from .runner import Resources
+from .stage import Stage, Task, run_stage
+from .score import read_images
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, shard_name
+from ..manifests import schemas as S
+from ..manifests.store import ShardStore, shard_name
 
 STAGE = "build"
 OUT_DIR = S.STAGE_DIRS[STAGE]

@@ -10,12 +10,12 @@ from collections import Counter
 
 import yaml
 
-from mmloom.curate.config import PipelineConfig
-from mmloom.curate.prompt import render
-from mmloom.curate.stats import funnel, render as render_funnel
-from mmloom.manifests.store import ShardStore
-from mmloom.manifests.sql import ident
-from mmloom.manifests.views import open_dataset, reading, view_names
+from .config import PipelineConfig
+from .prompt import render
+from .stats import funnel, render as render_funnel
+from ..manifests.store import ShardStore
+from ..manifests.sql import ident
+from ..manifests.views import open_dataset, reading, view_names
 
 
 def _save(store: ShardStore, fig, rel: str, dpi: int) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from mmloom.configbase import Section, describe, load_model  # noqa: F401  (describe re-exported)
-from mmloom.manifests.schemas import STAGE_ORDER
+from ..manifests.schemas import STAGE_ORDER
 
 
 class PrefilterConfig(Section):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mmloom.curate.config import BuildConfig
-from mmloom.filters.grounding import iou
+from .config import BuildConfig
+from ..filters.grounding import iou
 
 
 def box_area(b) -> float:

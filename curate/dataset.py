@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from mmloom.configbase import load_model
-from mmloom.curate.config import PipelineConfig, load_config
-from mmloom.manifests.store import ShardStore
+from .config import PipelineConfig, load_config
+from ..manifests.store import ShardStore
 
 CONFIG_NAME = "mmloom.yaml"
 PROVENANCE = "_provenance"

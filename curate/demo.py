@@ -13,9 +13,9 @@ import shutil
 
 import pandas as pd
 
-from mmloom.curate.config import load_config
-from mmloom.testkit.demo_data import demo_images, fault_routes
-from mmloom.testkit.localserver import LocalServer, Route
+from .config import load_config
+from ..testkit.demo_data import demo_images, fault_routes
+from ..testkit.localserver import LocalServer, Route
 from mmloom.errors import UserError
 
 MARKER = ".mmloom-demo"
@@ -63,11 +63,11 @@ def prepare_dir(out: str) -> None:
 
 
 def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print, family: str = "mumu") -> dict:
-    from mmloom.curate.run import run_stages
-    from mmloom.curate.stages import NAMES
-    from mmloom.curate.stats import funnel, render
-    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_score_models
-    from mmloom.manifests.lock import writer_lock
+    from .run import run_stages
+    from .stages import NAMES
+    from .stats import funnel, render
+    from ..testkit.tiny_scoring import make_grounding_dino, make_score_models
+    from ..manifests.lock import writer_lock
 
     out = os.path.abspath(out)
     demo_family(family)  # before any work is done
@@ -111,7 +111,7 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
 
 def demo_family(family: str):
     """The registered family (its ``demo`` says what the demo trains); a clear error for any other name."""
-    from mmloom.train.families import get_family
+    from ..train.families import get_family
 
     return get_family(family)
 
@@ -123,10 +123,10 @@ def train_demo(out: str, ray_address: str | None, echo=print, steps: int = 40, f
     from importlib.resources import files
 
     from mmloom.configbase import load_model
-    from mmloom.curate.dataset import dataset_config
-    from mmloom.train.config import TrainConfig
-    from mmloom.train.loop import read_metrics, train
-    from mmloom.train.sample import sample
+    from .dataset import dataset_config
+    from ..train.config import TrainConfig
+    from ..train.loop import read_metrics, train
+    from ..train.sample import sample
 
     fam = demo_family(family)
     demo = fam.demo
@@ -204,8 +204,8 @@ def example_prompts(root: str, n: int) -> list[str]:
     """Rendered prompts read back from final/ with plain webdataset."""
     import glob
 
-    from mmloom.curate.prompt import render as render_prompt
-    from mmloom.train.data import read_members
+    from .prompt import render as render_prompt
+    from ..train.data import read_members
 
     out = []
     shards = sorted(glob.glob(os.path.join(root, "final", "*.tar")))

@@ -32,12 +32,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmloom.curate.config import DownloadConfig, PipelineConfig
-from mmloom.curate.runner import Resources
-from mmloom.curate.stage import Stage, Task, run_stage
+from .config import DownloadConfig, PipelineConfig
+from .runner import Resources
+from .stage import Stage, Task, run_stage
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, shard_name
+from ..manifests import schemas as S
+from ..manifests.store import ShardStore, shard_name
 
 STAGE = "download"
 OUT_DIR = S.STAGE_DIRS[STAGE]
@@ -131,7 +131,7 @@ def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfi
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    from mmloom.curate import fetch
+    from . import fetch
     feed = os.path.join(staging, "input.arrow")
     with pa.OSFile(feed, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as w:
         w.write_table(rows)

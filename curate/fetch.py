@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, urljoin, urlsplit
 
-from mmloom.curate import netguard
+from . import netguard
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"  # img2dataset's
 OPT_OUT_MESSAGE = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's

@@ -15,13 +15,13 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmloom.curate.config import GroundConfig, PipelineConfig
-from mmloom.curate.runner import Resources
-from mmloom.curate.stage import Actors, ActorWorker, Stage, run_stage
-from mmloom.curate.score import read_images
+from .config import GroundConfig, PipelineConfig
+from .runner import Resources
+from .stage import Actors, ActorWorker, Stage, run_stage
+from .score import read_images
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, shard_name
+from ..manifests import schemas as S
+from ..manifests.store import ShardStore, shard_name
 
 STAGE = "ground"
 OUT_DIR = S.STAGE_DIRS[STAGE]
@@ -47,7 +47,7 @@ def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
 
 class GroundWorker(ActorWorker):
     def __init__(self, cfg: dict):
-        from mmloom.filters.grounding import GroundingDino, HeadFinder
+        from ..filters.grounding import GroundingDino, HeadFinder
 
         self.cfg = GroundConfig.model_validate(cfg)
         self.dino = GroundingDino(self.cfg.model, self.cfg.box_threshold, self.cfg.text_threshold, self.cfg.device)
@@ -56,7 +56,7 @@ class GroundWorker(ActorWorker):
     def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
         from PIL import Image
 
-        from mmloom.filters.grounding import is_person
+        from ..filters.grounding import is_person
 
         store = ShardStore(root)
         # batch images of similar shape together: a batch is padded to its largest image

@@ -23,13 +23,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmloom.curate.config import IngestConfig, PipelineConfig
-from mmloom.curate.rules import PREFILTER, failure_reasons
-from mmloom.curate.runner import Resources, run_shards
-from mmloom.curate.sources import detect, pandas_index_columns, src_columns
+from .config import IngestConfig, PipelineConfig
+from .rules import PREFILTER, failure_reasons
+from .runner import Resources, run_shards
+from .sources import detect, pandas_index_columns, src_columns
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash, shard_name
+from ..manifests import schemas as S
+from ..manifests.store import ShardStore, config_hash, shard_name
 
 STAGE = "ingest"
 OUT_DIR = S.STAGE_DIRS[STAGE]

@@ -35,7 +35,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from mmloom.manifests.sql import ident
+from ..manifests.sql import ident
 
 NullPolicy = Literal["passes", "fails"]
 

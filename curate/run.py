@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from mmloom.curate.config import load_config
-from mmloom.curate.dataset import save_dataset_config
+from .config import load_config
+from .dataset import save_dataset_config
 from mmloom.errors import UserError
 
 
@@ -20,7 +20,7 @@ def run_pipeline(pipeline: str, out: str | None, ray_address: str | None, progre
     ray_address = ray_address or cfg.run.ray_address
     base = os.path.dirname(os.path.abspath(pipeline))
     sources = [s if os.path.isabs(s) or "://" in s else os.path.join(base, s) for s in cfg.run.sources]
-    from mmloom.manifests.lock import writer_lock
+    from ..manifests.lock import writer_lock
 
     with writer_lock(out, "run " + os.path.basename(pipeline)):
         return _run_stages(cfg, pipeline, out, sources, ray_address, progress, echo)
@@ -31,7 +31,7 @@ def run_stages(cfg, out: str, stages: list[str], sources: list[str], ray_address
     """Run ``stages`` (names from curate/stages.py, in the given order) on ``out``: each
     prints its summary, and a stage with failed shards stops the run, naming them.
     Used by `mmloom run` and by the demo. Returns each stage's summary."""
-    from mmloom.curate.stages import BY_NAME
+    from .stages import BY_NAME
 
     save_dataset_config(out, cfg)
     done: dict[str, dict] = {}
@@ -56,7 +56,7 @@ class StageFailed(UserError):
 
 
 def _run_stages(cfg, pipeline: str, out: str, sources: list[str], ray_address: str | None, progress: bool, echo) -> int:
-    from mmloom.curate.stats import funnel, render
+    from .stats import funnel, render
 
     if "ingest" in cfg.run.stages and not sources:
         raise UserError(f"{pipeline}: run.sources is empty")

@@ -16,12 +16,12 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmloom.curate.config import PipelineConfig, ScoreConfig
-from mmloom.curate.runner import Resources
-from mmloom.curate.stage import Actors, ActorWorker, Stage, run_stage
+from .config import PipelineConfig, ScoreConfig
+from .runner import Resources
+from .stage import Actors, ActorWorker, Stage, run_stage
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import CorruptFile, ShardStore, shard_name
+from ..manifests import schemas as S
+from ..manifests.store import CorruptFile, ShardStore, shard_name
 
 STAGE = "score"
 OUT_DIR = S.STAGE_DIRS[STAGE]
@@ -61,7 +61,7 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     """Score one committed download shard with a built `ScoreSet` and commit it."""
     from PIL import Image
 
-    from mmloom.filters.scoring import COLUMN_TYPES
+    from ..filters.scoring import COLUMN_TYPES
 
     store = ShardStore(root)
     blobs = read_images(store, shard, encode_format)
@@ -116,7 +116,7 @@ class ScoreWorker(ActorWorker):
     """What one Ray actor holds: every scoring model, loaded once."""
 
     def __init__(self, cfg: dict):
-        from mmloom.filters.scoring import ScoreSet
+        from ..filters.scoring import ScoreSet
 
         self.scorers = ScoreSet(ScoreConfig.model_validate(cfg))
 

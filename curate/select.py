@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 
-from mmloom.curate.config import PipelineConfig, SelectConfig
-from mmloom.curate.rules import SELECT, SqlRule, sql_rules
+from .config import PipelineConfig, SelectConfig
+from .rules import SELECT, SqlRule, sql_rules
 from mmloom.errors import UserError
-from mmloom.manifests import schemas as S
-from mmloom.manifests.store import ShardStore, config_hash
-from mmloom.manifests.sql import ident, ident_list
-from mmloom.manifests.views import open_dataset, reading, view_names
+from ..manifests import schemas as S
+from ..manifests.store import ShardStore, config_hash
+from ..manifests.sql import ident, ident_list
+from ..manifests.views import open_dataset, reading, view_names
 
 STAGE = "select"
 OUT_DIR = S.STAGE_DIRS[STAGE]

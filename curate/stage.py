@@ -27,9 +27,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mmloom.curate.runner import Resources, actor_count, run_shards, run_shards_on_actors
+from .runner import Resources, actor_count, run_shards, run_shards_on_actors
 from mmloom.errors import UserError
-from mmloom.manifests.store import ShardStore, config_hash
+from ..manifests.store import ShardStore, config_hash
 
 
 @dataclass(frozen=True)

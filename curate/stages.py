@@ -40,7 +40,7 @@ class StageEntry:
             kw = dict(o.kwargs)
             if "." in o.key:  # the flag's help is the config key's own description
                 section, name = o.key.split(".", 1)
-                from mmloom.curate.config import PipelineConfig
+                from .config import PipelineConfig
 
                 desc = PipelineConfig.model_fields[section].annotation.model_fields[name].description
                 kw.setdefault("help", f"{desc} (config: {o.key})")
@@ -71,7 +71,7 @@ def _redo(s: dict) -> str:
 
 
 def _run_ingest(root, config, ray_address=None, progress=True, sources=()):
-    from mmloom.curate.ingest import ingest
+    from .ingest import ingest
     from mmloom.errors import UserError
 
     if not sources:
@@ -87,19 +87,19 @@ def _ingest_lines(s: dict) -> list[str]:
 
 
 def _run_download(root, config, ray_address=None, progress=True, retry_failed=False):
-    from mmloom.curate.download import download
+    from .download import download
 
     return download(root, config, ray_address, bool(retry_failed), progress)
 
 
 def _run_score(root, config, ray_address=None, progress=True):
-    from mmloom.curate.score import score
+    from .score import score
 
     return score(root, config, ray_address, progress)
 
 
 def _run_select(root, config, ray_address=None, progress=True, dry_run=False, show_sql=False):
-    from mmloom.curate.select import select
+    from .select import select
 
     f = select(root, config, dry_run=bool(dry_run))
     f.update(dry_run=bool(dry_run), show_sql=bool(show_sql), out=root)
@@ -107,21 +107,21 @@ def _run_select(root, config, ray_address=None, progress=True, dry_run=False, sh
 
 
 def _select_lines(f: dict) -> list[str]:
-    from mmloom.curate.select import render_funnel
+    from .select import render_funnel
 
     return ([f["sql"]] if f.get("show_sql") else []) + render_funnel(f).splitlines() + [
         "(dry run: nothing written)" if f.get("dry_run") else f"wrote {f.get('out')}/selection/selected.parquet and rejects.parquet"]
 
 
 def _run_ground(root, config, ray_address=None, progress=True):
-    from mmloom.curate.ground import ground
+    from .ground import ground
 
     return ground(root, config, ray_address, progress)
 
 
 def _run_build(root, config, ray_address=None, progress=True):
-    from mmloom.curate.build import build
-    from mmloom.curate.card import write_card
+    from .build import build
+    from .card import write_card
 
     s = build(root, config, ray_address, progress)
     s["card"] = write_card(root, config)

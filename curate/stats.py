@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from mmloom.manifests.store import ShardStore
-from mmloom.manifests.views import open_dataset, reading, view_names
+from ..manifests.store import ShardStore
+from ..manifests.views import open_dataset, reading, view_names
 
 
 def funnel(root: str, top: int = 5) -> dict:

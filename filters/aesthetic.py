@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from mmloom.filters.heads import MLPHead, load_head
+from .heads import MLPHead, load_head
 from mmloom.models import fingerprint
 
 LAION_SIZES = [768, 1024, 128, 64, 16, 1]

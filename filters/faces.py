@@ -53,7 +53,7 @@ class NudeNetFaces:
         return _columns(self(batch.images, batch.detections(self.nn)))
 
     def __call__(self, images, detections=None) -> list[list[list[int]]]:
-        from mmloom.filters.nsfw import NUDENET_FACES
+        from .nsfw import NUDENET_FACES
 
         dets = detections if detections is not None else self.nn.detect(images)
         return [[[d["box"][0], d["box"][1], d["box"][0] + d["box"][2], d["box"][1] + d["box"][3]]

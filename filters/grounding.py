@@ -14,7 +14,7 @@ import re
 import torch
 
 from mmloom.models import fingerprint, hf_pretrained, package_version
-from mmloom.filters.scoring import resolve_device
+from .scoring import resolve_device
 
 
 def _word_bounds(text: str, s: int, e: int) -> tuple[int, int]:
@@ -102,7 +102,7 @@ class HeadFinder:
     def __init__(self, source: str, expand: float, detector: GroundingDino | None = None):
         self.source, self.expand, self.detector = source, expand, detector
         if source == "face":
-            from mmloom.filters.faces import OpenCvFaces
+            from .faces import OpenCvFaces
 
             self.faces = OpenCvFaces(min_size=12)
             self.version = self.faces.version

@@ -12,7 +12,7 @@ import re
 import torch
 
 from mmloom.errors import UserError
-from mmloom.filters.base import PROBABILITY
+from .base import PROBABILITY
 from mmloom.models import fingerprint, hf_pretrained, package_version
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmloom.filters.base import PROBABILITY
-from mmloom.filters.heads import load_head
+from .base import PROBABILITY
+from .heads import load_head
 from mmloom.models import fingerprint, package_version
 
 NUDENET_EXPOSED = {

@@ -10,12 +10,12 @@ that pass (ARCHITECTURE.md, habit 4). Each column carries the model and version 
 
 from __future__ import annotations
 
-from mmloom.filters.aesthetic import AestheticScorer
-from mmloom.filters.base import PROBABILITY, Batch, Scorer
-from mmloom.filters.captions import CaptionCleaner
-from mmloom.filters.clip_score import ClipScore
-from mmloom.filters.faces import COLUMNS as FACE_COLUMNS
-from mmloom.filters.geometry import Geometry, PHash
+from .aesthetic import AestheticScorer
+from .base import PROBABILITY, Batch, Scorer
+from .captions import CaptionCleaner
+from .clip_score import ClipScore
+from .faces import COLUMNS as FACE_COLUMNS
+from .geometry import Geometry, PHash
 
 
 def resolve_device(device: str) -> str:
@@ -44,17 +44,17 @@ class ScoreSet:
 
         self.nsfw = None
         if cfg.nsfw.backend == "nudenet":
-            from mmloom.filters.nsfw import NudeNetNsfw
+            from .nsfw import NudeNetNsfw
 
             self.nsfw = NudeNetNsfw(self._nudenet())
         elif cfg.nsfw.backend == "clip_mlp":
-            from mmloom.filters.nsfw import ClipMlpNsfw
+            from .nsfw import ClipMlpNsfw
 
             self._require(cfg.nsfw.model, "score.nsfw.model", "the NSFW head")
             self.nsfw = ClipMlpNsfw(cfg.nsfw.model, cfg.nsfw.clip_model or cfg.clip.model)
             self._embedder(self.nsfw.needs_clip)
         elif cfg.nsfw.backend == "hf":
-            from mmloom.filters.hf_classifier import HfImageClassifier
+            from .hf_classifier import HfImageClassifier
 
             self._require(cfg.nsfw.model, "score.nsfw.model", "the NSFW classifier")
             self.nsfw = HfImageClassifier(cfg.nsfw.model, cfg.nsfw.positive_labels, self.device, "NSFW classifier", "nsfw")
@@ -62,12 +62,12 @@ class ScoreSet:
         self.watermark = None
         w = cfg.watermark
         if w.backend == "timm":
-            from mmloom.filters.watermark import TimmWatermark
+            from .watermark import TimmWatermark
 
             self._require(w.model, "score.watermark.model", "the watermark checkpoint")
             self.watermark = TimmWatermark(w.model, w.arch, w.head, w.positive_index, self.device, w.image_size)
         elif w.backend == "hf":
-            from mmloom.filters.hf_classifier import HfImageClassifier
+            from .hf_classifier import HfImageClassifier
 
             self._require(w.model, "score.watermark.model", "the watermark classifier")
             self.watermark = HfImageClassifier(w.model, w.positive_labels, self.device, "watermark classifier", "watermark")
@@ -79,11 +79,11 @@ class ScoreSet:
 
         self.faces = None
         if cfg.faces.backend == "opencv":
-            from mmloom.filters.faces import OpenCvFaces
+            from .faces import OpenCvFaces
 
             self.faces = OpenCvFaces()
         elif cfg.faces.backend == "nudenet":
-            from mmloom.filters.faces import NudeNetFaces
+            from .faces import NudeNetFaces
 
             self.faces = NudeNetFaces(self._nudenet())
 
@@ -105,7 +105,7 @@ class ScoreSet:
 
     def _nudenet(self):
         if self.nudenet is None:
-            from mmloom.filters.nsfw import NudeNet
+            from .nsfw import NudeNet
 
             self.nudenet = NudeNet()
         return self.nudenet

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.filters.base import PROBABILITY
+from .base import PROBABILITY
 from mmloom.models import fingerprint, load_state_dict, package_version, resolve_file
 
 

@@ -60,7 +60,7 @@ def describe(info: dict) -> str:
 
 class WriterLock:
     def __init__(self, store, command: str):
-        from mmloom.manifests.store import COMMITS
+        from .store import COMMITS
 
         self.store = store
         self.path = store.path(COMMITS, LOCK_NAME)
@@ -147,7 +147,7 @@ class WriterLock:
 def writer_lock(root: str, command: str):
     """Hold the dataset's writer lock for the block (re-entrant in one process); pending
     commits of an interrupted earlier writer are finished or abandoned on entry."""
-    from mmloom.manifests.store import ShardStore
+    from .store import ShardStore
 
     store = ShardStore(root)
     key = store.root

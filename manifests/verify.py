@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from mmloom.manifests.schemas import STAGE_ORDER
-from mmloom.manifests.store import COMMITS, CorruptFile, ShardStore, file_digest
+from .schemas import STAGE_ORDER
+from .store import COMMITS, CorruptFile, ShardStore, file_digest
 
 # the order in which stages consume each other's output
 STAGES = STAGE_ORDER

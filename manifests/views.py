@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import duckdb
 
 from mmloom.errors import UserError
-from mmloom.manifests.sql import ident
-from mmloom.manifests.schemas import STAGE_DIRS
-from mmloom.manifests.store import ShardStore
+from .sql import ident
+from .schemas import STAGE_DIRS
+from .store import ShardStore
 
 # view name -> (stage whose records list the files, folder, file-name suffix); a suffix
 # starting with "." matches plain shard files only (00000.parquet, not 00000_crops.parquet)

@@ -16,8 +16,8 @@ import os
 import shutil
 
 from mmloom.configbase import load_model
-from mmloom.curate.runner import init_ray  # first: it settles Ray's auth mode before ray is imported
-from mmloom.train.config import TrainConfig
+from ..curate.runner import init_ray  # first: it settles Ray's auth mode before ray is imported
+from ..train.config import TrainConfig
 
 STEP_FILE = "MMLOOM_STEP"
 
@@ -25,7 +25,7 @@ STEP_FILE = "MMLOOM_STEP"
 def train_loop_per_worker(config: dict) -> None:
     import ray.train as rt
 
-    from mmloom.train.loop import train
+    from ..train.loop import train
 
     cfg = TrainConfig.model_validate(config["train"])
     ctx = rt.get_context()

@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmloom.testkit.localserver import Route
+from .localserver import Route
 
 # (file inside scikit-image's data folder or matplotlib's sample_data, caption)
 PHOTOS = [

@@ -31,9 +31,9 @@ def make_hf_classifier(path: str, labels: list[str], seed: int = 0) -> str:
 def make_score_models(root: str) -> dict:
     """Build every tiny scoring model under ``root``; return a `score:` config section
     that uses them (NSFW through nudenet's real shipped detector)."""
-    from mmloom.filters.aesthetic import save_aesthetic_head
-    from mmloom.filters.heads import save_head
-    from mmloom.filters.watermark import save_timm_checkpoint
+    from ..filters.aesthetic import save_aesthetic_head
+    from ..filters.heads import save_head
+    from ..filters.watermark import save_timm_checkpoint
 
     os.makedirs(root, exist_ok=True)
     clip = make_open_clip(os.path.join(root, "tiny-clip"))

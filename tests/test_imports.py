@@ -93,3 +93,22 @@ def test_the_check_sees_every_form_of_import(line):
     nested = ROOT / "train" / "families" / "kandinsky.py"
     assert violations(nested, FORBIDDEN["train"], "from ...filters.clip_score import ClipScore") != []
     assert violations(nested, FORBIDDEN["train"], "from ...clip import ClipEmbedder\nfrom ..loop import train") == []
+
+
+def test_imports_between_the_folders_resolve_from_the_tree():
+    """Between curate/, filters/, manifests/, train/, ray_jobs/ and testkit/ imports are
+    relative (``from ..manifests.store import ShardStore``): they resolve the same on disk
+    and installed, so an editor, grep or a structure drawing follows them from a clone.
+    (``mmloom.errors`` and the other modules of mmloom/ resolve on disk as they are.)"""
+    subs = ("curate", "filters", "manifests", "train", "ray_jobs", "testkit")
+    bad = []
+    for folder in subs:
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                bad += [f"{f.relative_to(ROOT)}: {n}" for n in names if any(n == f"mmloom.{s}" or n.startswith(f"mmloom.{s}.") for s in subs)]
+    assert not bad, bad

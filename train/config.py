@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mmloom.configbase import Section
-from mmloom.train.families import FAMILIES
+from .families import FAMILIES
 
 
 class DataConfig(Section):
@@ -95,7 +95,7 @@ class TrainConfig(Section):
         """``model:`` as the family's Config; its errors carry ``model.`` paths."""
         if "family" not in info.data:  # the family itself is wrong: that error says so
             return v
-        from mmloom.train.families import get_family
+        from .families import get_family
 
         config = get_family(info.data["family"]).Config
         if isinstance(v, config):

@@ -35,8 +35,8 @@ import fsspec
 import torch
 
 from mmloom.errors import UserError
-from mmloom.train.config import DataConfig
-from mmloom.train.prompts import PromptBuilder, square
+from .config import DataConfig
+from .prompts import PromptBuilder, square
 
 log = logging.getLogger("mmloom.train.data")
 
@@ -97,7 +97,7 @@ def verified_shards(root: str) -> list[str]:
     that still hash to their completion record. A tar without a record (not committed:
     a build still running or crashed, or a file dropped in) is skipped with a warning; a
     committed tar whose bytes changed is a UserError naming it."""
-    from mmloom.manifests.store import ShardStore, shard_name
+    from ..manifests.store import ShardStore, shard_name
 
     store = ShardStore(root)
     urls, unrecorded = [], []

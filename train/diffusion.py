@@ -31,7 +31,7 @@ def ddpm(cfg: ScheduleConfig, prediction_type: str = "epsilon"):
 def load_unet(ref: str, subfolder: Optional[str]):
     from diffusers import UNet2DConditionModel
 
-    from mmloom.testkit.tiny_train import resolve_tiny
+    from ..testkit.tiny_train import resolve_tiny
 
     return hf_pretrained(UNet2DConditionModel, resolve_tiny(ref), "UNet", **({"subfolder": subfolder} if subfolder else {}))
 
@@ -45,7 +45,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         from diffusers import AutoencoderKL, VQModel
 
-        from mmloom.testkit.tiny_train import resolve_tiny
+        from ..testkit.tiny_train import resolve_tiny
 
         cls = AutoencoderKL if kind == "kl" else VQModel
         self.kind = kind

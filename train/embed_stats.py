@@ -18,7 +18,7 @@ COLUMN = "clip_image_embedding"
 
 def dataset_root(spec: str) -> str | None:
     """The dataset directory behind ``data.shards`` (DIR, DIR/final, DIR/final/*.tar), if any."""
-    from mmloom.manifests.store import ShardStore
+    from ..manifests.store import ShardStore
 
     candidates = [spec.rstrip("/")]
     if "/final" in spec:
@@ -36,8 +36,8 @@ def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np
     (``allow_pipe``: the user's ``data.allow_pipe``, for ``pipe:`` specs)."""
     root = dataset_root(spec)
     if root is not None:
-        from mmloom.manifests.sql import ident
-        from mmloom.manifests.views import open_dataset, reading, view_names
+        from ..manifests.sql import ident
+        from ..manifests.views import open_dataset, reading, view_names
 
         con = open_dataset(root)
         try:
@@ -60,7 +60,7 @@ def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np
 
 
 def _scan_shards(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
-    from mmloom.train.data import read_members, shard_urls
+    from .data import read_members, shard_urls
 
     total = total_sq = None
     n = 0

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from mmloom.errors import UserError
-from mmloom.train.config import TrainConfig
+from .config import TrainConfig
 
 CHECKPOINT_MANIFEST = "mmloom_checkpoint.json"
 # markers written beside the state (DONE last; Ray Train's step name and metadata), never loaded as state
@@ -204,10 +204,10 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
     from diffusers.optimization import get_constant_schedule_with_warmup
 
-    from mmloom.train.data import make_loader, shard_urls
-    from mmloom.train.families import get_family
-    from mmloom.train.flops import flops_per_sample, peak_flops
-    from mmloom.train.prompts import PromptBuilder
+    from .data import make_loader, shard_urls
+    from .families import get_family
+    from .flops import flops_per_sample, peak_flops
+    from .prompts import PromptBuilder
 
     L = cfg.loop
     urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)  # refused specs fail before any model loads

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmloom.train.config import PromptConfig
+from .config import PromptConfig
 
 
 def pad_to_square(img: Image.Image, fill=(0, 0, 0)) -> Image.Image:

@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from mmloom.errors import UserError
-from mmloom.train.config import TrainConfig
+from .config import TrainConfig
 
 
 def find_run(checkpoint: str) -> tuple[str, str]:
     """(run dir holding train_config.yaml, checkpoint dir). Accepts either."""
-    from mmloom.train.loop import latest_checkpoint
+    from .loop import latest_checkpoint
 
     checkpoint = os.path.abspath(checkpoint)
     if os.path.exists(os.path.join(checkpoint, "train_config.yaml")):
@@ -53,8 +53,8 @@ def load_for_sampling(checkpoint: str, settings: dict | None = None):
     from safetensors.torch import load_file
 
     from mmloom.configbase import load_model
-    from mmloom.train.families import get_family
-    from mmloom.train.loop import verify_checkpoint
+    from .families import get_family
+    from .loop import verify_checkpoint
 
     run, ck = find_run(checkpoint)
     path = os.path.join(run, "train_config.yaml")
@@ -90,7 +90,7 @@ def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int 
     run's ``model.sampling`` (the family's defaults). ``theta`` (M-VADER): one value for
     every image segment, or one per prompt segment (attention manipulation). ``text``:
     sentences instead of images (image-to-text, text variation), one line per seed."""
-    from mmloom.train.prompts import parse_prompt
+    from .prompts import parse_prompt
 
     family, model, cfg = load_for_sampling(checkpoint, settings)
     parts = parse_prompt(prompt, base_dir)

@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 
 from mmloom.configbase import Section, load_model
 from mmloom.errors import UserError
-from mmloom.train.diffusion import ScheduleConfig
+from ..diffusion import ScheduleConfig
 
 Sampler = Literal["ddim", "pndm"]
 

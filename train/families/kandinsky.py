@@ -36,8 +36,8 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
-from mmloom.train.families.base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from .base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
                                         Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
 
 
@@ -177,7 +177,7 @@ class KandinskyModel(nn.Module):
     def __init__(self, cfg: Config, data_spec: str = "", allow_pipe: bool = False):
         super().__init__()
         from mmloom.clip import ClipEmbedder
-        from mmloom.testkit.tiny_train import resolve_tiny
+        from ...testkit.tiny_train import resolve_tiny
 
         self.cfg, self.data_spec, self.allow_pipe = cfg, data_spec, allow_pipe
         self.clip = ClipEmbedder(resolve_tiny(cfg.encoder.path))  # frozen; not an nn.Module, not in checkpoints
@@ -220,7 +220,7 @@ class KandinskyModel(nn.Module):
 
     def fit_normalizer(self):
         """Full-dataset statistics of the stored embeddings (once, before the first step)."""
-        from mmloom.train.embed_stats import embedding_stats
+        from ..embed_stats import embedding_stats
 
         if not self.data_spec:
             raise UserError("data.shards is empty: the prior's normalization needs the dataset's stored embeddings")
@@ -303,7 +303,7 @@ class KandinskyModel(nn.Module):
 
     def _load_prior(self):
         if self._prior_model is None and self.cfg.prior_checkpoint:
-            from mmloom.train.sample import load_for_sampling
+            from ..sample import load_for_sampling
 
             _fam, model, cfg = load_for_sampling(self.cfg.prior_checkpoint)
             if cfg.family != "kandinsky" or model.cfg.stage != "prior":

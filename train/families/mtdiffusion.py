@@ -41,8 +41,8 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, load_unet, start_noise, to_pil
-from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, FamilyConfig, LearningRates, Pretrained,
+from ..diffusion import Autoencoder, ScheduleConfig, load_unet, start_noise, to_pil
+from .base import (AutoencoderConfig, Demo, Family, FamilyConfig, LearningRates, Pretrained,
                                         SamplingDefaults, lr_groups, part)
 
 
@@ -156,7 +156,7 @@ class MTDiffusionModel(nn.Module):
         self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
         self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
         T = cfg.schedule.num_train_timesteps
-        from mmloom.train.diffusion import ddpm
+        from ..diffusion import ddpm
 
         betas = ddpm(cfg.schedule).betas.numpy()
         self.agg = ForwardAggregation(betas, ForwardAggregation.weights(cfg.task_weight, T, cfg.task_weight_value))
@@ -255,7 +255,7 @@ class MTDiffusionModel(nn.Module):
         """x given by a prompt: an image (masked_image: restore it) or a label word."""
         from PIL import Image
 
-        from mmloom.train.prompts import square
+        from ..prompts import square
 
         if self.cfg.task == "masked_image":
             img = next((p for p in parts if isinstance(p, Image.Image)), None)

@@ -22,8 +22,8 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.train.diffusion import ScheduleConfig
-from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
+from ..diffusion import ScheduleConfig
+from .base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
                                         SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
 
@@ -95,9 +95,9 @@ class MumuModel(nn.Module):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        from mmloom.train.diffusion import Autoencoder, ddpm, load_unet
-        from mmloom.train.encoders import VLMEncoder
-        from mmloom.testkit.tiny_train import resolve_tiny
+        from ..diffusion import Autoencoder, ddpm, load_unet
+        from ..encoders import VLMEncoder
+        from ...testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         enc = cfg.encoder
@@ -158,7 +158,7 @@ class MumuModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None,
                  seeds: list[int] | None = None, size: int | None = None):
-        from mmloom.train.diffusion import guided_sample, to_pil
+        from ..diffusion import guided_sample, to_pil
 
         sampling = self.cfg.sampling
         steps = sampling.steps if steps is None else steps

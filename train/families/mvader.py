@@ -29,8 +29,8 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
-from mmloom.train.families.base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from .base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
                                         SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
 
@@ -106,8 +106,8 @@ def log_theta(segments: torch.Tensor, theta: list[float]) -> torch.Tensor:
 class MVaderModel(nn.Module):
     def __init__(self, cfg: Config, resolution: int):
         super().__init__()
-        from mmloom.train.encoders import VLMEncoder
-        from mmloom.testkit.tiny_train import resolve_tiny
+        from ..encoders import VLMEncoder
+        from ...testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         enc = cfg.encoder

@@ -43,8 +43,8 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from mmloom.train.diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, to_pil
-from mmloom.train.families.base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, to_pil
+from .base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
                                         Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
 
 FLOWS = {  # name -> (output data type, context type)
@@ -236,8 +236,8 @@ class VersatileModel(nn.Module):
 
         from mmloom.clip import ClipEmbedder
         from mmloom.models import hf_pretrained
-        from mmloom.train.text_vae import TextVAE
-        from mmloom.testkit.tiny_train import resolve_tiny
+        from ..text_vae import TextVAE
+        from ...testkit.tiny_train import resolve_tiny
 
         self.cfg = cfg
         if not cfg.flows:
