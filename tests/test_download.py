@@ -118,6 +118,7 @@ def test_damaged_shard_is_not_done_and_is_redone(tmp_path, server, images):
     assert len(tar_keys(root)) == 4
 
 
+@pytest.mark.slow
 def test_killed_download_rerun_has_every_sample_once(tmp_path, images):
     from mmloom.testkit.localserver import LocalServer
 

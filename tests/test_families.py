@@ -179,6 +179,7 @@ def _batch(n=4, seed=0):
             "clip_image": torch.nn.functional.normalize(torch.randn(n, 32, generator=g), dim=-1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["masked_image", "image_label", "image_representation"])
 def test_mtdiffusion_trains_and_encoders_stop_gradients(tiny_cache, task):
     fam, model, mc = _mt(task, condition_on_data=False)
@@ -333,6 +334,7 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
     assert seen["encoder_attention_mask"][:, :10].all()
 
 
+@pytest.mark.slow
 def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     from PIL import Image
 

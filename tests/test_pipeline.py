@@ -15,7 +15,7 @@ from conftest import write_laion
 from mmloom.curate.run import run_pipeline
 from mmloom.manifests.store import ShardStore
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline and every family's demo training (minutes)
 
 RAW_CAPTIONS = [
     "<b>A woman astronaut</b> in a white spacesuit [IMG_0042] http://nasa.example/a.jpg",

@@ -11,7 +11,7 @@ from conftest import write_laion
 from mmloom.curate.config import load_config
 from mmloom.curate.download import download
 from mmloom.curate.ingest import ingest
-from mmloom.curate.score import score, score_shard
+from mmloom.curate.score import STAGE_DEF, score, score_shard
 from mmloom.errors import UserError
 from mmloom.manifests.store import ShardStore
 
@@ -37,6 +37,7 @@ def downloaded(tmp_path, server, images, score_cfg):
     return root, cfg
 
 
+@pytest.mark.slow
 def test_score_stage_writes_one_row_per_image_with_model_metadata(downloaded):
     root, cfg = downloaded
     s = score(root, cfg, progress=False)
@@ -64,6 +65,7 @@ def test_missing_model_is_one_clear_error(downloaded):
     assert not ShardStore(root).committed_shards("score")
 
 
+@pytest.mark.slow
 def test_crash_mid_shard_then_rerun_scores_each_sample_once(downloaded, monkeypatch):
     from mmloom.curate.config import ScoreConfig
     from mmloom.filters.scoring import ScoreSet
@@ -81,7 +83,7 @@ def test_crash_mid_shard_then_rerun_scores_each_sample_once(downloaded, monkeypa
 
     monkeypatch.setattr(scorers, "score", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        score_shard(scorers, 0, root, "h")
+        score_shard(scorers, 0, root, STAGE_DEF.shard_hash(ShardStore(root), cfg, 0))
     store = ShardStore(root)
     assert not store.is_committed("score", 0) and not glob.glob(f"{root}/scores/*.parquet")
     # a crash after the data is in place but before the record: still not committed
@@ -95,7 +97,7 @@ def test_crash_mid_shard_then_rerun_scores_each_sample_once(downloaded, monkeypa
 
     monkeypatch.setattr(ShardStore, "write_json_atomic", record_write_fails)
     with pytest.raises(OSError):
-        score_shard(scorers, 1, root, "h")
+        score_shard(scorers, 1, root, STAGE_DEF.shard_hash(ShardStore(root), cfg, 1))
     assert glob.glob(f"{root}/scores/00001.parquet") and not store.is_committed("score", 1)
     monkeypatch.undo()
     s = score(root, cfg, progress=False)

@@ -125,6 +125,7 @@ def test_frozen_lora_and_group_learning_rates(tiny):
     assert any(n.startswith("adapter.") for n in changed) and any("lora_" in n and n.startswith("unet.") for n in changed)
 
 
+@pytest.mark.slow
 def test_overfit_a_fixed_batch(tiny):
     from mmloom.train.families import get_family
 
@@ -273,6 +274,7 @@ def run_cfg(tiny, shards, out, steps, every):
             "loop": {"out": out, "steps": steps, "batch_size": 2, "checkpoint_every": every, "tensorboard": True}}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_on_the_same_loss_curve(tiny, shards, tmp_path):
     from mmloom.train.loop import latest_checkpoint, read_metrics, train
 
@@ -302,6 +304,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tiny, shards, tmp_path):
     assert os.listdir(tmp_path / "full" / "tensorboard")
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_a_grid(tiny, shards, tmp_path):
     from mmloom.train.loop import train
 
