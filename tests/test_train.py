@@ -328,6 +328,7 @@ def test_trainer_imports_neither_ray_nor_duckdb():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_accumulation_ema_and_checkpointing_options(tiny, shards, tmp_path):
     from mmloom.train.loop import latest_checkpoint, read_metrics, train
 
