@@ -192,7 +192,7 @@ def download_shard(shard: int, root: str, cfg: dict, shard_size: int, retry_fail
     store = ShardStore(root)
     rec = store.record(STAGE, shard)
     # a committed shard made with other settings or inputs is redone whole, never merged
-    committed = rec is not None and rec.get("config_hash") == chash and store.is_committed(STAGE, shard)
+    committed = rec is not None and rec.get("config_hash") == chash and store.matches(rec)
     if committed and not retry_failed:
         return {"skipped": True}
     cands = store.read_table_verified(

@@ -44,11 +44,18 @@ def run_stages(cfg, out: str, stages: list[str], sources: list[str], ray_address
         for line in lines[1:]:
             echo(f"    {line}")
         done[name] = s
-        if s.get("failed"):
-            for f in s["failed"]:
-                print(f"  shard {f['shard']} FAILED: {f['error']}", file=sys.stderr)
+        if report_failures(s):
             raise StageFailed(f"[{name}] stopped: {on_failure} to retry the failed shards")
     return done
+
+
+def report_failures(summary: dict, hint: str = "") -> bool:
+    """Each failed shard of a stage's summary on stderr (the one place that prints them,
+    for `mmloom <stage>`, `mmloom run` and the demo); True when any failed."""
+    failed = summary.get("failed") or []
+    for f in failed:
+        print(f"  shard {f['shard']} FAILED: {f['error']}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+    return bool(failed)
 
 
 class StageFailed(UserError):

@@ -125,7 +125,6 @@ class ScoreWorker(ActorWorker):
 
 
 def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
-    store.recover()  # a download commit cut short is finished (or its shard redone) first
     downloaded = store.committed_shards("download")
     if not downloaded:
         raise UserError(f"{store.root} has no downloaded shards; run `mmloom download {store.root}` first")

@@ -93,7 +93,7 @@ def plan(stage: Stage, store: ShardStore, config, redo: Callable[[int], str | No
         rec = store.record(stage.name, s)
         if rec is None:
             p.todo[s] = "new"
-        elif not store.is_committed(stage.name, s):
+        elif not store.matches(rec):
             p.todo[s] = "files changed"
         elif rec.get("config_hash") != p.hashes[s]:
             p.todo[s] = "settings or inputs changed"

@@ -159,15 +159,25 @@ class ShardStore:
         """True when the record exists and every file it names is there, same size
         (and same sha256 with ``verify_checksums``)."""
         rec = self.record(stage, shard)
-        if rec is None:
-            return False
-        for rel, meta in rec["files"].items():
+        return rec is not None and self.matches(rec, verify_checksums)
+
+    def matches(self, rec: dict, verify_checksums: bool = False) -> bool:
+        """Every file of a record (read already) is as it describes."""
+        return next(self.file_problems(rec, verify_checksums), None) is None
+
+    def file_problems(self, rec: dict, verify_checksums: bool = False):
+        """(path relative to the root, problem) for each file of ``rec`` that is missing
+        or not what it records: its size, and with ``verify_checksums`` its sha256."""
+        for rel, meta in sorted(rec["files"].items()):
             p = self.path(rel)
-            if not self.fs.exists(p) or self.fs.size(p) != meta["bytes"]:
-                return False
-            if verify_checksums and file_digest(self.fs, p)[1] != meta["sha256"]:
-                return False
-        return True
+            if not self.fs.exists(p):
+                yield rel, "missing"
+                continue
+            size = self.fs.size(p)
+            if size != meta.get("bytes"):
+                yield rel, f"{size} bytes, its record says {meta.get('bytes')}"
+            elif verify_checksums and file_digest(self.fs, p)[1] != meta.get("sha256"):
+                yield rel, "sha256 differs from its completion record"
 
     def committed_shards(self, stage: str) -> list[int]:
         d = self.path(COMMITS, stage)

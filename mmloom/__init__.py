@@ -27,7 +27,7 @@ def quiet_libraries() -> None:
         return
     for k, v in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                  ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                 ("NO_ALBUMENTATIONS_UPDATE", "1"), ("RAY_DEDUP_LOGS", "1")):
+                 ("NO_ALBUMENTATIONS_UPDATE", "1")):
         if k not in _os.environ:
             _os.environ[k] = v
             _QUIETED.append(k)

@@ -21,13 +21,6 @@ def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def report_failures(failed: list[dict]) -> int:
-    """Failed shards go to stderr; the exit status says whether any failed."""
-    for f in failed:
-        print(f"  shard {f['shard']} FAILED: {f['error']} (rerun to retry)", file=sys.stderr)
-    return 1 if failed else 0
-
-
 def cmd_stage(a) -> int:
     """Every stage command: load DIR's config with the flags as overrides, run the stage
     under the dataset's writer lock (not for a dry run), save the config, print the
@@ -56,7 +49,9 @@ def cmd_stage(a) -> int:
     s["out"] = root
     for line in entry.lines(s):
         print(line)
-    return report_failures(s.get("failed") or [])
+    from mmloom.curate.run import report_failures
+
+    return 1 if report_failures(s, "rerun to retry") else 0
 
 
 def cmd_run(a) -> int:
