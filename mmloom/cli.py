@@ -80,8 +80,11 @@ def cmd_sample(a) -> int:
     from mmloom.train.sample import parse_settings, sample
 
     out = a.out or ("samples.txt" if a.text else "samples.png")
+    options = {"restore": True} if a.restore or a.mask else {}
+    if a.mask:
+        options["mask"] = a.mask
     out = sample(a.checkpoint, a.prompt, out, a.seeds, a.steps, a.guidance, a.size, theta=a.theta,
-                 settings=parse_settings(a.set), text=a.text)
+                 settings=parse_settings(a.set), text=a.text, options=options)
     if a.text:
         print(open(out).read(), end="")
     print(f"sample: {len(a.seeds)} {'sentence' if a.text else 'image'}(s) -> {out}")
@@ -246,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the run's config for sampling, e.g. model.sampling.sampler=ddim, model.mix_rate=0.3, "
                         "model.pca=-2, model.image_scales=[1,0.5], model.text_weight=0.7 (repeatable)")
     s.add_argument("--text", action="store_true", help="Versatile Diffusion: write sentences (image-to-text, text variation)")
+    s.add_argument("--restore", action="store_true",
+                   help="MT-Diffusion masked_image: constrained restoration of the prompt's picture (its black pixels, "
+                        "or --mask's white ones, are restored; every other pixel stays as given)")
+    s.add_argument("--mask", default=None, help="with --restore: a picture whose white pixels are the ones to restore")
     s.set_defaults(fn=cmd_sample)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")

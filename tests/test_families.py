@@ -230,6 +230,123 @@ def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
     assert fam.generate(model, [["a cat"]], steps=4, seeds=[0], size=64)[0].size == (64, 64)
 
 
+def test_mtdiffusion_x_widens_the_unet_with_zero_channels_in_the_released_layout(tiny_cache):
+    """MT-Diffusion-X on pictures: SD 2 inpainting's 9 input channels (latent, mask, E(x))
+    for masked_image, InstructPix2Pix's 8 for image_translation; the new channels start at
+    zero, so the widened UNet predicts what the plain one does until training moves them."""
+    from mmloom.train.diffusion import load_unet
+
+    plain = load_unet("tiny:unet", None)
+    zt = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for task, channels in (("masked_image", 9), ("image_translation", 8)):
+        _, model, _ = _mt(task)
+        assert model.unet.config.in_channels == channels and model.unet.conv_in.in_channels == channels
+        assert torch.equal(model.unet.conv_in.weight[:, :4], plain.conv_in.weight)
+        ctx = model.null_context.detach()
+        e, mask = torch.randn(1, 4, 8, 8), torch.ones(1, 1, 64, 64)
+        with torch.no_grad():
+            widened = model.unet(model._unet_input(zt, e, mask), 5, encoder_hidden_states=ctx).sample
+            base = plain(zt, 5, encoder_hidden_states=ctx).sample
+        assert torch.allclose(widened, base, atol=1e-5)
+        inp = model._unet_input(zt, e, mask)
+        assert torch.equal(inp[:, :4], zt) and torch.equal(inp[:, -4:], e)  # the released channel order
+    _, u, _ = _mt("masked_image", condition_on_data=False)
+    assert u.unet.config.in_channels == 4  # MT-Diffusion-U: (z_t, t) only
+
+
+def test_mtdiffusion_x_sees_the_masked_picture_in_training(tiny_cache):
+    """X's noise prediction depends on x: the gradient reaches the widened input channels
+    (with U's layout it cannot), and the patch mask rides in channel 4."""
+    fam, model, mc = _mt("masked_image", max_patches=4)
+    out = model({**_batch(2), "timesteps": torch.tensor([300, 600])})
+    out["loss"].backward()
+    g = model.unet.conv_in.weight.grad
+    assert g[:, 4:].abs().sum() > 0
+    torch.manual_seed(0)
+    x, mask = model.task_data(_batch(2), _batch(2)["pixels"])
+    assert torch.equal(x == 0, (mask.bool() | (_batch(2)["pixels"] == 0)).expand_as(x))
+
+
+def test_mtdiffusion_translation_sources():
+    """E.1's source pictures: grayscale by the luma weights, Canny edges, the first crop."""
+    from PIL import Image
+
+    from mmloom.train.families.mtdiffusion import translation_source
+
+    px = -torch.ones(2, 3, 32, 32)
+    px[:, 0] = 1.0  # red
+    px[:, :, 8:24, 8:24] = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1)  # a green square
+    gray = translation_source("grayscale", px)
+    assert gray.shape == px.shape and torch.allclose(gray[0, :, 0, 0], torch.full((3,), 0.299 - 0.587 - 0.114))
+    edges = translation_source("edges", px)
+    assert (edges[0, 0, 6:10, 16] == 1.0).any() and edges[0, 0, 16, 16] == -1.0  # an edge on the border, none inside
+    assert (edges[0, 0, :, 2] == -1.0).all()  # none in the flat red
+    blue = Image.new("RGB", (10, 10), (0, 0, 255))
+    crop = translation_source("crop", px, [["a ", blue, " thing"], ["no crop"]])
+    assert torch.allclose(crop[0, :, 16, 16], torch.tensor([-1.0, -1.0, 1.0]))
+    assert torch.equal(crop[1], px[1])  # no crop: the target itself
+
+
+@pytest.mark.parametrize("task", ["image_translation"])
+def test_mtdiffusion_translation_trains_and_generates(tiny_cache, task):
+    fam, model, mc = _mt(task, translation_source="grayscale")
+    out = model(_batch(2))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and all(p.grad is not None for p in model.head.parameters())
+    fam8, model8, _ = _mt(task, translation_source="grayscale", schedule={"num_train_timesteps": 4})
+    from PIL import Image
+
+    src = Image.new("RGB", (64, 64), (90, 90, 90))
+    a, b = (fam8.generate(model8.eval(), [[p]], seeds=[0], size=64)[0] for p in (src, Image.new("RGB", (64, 64), (250, 250, 250))))
+    assert a.size == (64, 64) and a.tobytes() != b.tobytes()  # the source steers the sample
+
+
+def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cache):
+    """Section 4.1's constrained restoration: masked pixels are restored, every other
+    pixel is returned exactly as given; a --mask picture chooses the pixels instead."""
+    from PIL import Image
+
+    from mmloom.errors import UserError
+
+    fam, model, _ = _mt("masked_image", schedule={"num_train_timesteps": 4})
+    model.eval()
+    rng = np.random.default_rng(0)
+    arr = rng.integers(1, 255, (64, 64, 3), dtype=np.uint8)
+    arr[16:40, 20:44] = 0  # the masked patch: black in every channel
+    masked = Image.fromarray(arr)
+    decoded = []
+    decode = model.ae.decode
+    model.ae.decode = lambda z: decoded.append(z) or decode(z)
+    encode = model.ae.encode
+    given = []
+    model.ae.encode = lambda px: given.append(encode(px)) or given[-1]
+    out = np.asarray(fam.generate(model, [[masked]], seeds=[3], size=64, restore=True)[0])
+    hole = np.zeros((64, 64), bool)
+    hole[16:40, 20:44] = True
+    assert np.array_equal(out[~hole], arr[~hole])
+    assert out[hole].any()  # the patch was filled in, not left black
+    # RePaint's replacement: latent cells touching no masked pixel end on the given picture's latent
+    z, z_given = decoded[-1], given[0]  # encoded first: the picture whose unmasked cells are kept
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[2:5, 2:6] = False  # pixels 16-39 x 20-43 touch latent rows 2-4, columns 2-5
+    assert torch.equal(z[0][:, keep], z_given[0][:, keep]) and not torch.equal(z[0][:, ~keep], z_given[0][:, ~keep])
+    model.ae.decode, model.ae.encode = decode, encode
+    # a mask picture: restore a different square, the zeros elsewhere are kept as given
+    m = np.zeros((64, 64), np.uint8)
+    m[0:8, 0:8] = 255
+    out2 = np.asarray(fam.generate(model, [[masked]], seeds=[3], size=64, restore=True, mask=Image.fromarray(m))[0])
+    keep = np.ones((64, 64), bool)
+    keep[0:8, 0:8] = False
+    assert np.array_equal(out2[keep], arr[keep]) and not np.array_equal(out2[~keep], arr[~keep])
+    with pytest.raises(UserError, match="no masked pixels"):
+        fam.generate(model, [[Image.fromarray(np.full((64, 64, 3), 9, np.uint8))]], seeds=[0], size=64, restore=True)
+    with pytest.raises(UserError, match="needs model.task masked_image"):
+        fam8, m8, _ = _mt("image_translation", schedule={"num_train_timesteps": 4})
+        fam8.generate(m8, [[masked]], seeds=[0], size=64, restore=True)
+    with pytest.raises(UserError, match="restore: not a sampling option of mvader|not a sampling option"):
+        get_family("mvader").generate(None, [["x"]], restore=True)
+
+
 # -- Kandinsky -------------------------------------------------------------------------------
 def test_linear_prior_recovers_a_linear_map():
     from mmloom.train.families.kandinsky import LinearPrior, Normalizer

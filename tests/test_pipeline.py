@@ -164,6 +164,33 @@ def test_family_tiny_configs_train_on_the_built_shards_and_sample(pipeline_run, 
         assert int(state["norm.count"]) == n and state["norm.mean"].numpy() == pytest.approx(mean, abs=1e-6)
     if family == "versatile":
         _versatile_sampling_knobs(r["runs"]["versatile-tiny"], tmp_path)
+    if family == "mtdiffusion":
+        _mtdiffusion_restore_cli(r["runs"]["mtdiffusion-tiny"], tmp_path)
+    if family == "mvader":
+        from mmloom.cli import main
+
+        assert main(["sample", r["runs"]["mvader-tiny"], "--prompt", "x", "--restore"]) == 2  # not its option
+
+
+def _mtdiffusion_restore_cli(run, tmp):
+    """`mmloom sample --restore` (section 4.1): the black patch is restored, every other
+    pixel comes back as given; a --mask that cannot be read is named."""
+    import numpy as np
+    from PIL import Image
+
+    from mmloom.cli import main
+
+    arr = np.random.default_rng(1).integers(1, 255, (64, 64, 3), dtype=np.uint8)
+    arr[8:24, 8:24] = 0
+    Image.fromarray(arr).save(tmp / "masked.png")
+    out = tmp / "restored.png"
+    fast = ["--set", "model.schedule.num_train_timesteps=4", "--seeds", "0"]
+    assert main(["sample", run, "--prompt", f"<image:{tmp / 'masked.png'}>", "--restore", "--out", str(out), *fast]) == 0
+    got = np.asarray(Image.open(out))
+    hole = np.zeros((64, 64), bool)
+    hole[8:24, 8:24] = True
+    assert np.array_equal(got[~hole], arr[~hole]) and got[hole].any()
+    assert main(["sample", run, "--prompt", f"<image:{tmp / 'masked.png'}>", "--mask", str(tmp / "nope.png"), *fast]) == 2
 
 
 def _versatile_sampling_knobs(run, tmp):

@@ -121,24 +121,30 @@ class PromptBuilder:
         return out
 
 
-def parse_prompt(text: str, base_dir: str = ".") -> list:
-    """'a <image:man.jpg> man and his <image:dog.jpg> dog' -> ['a ', PIL, ' man and his ', PIL, ' dog']."""
+def read_picture(path: str, base_dir: str = ".", what: str = "prompt image") -> Image.Image:
+    """The user's picture at ``path`` (relative to ``base_dir``), as RGB."""
     import os
-    import re
 
     from mmloom.errors import UserError
+
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    try:
+        return Image.open(full).convert("RGB")
+    except OSError as e:
+        raise UserError(f"{what} {path!r} cannot be read: {e}") from None
+
+
+def parse_prompt(text: str, base_dir: str = ".") -> list:
+    """'a <image:man.jpg> man and his <image:dog.jpg> dog' -> ['a ', PIL, ' man and his ', PIL, ' dog']."""
+    import re
+
 
     parts: list = []
     pos = 0
     for m in re.finditer(r"<image:([^>]+)>", text):
         if m.start() > pos:
             parts.append(text[pos:m.start()])
-        path = m.group(1).strip()
-        full = path if os.path.isabs(path) else os.path.join(base_dir, path)
-        try:
-            parts.append(Image.open(full).convert("RGB"))
-        except OSError as e:
-            raise UserError(f"prompt image {path!r} cannot be read: {e}") from None
+        parts.append(read_picture(m.group(1).strip(), base_dir))
         pos = m.end()
     if pos < len(text):
         parts.append(text[pos:])

@@ -85,15 +85,20 @@ def grid(images, cols: int | None = None):
 
 def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int | None = None, guidance: float | None = None,
            size: int | None = None, base_dir: str = ".", theta: list[float] | None = None,
-           settings: dict | None = None, text: bool = False) -> str:
+           settings: dict | None = None, text: bool = False, options: dict | None = None) -> str:
     """Sample ``seeds`` images into one grid at ``out``. ``steps``/``guidance`` None: the
     run's ``model.sampling`` (the family's defaults). ``theta`` (M-VADER): one value for
     every image segment, or one per prompt segment (attention manipulation). ``text``:
-    sentences instead of images (image-to-text, text variation), one line per seed."""
-    from .prompts import parse_prompt
+    sentences instead of images (image-to-text, text variation), one line per seed.
+    ``options``: the family's own sampling arguments (MT-Diffusion's ``restore`` and
+    ``mask``, a path read as a picture); a family without them refuses them by name."""
+    from .prompts import parse_prompt, read_picture
 
     family, model, cfg = load_for_sampling(checkpoint, settings)
     parts = parse_prompt(prompt, base_dir)
+    extra = dict(options or {})
+    if isinstance(extra.get("mask"), str):
+        extra["mask"] = read_picture(extra["mask"], base_dir, "--mask picture")
     if text:
         if not family.text_outputs:
             raise UserError(f"--text needs a family with text outputs; {cfg.family} makes pictures")
@@ -104,7 +109,6 @@ def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int 
             f.writelines(f"{seed}\t{line}\n" for seed, line in zip(seeds, lines))
         return out
     with torch.no_grad():
-        extra = {}
         if theta:
             if "theta" not in family.options:
                 raise UserError(f"--theta: not a sampling option of a {cfg.family} run "

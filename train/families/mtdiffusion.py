@@ -18,8 +18,34 @@ embeddings, with the noisy input and timestep set to zero and gradients stopped 
 Tasks (config ``task``):
 * ``masked_image`` (section 4.1, E.2): x = the image with m ~ U{0..10} random 16x16
   patches zeroed; its head reconstructs E(x).
+* ``image_translation`` (E.1): x = a second picture of the same scene in the same data
+  space (``translation_source``: its Canny edges, as Cityscapes' labels -> photo; its
+  grayscale, as night -> day; or the sample's first crop), mapped by the same
+  autoencoder; its head reconstructs E(x). E.1 leaves open which of the pair is z_0 and
+  which the head decodes: mmloom makes the target picture z_0 and the source x, as in
+  4.1, so that Algorithm 1 with x given generates the target.
 * ``image_label`` (section 4.2, E.3): x = the first crop's label among ``labels``.
 * ``image_representation`` (E.4): x = the stored CLIP image embedding of the sample.
+
+MT-Diffusion-U and -X (section 4.1, ``condition_on_data``): U's noise predictor sees only
+(z_t, t); X's sees (z_t, X, t). For labels and embeddings X enters through
+cross-attention. For pictures the paper does not say how; mmloom concatenates channels
+the way diffusers' released UNets for these jobs do, so a released UNet of that layout
+loads as is: masked_image as SD 2's inpainting UNet (noisy latent, the patch mask at
+latent size, E(x): 9 channels for a 4-channel autoencoder), image_translation as
+InstructPix2Pix (noisy latent, E(x): 8 channels). A plain 4-channel UNet gets the extra
+input channels zero-initialised (InstructPix2Pix's recipe), which leaves its output
+unchanged at the start. Generation from scratch with X gives the complete mask (all
+zeros) as x, as section 4.1 does.
+
+Constrained restoration (section 4.1, Table 1; ``generate(..., restore=True)``, ``mmloom
+sample --restore``): the prompt's picture is the masked image; masked pixels are its
+black ones (as a masked picture is saved; the model's x holds them at 4.1's zero), or the
+white pixels of a ``mask`` picture.
+Algorithm 1 runs with x given, and after every step the unmasked part of z_{t-1} is
+replaced by the forward marginal of the given picture's latent at t-1 (RePaint's
+replacement, with equation 4's marginal); the decoded picture is then composited so
+that every unmasked pixel is the given one, exactly.
 
 Sampling follows Algorithm 1 (appendix C) over all T steps, the family's only sampler (no
 other step count, no classifier-free guidance: the heads' re-estimates guide it): missing modalities start random and are
@@ -70,8 +96,10 @@ class Config(FamilyConfig):
         "autoencoder_type": "autoencoder.type",
     }
 
-    task: Literal["masked_image", "image_label", "image_representation"] = Field(
-        "masked_image", description="the extra modality: masked image (4.1), label (4.2) or CLIP image embedding (E.4)")
+    task: Literal["masked_image", "image_translation", "image_label", "image_representation"] = Field(
+        "masked_image", description="the extra modality: masked image (4.1), a paired picture (E.1), label (4.2) or CLIP image embedding (E.4)")
+    translation_source: Literal["edges", "grayscale", "crop"] = Field(
+        "edges", description="image_translation: the source picture x (Canny edges of the image, its grayscale, or its first crop)")
     backbone: Pretrained = part(Pretrained, "the shared backbone: diffusers UNet2DConditionModel",
                                 path="stabilityai/stable-diffusion-2-base", subfolder="unet")
     autoencoder: AutoencoderConfig = part(AutoencoderConfig, "diffusers autoencoder", path="stabilityai/stable-diffusion-2-base",
@@ -80,7 +108,8 @@ class Config(FamilyConfig):
     task_weight: Literal["ratio", "constant"] = Field("ratio", description="w_t: ratio = t / (T - t) (appendix E); constant = task_weight_value")
     task_weight_value: float = Field(1.0, ge=0, description="w_t when task_weight is constant (equation 8: 1)")
     loss_weight: float = Field(0.1, ge=0, description="lambda of equation 6")
-    condition_on_data: bool = Field(True, description="MT-Diffusion-X: the noise predictor also sees x through cross-attention (labels, embeddings); false: MT-Diffusion-U")
+    condition_on_data: bool = Field(True, description="MT-Diffusion-X: the noise predictor also sees x (cross-attention for labels and "
+                                    "embeddings, extra input channels for pictures); false: MT-Diffusion-U (section 4.1)")
     labels: list[str] = Field(default_factory=list, description="image_label: the classes (a sample's first crop label; anything else is class 'other')")
     max_patches: int = Field(10, ge=0, description="masked_image: m ~ U{0..max_patches} patches per image (4.1)")
     patch_size: int = Field(16, gt=0, description="masked_image: patch side in pixels (4.1)")
@@ -135,18 +164,74 @@ class ForwardAggregation:
         return (zt - (1 - a) / (1 - ab).sqrt() * eps) / a.sqrt() - w * e
 
 
-def mask_patches(pixels: torch.Tensor, max_patches: int, size: int, generator=None) -> torch.Tensor:
-    """Section 4.1 / E.2: zero m ~ U{0..max_patches} patches of size x size at random
-    places (they may overlap; cut off at the border)."""
-    out = pixels.clone()
-    _, _, H, W = out.shape
-    for b in range(out.shape[0]):
+def patch_mask(shape, max_patches: int, size: int, generator=None) -> torch.Tensor:
+    """Section 4.1 / E.2's random mask, [B, 1, H, W] with 1 where a patch covers: m ~
+    U{0..max_patches} patches of size x size at random places (they may overlap; cut
+    off at the border)."""
+    B, _, H, W = shape
+    mask = torch.zeros(B, 1, H, W)
+    for b in range(B):
         m = int(torch.randint(0, max_patches + 1, (1,), generator=generator))
         for _ in range(m):
             y = int(torch.randint(0, H, (1,), generator=generator))
             x = int(torch.randint(0, W, (1,), generator=generator))
-            out[b, :, y:min(y + size, H), x:min(x + size, W)] = 0.0
-    return out
+            mask[b, :, y:min(y + size, H), x:min(x + size, W)] = 1.0
+    return mask
+
+
+def mask_patches(pixels: torch.Tensor, max_patches: int, size: int, generator=None) -> torch.Tensor:
+    """The masked image of section 4.1: the patches of ``patch_mask`` set to zero."""
+    return pixels.masked_fill(patch_mask(pixels.shape, max_patches, size, generator).bool().to(pixels.device), 0.0)
+
+
+def black_mask(pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] of a picture in [-1, 1]: 1 where it is black in every channel, the
+    masked pixels of a masked picture as saved to a file (the model's x then holds them
+    at section 4.1's zero, mid-grey in [-1, 1])."""
+    return (pixels <= -1.0).all(dim=1, keepdim=True).to(pixels.dtype)
+
+
+def translation_source(kind: str, pixels: torch.Tensor, prompts: list | None = None) -> torch.Tensor:
+    """E.1's source picture for each target in ``pixels`` ([-1, 1]): Canny edges, the
+    grayscale, or the first crop of the sample's prompt (the target when it has none)."""
+    from PIL import Image
+
+    from ..prompts import canny, square
+
+    size = pixels.shape[-1]
+    if kind == "grayscale":
+        gray = (0.299 * pixels[:, 0] + 0.587 * pixels[:, 1] + 0.114 * pixels[:, 2]).unsqueeze(1)
+        return gray.expand(-1, 3, -1, -1).contiguous()
+    out = []
+    for i, px in enumerate(pixels):
+        arr = ((px.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr)
+        if kind == "edges":
+            src = canny(img)
+        else:
+            parts = prompts[i] if prompts is not None else []
+            src = next((p for p in parts if isinstance(p, Image.Image)), img)
+        src = np.asarray(square(src.convert("RGB"), size), np.float32)
+        out.append(torch.from_numpy(src).permute(2, 0, 1) / 127.5 - 1.0)
+    return torch.stack(out).to(pixels)
+
+
+IMAGE_TASKS = ("masked_image", "image_translation")
+
+
+def widen_conv_in(unet, channels: int) -> None:
+    """Give ``unet`` ``channels`` input channels, the new ones zero-initialised (the
+    InstructPix2Pix recipe: the output is unchanged until training moves them)."""
+    old = unet.conv_in
+    if old.in_channels == channels:
+        return
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding).to(old.weight)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=channels)
 
 
 class MTDiffusionModel(nn.Module):
@@ -160,13 +245,25 @@ class MTDiffusionModel(nn.Module):
 
         betas = ddpm(cfg.schedule).betas.numpy()
         self.agg = ForwardAggregation(betas, ForwardAggregation.weights(cfg.task_weight, T, cfg.task_weight_value))
+        self.latent_channels = self.ae.latent_channels
+        self.image_x = cfg.condition_on_data and cfg.task in IMAGE_TASKS  # MT-Diffusion-X on pictures
+        if self.image_x:
+            extra = self.latent_channels + (1 if cfg.task == "masked_image" else 0)
+            have = self.unet.config.in_channels
+            if have not in (self.latent_channels, self.latent_channels + extra):
+                raise UserError(f"model.backbone: the UNet has {have} input channels; MT-Diffusion-X on {cfg.task} needs "
+                                f"{self.latent_channels} (widened here) or {self.latent_channels + extra}")
+            widen_conv_in(self.unet, self.latent_channels + extra)
+        elif self.unet.config.in_channels != self.latent_channels:
+            raise UserError(f"model.backbone: the UNet has {self.unet.config.in_channels} input channels but the "
+                            f"autoencoder's latents have {self.latent_channels}")
         uc = self.unet.config
         cross, mid = uc.cross_attention_dim, uc.block_out_channels[-1]
         self.null_context = nn.Parameter(torch.randn(1, 1, cross) * 0.02)
         self._feats: dict[str, torch.Tensor] = {}
         self.unet.mid_block.register_forward_hook(lambda _m, _i, out: self._feats.__setitem__("mid", out))
         self.unet.conv_norm_out.register_forward_hook(lambda _m, inp, _o: self._feats.__setitem__("last", inp[0]))
-        if cfg.task == "masked_image":
+        if cfg.task in IMAGE_TASKS:
             # a copy of the UNet's output block (norm, SiLU, conv): E.1 / E.2
             self.head = nn.Sequential(copy.deepcopy(self.unet.conv_norm_out), nn.SiLU(), copy.deepcopy(self.unet.conv_out))
         elif cfg.task == "image_label":
@@ -186,23 +283,27 @@ class MTDiffusionModel(nn.Module):
     # -- modality data ----------------------------------------------------------------
 
     def task_data(self, batch: dict, pixels: torch.Tensor):
-        """x for this batch: masked pixels, label indices or CLIP embeddings."""
+        """(x, mask) for this batch: masked pixels with their patch mask, the source
+        picture, label indices or CLIP embeddings (mask None but for masked_image)."""
         if self.cfg.task == "masked_image":
-            return mask_patches(pixels, self.cfg.max_patches, self.cfg.patch_size)
+            mask = patch_mask(pixels.shape, self.cfg.max_patches, self.cfg.patch_size).to(pixels)
+            return pixels.masked_fill(mask.bool(), 0.0), mask
+        if self.cfg.task == "image_translation":
+            return translation_source(self.cfg.translation_source, pixels, batch.get("prompts")), None
         if self.cfg.task == "image_label":
             idx = {c: i for i, c in enumerate(self.classes)}
             labels = []
             for segs in batch["segments"]:
                 first = next((s.get("label") or s.get("phrase", "") for s in segs if s.get("type") == "image"), "")
                 labels.append(idx.get(str(first).lower(), 0))
-            return torch.tensor(labels, device=pixels.device)
+            return torch.tensor(labels, device=pixels.device), None
         if batch.get("clip_image") is None:
             raise UserError("image_representation needs the stored CLIP image embeddings (KEY.clip_image.npy in the final "
                             "shards): run the score stage with score.clip.store_embeddings, then build again")
         emb = batch["clip_image"].to(pixels.device).float()
         if emb.shape[-1] != self.cfg.embedding_dim:
             raise UserError(f"model.embedding_dim is {self.cfg.embedding_dim} but the stored CLIP image embeddings are {emb.shape[-1]}-d")
-        return emb
+        return emb, None
 
     def context_of(self, x) -> torch.Tensor:
         """Cross-attention tokens for x (labels: embedding rows or, when soft, their mixture)."""
@@ -215,19 +316,29 @@ class MTDiffusionModel(nn.Module):
     @torch.no_grad()
     def encode(self, x, like: torch.Tensor) -> torch.Tensor:
         """E(x) in the diffusion space; no trained parameters of its own, gradients stopped."""
-        if self.cfg.task == "masked_image":
+        if self.cfg.task in IMAGE_TASKS:
             return self.ae.encode(x).to(like.dtype)
         zeros = torch.zeros_like(like)
         t0 = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
         return self.unet(zeros, t0, encoder_hidden_states=self.context_of(x).to(like.dtype)).sample
 
     def _denoiser_context(self, x, batch: int) -> torch.Tensor:
-        if self.cfg.condition_on_data and self.cfg.task != "masked_image":
+        if self.cfg.condition_on_data and self.cfg.task not in IMAGE_TASKS and x is not None:
             return self.context_of(x)
         return self.null_context.expand(batch, -1, -1)
 
-    def _head(self) -> torch.Tensor:
+    def _unet_input(self, zt, e, mask) -> torch.Tensor:
+        """z_t, and for MT-Diffusion-X on pictures the known x beside it: the patch mask at
+        latent size (masked_image) and E(x), in the released UNets' channel order."""
+        if not self.image_x:
+            return zt
+        parts = [zt]
         if self.cfg.task == "masked_image":
+            parts.append(F.interpolate(mask.to(zt), size=zt.shape[-2:], mode="nearest"))
+        return torch.cat([*parts, e.to(zt)], dim=1)
+
+    def _head(self) -> torch.Tensor:
+        if self.cfg.task in IMAGE_TASKS:
             return self.head(self._feats["last"])
         return self.head(self._feats["mid"].mean(dim=(2, 3)))
 
@@ -235,29 +346,31 @@ class MTDiffusionModel(nn.Module):
     def forward(self, batch: dict) -> dict:
         pixels = batch["pixels"].to(self.unet.device)
         z0 = self.ae.encode(pixels)
-        x = self.task_data(batch, pixels)
+        x, mask = self.task_data(batch, pixels)
         e = self.encode(x, z0)
         t = batch.get("timesteps")  # fixed steps for evaluation; uniform otherwise
         t = torch.randint(0, len(self.agg.w), (z0.shape[0],), device=z0.device) if t is None else t.to(z0.device)
         eps = torch.randn_like(z0)
         zt = self.agg.marginal(z0, e, t, eps)
-        pred = self.unet(zt, t, encoder_hidden_states=self._denoiser_context(x, z0.shape[0]).to(zt.dtype)).sample
+        ctx = self._denoiser_context(x, z0.shape[0]).to(zt.dtype)
+        pred = self.unet(self._unet_input(zt, e, mask), t, encoder_hidden_states=ctx).sample
         mse = F.mse_loss(pred.float(), eps.float())
         out = self._head()
         if self.cfg.task == "image_label":
             head_loss = F.cross_entropy(out.float(), x)
         else:
-            head_loss = F.mse_loss(out.float(), (e if self.cfg.task == "masked_image" else x).float())
+            head_loss = F.mse_loss(out.float(), (e if self.cfg.task in IMAGE_TASKS else x).float())
         return {"loss": mse + self.cfg.loss_weight * head_loss, "mse": mse.detach(), "head": head_loss.detach()}
 
     # -- sampling (Algorithm 1) -----------------------------------------------------------
     def _known(self, parts: list, size: int, device):
-        """x given by a prompt: an image (masked_image: restore it) or a label word."""
+        """x given by a prompt: a picture (masked_image: the one to restore;
+        image_translation: the source) or a label word."""
         from PIL import Image
 
         from ..prompts import square
 
-        if self.cfg.task == "masked_image":
+        if self.cfg.task in IMAGE_TASKS:
             img = next((p for p in parts if isinstance(p, Image.Image)), None)
             if img is None:
                 return None
@@ -269,35 +382,67 @@ class MTDiffusionModel(nn.Module):
             return None if hit is None else torch.tensor([hit], device=device)
         return None
 
-    def _estimate(self, x_prev):
+    def _estimate(self):
         """The head's estimate of a missing modality, in the form ``encode`` takes."""
         out = self._head()
         if self.cfg.task == "image_label":
             return out.float().softmax(-1)
-        if self.cfg.task == "masked_image":
+        if self.cfg.task in IMAGE_TASKS:
             return out  # already in the diffusion space
         return out.float()
 
+    def _restore_mask(self, known, mask_image, size: int):
+        """[1, 1, size, size], 1 where the picture is to be restored."""
+        if mask_image is None:
+            mask = black_mask(known)
+            if not mask.any():
+                raise UserError("--restore: the prompt's picture has no masked pixels (black in every channel); "
+                                "give the masked area as a --mask picture (white = restore)")
+            return mask
+        from ..prompts import square
+
+        arr = np.asarray(square(mask_image.convert("L").convert("RGB"), size), np.float32)[..., 0]
+        return torch.from_numpy(arr > 127).to(known).view(1, 1, size, size)
+
     @torch.no_grad()
     def generate(self, prompts: list[list], steps: int | None = None, guidance: float | None = None, seeds=None,
-                 size: int | None = None):
+                 size: int | None = None, restore: bool = False, mask=None):
+        """Algorithm 1 for each prompt. ``restore`` (masked_image): constrained restoration
+        of the prompt's picture (see the module docstring); ``mask``: a picture whose white
+        pixels are the ones to restore (default: the picture's black pixels)."""
         T = len(self.agg.w)
         steps = self.cfg.sampling.steps if steps is None else steps
         if steps is not None and steps != T:
             raise UserError(f"MT-Diffusion samples with Algorithm 1 over all T = {T} steps; {steps} steps is not an option")
         if guidance is not None:
             raise UserError("MT-Diffusion's Algorithm 1 has no classifier-free guidance; leave --guidance out")
+        if (restore or mask is not None) and self.cfg.task != "masked_image":
+            raise UserError(f"--restore/--mask: constrained restoration needs model.task masked_image, not {self.cfg.task}")
         dev = self.unet.device
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
         h = size // self.ae.downscale
-        lat_shape = (self.unet.config.in_channels, h, h)
+        lat_shape = (self.latent_channels, h, h)
         images = []
         for parts, seed in zip(prompts, seeds):
             g = torch.Generator().manual_seed(seed)
             known = self._known(parts, size, dev)
             like = torch.zeros((1, *lat_shape), device=dev)
-            if self.cfg.task == "masked_image":
+            pmask = keep = z_given = None
+            if restore or mask is not None:
+                if known is None:
+                    raise UserError("--restore: the prompt needs the masked picture, e.g. --prompt '<image:masked.png>'")
+                pmask = self._restore_mask(known, mask, size)
+                known = known.masked_fill(pmask.bool(), 0.0)  # x of section 4.1: the masked pixels zero
+                given = known  # the unmasked pixels to keep
+                keep = 1 - (F.interpolate(pmask, size=(h, h), mode="area") > 0).to(like)  # latent cells with no masked pixel
+                z_given = self.ae.encode(given).to(like.dtype)
+            if self.cfg.task in IMAGE_TASKS:
+                if known is None and self.image_x:  # 4.1: X generates from the complete mask
+                    known = torch.zeros((1, 3, size, size), device=dev)
+                    pmask = torch.ones((1, 1, size, size), device=dev)
+                elif known is not None and pmask is None and self.cfg.task == "masked_image":
+                    pmask = black_mask(known)
                 e = self.encode(known, like) if known is not None else torch.randn(like.shape, generator=g).to(dev)
                 x = None
             elif self.cfg.task == "image_label":
@@ -309,11 +454,11 @@ class MTDiffusionModel(nn.Module):
             z = self.agg.marginal(torch.zeros_like(like), e, torch.tensor([T - 1], device=dev), start_noise(lat_shape, [seed], dev))
             for t in range(T - 1, -1, -1):
                 tt = torch.tensor([t], device=dev)
-                ctx = self._denoiser_context(x, 1) if x is not None else self.null_context.expand(1, -1, -1)
-                eps = self.unet(z, tt, encoder_hidden_states=ctx.to(z.dtype)).sample
+                ctx = self._denoiser_context(x, 1)
+                eps = self.unet(self._unet_input(z, e, pmask), tt, encoder_hidden_states=ctx.to(z.dtype)).sample
                 if known is None:  # Algorithm 1, lines 9-10: re-estimate the missing modality
-                    est = self._estimate(x)
-                    if self.cfg.task == "masked_image":
+                    est = self._estimate()
+                    if self.cfg.task in IMAGE_TASKS:
                         e = est
                     else:
                         x = est
@@ -321,7 +466,15 @@ class MTDiffusionModel(nn.Module):
                 z = self.agg.posterior_mean_eps(z, eps, e, tt)
                 if t > 0:
                     z = z + float(np.sqrt(self.agg.beta_tilde[t])) * torch.randn(z.shape, generator=g).to(dev)
-            images += to_pil(self.ae.decode(z))
+                if keep is not None:  # the unmasked cells follow the given picture's forward marginal at t - 1
+                    prev = torch.tensor([t - 1], device=dev)
+                    on_chain = z_given if t == 0 else self.agg.marginal(
+                        z_given, e, prev, torch.randn(z.shape, generator=g).to(dev))
+                    z = keep * on_chain + (1 - keep) * z
+            out = self.ae.decode(z)
+            if pmask is not None and (restore or mask is not None):
+                out = pmask * out + (1 - pmask) * given.to(out)  # every unmasked pixel exactly as given
+            images += to_pil(out)
         return images
 
 
@@ -329,6 +482,7 @@ class MTDiffusion(Family):
     name = "mtdiffusion"
     title = "MT-Diffusion: a second modality aggregated into the forward process, one decoder head per modality"
     Config = Config
+    options = frozenset({"restore", "mask"})
     demo = Demo(["mtdiffusion-tiny"], "tiny MT-Diffusion, masked-image training (random-init UNet + VAE)",
                 note="a crop given as the masked-image modality")
 
