@@ -142,8 +142,24 @@ PERSON_WORDS = [
 ]
 
 
+class OriginalDinoConfig(Section):
+    """IDEA-Research's own Grounding DINO package (groundingdino-py), ``ground.backend: groundingdino``."""
+
+    weights: str = Field("hf-hub:ShilongLiu/GroundingDINO/groundingdino_swint_ogc.pth",
+                         description="released checkpoint (.pth read weights-only, or .safetensors): local file or directory, or hf-hub:ORG/REPO/FILE")
+    config: str = Field("SwinT_OGC", description="model settings: SwinT_OGC or SwinB_cfg (the package's own), or a local file of "
+                        "NAME = literal lines (read as literals, never run)")
+    text_encoder: str = Field("bert-base-uncased", description="the BERT it reads captions with (transformers format): hub id or local dir")
+    image_size: int = Field(800, gt=0, description="shorter image side fed to the model (the package's inference: 800)")
+    max_size: int = Field(1333, gt=0, description="longest image side after resizing (the package's inference: 1333)")
+
+
 class GroundConfig(Section):
-    model: str = Field("IDEA-Research/grounding-dino-tiny", description="Grounding DINO (transformers format): hub id or local dir")
+    backend: Literal["transformers", "groundingdino"] = Field(
+        "transformers", description="transformers: the transformers port (ground.model); groundingdino: IDEA-Research's "
+                                    "package and its released checkpoints (ground.groundingdino)")
+    model: str = Field("IDEA-Research/grounding-dino-tiny", description="backend transformers: Grounding DINO (transformers format), hub id or local dir")
+    groundingdino: OriginalDinoConfig = Field(default_factory=OriginalDinoConfig, description="backend groundingdino: the package's model")
     box_threshold: float = Field(0.35, ge=0, le=1, description="minimum box confidence (max token probability)")
     text_threshold: float = Field(0.25, ge=0, le=1, description="minimum probability for a caption token to belong to the box's phrase")
     batch_size: int = Field(8, gt=0, description="images per model call (each with its own caption)")

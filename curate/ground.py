@@ -47,10 +47,10 @@ def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
 
 class GroundWorker(ActorWorker):
     def __init__(self, cfg: dict):
-        from ..filters.grounding import GroundingDino, HeadFinder
+        from ..filters.grounding import HeadFinder, make_detector
 
         self.cfg = GroundConfig.model_validate(cfg)
-        self.dino = GroundingDino(self.cfg.model, self.cfg.box_threshold, self.cfg.text_threshold, self.cfg.device)
+        self.dino = make_detector(self.cfg)
         self.heads = HeadFinder(self.cfg.head_source, self.cfg.head_expand, self.dino) if self.cfg.head_source != "none" else None
 
     def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
@@ -77,10 +77,10 @@ class GroundWorker(ActorWorker):
                         "phrase": d["phrase"], "span_start": d["span"][0], "span_end": d["span"][1],
                         "box": d["box"], "score": d["score"], "text_score": d["text_score"],
                         "is_person": person, "head_box": head,
-                        "image_width": im.size[0], "image_height": im.size[1], "model": self.cfg.model,
+                        "image_width": im.size[0], "image_height": im.size[1], "model": self.dino.ref,
                     })
         rows.sort(key=lambda r: (r["key"], r["det_id"]))
-        meta = {b"model": self.cfg.model.encode(), b"version": self.dino.version.encode(),
+        meta = {b"model": self.dino.ref.encode(), b"version": self.dino.version.encode(),
                 b"heads": (self.heads.version if self.heads else "none").encode()}
         table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata(meta))
         staging = store.staging_dir(OUT_DIR, shard)

@@ -1,4 +1,7 @@
-"""Open-vocabulary grounding of caption phrases with Grounding DINO (transformers).
+"""Open-vocabulary grounding of caption phrases with Grounding DINO: the transformers
+port (``ground.backend: transformers``) or IDEA-Research's own package, groundingdino-py
+(``ground.backend: groundingdino``, its released checkpoints as they are). Both give the
+same detections.
 
 The prompt is the clean caption itself, so each box comes back tied to the caption
 tokens it matched; token offsets turn those into a character span of the clean caption
@@ -12,7 +15,9 @@ from __future__ import annotations
 import re
 
 import torch
+from PIL import Image
 
+from mmloom.errors import UserError
 from mmloom.models import fingerprint, hf_pretrained, package_version
 from .scoring import resolve_device
 
@@ -52,18 +57,25 @@ class GroundingDino:
         text = low if len(low) == len(caption) else caption
         return text if text.endswith(".") else text + "."
 
+    def _forward(self, images, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h)."""
+        inputs = self.processor(images=images, text=texts, padding="longest", return_tensors="pt").to(self.device)
+        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+            out = self.model(**inputs)
+        return out.logits.float().sigmoid().cpu(), out.pred_boxes.float().cpu()
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
     @torch.no_grad()
     def detect(self, images, captions: list[str]) -> list[list[dict]]:
         """Per image: boxes (pixels, x0 y0 x1 y1) with phrase, span (in the caption), score."""
         texts = [self.prompt_text(c) for c in captions]
-        inputs = self.processor(images=images, text=texts, padding="longest", return_tensors="pt").to(self.device)
-        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
-            out = self.model(**inputs)
-        probs = out.logits.float().sigmoid().cpu()  # [B, Q, T]
-        boxes = out.pred_boxes.float().cpu()  # [B, Q, 4] cx cy w h, normalized
+        probs, boxes = self._forward(images, texts)
         results = []
         for b, (im, cap, text) in enumerate(zip(images, captions, texts)):
-            offsets = self.processor.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+            offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
             valid = torch.zeros(probs.shape[-1], dtype=torch.bool)
             for t, (s, e) in enumerate(offsets[: probs.shape[-1]]):
                 valid[t] = e > s and e <= len(cap) and any(ch.isalnum() for ch in cap[s:e])
@@ -89,6 +101,146 @@ class GroundingDino:
                               "score": round(score, 4), "text_score": round(float(p[lo:hi + 1].mean()), 4)})
             results.append(found)
         return results
+
+
+class OriginalGroundingDino(GroundingDino):
+    """Grounding DINO from IDEA-Research's package (groundingdino-py), loading its released
+    checkpoints (``groundingdino_swint_ogc.pth``: ``{"model": state_dict}``) as they are.
+
+    Three things differ from the package's own loading, each for a reason said here:
+    its settings files are Python, so they are read as ``NAME = literal`` lines and never
+    run (a model directory must not choose code); the checkpoint is read with
+    ``weights_only`` (or from safetensors); and its BERT wrapper calls methods that
+    transformers 5 removed, so the text encoder is wrapped by ``_Bert`` below, with the
+    same submodule names (``bert.embeddings...``) so the released weights load unchanged.
+    BERT and its tokenizer load through mmloom's one model path. Images are resized and
+    normalized as the package's inference does (shorter side 800, longer at most 1333,
+    ImageNet mean and deviation).
+    """
+
+    def __init__(self, section, box_threshold: float, text_threshold: float, device: str = "auto"):
+        from mmloom.models import load_state_dict, resolve_file
+
+        self.device = resolve_device(device)
+        self.box_threshold, self.text_threshold = box_threshold, text_threshold
+        self.section = section
+        model, self._tokenizer = self.build(section)
+        path = resolve_file(section.weights, "grounding checkpoint", ("groundingdino_swint_ogc.pth", "model.safetensors"))
+        state = load_state_dict(path)
+        state = state.get("model", state) if isinstance(state, dict) else state
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"grounding checkpoint {path} does not fit ground.groundingdino.config {section.config!r}: "
+                            f"{len(missing)} missing ({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})")
+        self.model = model.to(self.device).eval()
+        self.ref = section.weights
+        self.version = (f"groundingdino-py {package_version('groundingdino-py')} {section.config}, "
+                        f"weights {fingerprint(section.weights)}, text {fingerprint(section.text_encoder)}")
+
+    @staticmethod
+    def build(section):
+        """(the package's model for ``section.config``, randomly initialised, with BERT's
+        weights from ``section.text_encoder``; the tokenizer)."""
+        import types
+        from unittest import mock
+
+        from transformers import AutoTokenizer, BertModel
+
+        try:
+            from groundingdino.models import build_model
+            from groundingdino.models.GroundingDINO import groundingdino as gd
+        except ImportError as e:
+            raise UserError(f"ground.backend groundingdino needs the groundingdino-py package ({e}); "
+                            "pip install 'mmloom[groundingdino]'") from None
+        settings = read_literal_settings(section.config)
+        settings["use_checkpoint"] = settings["use_transformer_ckpt"] = False  # training-time memory savers only
+        tokenizer = hf_pretrained(AutoTokenizer, section.text_encoder, "grounding text encoder")
+        bert = hf_pretrained(BertModel, section.text_encoder, "grounding text encoder", attn_implementation="eager")
+        with mock.patch.object(gd, "BertModelWarper", _Bert), \
+                mock.patch.object(gd.get_tokenlizer, "get_tokenlizer", lambda _name: tokenizer), \
+                mock.patch.object(gd.get_tokenlizer, "get_pretrained_language_model", lambda _name: bert):
+            return build_model(types.SimpleNamespace(**settings)), tokenizer
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def _forward(self, images, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torchvision.transforms.functional as TF
+        from groundingdino.util.misc import nested_tensor_from_tensor_list
+
+        tensors = []
+        for im in images:
+            w, h = im.size
+            scale = self.section.image_size / min(w, h)
+            if max(w, h) * scale > self.section.max_size:
+                scale = self.section.max_size / max(w, h)
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+            t = TF.normalize(TF.to_tensor(im), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+            tensors.append(t.to(self.device))
+        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+            out = self.model(nested_tensor_from_tensor_list(tensors), captions=texts)
+        return out["pred_logits"].float().sigmoid().cpu(), out["pred_boxes"].float().cpu()
+
+
+class _Bert(torch.nn.Module):
+    """groundingdino-py's BertModelWarper for transformers 5: the same submodules (so the
+    checkpoint's ``bert.*`` keys load), the caption's block-diagonal attention mask applied
+    as an additive mask, returning what the package reads (``last_hidden_state``)."""
+
+    def __init__(self, bert_model):
+        super().__init__()
+        self.config = bert_model.config
+        self.embeddings, self.encoder, self.pooler = bert_model.embeddings, bert_model.encoder, bert_model.pooler
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, **_):
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        mask = attention_mask if attention_mask.dim() == 3 else attention_mask[:, None, :]
+        additive = (1.0 - mask[:, None].to(h.dtype)) * torch.finfo(h.dtype).min
+        seq = self.encoder(h, attention_mask=additive)[0]
+        return {"last_hidden_state": seq, "pooler_output": self.pooler(seq) if self.pooler is not None else None}
+
+
+PACKAGE_CONFIGS = {"SwinT_OGC": "GroundingDINO_SwinT_OGC.py", "SwinB_cfg": "GroundingDINO_SwinB_cfg.py"}
+
+
+def read_literal_settings(name: str) -> dict:
+    """A groundingdino settings file (``NAME = literal`` lines): one of the package's own by
+    name, or a local file. Read with ``ast.literal_eval``, never executed."""
+    import ast
+    import os
+
+    if name in PACKAGE_CONFIGS:
+        import groundingdino
+
+        path = os.path.join(os.path.dirname(groundingdino.__file__), "config", PACKAGE_CONFIGS[name])
+    else:
+        path = os.path.expanduser(name)
+        if not os.path.isfile(path):
+            raise UserError(f"ground.groundingdino.config {name!r}: neither {' nor '.join(PACKAGE_CONFIGS)} nor a file")
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    except (SyntaxError, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a settings file ({e})") from None
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{path}:{node.lineno}: only NAME = literal lines are read (nothing is executed)")
+        try:
+            out[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f"{path}:{node.lineno}: {node.targets[0].id} is not a literal (nothing is executed)") from None
+    return out
+
+
+def make_detector(cfg) -> GroundingDino:
+    """The detector ``ground.backend`` names, from the ground section ``cfg``."""
+    if cfg.backend == "groundingdino":
+        return OriginalGroundingDino(cfg.groundingdino, cfg.box_threshold, cfg.text_threshold, cfg.device)
+    return GroundingDino(cfg.model, cfg.box_threshold, cfg.text_threshold, cfg.device)
 
 
 def is_person(phrase: str, person_words: list[str]) -> bool:

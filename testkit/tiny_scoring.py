@@ -84,3 +84,40 @@ def make_grounding_dino(path: str, words: list[str], seed: int = 0, full_size: b
     proc = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tok)
     proc.save_pretrained(path)
     return path
+
+
+def make_original_grounding_dino(path: str, words: list[str], seed: int = 0) -> dict:
+    """A random Grounding DINO in IDEA-Research's released format: the package's SwinT_OGC
+    settings (Swin-T backbone, the same module names) with the transformer shrunk (1+1
+    layers, feed-forward 128, 30 queries; its width stays 256, which the package fixes in places) written as a ``NAME = literal`` settings file, the
+    weights as ``{"model": state_dict}`` in a .pth like groundingdino_swint_ogc.pth, and a
+    tiny BERT with a vocabulary holding ``words``. Returns the ``ground.groundingdino``
+    section that loads it."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from ..filters.grounding import read_literal_settings
+
+    os.makedirs(path, exist_ok=True)
+    text = os.path.join(path, "bert")
+    os.makedirs(text, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", ",", "'", "-"] + sorted({w.lower() for w in words} - {".", "?"})
+    with open(os.path.join(text, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=os.path.join(text, "vocab.txt"), do_lower_case=True).save_pretrained(text)
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=256)).save_pretrained(text)
+    settings = read_literal_settings("SwinT_OGC")
+    settings.update(enc_layers=1, dec_layers=1, dim_feedforward=128, num_queries=30,  # width 256: the package fixes it in places
+                    text_encoder_type="bert-base-uncased")
+    config = os.path.join(path, "GroundingDINO_SwinT_tiny.py")
+    with open(config, "w") as f:
+        f.write("".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+    section = {"weights": os.path.join(path, "groundingdino_swint_tiny.pth"), "config": config, "text_encoder": text,
+               "image_size": 128, "max_size": 192}
+    from ..filters.grounding import OriginalGroundingDino  # builds the model through the package
+    from ..curate.config import OriginalDinoConfig
+
+    model, _tok = OriginalGroundingDino.build(OriginalDinoConfig.model_validate(section))
+    torch.save({"model": model.state_dict()}, section["weights"])
+    return section

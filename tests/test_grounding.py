@@ -8,13 +8,23 @@ from PIL import Image
 from mmloom.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def dino(tmp_path_factory):
-    from mmloom.filters.grounding import GroundingDino
-    from mmloom.testkit.tiny_scoring import make_grounding_dino
+WORDS = "a man and his dog on the grass".split()
 
-    path = make_grounding_dino(str(tmp_path_factory.mktemp("dino")), "a man and his dog on the grass".split())
-    return GroundingDino(path, box_threshold=0.0, text_threshold=0.0)
+
+@pytest.fixture(scope="module", params=["transformers", "groundingdino"])
+def dino(request, tmp_path_factory):
+    """Both backends, each with random weights in its own released format, through
+    ``make_detector`` as the ground stage builds them."""
+    from mmloom.curate.config import GroundConfig
+    from mmloom.filters.grounding import make_detector
+    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_original_grounding_dino
+
+    tmp = str(tmp_path_factory.mktemp("dino"))
+    if request.param == "transformers":
+        cfg = {"backend": "transformers", "model": make_grounding_dino(tmp, WORDS)}
+    else:
+        cfg = {"backend": "groundingdino", "groundingdino": make_original_grounding_dino(tmp, WORDS)}
+    return make_detector(GroundConfig.model_validate({**cfg, "box_threshold": 0.0, "text_threshold": 0.0}))
 
 
 def test_batched_detection_spans_and_boxes(dino):
@@ -62,3 +72,28 @@ def test_head_box_inside_person_box_from_face_detector(images):
     assert 150 < (head[0] + head[2]) / 2 < 300 and (head[1] + head[3]) / 2 < 200  # around her face
     assert HeadFinder("face", 1.8)(img, [0, 400, 100, 512]) is None  # no face in that corner
     assert is_person("a woman astronaut", ["woman"]) and not is_person("a womanly dog", ["woman"])
+
+
+def test_original_package_checkpoint_loads_as_released(tmp_path):
+    """groundingdino-py's format: ``{"model": state_dict}`` with the package's key names
+    (``bert.embeddings...``, ``backbone.0...``, ``transformer...``); a checkpoint of other
+    settings is refused naming the file; the detections carry the package's version."""
+    import torch
+
+    from mmloom.curate.config import OriginalDinoConfig
+    from mmloom.filters.grounding import OriginalGroundingDino
+    from mmloom.testkit.tiny_scoring import make_original_grounding_dino
+
+    section = make_original_grounding_dino(str(tmp_path), WORDS)
+    state = torch.load(section["weights"], weights_only=True)["model"]
+    assert any(k.startswith("bert.embeddings.") for k in state) and any(k.startswith("backbone.0.") for k in state)
+    assert any(k.startswith("transformer.decoder.") for k in state)
+    d = OriginalGroundingDino(OriginalDinoConfig.model_validate(section), 0.0, 0.0)
+    assert d.version.startswith("groundingdino-py 0.4.0")
+    for k in ("transformer.decoder.layers.0.linear1.weight",):
+        assert torch.equal(d.model.state_dict()[k], state[k])  # loaded, not the random init
+    state.pop("transformer.decoder.layers.0.linear1.weight")
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match="broken.pth does not fit.*1 missing.*linear1"):
+        OriginalGroundingDino(OriginalDinoConfig.model_validate({**section, "weights": str(tmp_path / "broken.pth")}), 0.0, 0.0)
+

@@ -227,3 +227,36 @@ def _versatile_sampling_knobs(run, tmp):
         assert [ln.split("\t")[0] for ln in lines] == ["0", "1"]
     finally:
         os.chdir(prev)
+
+
+def test_ground_stage_runs_the_original_grounding_dino_package(pipeline_run, tmp_path):
+    """`ground.backend: groundingdino` on the pipeline's selection: the changed backend
+    redoes every shard, and the detections have the transformers backend's schema with
+    spans that index the clean caption, tagged with the package's version."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from mmloom.curate.config import GroundConfig
+    from mmloom.curate.dataset import dataset_config
+    from mmloom.curate.ground import ground
+    from mmloom.testkit.tiny_scoring import make_original_grounding_dino
+
+    root = tmp_path / "ds"
+    shutil.copytree(pipeline_run[0], root)
+    cfg = dataset_config(str(root), None)
+    words = sorted({w for c in RAW_CAPTIONS for w in c.lower().replace("\u201c", " ").replace("\u201d", " ").split()})
+    section = make_original_grounding_dino(str(tmp_path / "gd"), words)
+    gcfg = GroundConfig.model_validate({**cfg.ground.model_dump(), "backend": "groundingdino", "groundingdino": section,
+                                        "box_threshold": 0.0, "text_threshold": 0.0, "head_source": "none"})
+    s = ground(str(root), cfg.model_copy(update={"ground": gcfg}), progress=False)
+    before = sorted(glob.glob(f"{pipeline_run[0]}/detections/*.parquet"))
+    assert s["ran"] == len(before) > 0 and not s["failed"]
+    sel = pd.read_parquet(f"{root}/selection/selected.parquet").set_index("sample_key")
+    for path in sorted(glob.glob(f"{root}/detections/*.parquet")):
+        t = pq.read_table(path)
+        assert t.schema.remove_metadata() == pq.read_table(before[0]).schema.remove_metadata()
+        assert t.schema.metadata[b"version"].startswith(b"groundingdino-py")
+        for r in t.to_pandas().itertuples():
+            assert sel.loc[r.sample_key, "clean_caption"][r.span_start:r.span_end] == r.phrase
+    assert s["boxes"] > 0
