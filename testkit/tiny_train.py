@@ -83,16 +83,50 @@ def make_tiny_vq(path: str, seed: int = 0) -> str:
     return path
 
 
-def make_tiny_unet_kandinsky(path: str, clip_dim: int = 32, text_width: int = 64, seed: int = 0) -> str:
-    """A tiny Kandinsky-2.1-style UNet: CLIP image embedding projected into 10 context
-    tokens next to the text tokens (text_image_proj), and added to the time embedding
-    with the pooled text embedding (text_image)."""
+def kandinsky_unet_config(clip_dim: int = 32, text_width: int = 48, levels: int = 2, width: int = 32, sample_size: int = 8) -> dict:
+    """The released Kandinsky 2.1 decoder UNet's config (kandinsky-community/kandinsky-2-1
+    unet/config.json) with widths shrunk: the CLIP image embedding projected into 10 context
+    tokens next to the multilingual text encoder's tokens (text_image_proj,
+    ``encoder_hid_dim`` its hidden size, 1024 released) and added to the time embedding with
+    the pooled text embedding (text_image); 8 output channels, epsilon and the learned
+    variance. ``levels`` 4 is the released block structure, 2 a smaller one for demos."""
+    down = ["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (levels - 1)
+    up = ["SimpleCrossAttnUpBlock2D"] * (levels - 1) + ["ResnetUpsampleBlock2D"]
+    return dict(sample_size=sample_size, in_channels=4, out_channels=8, layers_per_block=1,
+                block_out_channels=tuple(width * (1 + i // 2) for i in range(levels)), down_block_types=tuple(down),
+                up_block_types=tuple(up), mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=clip_dim,
+                encoder_hid_dim=text_width, encoder_hid_dim_type="text_image_proj", addition_embed_type="text_image",
+                attention_head_dim=8, resnet_time_scale_shift="scale_shift", norm_num_groups=8, class_embed_type=None)
+
+
+def make_tiny_unet_kandinsky(path: str, clip_dim: int = 32, text_width: int = 48, seed: int = 0, levels: int = 2) -> str:
+    """A tiny Kandinsky 2.1 decoder UNet (see :func:`kandinsky_unet_config`)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    cfg = unet_config(cross_attention_dim=clip_dim)
-    cfg.update(encoder_hid_dim_type="text_image_proj", encoder_hid_dim=text_width, addition_embed_type="text_image")
-    UNet2DConditionModel(**cfg).save_pretrained(path)
+    UNet2DConditionModel(**kandinsky_unet_config(clip_dim, text_width, levels)).save_pretrained(path)
+    return path
+
+
+def make_tiny_mclip(path: str, words: list[str] | None = None, hidden: int = 48, dim: int = 32, seed: int = 0) -> str:
+    """A tiny Kandinsky 2.1 decoder text encoder: diffusers' MultilingualCLIP (XLM-RoBERTa
+    and a linear map of its mean token to the CLIP width ``dim``) with an XLM-R tokenizer
+    (Unigram over ``words`` and single characters) built here, saved side by side."""
+    from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+    from transformers import XLMRobertaTokenizer
+
+    os.makedirs(path, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,'-!?:;")
+    pieces = sorted({w.lower() for w in (words or TINY_WORDS)})
+    vocab = ([(t, 0.0) for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")] + [("\u2581" + w, -1.0) for w in pieces]
+             + [("\u2581" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars])
+    tok = XLMRobertaTokenizer(vocab=vocab, model_max_length=77)
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = MCLIPConfig(transformerDimSize=hidden, imageDimSize=dim, hidden_size=hidden, intermediate_size=64, num_attention_heads=2,
+                      num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    MultilingualCLIP(cfg).save_pretrained(path)
     return path
 
 
@@ -134,7 +168,7 @@ def _tiny_clip(path: str) -> str:
 
 
 def resolve_tiny(ref: str, cache: str | None = None) -> str:
-    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:unet-kandinsky`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` / ``tiny:text-unet`` / ``tiny:text-vae`` -> a directory holding
+    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:kandinsky-unet`` / ``tiny:mclip`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` / ``tiny:text-unet`` / ``tiny:text-vae`` -> a directory holding
     that tiny random-weight model in its real format (made once, then reused)."""
     if not ref.startswith("tiny:"):
         return ref
@@ -149,7 +183,8 @@ def resolve_tiny(ref: str, cache: str | None = None) -> str:
         "unet-sdxl": lambda p: make_tiny_unet(p, 32, True),
         "vae": make_tiny_vae,
         "vq": make_tiny_vq,
-        "unet-kandinsky": make_tiny_unet_kandinsky,
+        "kandinsky-unet": make_tiny_unet_kandinsky,
+        "mclip": make_tiny_mclip,
         "clip": _tiny_clip,
         "text-unet": make_tiny_text_unet,
         "text-vae": lambda p: __import__("mmloom.train.text_vae", fromlist=["x"]).make_tiny_text_vae(p, TINY_WORDS),

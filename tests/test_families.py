@@ -371,25 +371,36 @@ def test_linear_prior_recovers_a_linear_map():
     assert (pred - truth).norm() / truth.norm() < 0.02
 
 
-def test_normalization_round_trips_and_uses_whole_dataset_statistics(tmp_path):
+def test_normalization_round_trips_and_uses_the_selected_samples_statistics(tmp_path):
+    """Statistics over the whole dataset the prior trains on: every selected sample of
+    every shard, and no reject (rejects here sit far off, so counting them would shift
+    mean and std)."""
     from mmloom.manifests.store import ShardStore
     from mmloom.train.embed_stats import embedding_stats
     from mmloom.train.families.kandinsky import Normalizer
 
     rng = np.random.default_rng(0)
     store = ShardStore(str(tmp_path / "ds"))
-    all_emb = []
+    all_emb, kept = [], []
     for shard in range(3):
         emb = rng.normal(loc=np.arange(8), scale=np.arange(1, 9), size=(20, 8)).astype(np.float32)
+        emb[15:] += 50.0  # the rejects: 5 per shard
         all_emb.append(emb)
+        kept.append(emb[:15])
         staging = store.staging_dir("scores", shard)
         p = f"{staging}/s.parquet"
         pq.write_table(pa.table({"sample_key": [f"{shard}-{i}" for i in range(20)],
                                  "clip_image_embedding": [list(map(float, r)) for r in emb]}), p)
         store.commit("score", shard, {f"scores/{shard:05d}.parquet": p}, {"rows": 20}, "h")
+    staging = store.staging_dir("selection", 0)
+    sel, rej = f"{staging}/selected.parquet", f"{staging}/rejects.parquet"
+    pq.write_table(pa.table({"sample_key": [f"{s}-{i}" for s in range(3) for i in range(15)]}), sel)
+    pq.write_table(pa.table({"sample_key": [f"{s}-{i}" for s in range(3) for i in range(15, 20)]}), rej)
+    store.commit("select", 0, {"selection/selected.parquet": sel, "selection/rejects.parquet": rej}, {"selected": 45}, "h")
     mean, std, n = embedding_stats(str(tmp_path / "ds"))
-    full = np.concatenate(all_emb)
-    assert n == 60 and np.allclose(mean, full.mean(0), atol=1e-5) and np.allclose(std, full.std(0), atol=1e-4)
+    full, everything = np.concatenate(kept), np.concatenate(all_emb)
+    assert n == 45 and np.allclose(mean, full.mean(0), atol=1e-5) and np.allclose(std, full.std(0), atol=1e-4)
+    assert not np.allclose(mean, everything.mean(0), atol=1.0)  # the rejects would have moved it
     norm = Normalizer(8)
     norm.fit(mean, std, n)
     x = torch.from_numpy(full)
@@ -400,7 +411,8 @@ def test_normalization_round_trips_and_uses_whole_dataset_statistics(tmp_path):
 
 def _kandinsky(stage, **over):
     mc = {"stage": stage, "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 2, "prior_heads": 2,
-          "prior_width": 32, "backbone": {"path": "tiny:unet-kandinsky", "subfolder": None},
+          "prior_width": 32, "backbone": {"path": "tiny:kandinsky-unet", "subfolder": None},
+          "text_encoder": {"path": "tiny:mclip", "subfolder": None, "tokenizer_subfolder": None},
           "autoencoder": {"path": "tiny:vq", "subfolder": None}, **over}
     cfg = TrainConfig.model_validate({"family": "kandinsky", "model": mc, "data": {"resolution": 64}})
     fam = get_family("kandinsky")
@@ -447,8 +459,12 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
     model(_batch())
     img = seen["added_cond_kwargs"]["image_embeds"]
     assert torch.allclose(img, black.expand_as(img))
-    # 10 image tokens in front of the text tokens, all attended
-    assert seen["encoder_attention_mask"][:, :10].all()
+    # the text goes through the multilingual encoder (its 48-d tokens, 77 positions, its pooled
+    # embedding), not CLIP's; no padding mask, as the released pipeline
+    pooled, tokens = model.decoder_text(["a red circle"])
+    assert seen["encoder_hidden_states"].shape[1:] == tokens.shape[1:] == (77, 48)
+    assert seen["added_cond_kwargs"]["text_embeds"].shape[-1] == pooled.shape[-1] == 32
+    assert seen.get("encoder_attention_mask") is None
 
 
 @pytest.mark.slow

@@ -22,10 +22,17 @@ class ScheduleConfig(Section):
 
 
 def ddpm(cfg: ScheduleConfig, prediction_type: str = "epsilon"):
+    """The DDPM training scheduler. Its config is also what the samplers (DDIM, PNDM) are
+    built from, so it carries the released SD / Versatile Diffusion / Kandinsky sampler
+    settings: no clipping of the predicted x0 (latents are not in [-1, 1]), timesteps
+    offset by 1 and the final step to alpha_T, not 1 (``set_alpha_to_one`` false)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=prediction_type)
+    sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                          beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=prediction_type,
+                          clip_sample=False, steps_offset=1)
+    sched.register_to_config(set_alpha_to_one=False)  # read by DDIM / PNDM built from this config
+    return sched
 
 
 def load_unet(ref: str, subfolder: Optional[str]):

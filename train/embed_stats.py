@@ -2,9 +2,12 @@
 
 Kandinsky (section 4) normalizes every element of the image embedding with full-dataset
 statistics before its prior learns to predict it, and denormalizes at inference. The
-score stage stored the embeddings; one DuckDB pass over the ``scores`` view computes the
-mean and standard deviation per element, out of core, however large the dataset. A bare
-folder of final/ shards (no manifests) is scanned instead.
+dataset is what the prior trains on: the samples the select stage kept, not every image
+the score stage embedded (rejects would shift the statistics). The score stage stored
+the embeddings; one DuckDB pass over the ``scores`` view joined with the ``selected``
+view computes the mean and standard deviation per element, out of core, however large
+the dataset. A bare folder of final/ shards (no manifests) is scanned instead (they hold
+selected samples only).
 """
 
 from __future__ import annotations
@@ -42,17 +45,21 @@ def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np
         con = open_dataset(root)
         try:
             with reading(root):  # a damaged committed file: one line naming it
-                if "scores" not in view_names(con) or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
+                views = view_names(con)
+                if "scores" not in views or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
                     raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
+                if "selected" not in views:
+                    raise UserError(f"{root} has no selection: the normalization statistics are over the selected samples, run the select stage")
                 rows = con.execute(f"""
-                    WITH e AS (SELECT {ident(COLUMN)} AS v FROM scores WHERE {ident(COLUMN)} IS NOT NULL),
+                    WITH e AS (SELECT {ident(COLUMN)} AS v FROM scores
+                               WHERE {ident(COLUMN)} IS NOT NULL AND sample_key IN (SELECT sample_key FROM selected)),
                          x AS (SELECT unnest(generate_series(1, len(v))) AS i, unnest(v) AS val FROM e)
                     SELECT i, avg(val), stddev_pop(val), count(*) FROM x GROUP BY i ORDER BY i
                 """).fetchall()
         finally:
             con.close()
         if not rows:
-            raise UserError(f"{root}: the scores view holds no CLIP image embedding")
+            raise UserError(f"{root}: no selected sample holds a stored CLIP image embedding")
         mean = np.array([r[1] for r in rows], np.float32)
         std = np.array([r[2] for r in rows], np.float32)
         return mean, std, int(rows[0][3])

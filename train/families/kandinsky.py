@@ -8,10 +8,23 @@ Diffusion): an image prior and a latent-diffusion decoder, trained apart.
   learned query, predicting x0; 20 layers, 32 heads, width 2048 in the paper). The image
   embeddings it learns are normalized element-wise with statistics over the whole dataset
   (the score stage's stored embeddings, one DuckDB pass) and denormalized at inference.
-* ``stage: decoder``: a diffusers UNet conditioned on the CLIP image embedding (image
-  projection into context tokens and added conditioning, Kandinsky 2.1's layout) together
-  with the CLIP text tokens; latents from a VQ (MoVQ) or KL autoencoder. The
-  unconditional input is the CLIP embedding of a black image (and empty text).
+* ``stage: decoder``: a diffusers UNet in the released Kandinsky 2.1 layout conditioned
+  on the CLIP image embedding (projected into 10 context tokens next to the text tokens,
+  and added to the time embedding with the pooled text embedding) and on the text through
+  the multilingual encoder the paper uses (section 4: "XLMR-CLIP", diffusers'
+  MultilingualCLIP: XLM-RoBERTa-Large, its tokens as context, a linear map of their mean
+  as the pooled embedding); latents from a VQ (MoVQ) or KL autoencoder. The
+  unconditional input is the CLIP embedding of a black image (and empty text). The UNet
+  predicts epsilon and a variance (8 channels, learned variance as the released weights):
+  the loss is the mean squared error of the epsilon half only (the paper does not give
+  its objective; the diffusers decoder training recipe does the same, and the released
+  variance channels are kept, untrained); at sampling, guidance acts on epsilon and the
+  conditional variance goes to a scheduler that uses one (``ddpm``: learned_range, as
+  diffusers' KandinskyPipeline does), DDIM and PNDM drop it. As the released pipeline,
+  the UNet attends to every text position (no padding mask).
+
+Image embeddings are normalized (prior) with statistics over the samples the dataset
+selected (train/embed_stats.py), not over every scored image.
 
 Inference (generate): a prompt's text goes through the prior (``prior_checkpoint``: a
 trained prior run), its images through the CLIP image tower; several embeddings are
@@ -36,9 +49,9 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
 from .base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
-                                        Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
+                                        Pretrained, SamplingDefaults, lr_groups, make_sampler, part)
 
 
 class PriorSchedule(ScheduleConfig):
@@ -49,13 +62,18 @@ class DecoderSchedule(ScheduleConfig):
     beta_schedule: str = Field("linear", description="decoder's beta schedule (Kandinsky 2.1: linear 0.00085 to 0.012)")
 
 
+class TextEncoderConfig(Pretrained):
+    tokenizer_subfolder: Optional[str] = Field(None, description="subfolder of `path` holding the tokenizer (null: `path` itself)")
+
+
 class LR(LearningRates):
     prior: float = Field(1e-4, ge=0, description="stage prior: the image prior")
     unet: float = Field(1e-4, ge=0, description="stage decoder: the decoder UNet")
 
 
 class Sampling(SamplingDefaults):
-    sampler: Sampler = Field("ddim", description="decoder sampler (the paper states none: DDIM, as the released pipeline)")
+    sampler: Literal["ddim", "pndm", "ddpm"] = Field("ddim", description="decoder sampler (the paper states none: DDIM, as the released "
+                                                    "pipeline; ddpm uses the learned variance, learned_range)")
     steps: int = Field(100, gt=0, description="decoder steps (the released pipeline's 100)")
     guidance: float = Field(4.0, ge=0, description="decoder guidance (section 5 picks it from FID-CLIP curves, unstated: the released pipeline's 4)")
     prior_steps: int = Field(25, gt=0, description="diffusion prior: DDIM steps (the released prior pipeline's 25)")
@@ -81,6 +99,8 @@ class Config(GuidedConfig):
     prior_schedule: PriorSchedule = Field(default_factory=PriorSchedule, description="diffusion prior's noise schedule")
     backbone: Pretrained = part(Pretrained, "decoder: diffusers UNet2DConditionModel with text_image_proj",
                                 path="kandinsky-community/kandinsky-2-1", subfolder="unet")
+    text_encoder: TextEncoderConfig = part(TextEncoderConfig, "decoder: the multilingual text encoder (diffusers MultilingualCLIP, XLM-R) and its tokenizer",
+                                           path="kandinsky-community/kandinsky-2-1", subfolder="text_encoder", tokenizer_subfolder="tokenizer")
     autoencoder: AutoencoderConfig = part(AutoencoderConfig, "decoder: diffusers autoencoder (MoVQ)",
                                           path="kandinsky-community/kandinsky-2-1", subfolder="movq", type="vq")
     schedule: DecoderSchedule = Field(default_factory=DecoderSchedule, description="decoder's DDPM schedule")
@@ -194,15 +214,28 @@ class KandinskyModel(nn.Module):
                 self.prior = DiffusionPrior(self.dim, self.text_width, cfg.prior_width, cfg.prior_layers, cfg.prior_heads)
             self.prior_sched = ddpm(cfg.prior_schedule, prediction_type="sample")
         else:
+            from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
+            from transformers import AutoTokenizer
+
+            from mmloom.models import hf_pretrained
+
             self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
-            uc = self.unet.config
+            te = cfg.text_encoder
+            sub = lambda s: {"subfolder": s} if s else {}  # noqa: E731
+            self.text_encoder = hf_pretrained(MultilingualCLIP, resolve_tiny(te.path), "text encoder", **sub(te.subfolder)).eval()
+            self.text_encoder.requires_grad_(False)
+            self.tokenizer = hf_pretrained(AutoTokenizer, resolve_tiny(te.path), "tokenizer", **sub(te.tokenizer_subfolder))
+            uc, tc = self.unet.config, self.text_encoder.config
             if uc.encoder_hid_dim_type != "text_image_proj" or uc.addition_embed_type != "text_image":
                 raise UserError(f"model.backbone.path {cfg.backbone.path}: a Kandinsky decoder needs encoder_hid_dim_type 'text_image_proj' and "
                                 f"addition_embed_type 'text_image' (Kandinsky 2.1's UNet)")
-            if uc.cross_attention_dim != self.dim or uc.encoder_hid_dim != self.text_width:
+            if uc.cross_attention_dim != self.dim or uc.encoder_hid_dim != tc.transformerDimensions or tc.numDims != self.dim:
                 raise UserError(f"model.backbone.path {cfg.backbone.path} expects {uc.cross_attention_dim}-d image embeddings and "
-                                f"{uc.encoder_hid_dim}-d text tokens; model.encoder.path {cfg.encoder.path} gives {self.dim} and "
-                                f"{self.text_width}")
+                                f"{uc.encoder_hid_dim}-d text tokens; model.encoder.path {cfg.encoder.path} gives {self.dim}-d and "
+                                f"model.text_encoder.path {te.path} {tc.transformerDimensions}-d tokens, {tc.numDims}-d pooled")
+            if uc.out_channels not in (uc.in_channels, 2 * uc.in_channels):
+                raise UserError(f"model.backbone.path {cfg.backbone.path}: out_channels {uc.out_channels} is neither in_channels "
+                                f"({uc.in_channels}, epsilon) nor twice that (epsilon and learned variance)")
             self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
             self.sched = ddpm(cfg.schedule)
             from PIL import Image
@@ -261,12 +294,22 @@ class KandinskyModel(nn.Module):
             pred = self.prior(tokens, mask, pooled)
         return {"loss": F.mse_loss(pred, x0)}
 
+    @torch.no_grad()
+    def decoder_text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled [B, D], tokens [B, 77, W]) of the multilingual text encoder, as the
+        released pipeline tokenizes (77 positions, padded)."""
+        t = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        dev = self._device()
+        pooled, tokens = self.text_encoder(input_ids=t.input_ids.to(dev), attention_mask=t.attention_mask.to(dev))
+        return pooled, tokens
+
     def _condition(self, texts: list[str], image_emb: torch.Tensor):
-        tokens, mask, pooled = self.text(texts)
-        n_img = self.unet.encoder_hid_proj.num_image_text_embeds
-        full_mask = torch.cat([torch.ones(mask.shape[0], n_img, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
-        return dict(encoder_hidden_states=tokens, encoder_attention_mask=full_mask,
-                    added_cond_kwargs={"text_embeds": pooled, "image_embeds": image_emb})
+        pooled, tokens = self.decoder_text(texts)
+        return dict(encoder_hidden_states=tokens, added_cond_kwargs={"text_embeds": pooled, "image_embeds": image_emb})
+
+    def _eps(self, out: torch.Tensor) -> torch.Tensor:
+        """The epsilon half of the UNet's output (all of it without learned variance)."""
+        return out[:, : self.unet.config.in_channels]
 
     def _decoder_loss(self, batch: dict) -> dict:
         pixels = batch["pixels"].to(self._device())
@@ -277,7 +320,7 @@ class KandinskyModel(nn.Module):
         latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        pred = self.unet(self.sched.add_noise(latents, noise, t), t, **self._condition(texts, img)).sample
+        pred = self._eps(self.unet(self.sched.add_noise(latents, noise, t), t, **self._condition(texts, img)).sample)
         return {"loss": F.mse_loss(pred.float(), noise.float())}
 
     # -- inference --------------------------------------------------------------------------
@@ -342,7 +385,6 @@ class KandinskyModel(nn.Module):
         sampling = self.cfg.sampling
         steps = sampling.steps if steps is None else steps
         guidance = sampling.guidance if guidance is None else guidance
-        dev = self._device()
         seeds = seeds or list(range(len(prompts)))
         size = size or self.unet.config.sample_size * self.ae.downscale
         conds = [self.embed_prompt(p, s) for p, s in zip(prompts, seeds)]
@@ -350,9 +392,32 @@ class KandinskyModel(nn.Module):
         cond = self._condition([c[1] for c in conds], img)
         uncond = self._condition([""] * len(prompts), self.black.expand_as(img))
         h = size // self.ae.downscale
-        lat = guided_sample(make_sampler(sampling.sampler, self.sched.config), steps, (self.unet.config.in_channels, h, h), seeds,
-                            dev, guidance, lambda x, t: self.unet(x, t, **cond).sample, lambda x, t: self.unet(x, t, **uncond).sample)
-        return to_pil(self.ae.decode(lat))
+        return to_pil(self.ae.decode(self._sample((self.unet.config.in_channels, h, h), seeds, steps, guidance, cond, uncond)))
+
+    def _sampler(self, name: str):
+        if name == "ddpm":
+            from diffusers import DDPMScheduler
+
+            return DDPMScheduler.from_config(self.sched.config, variance_type="learned_range")
+        return make_sampler(name, self.sched.config)
+
+    def _sample(self, shape, seeds, steps: int, guidance: float, cond: dict, uncond: dict) -> torch.Tensor:
+        """Guided sampling as diffusers' KandinskyPipeline: guidance on epsilon; the
+        conditional variance goes with it to a scheduler that learns one (ddpm)."""
+        sched = self._sampler(self.cfg.sampling.sampler)
+        learned = getattr(sched.config, "variance_type", None) in ("learned", "learned_range")
+        sched.set_timesteps(steps)
+        x = start_noise(shape, seeds, self._device()) * sched.init_noise_sigma
+        gen = torch.Generator().manual_seed(seeds[0])
+        c_ch = self.unet.config.in_channels
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(x, t)
+            c, u = self.unet(inp, t, **cond).sample, self.unet(inp, t, **uncond).sample
+            eps = u[:, :c_ch] + guidance * (c[:, :c_ch] - u[:, :c_ch])
+            if learned and c.shape[1] > c_ch:
+                eps = torch.cat([eps, c[:, c_ch:]], dim=1)
+            x = sched.step(eps, t, x, **({"generator": gen} if learned else {})).prev_sample
+        return x
 
 
 def interpolate(embs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

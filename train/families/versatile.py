@@ -33,7 +33,7 @@ low scale keeps the decoded sentences fluent on small text VAEs).
 
 from __future__ import annotations
 
-import copy
+import math
 from contextlib import contextmanager
 from typing import ClassVar, Literal
 
@@ -56,7 +56,7 @@ FLOWS = {  # name -> (output data type, context type)
 
 
 class Schedule(ScheduleConfig):
-    beta_schedule: str = Field("linear", description="section 4.2: linear betas over 1000 steps (SD's 8.5e-4 to 1.2e-2)")
+    beta_schedule: str = Field("scaled_linear", description="section 4.2: SD's betas over 1000 steps, square-root-linear (scaled_linear) from 8.5e-4 to 1.2e-2")
 
 
 class LR(LearningRates):
@@ -162,13 +162,16 @@ class MultiFlowUNet(nn.Module):
         if _attention_paths(text_unet) != self.paths:
             raise UserError("the text UNet's cross-attention blocks do not sit where the image UNet's do; "
                             "both UNets need the same block layout")
-        if image_unet.config.block_out_channels != text_unet.config.block_out_channels:
+        if list(image_unet.config.block_out_channels) != list(text_unet.config.block_out_channels):
             raise UserError("the image and text UNets need the same block_out_channels (their context and global layers are shared)")
+        # the released checkpoint's mapping (diffusers' VersatileDiffusion pipelines): each
+        # UNet's own cross-attention blocks are the context layers of that UNet's context
+        # type, the image UNet's for CLIP image contexts, the text UNet's for CLIP text
         self.context = nn.ModuleDict({
-            "text": nn.ModuleList(image_unet.get_submodule(p) for p in self.paths),
-            "image": nn.ModuleList(copy.deepcopy(image_unet.get_submodule(p)) for p in self.paths),
+            "text": nn.ModuleList(text_unet.get_submodule(p) for p in self.paths),
+            "image": nn.ModuleList(image_unet.get_submodule(p) for p in self.paths),
         })
-        self.global_layers = image_unet.time_embedding
+        self.global_layers = image_unet.time_embedding  # the text UNet's copy is not used (one set of global layers)
         for unet in (image_unet, text_unet):
             for p in self.paths:
                 _set(unet, p, _Slot())
@@ -209,6 +212,14 @@ class MultiFlowUNet(nn.Module):
                 layers.append(m)
         with self.flow(output, layers) as unet:
             return unet(x, t, encoder_hidden_states=text_ctx).sample
+
+
+def text_latent_shape(text_unet: nn.Module) -> tuple[int, ...]:
+    """The text UNet's latent shape per sample: its ``in_channels`` as given in the released
+    flat layout (``[768, 1, 1]``: one 768-d Optimus latent), or ``[C, 4, 1]`` for an integer
+    ``C`` (diffusers' LinearMultiDim reads it so)."""
+    c = text_unet.config.in_channels
+    return tuple(int(d) for d in c) if isinstance(c, (list, tuple)) else (int(c), 4, 1)
 
 
 def disentangle(ctx: torch.Tensor, k: int) -> torch.Tensor:
@@ -256,9 +267,10 @@ class VersatileModel(nn.Module):
         self.text_vae = TextVAE.load(resolve_tiny(cfg.text_vae)) if cfg.text_vae else None
         if self.text_vae is not None:
             self.text_vae.requires_grad_(False)
-            if self.text_vae.latent_dim != text_unet.config.in_channels * 4:
+            shape = text_latent_shape(text_unet)
+            if self.text_vae.latent_dim != math.prod(shape):
                 raise UserError(f"the text VAE's {self.text_vae.latent_dim}-d latents do not fit the text UNet "
-                                f"(in_channels {text_unet.config.in_channels} x 4)")
+                                f"(latents {' x '.join(map(str, shape))} from its in_channels {text_unet.config.in_channels})")
         if image_unet.config.cross_attention_dim != self.clip.dim:
             raise UserError(f"the UNets' cross_attention_dim ({image_unet.config.cross_attention_dim}) must equal the CLIP "
                             f"embedding width ({self.clip.dim}) of model.encoder.path")
@@ -309,7 +321,7 @@ class VersatileModel(nn.Module):
     # -- training (Algorithm 1) -------------------------------------------------------------------
     def _text_latents(self, texts: list[str]) -> torch.Tensor:
         z = self.text_vae.encode(texts).to(self._dev())
-        return z.view(z.shape[0], -1, 4, 1)
+        return z.view(z.shape[0], *text_latent_shape(self.unet.data["text"]))
 
     def forward(self, batch: dict) -> dict:
         pixels = batch["pixels"].to(self._dev())
@@ -378,14 +390,15 @@ class VersatileModel(nn.Module):
             ictx, tctx = self.prompt_contexts(parts)
             if ictx is None and tctx is None:
                 tctx = self.text_context([""])
-            if ictx is not None and tctx is not None:  # dual context; guidance against the empty text
-                kind = "text"
+            if ictx is not None and tctx is not None:  # dual context; guidance against both unconditional contexts, blended
+                ui, ut = self.uncond_context("image", 1), self.uncond_context("text", 1)
                 cond = lambda x, t: self.unet.blend(x, t, "image", ictx, tctx, self.cfg.mix_rate, self.cfg.mixing)  # noqa: E731
+                uncond = lambda x, t: self.unet.blend(x, t, "image", ui, ut, self.cfg.mix_rate, self.cfg.mixing)  # noqa: E731
             else:
                 kind, ctx = ("image", ictx) if ictx is not None else ("text", tctx)
+                u = self.uncond_context(kind, 1)
                 cond = lambda x, t, kind=kind, ctx=ctx: self.unet(x, t, "image", kind, ctx)  # noqa: E731
-            u = self.uncond_context(kind, 1)
-            uncond = lambda x, t, kind=kind, u=u: self.unet(x, t, "image", kind, u)  # noqa: E731
+                uncond = lambda x, t, kind=kind, u=u: self.unet(x, t, "image", kind, u)  # noqa: E731
             lat = self._denoise((image_unet.config.in_channels, h, h), [seed], steps, guidance, cond, uncond)
             out += to_pil(self.ae.decode(lat))
         return out
@@ -404,7 +417,7 @@ class VersatileModel(nn.Module):
             ictx, tctx = self.prompt_contexts(parts)
             kind, ctx = ("image", ictx) if ictx is not None else ("text", tctx if tctx is not None else self.text_context([""]))
             u = self.uncond_context(kind, 1)
-            z = self._denoise((text_unet.config.in_channels, 4, 1), [seed], steps, guidance,
+            z = self._denoise(text_latent_shape(text_unet), [seed], steps, guidance,
                               lambda x, t: self.unet(x, t, "text", kind, ctx), lambda x, t: self.unet(x, t, "text", kind, u))
             out += self.text_vae.decode(z.view(1, -1), self.cfg.text_max_length)
         return out

@@ -1,0 +1,219 @@
+"""Reference equivalence: mmloom against diffusers' own pipelines for the released
+checkpoints. Each test builds the parts in the released on-disk layout (the published
+config.json with widths shrunk: same block types, same key names) with tiny random
+weights, saves them with ``save_pretrained``, loads the directory through mmloom (the
+family's ``build`` from a TrainConfig, which loads through mmloom/models.py) and asserts
+that mmloom's noise prediction for the same latents, timestep and contexts, and one short
+guided sampling run (same scheduler settings, same seed), equal the diffusers reference.
+
+The contexts are mmloom's own (open_clip, or the multilingual text encoder), handed to the
+reference pipeline in place of its encoders: these tests check the UNets, the context
+mapping, the schedule and the guidance, not that open_clip equals transformers' CLIP.
+A swapped context, a renamed key or a wrong schedule makes them fail."""
+
+import pytest
+import torch
+
+from mmloom.train.config import TrainConfig
+from mmloom.train.diffusion import start_noise
+from mmloom.train.families import get_family
+
+STEPS = 3
+# the released Stable Diffusion / Versatile Diffusion sampler settings (scheduler_config.json)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+def _build(family: str, model: dict):
+    cfg = TrainConfig.model_validate({"family": family, "model": model, "data": {"resolution": 64}})
+    fam = get_family(family)
+    m = fam.build(cfg.model, cfg).eval()
+    return fam, m
+
+
+def _capture_latents(model):
+    """mmloom's final latents (the reference pipelines return theirs with output_type='latent')."""
+    seen = []
+    decode = model.ae.decode
+
+    def spy(latents):
+        seen.append(latents.detach().clone())
+        return decode(latents)
+
+    model.ae.decode = spy
+    return seen
+
+
+# -- Versatile Diffusion -------------------------------------------------------------------------
+# the released shi-labs/versatile-diffusion image_unet (SD 1.4's) and text_unet (FCResBlocks,
+# flat in_channels [768, 1, 1]) with widths shrunk; the same four-level block structure
+VD_BLOCKS = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=2, attention_head_dim=8, norm_num_groups=8,
+                 cross_attention_dim=32)  # 32: the tiny CLIP's embedding width (768 released)
+
+
+@pytest.fixture(scope="module")
+def vd_dir(tmp_path_factory, tiny_cache):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+
+    root = tmp_path_factory.mktemp("vd")
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **VD_BLOCKS).save_pretrained(root / "image_unet")
+    UNetFlatConditionModel(sample_size=8, in_channels=[32, 1, 1], out_channels=[32, 1, 1],
+                           down_block_types=("CrossAttnDownBlockFlat",) * 3 + ("DownBlockFlat",),
+                           up_block_types=("UpBlockFlat",) + ("CrossAttnUpBlockFlat",) * 3, **VD_BLOCKS).save_pretrained(root / "text_unet")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(8, 16, 16, 16), latent_channels=4, norm_num_groups=8, sample_size=64).save_pretrained(root / "vae")
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")
+    return root
+
+
+def _vd_model(root, **over):
+    mc = {"backbone": {"path": str(root), "subfolder": "image_unet"}, "text_backbone": {"path": str(root), "subfolder": "text_unet"},
+          "autoencoder": {"path": str(root), "subfolder": "vae"}, "encoder": {"path": "tiny:clip"},
+          "flows": ["text_to_image", "image_variation"], **over}
+    return _build("versatile", mc)[1]
+
+
+def _vd_pipeline(kind: str, root, text_len: int):
+    """The diffusers pipeline, its parts loaded from ``root`` (each pipeline rewires the UNets)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, UNet2DConditionModel, VersatileDiffusionDualGuidedPipeline,
+                           VersatileDiffusionImageVariationPipeline, VersatileDiffusionTextToImagePipeline)
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    parts = dict(image_unet=UNet2DConditionModel.from_pretrained(root, subfolder="image_unet"),
+                 vae=AutoencoderKL.from_pretrained(root, subfolder="vae"),
+                 scheduler=DDIMScheduler.from_pretrained(root, subfolder="scheduler"))
+    text_unet = UNetFlatConditionModel.from_pretrained(root, subfolder="text_unet")
+    # the text encoder only sets the text context's length (the contexts are mmloom's)
+    te = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                    max_position_embeddings=text_len, vocab_size=10, projection_dim=8))
+    if kind == "text_to_image":
+        pipe = VersatileDiffusionTextToImagePipeline(tokenizer=None, text_encoder=te, text_unet=text_unet, **parts)
+    elif kind == "image_variation":
+        pipe = VersatileDiffusionImageVariationPipeline(image_feature_extractor=None, image_encoder=None, **parts)
+    else:
+        pipe = VersatileDiffusionDualGuidedPipeline(tokenizer=None, image_feature_extractor=None, text_encoder=te, image_encoder=None,
+                                                    text_unet=text_unet, **parts)
+        for m in pipe.image_unet.modules():  # diffusers 0.42's DualTransformer2DModel lacks the encoder_attention_mask its blocks pass
+            if type(m).__name__ == "DualTransformer2DModel":
+                m.forward = (lambda f: lambda *a, encoder_attention_mask=None, **k: f(*a, **k))(m.forward)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["text_to_image", "image_variation", "dual_guided"])
+def test_versatile_matches_the_released_pipelines(vd_dir, kind):
+    from PIL import Image
+
+    mix = 0.3  # text weight of dual-context blending (diffusers' text_to_image_strength)
+    model = _vd_model(vd_dir, mix_rate=mix)
+    red = Image.new("RGB", (64, 64), (200, 30, 30))
+    tctx, ictx = model.text_context(["a red circle"]), model.image_context([red])
+    tu, iu = model.uncond_context("text", 1), model.uncond_context("image", 1)
+    pipe = _vd_pipeline(kind, vd_dir, tctx.shape[1])
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
+    with torch.no_grad():
+        if kind == "text_to_image":
+            ours, ref = model.unet(x, t, "image", "text", tctx), pipe.image_unet(x, t, encoder_hidden_states=tctx).sample
+            pipe._encode_prompt = lambda *a, **k: torch.cat([tu, tctx])
+            prompt, call = ["a red circle"], dict(prompt="a red circle")
+        elif kind == "image_variation":
+            ours, ref = model.unet(x, t, "image", "image", ictx), pipe.image_unet(x, t, encoder_hidden_states=ictx).sample
+            pipe._encode_prompt = lambda *a, **k: torch.cat([iu, ictx])
+            prompt, call = [red], dict(image=red)
+        else:
+            pipe.set_transformer_params(mix, ("text", "image"))
+            ours = model.unet.blend(x, t, "image", ictx, tctx, mix)
+            ref = pipe.image_unet(x, t, encoder_hidden_states=torch.cat([tctx, ictx], dim=1)).sample
+            pipe._encode_text_prompt = lambda *a, **k: torch.cat([tu, tctx])
+            pipe._encode_image_prompt = lambda *a, **k: torch.cat([iu, ictx])
+            prompt, call = ["a red circle", red], dict(prompt="a red circle", image=red, text_to_image_strength=mix)
+    assert ours.abs().mean() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+    seen = _capture_latents(model)
+    model.generate([prompt], steps=STEPS, guidance=7.5, seeds=[5])
+    latents = start_noise((4, 8, 8), [5], "cpu")
+    with torch.no_grad():
+        ref_lat = pipe(**call, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5, latents=latents,
+                       output_type="latent").images
+    torch.testing.assert_close(seen[0], ref_lat, atol=1e-4, rtol=1e-4)
+
+
+# -- Kandinsky 2.1 decoder ---------------------------------------------------------------------------
+# kandinsky-community/kandinsky-2-1: unet/ (4 levels, out_channels 8, encoder_hid_dim the text
+# encoder's width), text_encoder/ (MultilingualCLIP, XLM-R), tokenizer/, movq/, scheduler/ (DDIM)
+K_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                   set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", thresholding=False)
+
+
+@pytest.fixture(scope="module")
+def kandinsky_dir(tmp_path_factory, tiny_cache):
+    from diffusers import DDIMScheduler
+    from transformers import AutoTokenizer
+
+    from mmloom.testkit.tiny_train import make_tiny_mclip, make_tiny_unet_kandinsky, make_tiny_vq
+
+    root = tmp_path_factory.mktemp("kandinsky")
+    make_tiny_unet_kandinsky(str(root / "unet"), clip_dim=32, text_width=48, levels=4)
+    make_tiny_mclip(str(root / "text_encoder"), hidden=48, dim=32)
+    AutoTokenizer.from_pretrained(root / "text_encoder").save_pretrained(root / "tokenizer")
+    make_tiny_vq(str(root / "movq"))
+    DDIMScheduler(**K_SCHEDULER).save_pretrained(root / "scheduler")
+    return root
+
+
+def _kandinsky_decoder(root, sampler="ddim"):
+    r = str(root)
+    mc = {"stage": "decoder", "encoder": {"path": "tiny:clip"}, "backbone": {"path": r, "subfolder": "unet"},
+          "text_encoder": {"path": r, "subfolder": "text_encoder", "tokenizer_subfolder": "tokenizer"},
+          "autoencoder": {"path": r, "subfolder": "movq", "type": "vq"}, "sampling": {"sampler": sampler}}
+    return _build("kandinsky", mc)[1]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_kandinsky_decoder_matches_the_released_pipeline(kandinsky_dir, sampler):
+    """Same text through the same multilingual encoder, same image embeddings: the same
+    epsilon (the first 4 of 8 channels); DDIM drops the learned variance, DDPM
+    (learned_range) uses the conditional one, as diffusers' KandinskyPipeline."""
+    from diffusers import DDIMScheduler, DDPMScheduler, KandinskyPipeline, UNet2DConditionModel, VQModel
+    from diffusers.pipelines.kandinsky.text_encoder import MultilingualCLIP
+    from transformers import AutoTokenizer
+
+    model = _kandinsky_decoder(kandinsky_dir, sampler)
+    sched = DDIMScheduler.from_pretrained(kandinsky_dir, subfolder="scheduler")
+    if sampler == "ddpm":
+        sched = DDPMScheduler.from_config(sched.config, variance_type="learned_range")
+    pipe = KandinskyPipeline(text_encoder=MultilingualCLIP.from_pretrained(kandinsky_dir, subfolder="text_encoder"),
+                             tokenizer=AutoTokenizer.from_pretrained(kandinsky_dir, subfolder="tokenizer"),
+                             unet=UNet2DConditionModel.from_pretrained(kandinsky_dir, subfolder="unet"), scheduler=sched,
+                             movq=VQModel.from_pretrained(kandinsky_dir, subfolder="movq"))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on the beach"
+    img = model.clip.texts([prompt])  # no prior: the text embedding stands in (Table 3's "no prior")
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
+    with torch.no_grad():
+        ours = model.unet(x, t, **model._condition([prompt], img)).sample
+        pooled, states, _ = pipe._encode_prompt(prompt, "cpu", 1, False)
+        ref = pipe.unet(sample=x, timestep=t, encoder_hidden_states=states,
+                        added_cond_kwargs={"text_embeds": pooled, "image_embeds": img}).sample
+    assert ours.shape[1] == 8 and ours.abs().mean() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model._eps(ours), ref[:, :4])
+
+    seen = _capture_latents(model)
+    model.generate([[prompt]], steps=STEPS, guidance=4.0, seeds=[5], size=64)
+    ref_lat = []
+    decode = pipe.movq.decode
+    pipe.movq.decode = lambda lat, **k: (ref_lat.append(lat.clone()), decode(lat, **k))[1]
+    with torch.no_grad():
+        pipe(prompt, image_embeds=img, negative_image_embeds=model.black[None], height=64, width=64, num_inference_steps=STEPS,
+             guidance_scale=4.0, latents=start_noise((4, 8, 8), [5], "cpu"), generator=torch.Generator().manual_seed(5),
+             output_type="pt")
+    torch.testing.assert_close(seen[0], ref_lat[0], atol=1e-4, rtol=1e-4)
