@@ -217,3 +217,99 @@ def test_kandinsky_decoder_matches_the_released_pipeline(kandinsky_dir, sampler)
              guidance_scale=4.0, latents=start_noise((4, 8, 8), [5], "cpu"), generator=torch.Generator().manual_seed(5),
              output_type="pt")
     torch.testing.assert_close(seen[0], ref_lat[0], atol=1e-4, rtol=1e-4)
+
+
+# -- the Stable Diffusion UNets MUMU and M-VADER start from ---------------------------------------------
+# the released unet/config.json of SD 1.x (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5),
+# SD 2.x (stabilityai/stable-diffusion-2-base: per-level heads, linear projections) and SDXL
+# (stabilityai/stable-diffusion-xl-base-1.0: 3 levels, several transformer layers, text_time), widths shrunk
+SD_UNETS = {
+    "sd1": dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                block_out_channels=(16, 16, 32, 32), attention_head_dim=8),
+    "sd2": dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                block_out_channels=(16, 16, 32, 32), attention_head_dim=(2, 2, 4, 4), use_linear_projection=True),
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32, 32),
+                 transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+}
+
+
+def _sd_dir(root, kind: str):
+    from diffusers import UNet2DConditionModel
+
+    from mmloom.testkit.tiny_train import make_tiny_vae
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=32, norm_num_groups=8,
+                         **SD_UNETS[kind]).save_pretrained(root / "unet")
+    make_tiny_vae(str(root / "vae"))
+    return root
+
+
+def _sd_pipeline(root, kind: str, sampler: str):
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    sched = DDIMScheduler(**SD_SCHEDULER) if sampler == "ddim" else PNDMScheduler.from_config(SD_SCHEDULER, skip_prk_steps=True)
+    parts = dict(vae=AutoencoderKL.from_pretrained(root, subfolder="vae"), unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+                 scheduler=sched)
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, add_watermarker=False,
+                                         **parts)
+    else:
+        pipe = StableDiffusionPipeline(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _contexts(seed: int, pooled: bool):
+    g = torch.Generator().manual_seed(seed)
+    ctx, uctx = torch.randn(1, 7, 32, generator=g), torch.randn(1, 7, 32, generator=g)
+    pool, upool = (torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)) if pooled else (None, None)
+    return ctx, uctx, pool, upool
+
+
+@pytest.mark.parametrize("family,kind", [("mumu", "sd1"), ("mumu", "sd2"), ("mumu", "sdxl"), ("mvader", "sd1")])
+def test_sd_unets_match_the_stable_diffusion_pipelines(tmp_path, tiny_cache, family, kind):
+    """MUMU (DDIM) and M-VADER (PNDM) on a released-layout SD UNet: for the same contexts
+    (the LM side stood in for), the same noise prediction and the same short guided run as
+    diffusers' StableDiffusion(XL)Pipeline with the released scheduler settings."""
+    root = _sd_dir(tmp_path, kind)
+    mc = {"encoder": {"path": "tiny:vlm", "image_size": 64}, "backbone": {"path": str(root), "subfolder": "unet"},
+          "autoencoder": {"path": str(root), "subfolder": "vae"}}
+    if family == "mumu":
+        mc.update(adapter_layers=1, adapter_heads=2)
+    fam, model = _build(family, mc)
+    sampler, guidance = model.cfg.sampling.sampler, model.cfg.sampling.guidance
+    pipe = _sd_pipeline(root, kind, sampler)
+    ctx, uctx, pool, upool = _contexts(3, kind == "sdxl")
+    ones = torch.ones(1, ctx.shape[1], dtype=torch.long)
+    if family == "mumu":  # the VLM and adapter stood in for; the LoRA starts as the identity
+        model.condition = lambda prompts: (uctx, ones, upool) if prompts == [[""]] else (ctx, ones, pool)
+    else:  # the new key/value projections take the released ones, the LM stood in for
+        for name, mod in model.unet.named_modules():
+            if name.endswith("attn2"):
+                ref = pipe.unet.get_submodule(name)
+                mod.to_k.weight.data.copy_(ref.to_k.weight)
+                mod.to_v.weight.data.copy_(ref.to_v.weight)
+        model.encode = lambda prompts: (uctx, ones) if prompts == [[""]] else (ctx, ones)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
+    extra = {"added_cond_kwargs": model._added(pool, 1, 64, 64, "cpu")} if family == "mumu" and kind == "sdxl" else {}
+    with torch.no_grad():
+        ours = model.unet(x, t, encoder_hidden_states=ctx, encoder_attention_mask=ones, **extra).sample
+        ref = pipe.unet(x, t, encoder_hidden_states=ctx, **extra).sample
+    assert ours.abs().mean() > 1e-3
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+    seen = _capture_latents(model)
+    fam.generate(model, [["a red circle"]], steps=STEPS, seeds=[5], size=64)
+    call = dict(prompt_embeds=ctx, negative_prompt_embeds=uctx)
+    if kind == "sdxl":
+        call.update(pooled_prompt_embeds=pool, negative_pooled_prompt_embeds=upool)
+    with torch.no_grad():
+        ref_lat = pipe(**call, height=64, width=64, num_inference_steps=STEPS, guidance_scale=guidance,
+                       latents=start_noise((4, 8, 8), [5], "cpu"), output_type="latent").images
+    torch.testing.assert_close(seen[0], ref_lat, atol=1e-4, rtol=1e-4)
