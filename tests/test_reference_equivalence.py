@@ -34,7 +34,7 @@ def _build(family: str, model: dict):
 def _capture_latents(model):
     """mmloom's final latents (the reference pipelines return theirs with output_type='latent')."""
     seen = []
-    decode = model.ae.decode
+    decode = type(model.ae).decode.__get__(model.ae)
 
     def spy(latents):
         seen.append(latents.detach().clone())
@@ -68,6 +68,11 @@ def vd_dir(tmp_path_factory, tiny_cache):
                   block_out_channels=(8, 16, 16, 16), latent_channels=4, norm_num_groups=8, sample_size=64).save_pretrained(root / "vae")
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(root / "scheduler")
     return root
+
+
+@pytest.fixture(scope="module")
+def vd_model(vd_dir):
+    return _vd_model(vd_dir, mix_rate=0.3)
 
 
 def _vd_model(root, **over):
@@ -106,11 +111,11 @@ def _vd_pipeline(kind: str, root, text_len: int):
 
 
 @pytest.mark.parametrize("kind", ["text_to_image", "image_variation", "dual_guided"])
-def test_versatile_matches_the_released_pipelines(vd_dir, kind):
+def test_versatile_matches_the_released_pipelines(vd_dir, vd_model, kind):
     from PIL import Image
 
     mix = 0.3  # text weight of dual-context blending (diffusers' text_to_image_strength)
-    model = _vd_model(vd_dir, mix_rate=mix)
+    model = vd_model
     red = Image.new("RGB", (64, 64), (200, 30, 30))
     tctx, ictx = model.text_context(["a red circle"]), model.image_context([red])
     tu, iu = model.uncond_context("text", 1), model.uncond_context("image", 1)

@@ -24,6 +24,21 @@ each scaled; style/semantic disentanglement by keeping (style) or removing (sema
 the first principal components of the image patch tokens, the global vector untouched;
 the unconditional image context is CLIP of an all-zero image or all-zero embeddings.
 
+Released checkpoint (shi-labs/versatile-diffusion; diffusers' VersatileDiffusion
+pipelines): ``image_unet/`` holds the image data layers and the image context layers (its
+own cross-attention blocks), ``text_unet/`` (UNetFlatConditionModel, flat in_channels
+[768, 1, 1]: one Optimus latent per sample) the text data layers and the text context
+layers (its cross-attention blocks), as the text-to-image pipeline swaps them in and the
+dual-guided one pairs them. Both UNets carry a time embedding; the paper shares one set
+of global layers, so mmloom keeps the image UNet's (the one every image flow of the
+released pipelines runs) and leaves the text UNet's copy unused. Schedule: section 4.2
+says "linearly increasing beta from 8.5e-5 to 1.2e-2 ... similar to DDPM and SD"; SD's
+schedule, which VD fine-tunes from, is the square-root-linear one (diffusers'
+scaled_linear) from 8.5e-4 to 1.2e-2, and mmloom uses it (the 8.5e-5 reads as a typo).
+Dual-context guidance: the paper does not say what the unconditional pass of blending
+sees; mmloom blends both unconditional contexts at the same rate, as the released
+dual-guided pipeline does.
+
 Sampling: the paper states neither sampler, steps nor guidance scale (Figure 6 sweeps
 the scale). mmloom samples images with DDIM, 50 steps, guidance 7.5, the settings of
 the released model's pipelines (diffusers' VersatileDiffusion pipelines) and of Stable
