@@ -101,13 +101,25 @@ def load_state_dict(path: str) -> dict:
     return sd
 
 
-def hf_pretrained(cls, ref: str, what: str, **kwargs):
-    """``cls.from_pretrained`` on a local directory or a hub id, with a clear error."""
+def hf_pretrained(cls, ref: str, what: str, strict: bool = False, **kwargs):
+    """``cls.from_pretrained`` on a local directory or a hub id, with a clear error.
+    ``strict``: the weights must fit the model exactly (from_pretrained only warns about a
+    missing, renamed or reshaped key and leaves that weight random: a silent error)."""
     p = local_path(ref)
     try:
-        return cls.from_pretrained(str(p) if p else ref.removeprefix("hf-hub:"), **kwargs)
+        out = cls.from_pretrained(str(p) if p else ref.removeprefix("hf-hub:"), **kwargs,
+                                  **({"output_loading_info": True} if strict else {}))
     except OSError as e:
         raise missing(ref, what, e) from None
+    if not strict:
+        return out
+    model, info = out
+    bad = [f"{kind.split('_')[0]} {', '.join(map(str, keys[:3]))}{' ...' if len(keys) > 3 else ''}"
+           for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if (keys := info.get(kind))]
+    if bad:
+        sub = f" ({kwargs['subfolder']})" if kwargs.get("subfolder") else ""
+        raise UserError(f"{what} {ref!r}{sub}: the weights do not fit the model's config: " + "; ".join(bad))
+    return model
 
 
 def read_json(path: Path) -> dict:

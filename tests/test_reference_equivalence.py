@@ -11,6 +11,8 @@ reference pipeline in place of its encoders: these tests check the UNets, the co
 mapping, the schedule and the guidance, not that open_clip equals transformers' CLIP.
 A swapped context, a renamed key or a wrong schedule makes them fail."""
 
+import re
+
 import pytest
 import torch
 
@@ -108,6 +110,25 @@ def _vd_pipeline(kind: str, root, text_len: int):
                 m.forward = (lambda f: lambda *a, encoder_attention_mask=None, **k: f(*a, **k))(m.forward)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_a_renamed_key_stops_the_load(vd_dir, tmp_path):
+    """from_pretrained alone would warn and leave the weight random; mmloom refuses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmloom.errors import UserError
+
+    root = tmp_path / "vd"
+    shutil.copytree(vd_dir, root)
+    f = root / "text_unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    sd[key.replace("to_k", "to_key")] = sd.pop(key)
+    save_file(sd, f)
+    with pytest.raises(UserError, match=r"text UNet .*text_unet.*missing " + re.escape(key)):
+        _vd_model(root)
 
 
 @pytest.mark.parametrize("kind", ["text_to_image", "image_variation", "dual_guided"])

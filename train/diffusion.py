@@ -40,7 +40,7 @@ def load_unet(ref: str, subfolder: Optional[str]):
 
     from ..testkit.tiny_train import resolve_tiny
 
-    return hf_pretrained(UNet2DConditionModel, resolve_tiny(ref), "UNet", **({"subfolder": subfolder} if subfolder else {}))
+    return hf_pretrained(UNet2DConditionModel, resolve_tiny(ref), "UNet", strict=True, **({"subfolder": subfolder} if subfolder else {}))
 
 
 class Autoencoder(nn.Module):

@@ -222,6 +222,7 @@ class KandinskyModel(nn.Module):
             self.unet = load_unet(cfg.backbone.path, cfg.backbone.subfolder)
             te = cfg.text_encoder
             sub = lambda s: {"subfolder": s} if s else {}  # noqa: E731
+            # not strict: a transformers checkpoint may carry keys the class ignores (position ids)
             self.text_encoder = hf_pretrained(MultilingualCLIP, resolve_tiny(te.path), "text encoder", **sub(te.subfolder)).eval()
             self.text_encoder.requires_grad_(False)
             self.tokenizer = hf_pretrained(AutoTokenizer, resolve_tiny(te.path), "tokenizer", **sub(te.tokenizer_subfolder))

@@ -269,8 +269,9 @@ class VersatileModel(nn.Module):
         if not cfg.flows:
             raise UserError("model.flows is empty: name at least one of " + ", ".join(FLOWS))
         sub = lambda s: {"subfolder": s} if s else {}  # noqa: E731
-        image_unet = hf_pretrained(UNet2DConditionModel, resolve_tiny(cfg.backbone.path), "image UNet", **sub(cfg.backbone.subfolder))
-        text_unet = hf_pretrained(UNetFlatConditionModel, resolve_tiny(cfg.text_backbone.path), "text UNet",
+        image_unet = hf_pretrained(UNet2DConditionModel, resolve_tiny(cfg.backbone.path), "image UNet", strict=True,
+                                   **sub(cfg.backbone.subfolder))
+        text_unet = hf_pretrained(UNetFlatConditionModel, resolve_tiny(cfg.text_backbone.path), "text UNet", strict=True,
                                   **sub(cfg.text_backbone.subfolder))
         self.unet = MultiFlowUNet(image_unet, text_unet)
         self.ae = Autoencoder(cfg.autoencoder.path, cfg.autoencoder.subfolder, cfg.autoencoder.type)
