@@ -84,6 +84,14 @@ class SamplingDefaults(Section):
         return f"{name} {steps}{guided}"
 
 
+# the shared parts' old names, the same in every family that had them
+SHARED_RENAMED = {
+    "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "vae": "autoencoder.path",
+    "vae_subfolder": "autoencoder.subfolder", "autoencoder_subfolder": "autoencoder.subfolder",
+    "autoencoder_type": "autoencoder.type", **{k: f"schedule.{k}" for k in ScheduleConfig.model_fields},
+}
+
+
 def part(cls: type[Section], description: str, **values) -> Any:
     """A sub-config field whose default is ``cls(**values)``; keys a config leaves out keep
     these values (see :meth:`FamilyConfig._renamed_keys_and_defaults`)."""
@@ -101,13 +109,22 @@ class FamilyConfig(Section):
     """The ``model:`` section every family shares. Subclasses give each part its family's
     defaults (with :func:`part` or a subclass) and add their own keys."""
 
-    RENAMED: ClassVar[dict[str, str]] = {}  # an old key -> where it lives now (dotted, under model.)
+    RENAMED: ClassVar[dict[str, str]] = {}  # a family's own old keys -> where they live now (dotted, under model.)
 
     backbone: Pretrained = Field(..., description="the denoising network")
     autoencoder: AutoencoderConfig = Field(..., description="the image autoencoder (latents)")
     schedule: ScheduleConfig = Field(..., description="DDPM training schedule")
     lr: LearningRates = Field(..., description="learning rate per parameter group (0: the group is left out)")
     sampling: SamplingDefaults = Field(..., description="sampling defaults")
+
+    @classmethod
+    def renamed_keys(cls) -> dict[str, str]:
+        """Every old key of this family: the names all families used for the shared parts
+        (``unet``, ``vae``, flat schedule keys, ``lr_GROUP`` for each of its groups), then
+        its own ``RENAMED``."""
+        lr = cls.model_fields["lr"].get_default(call_default_factory=True)
+        groups = type(lr).model_fields if isinstance(lr, BaseModel) else {}
+        return {**SHARED_RENAMED, **{f"lr_{g}": f"lr.{g}" for g in groups}, **cls.RENAMED}
 
     @model_validator(mode="before")
     @classmethod
@@ -116,7 +133,8 @@ class FamilyConfig(Section):
         keeps the family's defaults for the keys it leaves out."""
         if not isinstance(data, dict):
             return data
-        moved = {k: cls.RENAMED[k] for k in data if k in cls.RENAMED}
+        renamed = cls.renamed_keys()
+        moved = {k: renamed[k] for k in data if k in renamed}
         for name, f in cls.model_fields.items():
             given = data.get(name)
             default = f.get_default(call_default_factory=True)

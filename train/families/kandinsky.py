@@ -82,9 +82,7 @@ class Sampling(SamplingDefaults):
 
 class Config(GuidedConfig):
     RENAMED: ClassVar[dict[str, str]] = {
-        "clip": "encoder.path", "unet": "backbone.path", "unet_subfolder": "backbone.subfolder",
-        "autoencoder_subfolder": "autoencoder.subfolder", "autoencoder_type": "autoencoder.type",
-        "text_dropout": "cond_dropout", "image_dropout": "cond_dropout", "lr_prior": "lr.prior", "lr_unet": "lr.unet",
+        "clip": "encoder.path", "text_dropout": "cond_dropout", "image_dropout": "cond_dropout",
         "prior_guidance": "sampling.prior_guidance", "prior_steps": "sampling.prior_steps",
     }
 

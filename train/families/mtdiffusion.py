@@ -58,7 +58,7 @@ aggregated term dominates z_T (alpha~_T is in the thousands); with all w_t = 0 t
 from __future__ import annotations
 
 import copy
-from typing import ClassVar, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -91,11 +91,6 @@ class Sampling(SamplingDefaults):
 
 
 class Config(FamilyConfig):
-    RENAMED: ClassVar[dict[str, str]] = {
-        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "autoencoder_subfolder": "autoencoder.subfolder",
-        "autoencoder_type": "autoencoder.type",
-    }
-
     task: Literal["masked_image", "image_translation", "image_label", "image_representation"] = Field(
         "masked_image", description="the extra modality: masked image (4.1), a paired picture (E.1), label (4.2) or CLIP image embedding (E.4)")
     translation_source: Literal["edges", "grayscale", "crop"] = Field(

@@ -43,10 +43,6 @@ class Sampling(SamplingDefaults):
 class Config(GuidedConfig):
     RENAMED: ClassVar[dict[str, str]] = {
         "vlm": "encoder.path", "vlm_image_size": "encoder.image_size", "bypass_resampler": "encoder.bypass_resampler",
-        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "vae": "autoencoder.path",
-        "vae_subfolder": "autoencoder.subfolder", "num_train_timesteps": "schedule.num_train_timesteps",
-        "beta_schedule": "schedule.beta_schedule", "beta_start": "schedule.beta_start", "beta_end": "schedule.beta_end",
-        "lr_connector": "lr.connector", "lr_lm": "lr.lm", "lr_adapter": "lr.adapter", "lr_unet": "lr.unet",
     }
 
     encoder: VLMEncoderConfig = part(VLMEncoderConfig, "the vision-language model (image-text-to-text; image_size null: prompt.crop_size; "

@@ -49,9 +49,7 @@ class Sampling(SamplingDefaults):
 class Config(GuidedConfig):
     RENAMED: ClassVar[dict[str, str]] = {
         "lm": "encoder.path", "lm_image_size": "encoder.image_size", "bypass_resampler": "encoder.bypass_resampler",
-        "unet": "backbone.path", "unet_subfolder": "backbone.subfolder", "vae": "autoencoder.path",
-        "vae_subfolder": "autoencoder.subfolder", "embedding_dropout": "cond_dropout",
-        "lr_cross_attn": "lr.cross_attn", "lr_unet": "lr.unet", "lr_encoder": "lr.encoder",
+        "embedding_dropout": "cond_dropout",
     }
 
     encoder: VLMEncoderConfig = part(VLMEncoderConfig, "decoder LM that reads interleaved images and text (image-text-to-text; "

@@ -94,8 +94,7 @@ class Sampling(SamplingDefaults):
 class Config(GuidedConfig):
     RENAMED: ClassVar[dict[str, str]] = {
         "image_unet": "backbone.path", "image_unet_subfolder": "backbone.subfolder", "text_unet": "text_backbone.path",
-        "text_unet_subfolder": "text_backbone.subfolder", "vae": "autoencoder.path", "vae_subfolder": "autoencoder.subfolder",
-        "clip": "encoder.path", "context_dropout": "cond_dropout",
+        "text_unet_subfolder": "text_backbone.subfolder", "clip": "encoder.path", "context_dropout": "cond_dropout",
         **{f"lr_scale_{g}": f"lr.{g} (a rate now: the old lr x this scale)" for g in ("data_image", "data_text", "context_image", "context_text")},
         "lr_scale_global": "lr.global_layers (a rate now: the old lr x this scale)",
     }
