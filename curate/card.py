@@ -81,24 +81,26 @@ def _examples(store: ShardStore, n: int) -> list[tuple[str, str]]:
                 if len(out) >= n:
                     return out
                 prompt = json.loads(t.extractfile(members[f"{key}.prompt.json"]).read())
-                imgs = [s for s in prompt["segments"] if s["type"] == "image"]
+                crops = prompt["crops"]
+                imgs = [crops[s["crop"]] for s in prompt["segments"] if s["type"] == "image"]
                 image_name = next(m for m in members if m.startswith(key + ".") and m.count(".") == 1 and m.endswith(("jpg", "png", "webp")))
                 img = Image.open(io.BytesIO(t.extractfile(members[image_name]).read()))
+                sheet = Image.open(io.BytesIO(t.extractfile(members[f"{key}.crops.jpg"]).read()))
                 fig, axes = plt.subplots(1, 1 + len(imgs), figsize=(3 * (1 + len(imgs)), 3), squeeze=False)
                 axes[0][0].imshow(img)
-                for s in imgs:
-                    x0, y0, x1, y1 = s["box"]
+                for c in imgs:
+                    x0, y0, x1, y1 = c["box"]
                     axes[0][0].add_patch(patches.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=2))
-                for ax, s in zip(axes[0][1:], imgs):
-                    crop = Image.open(io.BytesIO(t.extractfile(members[f"{key}.{s['member']}"]).read()))
-                    ax.imshow(crop)
-                    ax.set_title(s["phrase"] + (" (+head)" if s.get("head_member") else ""), fontsize=9)
+                for ax, c in zip(axes[0][1:], imgs):
+                    ax.imshow(sheet.crop(tuple(c["rect"])))
+                    ax.set_title(c["phrase"] + (" (+head)" if c["head"] >= 0 else ""), fontsize=9)
                 for ax in axes[0]:
                     ax.axis("off")
-                fig.suptitle(render(prompt["segments"])[:90], fontsize=9)
+                text = render(prompt["segments"], crops)
+                fig.suptitle(text[:90], fontsize=9)
                 fig.tight_layout()
                 rel = _save(store, fig, f"card/example_{len(out)}.png", dpi=70)
-                out.append((render(prompt["segments"]), rel))
+                out.append((text, rel))
     return out
 
 
@@ -121,7 +123,7 @@ def _write_card(root: str, cfg: PipelineConfig) -> str:
     for p in _plots(store, con, names):
         lines += [f"![{p}]({p})", ""]
     if "crops" in names:
-        n_crops, n_person, n_head = con.execute("SELECT count(*), count(*) FILTER (is_person), count(head_member) FROM crops").fetchall()[0]
+        n_crops, n_person, n_head = con.execute("SELECT count(*), count(*) FILTER (is_person), count(head_rect) FROM crops").fetchall()[0]
         phrases = con.execute("SELECT lower(phrase), count(*) FROM crops GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 10").fetchall()
         dropped: Counter = Counter()
         for rec in store.records("build"):

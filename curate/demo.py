@@ -162,20 +162,20 @@ def _mean(hist: list[dict]) -> float:
 def _prompt_images(out: str, run_dir: str, n: int) -> list[str]:
     """The first ``n`` crops of the demo shards, saved beside the run for a prompt."""
     import glob
-    import tarfile
 
-    crops = []
-    for tar in sorted(glob.glob(os.path.join(out, "final", "*.tar"))):
-        with tarfile.open(tar) as t:
-            crops += [t.extractfile(m).read() for m in t.getmembers() if ".crop" in m.name and "_head" not in m.name]
-        if len(crops) >= n:
-            break
+    from ..train.data import read_members
+    from ..train.prompts import resolve_segments
+
     paths = []
-    for i, data in enumerate(crops[:n]):
-        p = os.path.join(run_dir, f"prompt_image_{i}.jpg")
-        with open(p, "wb") as f:
-            f.write(data)
-        paths.append(p)
+    shards = sorted(glob.glob(os.path.join(out, "final", "*.tar")))
+    for sample in read_members(shards, {"prompt.json", "crops.jpg"}):
+        for seg in resolve_segments(sample):
+            if seg["type"] == "image" and len(paths) < n:
+                p = os.path.join(run_dir, f"prompt_image_{len(paths)}.jpg")
+                seg["image"].save(p, quality=95)
+                paths.append(p)
+        if len(paths) >= n:
+            break
     return paths
 
 
@@ -210,7 +210,7 @@ def example_prompts(root: str, n: int) -> list[str]:
     out = []
     shards = sorted(glob.glob(os.path.join(root, "final", "*.tar")))
     for sample in read_members(shards, {"prompt.json"}):  # decodes that member alone, safely
-        out.append(render_prompt(sample["prompt.json"]["segments"]))
+        out.append(render_prompt(sample["prompt.json"]["segments"], sample["prompt.json"]["crops"]))
         if len(out) >= n:
             break
     return out

@@ -38,7 +38,7 @@ SCHEMA = pa.schema([
 def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
     if not store.is_committed("select", 0):
         return {}
-    rows = store.read_table_verified("select", 0, "selection/selected.parquet", columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
+    rows = store.read_table_verified("select", 0, S.SELECTED_FILE, columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
     out: dict[int, list[dict]] = {}
     for r in rows:
         out.setdefault(int(r["shard"]), []).append(r)

@@ -117,7 +117,7 @@ def near_duplicates(con, max_distance: int) -> dict[str, tuple[str, int]]:
 
 
 def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
-    """Run the selection query; write selection/ unless ``dry_run``. Returns the funnel."""
+    """Run the selection query; write selected/ and rejects/ unless ``dry_run``. Returns the funnel."""
     cfg = config.select
     con = open_dataset(root)
     if "scores" not in view_names(con):
@@ -175,12 +175,12 @@ def _select(con, root: str, cfg: SelectConfig, dry_run: bool) -> dict:
     con.close()
     staging = store.staging_dir(OUT_DIR, 0)
     paths = {}
-    for name, table in (("selected", selected), ("rejects", rejects)):
-        p = os.path.join(staging, f"{name}.parquet")
+    for rel, table in ((S.SELECTED_FILE, selected), (S.REJECTS_FILE, rejects)):  # one table per folder
+        p = os.path.join(staging, rel.replace("/", "_"))
         if isinstance(table, pa.RecordBatchReader):
             table = table.read_all()
         pq.write_table(table, p)
-        paths[f"{OUT_DIR}/{name}.parquet"] = p
+        paths[rel] = p
     store.uncommit(STAGE, 0)
     store.commit(STAGE, 0, paths, {"selected": n_sel, "rejected": total - n_sel},
                  config_hash(cfg.model_dump()), {"rules": funnel["rules"]})

@@ -55,7 +55,7 @@ def make_dataset(tmp_path, samples: list[dict], drop_cols=()):
 
 
 def ledger(root):
-    rej = pd.read_parquet(f"{root}/selection/rejects.parquet")
+    rej = pd.read_parquet(f"{root}/rejects/rejects.parquet")
     return {r.sample_key: {f["rule"]: (f["value"], f["threshold"]) for f in r.failed} for r in rej.itertuples()}
 
 
@@ -73,7 +73,7 @@ def test_thresholds_nulls_and_ledger(tmp_path):
         {"key": "small", "ow": 200, "oh": 200},
     ])
     f = select(root, load_config(None))
-    sel = pd.read_parquet(f"{root}/selection/selected.parquet")
+    sel = pd.read_parquet(f"{root}/selected/selected.parquet")
     assert sorted(sel.sample_key) == ["edgeclip", "good"]
     led = ledger(root)
     assert set(led) == {"lowclip", "nsfw_at", "many", "nullclip", "nullnsfw", "emptycap", "broken", "small"}
@@ -110,21 +110,21 @@ def test_near_duplicates_keep_best_clip_score(tmp_path):
         rows.append({"key": key, "phash": f"{val:016x}", "phash_int": signed(val), "clip_score": clip})
     root = make_dataset(tmp_path, rows)
     select(root, load_config(None))
-    sel = set(pd.read_parquet(f"{root}/selection/selected.parquet").sample_key)
+    sel = set(pd.read_parquet(f"{root}/selected/selected.parquet").sample_key)
     assert sel == {"copy", "far"}
     led = ledger(root)
     assert led["orig"]["dedup_max_distance"][0] == "3 bits from copy"
     assert led["exact"]["dedup_max_distance"][0] == "3 bits from copy"
     assert set(led["rejected"]) == {"min_clip_score"}  # failed samples do not take part in dedup
     select(root, load_config(None, {"select.dedup_max_distance": 2}))
-    assert set(pd.read_parquet(f"{root}/selection/selected.parquet").sample_key) == {"copy", "far", "orig"}
+    assert set(pd.read_parquet(f"{root}/selected/selected.parquet").sample_key) == {"copy", "far", "orig"}
 
 
 def test_dry_run_writes_nothing(tmp_path):
     root = make_dataset(tmp_path, [{"key": "a"}, {"key": "b", "clip_score": 0.1}])
     f = select(root, load_config(None), dry_run=True)
     assert f["selected"] == 1 and "SELECT" in f["sql"]
-    assert not os.path.exists(f"{root}/selection") or not os.listdir(f"{root}/selection")
+    assert not os.path.exists(f"{root}/selected") or not os.listdir(f"{root}/selected")
     assert not ShardStore(root).committed_shards("select")
 
 
