@@ -3,6 +3,7 @@ near-duplicates, dry runs, and re-selection without re-scoring."""
 
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +51,8 @@ def make_dataset(tmp_path, samples: list[dict], drop_cols=()):
     sc = sc.astype({"clip_score": "float32", "nsfw": "float32", "watermark": "float32", "aesthetic": "float32",
                     "face_count": "Int32", "phash_int": "Int64", "phash": "string", "caption_reason": "string",
                     "score_error": "string"})
+    rng = np.random.default_rng(len(keys))
+    sc["clip_image_embedding"] = [list(map(float, s.get("emb", rng.normal(size=8)))) for s in samples]  # far apart
     commit_frame(store, "score", "scores/00000.parquet", sc.drop(columns=list(drop_cols)), tmp_path)
     return root
 
@@ -118,6 +121,34 @@ def test_near_duplicates_keep_best_clip_score(tmp_path):
     assert set(led["rejected"]) == {"min_clip_score"}  # failed samples do not take part in dedup
     select(root, load_config(None, {"select.dedup_max_distance": 2}))
     assert set(pd.read_parquet(f"{root}/selected/selected.parquet").sample_key) == {"copy", "far", "orig"}
+
+
+def test_semantic_duplicates_keep_the_best_of_each_cluster_with_a_ledger_line(tmp_path):
+    """Embeddings at cosine >= the threshold form one cluster (found through the k-NN index,
+    chained: a~b and b~c group a, b, c); the best clip score stays, the others fail
+    semantic_dedup_threshold naming the kept sample; a sample failing a threshold rule or
+    already dropped as a hash duplicate is not clustered."""
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=8)
+    v = rng.normal(size=8)
+    w = rng.normal(size=8)
+    rows = [{"key": "a", "emb": u, "clip_score": 0.35}, {"key": "b", "emb": u + 0.05 * v, "clip_score": 0.40},
+            {"key": "c", "emb": u + 0.1 * v, "clip_score": 0.33}, {"key": "d", "emb": w, "clip_score": 0.31},
+            {"key": "low", "emb": u, "clip_score": 0.1}]
+    root = make_dataset(tmp_path, rows)
+    f = select(root, load_config(None, {"select.semantic_dedup_threshold": 0.99}))
+    assert set(pd.read_parquet(f"{root}/selected").sample_key) == {"b", "d"}
+    led = ledger(root)
+    assert led["a"]["semantic_dedup_threshold"][0].endswith("to b") and led["a"]["semantic_dedup_threshold"][1] == "0.99"
+    assert led["c"]["semantic_dedup_threshold"][0].startswith("cosine 0.9")
+    assert set(led["low"]) == {"min_clip_score"}
+    assert {r["rule"]: r["first_failure"] for r in f["rules"]}["semantic_dedup_threshold"] == 2
+    assert select(root, load_config(None, {"select": {"semantic_dedup_threshold": None}}))["selected"] == 4
+    # without stored embeddings the rule cannot run: one line saying what to do
+    (tmp_path / "noemb").mkdir()
+    root2 = make_dataset(tmp_path / "noemb", rows, drop_cols=["clip_image_embedding"])
+    with pytest.raises(UserError, match="semantic_dedup_threshold needs.*clip_image_embedding"):
+        select(root2, load_config(None))
 
 
 def test_dry_run_writes_nothing(tmp_path):
@@ -204,7 +235,7 @@ def test_rule_table_covers_every_threshold_and_shares_six_rules():
     from mmloom.curate.config import PrefilterConfig, SelectConfig
 
     assert list(R.PREFILTER.rules) == list(PrefilterConfig.model_fields)
-    assert set(R.SELECT.rules) == set(SelectConfig.model_fields) - {"require_clean_caption", "dedup_max_distance"}
+    assert set(R.SELECT.rules) | set(R.GROUP_RULES) == set(SelectConfig.model_fields) - {"require_clean_caption", "semantic_dedup_neighbors"}
     shared = [k for k, r in R.PREFILTER.rules.items() if r in R.SELECT.rules.values()]
     assert shared == ["min_aspect", "max_aspect", "min_area", "min_clip_similarity", "max_nsfw", "max_watermark"]
     assert R.PREFILTER.rules["min_clip_similarity"] is R.SELECT.rules["min_clip_score"]
