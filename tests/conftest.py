@@ -221,12 +221,12 @@ def write_crops_dataset(root: str) -> str:
                 info = tarfile.TarInfo(f"{key}.jpg")
                 info.size = len(buf.getvalue())
                 t.addfile(info, io.BytesIO(buf.getvalue()))
-                emb = rng.normal(size=8)
+                emb = rng.normal(size=32)  # the tiny CLIP's width (text search in the browser test)
                 row = {"sample_key": sk, "key": key, "shard": shard, "url": f"http://example.org/{key}.jpg",
                        "caption": caption.upper(), "clean_caption": caption, "width": 256, "height": 256,
                        "clip_score": 0.31 + 0.01 * i, "nsfw": 0.01, "face_count": 0, "phash": f"{i:016x}",
                        "source_row": i}
-                scores.append({"sample_key": sk, "key": key, "clip_score": row["clip_score"],
+                scores.append({"sample_key": sk, "key": key, "clip_score": row["clip_score"], "width": 256, "height": 256,
                                "clip_image_embedding": (emb / np.linalg.norm(emb)).tolist()})
                 selected.append(row)
             for i in range(2):  # rejected samples, for the ledger
@@ -234,6 +234,14 @@ def write_crops_dataset(root: str) -> str:
                 rejects.append({"sample_key": f"rj{shard}{i}", "shard": shard, "key": key, "url": f"http://example.org/{key}.jpg",
                                 "caption": "a blurry photo", "failed": [{"rule": "min_clip_score", "value": "0.12", "threshold": "0.3"}],
                                 "first_rule": "min_clip_score"})
+                buf = io.BytesIO()
+                Image.new("RGB", (200, 120), (90, 90, 90 + 50 * i)).save(buf, "JPEG")
+                info = tarfile.TarInfo(f"{key}.jpg")
+                info.size = len(buf.getvalue())
+                t.addfile(info, io.BytesIO(buf.getvalue()))
+                emb = rng.normal(size=32)  # the tiny CLIP's width (text search in the browser test)
+                scores.append({"sample_key": f"rj{shard}{i}", "key": key, "clip_score": 0.12, "width": 200, "height": 120,
+                               "clip_image_embedding": (emb / np.linalg.norm(emb)).tolist()})
         name = shard_name(shard)
         store.commit("download", shard, {f"images/{name}.tar": tar_path}, {"rows": len(plan)}, "hand")
         p = os.path.join(staging, "s.parquet")
