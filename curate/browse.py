@@ -75,7 +75,6 @@ def _rows(con, names: set[str]) -> tuple[list[dict], list[str]]:
 
 
 def _thumb(data: bytes) -> tuple[bytes, int, int]:
-    from PIL import Image
 
     from mmloom.imageguard import open_image
 

@@ -1,5 +1,13 @@
 """The dataset card, DIR/README.md: the funnel from metadata rows to final samples,
-score histograms, crop statistics, example prompts (pictured), and the config used."""
+score histograms, crop statistics, example prompts (pictured), and the config used.
+
+Written with huggingface_hub's ``DatasetCard``, so the Hub renders it as a dataset card:
+YAML front matter with the size category, the configs (``default``: the final/
+webdataset shards as the train split; ``samples``, ``crops``, ``rejects``: the tables),
+and the features of the shards' members (what ``datasets.load_dataset(DIR)`` uses
+instead of guessing from the first samples). The licence is left for the user: mmloom
+cannot know the terms of images collected from the web.
+"""
 
 from __future__ import annotations
 
@@ -104,6 +112,73 @@ def _examples(store: ShardStore, n: int) -> list[tuple[str, str]]:
     return out
 
 
+SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` value for ``n`` samples."""
+    return next((name for limit, name in SIZES if n < limit), "1B<n<10B")
+
+
+def _v(name: str, dtype: str) -> dict:
+    return {"name": name, "dtype": dtype}
+
+
+def _struct(name: str, fields: list[dict], listed: bool = False) -> dict:
+    return {"name": name, "list" if listed else "struct": fields}
+
+
+def features(score_types: dict[str, str], embeddings: bool) -> list[dict]:
+    """The members of every final/ sample (``schemas.FINAL_MEMBERS``) as Hugging Face
+    features in the card's YAML layout."""
+    crop = [_v("kind", "string"), _v("phrase", "string"), {"name": "span", "list": "int64"},
+            {"name": "box", "list": "float64"}, _v("score", "float64"), _v("label", "string"),
+            {"name": "rect", "list": "int64"}, _v("head", "int64")]
+    out = [_v("jpg", "image"), _v("txt", "string"), _v("raw.txt", "string"), _v("crops.jpg", "image"),
+           _struct("prompt.json", [_struct("segments", [_v("type", "string"), _v("text", "string"), _v("crop", "int64")], True),
+                                   _struct("crops", crop, True)]),
+           _struct("scores.json", [_v(k, t) for k, t in sorted(score_types.items())]),
+           _struct("json", [_v("has_person", "bool"), _v("key", "string"), _v("sample_key", "string"),
+                            _v("url", "string"), _v("weight", "float64")])]
+    if embeddings:
+        out.append({"name": "clip_image.npy", "list": "float32"})
+    return out + [_v("__key__", "string"), _v("__url__", "string")]
+
+
+def _first_sample(store: ShardStore) -> dict:
+    """scores.json and whether clip_image.npy is there, from the first built sample."""
+    for shard in store.committed_shards("build"):
+        with store.open("final", f"{shard:05d}.tar") as f, tarfile.open(fileobj=f) as t:
+            names = t.getnames()
+            first = next((n for n in names if n.endswith(".scores.json")), None)
+            if first:
+                key = first[:-len(".scores.json")]
+                return {"scores": json.loads(t.extractfile(first).read()), "npy": f"{key}.clip_image.npy" in names}
+    return {"scores": {}, "npy": False}
+
+
+def card_data(store: ShardStore, n_built: int, tables: set[str]):
+    """The card's front matter (huggingface_hub ``DatasetCardData``)."""
+    from huggingface_hub import DatasetCardData
+
+    from ..manifests.schemas import TABLE_DIRS
+
+    first = _first_sample(store)
+    types = {k: "string" if isinstance(v, str) else "int64" if isinstance(v, int) else "float64"
+             for k, v in first["scores"].items() if v is not None}
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "final/*.tar"}], "default": True}]
+    for config, view in (("samples", "final"), ("crops", "crops"), ("rejects", "rejects")):
+        if view in tables:
+            configs.append({"config_name": config, "data_files": [{"split": "train", "path": f"{TABLE_DIRS[view][1]}/*.parquet"}]})
+    return DatasetCardData(
+        pretty_name="mmloom interleaved image-text prompts", size_categories=[size_category(n_built)],
+        task_categories=["text-to-image"], tags=["mmloom", "webdataset", "interleaved", "image-text"],
+        configs=configs,
+        dataset_info={"config_name": "default", "features": features(types, first["npy"]), "splits": [{"name": "train", "num_examples": n_built}]},
+    )
+
+
 def write_card(root: str, cfg: PipelineConfig) -> str:
     with reading(root):  # a damaged committed file: one line naming it
         return _write_card(root, cfg)
@@ -114,12 +189,12 @@ def _write_card(root: str, cfg: PipelineConfig) -> str:
     con = open_dataset(root)
     names = set(view_names(con))
     f = funnel(root)
-    lines = ["# Dataset card", "", f"Built by mmloom from `{', '.join(json.load(store.open('_commits', 'ingest.json'))['files'])}`.", ""]
+    lines = ["# Dataset card", "", "**Licence**: not set. The images and captions belong to their owners; "
+             "add `license:` to the front matter once you know the terms you may share them under.", "",
+             f"Built by mmloom from `{', '.join(json.load(store.open('_commits', 'ingest.json'))['files'])}`.", ""]
     lines += ["## Funnel", "", "```", render_funnel(f)]
-    if "final" in names:
-        built = dict(con.execute("SELECT status, count(*) FROM final GROUP BY 1").fetchall())
-        lines.append(f"  FINAL (built)          {built.get('built', 0):>9}   ({built.get('too_few_crops', 0)} selected samples had too few crops)")
     lines += ["```", ""]
+    built = dict(con.execute("SELECT status, count(*) FROM final GROUP BY 1").fetchall()) if "final" in names else {}
     for p in _plots(store, con, names):
         lines += [f"![{p}]({p})", ""]
     if "crops" in names:
@@ -138,13 +213,24 @@ def _write_card(root: str, cfg: PipelineConfig) -> str:
         for text, pic in ex:
             lines += [f"- `{text}`", f"  ![example]({pic})"]
         lines.append("")
-    lines += ["## Loading", "", "```python", "import json, webdataset as wds",
+    lines += ["## Loading", "", "Plain webdataset (images, JSON and text only: `pre=[]` and `post=[]` turn off webdataset's "
+              "default decoders, which unpickle `.pyd`/`.pickle` members):", "", "```python", "import glob, json, webdataset as wds",
               *([] if store.is_local else ["import mmloom.train.data  # lets webdataset open object-store URLs through fsspec"]),
-              f"ds = wds.WebDataset({store.root + '/final/{00000..' + format(max(store.committed_shards('build') or [0]), '05d') + '}.tar'!r}).decode(",
-              "    'pil', wds.handle_extension('json', json.loads), wds.handle_extension('txt', bytes.decode),",
-              "    pre=[], post=[])  # never webdataset's default decoders: they unpickle .pyd/.pickle members",
-              "for s in ds:  # s['jpg'], s['txt'], s['prompt.json']['segments'], s['crop0.jpg'], ...", "    break", "```", ""]
+              f"tars = sorted(glob.glob({store.root + '/final/*.tar'!r}))" if store.is_local else
+              f"tars = {[store.url('final', f'{s:05d}.tar') for s in store.committed_shards('build')]!r}",
+              "ds = wds.WebDataset(tars, shardshuffle=False).decode(",
+              "    'pil', wds.handle_extension('json', json.loads), wds.handle_extension('txt', bytes.decode), pre=[], post=[])",
+              "for s in ds:",
+              "    p = s['prompt.json']",
+              "    crops = [s['crops.jpg'].crop(p['crops'][seg['crop']]['rect']) for seg in p['segments'] if seg['type'] == 'image']",
+              "```", "", "Hugging Face datasets (every sample has the same members, so nothing is lost to schema inference):", "",
+              "```python", "from datasets import load_dataset",
+              f"ds = load_dataset('webdataset', data_files={{'train': {store.root + '/final/*.tar'!r}}}, split='train')", "```", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", ""]
     con.close()
-    store.write_bytes("README.md", "\n".join(lines).encode())
+    from huggingface_hub import DatasetCard
+
+    data = card_data(store, built.get("built", 0), names)
+    card = DatasetCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(lines))
+    store.write_bytes("README.md", str(card).encode())
     return store.url("README.md")

@@ -37,6 +37,8 @@ def demo_metadata(server: LocalServer) -> pd.DataFrame:
     images = demo_images()
     for name, data, caption, w, h in images:
         add(server.add(f"/img/{name}", Route(data)), caption, w, h)
+        if name == "rocket.jpg":  # a semantic near-duplicate that perceptual hashes miss (30 bits apart)
+            add(server.add("/img/rocket_mirrored.jpg", Route(_mirrored(data))), "the rocket on its launch pad, seen mirrored", w, h)
     good = images[0][1]
     for path, (route, _expected) in fault_routes(good, server.url("/img/" + images[1][0])).items():
         add(server.add(path, route), f"a photo served by {path}", 512, 512)
@@ -51,6 +53,16 @@ def demo_metadata(server: LocalServer) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["HEIGHT"] = df["HEIGHT"].astype("Int64")
     return df
+
+
+def _mirrored(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(data)).convert("RGB")).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
 
 
 def prepare_dir(out: str) -> None:
@@ -79,8 +91,10 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     cfg = load_config(None, {
         "score": score_cfg,
         # random-weight CLIP and watermark scores mean nothing: the demo keeps those rules off
-        # and selects on nudenet (real), geometry, captions and near-duplicates
-        "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5},
+        # and selects on nudenet (real), geometry, captions and near-duplicates; the tiny CLIP
+        # maps every image within about 0.97 cosine of every other, so only near-identical
+        # embeddings (the mirrored rocket: 0.999) count as semantic duplicates here
+        "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5, "semantic_dedup_threshold": 0.999},
         "ground": {"model": dino},
         "download.image_size": 512,
         "ingest.shard_size": 8,
