@@ -2,9 +2,8 @@
 score histograms, crop statistics, example prompts (pictured), and the config used.
 
 Written with huggingface_hub's ``DatasetCard``, so the Hub renders it as a dataset card:
-YAML front matter with the size category, the configs (``default``: the final/
-webdataset shards as the train split; ``samples``, ``crops``, ``rejects``: the tables),
-and the features of the shards' members (what ``datasets.load_dataset(DIR)`` uses
+YAML front matter with the size category, the config (``default``: the final/
+webdataset shards as the train split), and the features of the shards' members (what ``datasets.load_dataset(DIR)`` uses
 instead of guessing from the first samples). The licence is left for the user: mmloom
 cannot know the terms of images collected from the web.
 """
@@ -158,24 +157,21 @@ def _first_sample(store: ShardStore) -> dict:
     return {"scores": {}, "npy": False}
 
 
-def card_data(store: ShardStore, n_built: int, tables: set[str]):
+def card_data(store: ShardStore, n_built: int):
     """The card's front matter (huggingface_hub ``DatasetCardData``)."""
     from huggingface_hub import DatasetCardData
-
-    from ..manifests.schemas import TABLE_DIRS
 
     first = _first_sample(store)
     types = {k: "string" if isinstance(v, str) else "int64" if isinstance(v, int) else "float64"
              for k, v in first["scores"].items() if v is not None}
-    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "final/*.tar"}], "default": True}]
-    for config, view in (("samples", "final"), ("crops", "crops"), ("rejects", "rejects")):
-        if view in tables:
-            configs.append({"config_name": config, "data_files": [{"split": "train", "path": f"{TABLE_DIRS[view][1]}/*.parquet"}]})
+    # one config: the Hub infers one builder for a whole repository, so the parquet tables
+    # (their own folders, TABLE_DIRS) are loaded with load_dataset("parquet", data_files=...)
+    configs = [{"config_name": "default", "data_files": [{"split": "train", "path": "final/*.tar"}]}]
     return DatasetCardData(
         pretty_name="mmloom interleaved image-text prompts", size_categories=[size_category(n_built)],
         task_categories=["text-to-image"], tags=["mmloom", "webdataset", "interleaved", "image-text"],
         configs=configs,
-        dataset_info={"config_name": "default", "features": features(types, first["npy"]), "splits": [{"name": "train", "num_examples": n_built}]},
+        dataset_info={"config_name": "default", "features": features(types, first["npy"])},
     )
 
 
@@ -225,12 +221,14 @@ def _write_card(root: str, cfg: PipelineConfig) -> str:
               "    crops = [s['crops.jpg'].crop(p['crops'][seg['crop']]['rect']) for seg in p['segments'] if seg['type'] == 'image']",
               "```", "", "Hugging Face datasets (every sample has the same members, so nothing is lost to schema inference):", "",
               "```python", "from datasets import load_dataset",
-              f"ds = load_dataset('webdataset', data_files={{'train': {store.root + '/final/*.tar'!r}}}, split='train')", "```", ""]
+              f"ds = load_dataset('webdataset', data_files={{'train': {store.root + '/final/*.tar'!r}}}, split='train')",
+              f"crops = load_dataset('parquet', data_files={store.root + '/crops/*.parquet'!r}, split='train')  # one row per crop",
+              "```", ""]
     lines += ["## Config", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", ""]
     con.close()
     from huggingface_hub import DatasetCard
 
-    data = card_data(store, built.get("built", 0), names)
+    data = card_data(store, built.get("built", 0))
     card = DatasetCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(lines))
     store.write_bytes("README.md", str(card).encode())
     return store.url("README.md")

@@ -117,6 +117,10 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     for text in example_prompts(out, 5):
         echo("  " + text)
     echo(f"\nDataset card: {done['build']['card']}")
+    from .browse import write_site
+
+    site = write_site(out, cfg.download.encode_format, progress)
+    echo(f"Browse every selected and rejected sample: file://{site['index']} (`mmloom browse {out} --serve` adds search)")
     t = train_demo(out, ray_address, echo, family=family)
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")

@@ -100,3 +100,27 @@ def test_duckdb_pyarrow_and_pandas_get_one_table_per_folder(crops_dataset):
     assert con.execute("SELECT sum(n_crops) FROM final WHERE status = 'built'").fetchall()[0][0] == sum(o for o, _h in exp.values())
     assert con.execute("SELECT count(*) FROM selected").fetchall()[0][0] == len(exp)
     assert con.execute("SELECT count(*) FROM rejects").fetchall()[0][0] == 4
+
+
+def test_load_dataset_reads_the_card(crops_dataset, tmp_path):
+    """The card's front matter (config, features) is what `load_dataset(DIR)` reads: the
+    shards load with the declared features; a table folder loads as parquet."""
+    import shutil
+
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from mmloom.curate.card import card_data
+    from mmloom.manifests.store import ShardStore
+
+    store = ShardStore(crops_dataset)
+    data = card_data(store, len(expected(crops_dataset)))
+    assert data.size_categories == ["n<1K"] and "license" not in data.to_dict()
+    ds_dir = tmp_path / "ds"
+    shutil.copytree(crops_dataset, ds_dir, ignore=shutil.ignore_patterns("browse", "_tmp"))
+    DatasetCard("---\n" + data.to_yaml() + "\n---\n# card\n").save(ds_dir / "README.md")
+    shards = load_dataset(str(ds_dir), split="train", cache_dir=str(tmp_path / "cache"))
+    assert shards.features["crops.jpg"].__class__.__name__ == "Image"  # declared, not guessed
+    assert {r["__key__"]: counts(r["prompt.json"]) for r in shards} == expected(crops_dataset)
+    crops = load_dataset("parquet", data_files=f"{ds_dir}/crops/*.parquet", split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(crops) == sum(o for o, _h in expected(crops_dataset).values())
