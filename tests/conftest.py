@@ -13,6 +13,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import tempfile  # noqa: E402
+
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mmloom-test-hf-datasets-"))  # not the user's cache
 
 import socket
 
@@ -231,8 +234,11 @@ def write_crops_dataset(root: str) -> str:
                 selected.append(row)
             for i in range(2):  # rejected samples, for the ledger
                 key = f"{shard:01d}{90 + i:05d}"
-                rejects.append({"sample_key": f"rj{shard}{i}", "shard": shard, "key": key, "url": f"http://example.org/{key}.jpg",
-                                "caption": "a blurry photo", "failed": [{"rule": "min_clip_score", "value": "0.12", "threshold": "0.3"}],
+                hostile = shard == 1 and i == 1  # markup and a script URL from a stranger: shown as text, never run
+                rejects.append({"sample_key": f"rj{shard}{i}", "shard": shard, "key": key,
+                                "url": "javascript:document.title='pwned'" if hostile else f"http://example.org/{key}.jpg",
+                                "caption": "a blurry <img src=x onerror=\"document.title='pwned'\"> photo" if hostile else "a blurry photo",
+                                "failed": [{"rule": "min_clip_score", "value": "0.12", "threshold": "0.3"}],
                                 "first_rule": "min_clip_score"})
                 buf = io.BytesIO()
                 Image.new("RGB", (200, 120), (90, 90, 90 + 50 * i)).save(buf, "JPEG")

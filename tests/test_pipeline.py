@@ -77,6 +77,21 @@ def test_views_and_card(pipeline_run):
     card = (root / "README.md").read_text()
     assert "## Funnel" in card and "FINAL (built)" in card and "## Example prompts" in card and "## Config" in card
     assert (root / "card" / "scores.png").exists()
+    # a Hugging Face dataset card: front matter the Hub reads, licence left to the user
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard.load(root / "README.md").data.to_dict()
+    assert data["size_categories"] == ["n<1K"] and "license" not in data
+    assert data["configs"][0]["data_files"][0]["path"] == "final/*.tar"
+    assert {f["name"] for f in data["dataset_info"]["features"]} >= {"jpg", "crops.jpg", "prompt.json", "clip_image.npy"}
+    # the funnel goes on past SELECTED: grounded, then built
+    from mmloom.curate.stats import funnel, render
+
+    f = funnel(str(root))
+    text = render(f)
+    assert text.index("SELECTED") < text.index("grounded") < text.index("FINAL (built)")
+    assert f["built"]["built"] == con.execute("SELECT count(*) FROM final WHERE status = 'built'").fetchall()[0][0]
+    assert f["crops"][0] == n_crops
 
 
 def test_build_twice_is_byte_identical(pipeline_run):
