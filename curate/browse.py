@@ -47,7 +47,8 @@ def _js(name: str, obj) -> bytes:
 
 
 def _rows(con, names: set[str]) -> tuple[list[dict], list[str]]:
-    """Every judged sample, selected first, with scores, ledger, crops and build status."""
+    """Every judged sample in shard and key order (a reject next to the sample it lost to,
+    when they share a shard), with scores, ledger, crops and build status."""
     score_cols = [r[0] for r in con.execute("DESCRIBE scores").fetchall()]
     shown = [c for c in SCORES if c in score_cols]
     has = {c: c in score_cols for c in ("clean_caption", "phash")}
@@ -61,7 +62,7 @@ def _rows(con, names: set[str]) -> tuple[list[dict], list[str]]:
     rows = con.execute(f"""
         SELECT j.*, {cols}, {build}
         FROM ({' UNION ALL '.join(judged)}) j LEFT JOIN scores s USING (sample_key) {join}
-        ORDER BY NOT j.selected, j.shard, j.key""").fetchall()
+        ORDER BY j.shard, j.key""").fetchall()
     desc = [d[0] for d in con.description]
     out = [dict(zip(desc, r)) for r in rows]
     crops: dict[str, list[dict]] = {}
@@ -144,17 +145,25 @@ def _write_site(root: str, encode_format: str, progress: bool) -> dict:
             if r["key"] in sheets:
                 r["sheet"] = f"crops/{r['key']}.jpg"
                 _write(os.path.join(base, r["sheet"]), sheets[r["key"]])
+    write_pages(base, rows, shown)
+    return {"samples": len(rows), "selected": sum(bool(r["selected"]) for r in rows),
+            "rejected": sum(not r["selected"] for r in rows), "pages": -(-len(rows) // PAGE),
+            "index": os.path.join(base, "index.html")}
+
+
+def write_pages(base: str, rows: list[dict], shown: list[str]) -> None:
+    """The site files, the columnar index the filters read and the detail pages."""
     rules = sorted({f["rule"] for r in rows for f in (r["failed"] or [])})
     phrases = sorted({c["phrase"].lower() for r in rows for c in r["crops"]})
     rule_id, phrase_id = {x: i for i, x in enumerate(rules)}, {x: i for i, x in enumerate(phrases)}
     index = {"n": len(rows), "page": PAGE, "rules": rules, "phrases": phrases, "scores": shown,
              "selected": [int(r["selected"]) for r in rows],
-             "first": [rule_id[r["failed"][0]["rule"]] if r["failed"] else -1 for r in rows],
              "fails": [[rule_id[f["rule"]] for f in (r["failed"] or [])] for r in rows],
              "phrase": [sorted({phrase_id[c["phrase"].lower()] for c in r["crops"]}) for r in rows],
-             "text": [(r.get("clean_caption") or r["caption"] or "").lower()[:300] for r in rows],
+             "text": [(r.get("clean_caption") or r["caption"] or "").lower()[:160] for r in rows],
              "keys": [r["key"] for r in rows],
              "values": {c: [None if r.get(c) is None else round(float(r[c]), 4) for r in rows] for c in shown}}
+    os.makedirs(os.path.join(base, "data"), exist_ok=True)
     _write(os.path.join(base, "data", "index.js"), _js("mmloomIndex", index))
     for p in range(0, len(rows), PAGE):
         _write(os.path.join(base, "data", f"page_{p // PAGE:05d}.js"),
@@ -162,8 +171,6 @@ def _write_site(root: str, encode_format: str, progress: bool) -> dict:
     site = resources.files(__package__).joinpath("browse_site")
     for name in SITE_FILES:
         _write(os.path.join(base, name), site.joinpath(name).read_bytes())
-    return {"samples": len(rows), "selected": sum(index["selected"]), "rejected": len(rows) - sum(index["selected"]),
-            "pages": -(-len(rows) // PAGE), "index": os.path.join(base, "index.html")}
 
 
 def _detail(r: dict, shown: list[str]) -> dict:

@@ -91,7 +91,7 @@ def render(f: dict) -> str:
         rejected = sum(n for _r, n in f["rejected_by_first_rule"])
         lines.append(f"  rejected at select     {rejected:>9}")
         for rule, n in f["rejected_by_first_rule"]:
-            lines.append(f"    {rule:<20} {n:>9}")
+            lines.append(f"    {rule:<25}{n:>5}")
         lines.append(f"  SELECTED               {f['selected']:>9}")
     if "grounded" in f:
         lines.append(f"  grounded (with boxes)  {f['grounded'][0]:>9}   ({f['grounded'][1]} boxes)")
