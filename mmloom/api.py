@@ -28,7 +28,7 @@ __all__ = ["ingest", "download", "score", "select", "ground", "build", "run", "b
 def config(root: str, config: str | None = None, section: str | None = None, **settings: Any):
     """The dataset's pipeline config (``config`` YAML, else DIR/mmloom.yaml, else
     defaults) with ``settings`` applied to ``section``: a validated ``PipelineConfig``."""
-    from mmloom.configbase import load_model
+    from mmloom.configbase import _deep_merge, load_model
     from mmloom.curate.config import PipelineConfig
     from mmloom.curate.dataset import dataset_config
 
@@ -36,16 +36,8 @@ def config(root: str, config: str | None = None, section: str | None = None, **s
     if not settings:
         return cfg
     data = cfg.model_dump(mode="json")
-    _merge(data.setdefault(section, {}), settings)
+    _deep_merge(data.setdefault(section, {}), settings)
     return load_model(PipelineConfig, None, None, data=data, source=f"keyword arguments of mmloom.api.{section}")
-
-
-def _merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
 
 
 def _stage(name: str, root: str, run_keywords: dict, config_path: str | None, ray_address: str | None,
