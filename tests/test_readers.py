@@ -67,6 +67,7 @@ def test_hugging_face_datasets(crops_dataset, streaming, tmp_path):
     assert got == expected(crops_dataset)
 
 
+@pytest.mark.slow  # Ray Data's executor start-up: about 30 s on 2 loaded cores
 def test_ray_data_read_webdataset(crops_dataset, ray_local):
     import ray.data
 
