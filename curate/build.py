@@ -192,6 +192,9 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
                  {"rows": len(manifest), "built": built, "crops": len(crop_rows)}, chash,
                  {"dropped_boxes": dict(dropped)})
     store.discard(staging)
+    for old in (f"{name}.parquet", f"{name}_crops.parquet"):  # the tables' place before they had their own folders
+        if store.exists(OUT_DIR, old):
+            store.fs.rm_file(store.path(OUT_DIR, old))
     return {"built": built, "samples": len(manifest), "crops": len(crop_rows), "dropped": dict(dropped)}
 
 

@@ -100,7 +100,10 @@ def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
 
 def _inputs(store: ShardStore, shard: int) -> dict:
     """The selection (its one file) and the shard's downloaded images."""
-    return {"selection": store.record("select", 0)["files"],
+    files = store.record("select", 0)["files"]
+    # hashed under the names the files had before they moved to selected/ and rejects/, so
+    # a dataset grounded before keeps its detections when its selection is unchanged
+    return {"selection": {"selection/" + rel.rsplit("/", 1)[-1]: entry for rel, entry in files.items()},
             "images": (store.record("download", shard) or {}).get("files", {})}
 
 

@@ -186,6 +186,9 @@ def _select(con, root: str, cfg: SelectConfig, dry_run: bool) -> dict:
     store.commit(STAGE, 0, paths, {"selected": n_sel, "rejected": total - n_sel},
                  config_hash(cfg.model_dump()), {"rules": funnel["rules"]})
     store.discard(staging)
+    for old in ("selected.parquet", "rejects.parquet"):  # where both tables were before they had their own folders
+        if store.exists("selection", old):
+            store.fs.rm_file(store.path("selection", old))
     return funnel
 
 

@@ -259,3 +259,18 @@ def test_rule_sql_holds_no_pasted_text(tmp_path):
     assert con.execute("SELECT count(*) FROM t").fetchall() == [(3,)]
     with pytest.raises(TypeError, match="t.min_x: a threshold must be a number"):
         R.sql_rules(use, _only(use, "min_x", "0.5 OR true"))
+
+
+def test_a_dataset_selected_before_the_table_folders_moves_on_without_regrounding(tmp_path):
+    """selection/ of the old layout is removed when select writes selected/ and rejects/;
+    the ground stage hashes the selection under its old file names, so unchanged
+    selections do not redo grounding."""
+    from mmloom.curate.ground import _inputs
+
+    root = make_dataset(tmp_path, [{"key": "a"}, {"key": "b", "clip_score": 0.1}])
+    os.makedirs(f"{root}/selection")
+    for name in ("selected.parquet", "rejects.parquet"):
+        open(f"{root}/selection/{name}", "wb").close()
+    select(root, load_config(None))
+    assert not os.listdir(f"{root}/selection")
+    assert sorted(_inputs(ShardStore(root), 0)["selection"]) == ["selection/rejects.parquet", "selection/selected.parquet"]
