@@ -10,6 +10,7 @@ import os
 import pandas as pd
 import pytest
 
+from conftest import RAW_CAPTIONS
 from mmloom.manifests.store import ShardStore
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline and every family's demo training (minutes)
@@ -226,7 +227,7 @@ def test_ground_stage_runs_the_original_grounding_dino_package(pipeline_run, tmp
     s = ground(str(root), cfg.model_copy(update={"ground": gcfg}), progress=False)
     before = sorted(glob.glob(f"{pipeline_run[0]}/detections/*.parquet"))
     assert s["ran"] == len(before) > 0 and not s["failed"]
-    sel = pd.read_parquet(f"{root}/selection/selected.parquet").set_index("sample_key")
+    sel = pd.read_parquet(f"{root}/selected").set_index("sample_key")
     for path in sorted(glob.glob(f"{root}/detections/*.parquet")):
         t = pq.read_table(path)
         assert t.schema.remove_metadata() == pq.read_table(before[0]).schema.remove_metadata()
