@@ -133,6 +133,8 @@ class SelectConfig(Section):
     max_people: Optional[int] = Field(None, ge=0, description="maximum face count (MUMU: 1)")
     require_clean_caption: bool = Field(True, description="reject captions that are empty after cleaning")
     dedup_max_distance: Optional[int] = Field(4, ge=0, le=15, description="perceptual hashes within this many bits are near-duplicates (one kept); null = off")
+    semantic_dedup_threshold: Optional[float] = Field(0.95, gt=0, le=1, description="images whose stored CLIP image embeddings have at least this cosine similarity are one group, of which the best (highest clip_score, then largest) is kept; null = off")
+    semantic_dedup_neighbors: int = Field(16, ge=1, le=1024, description="nearest neighbours looked up per image for semantic dedup (the k of the k-NN index)")
 
 
 PERSON_WORDS = [

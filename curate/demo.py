@@ -37,6 +37,8 @@ def demo_metadata(server: LocalServer) -> pd.DataFrame:
     images = demo_images()
     for name, data, caption, w, h in images:
         add(server.add(f"/img/{name}", Route(data)), caption, w, h)
+        if name == "rocket.jpg":  # a semantic near-duplicate that perceptual hashes miss (30 bits apart)
+            add(server.add("/img/rocket_mirrored.jpg", Route(_mirrored(data))), "the rocket on its launch pad, seen mirrored", w, h)
     good = images[0][1]
     for path, (route, _expected) in fault_routes(good, server.url("/img/" + images[1][0])).items():
         add(server.add(path, route), f"a photo served by {path}", 512, 512)
@@ -51,6 +53,16 @@ def demo_metadata(server: LocalServer) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["HEIGHT"] = df["HEIGHT"].astype("Int64")
     return df
+
+
+def _mirrored(data: bytes) -> bytes:
+    import io
+
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(data)).convert("RGB")).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
 
 
 def prepare_dir(out: str) -> None:
@@ -79,8 +91,10 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     cfg = load_config(None, {
         "score": score_cfg,
         # random-weight CLIP and watermark scores mean nothing: the demo keeps those rules off
-        # and selects on nudenet (real), geometry, captions and near-duplicates
-        "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5},
+        # and selects on nudenet (real), geometry, captions and near-duplicates; the tiny CLIP
+        # maps every image within about 0.97 cosine of every other, so only near-identical
+        # embeddings (the mirrored rocket: 0.999) count as semantic duplicates here
+        "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5, "semantic_dedup_threshold": 0.999},
         "ground": {"model": dino},
         "download.image_size": 512,
         "ingest.shard_size": 8,
@@ -103,6 +117,10 @@ def run_demo(out: str, ray_address: str | None = None, progress: bool = True, ec
     for text in example_prompts(out, 5):
         echo("  " + text)
     echo(f"\nDataset card: {done['build']['card']}")
+    from .browse import write_site
+
+    site = write_site(out, cfg.download.encode_format, progress)
+    echo(f"Browse every selected and rejected sample: file://{site['index']} (`mmloom browse {out} --serve` adds search)")
     t = train_demo(out, ray_address, echo, family=family)
     echo(f"\nDataset ready in {out}\nQuery it, for example:\n"
          f"  mmloom query {out} \"SELECT status, count(*) FROM downloads GROUP BY status\"")
@@ -162,20 +180,20 @@ def _mean(hist: list[dict]) -> float:
 def _prompt_images(out: str, run_dir: str, n: int) -> list[str]:
     """The first ``n`` crops of the demo shards, saved beside the run for a prompt."""
     import glob
-    import tarfile
 
-    crops = []
-    for tar in sorted(glob.glob(os.path.join(out, "final", "*.tar"))):
-        with tarfile.open(tar) as t:
-            crops += [t.extractfile(m).read() for m in t.getmembers() if ".crop" in m.name and "_head" not in m.name]
-        if len(crops) >= n:
-            break
+    from ..train.data import read_members
+    from ..train.prompts import resolve_segments
+
     paths = []
-    for i, data in enumerate(crops[:n]):
-        p = os.path.join(run_dir, f"prompt_image_{i}.jpg")
-        with open(p, "wb") as f:
-            f.write(data)
-        paths.append(p)
+    shards = sorted(glob.glob(os.path.join(out, "final", "*.tar")))
+    for sample in read_members(shards, {"prompt.json", "crops.jpg"}):
+        for seg in resolve_segments(sample):
+            if seg["type"] == "image" and len(paths) < n:
+                p = os.path.join(run_dir, f"prompt_image_{len(paths)}.jpg")
+                seg["image"].save(p, quality=95)
+                paths.append(p)
+        if len(paths) >= n:
+            break
     return paths
 
 
@@ -210,7 +228,7 @@ def example_prompts(root: str, n: int) -> list[str]:
     out = []
     shards = sorted(glob.glob(os.path.join(root, "final", "*.tar")))
     for sample in read_members(shards, {"prompt.json"}):  # decodes that member alone, safely
-        out.append(render_prompt(sample["prompt.json"]["segments"]))
+        out.append(render_prompt(sample["prompt.json"]["segments"], sample["prompt.json"]["crops"]))
         if len(out) >= n:
             break
     return out

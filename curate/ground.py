@@ -38,7 +38,7 @@ SCHEMA = pa.schema([
 def selected_by_shard(store: ShardStore) -> dict[int, list[dict]]:
     if not store.is_committed("select", 0):
         return {}
-    rows = store.read_table_verified("select", 0, "selection/selected.parquet", columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
+    rows = store.read_table_verified("select", 0, S.SELECTED_FILE, columns=["sample_key", "key", "shard", "clean_caption", "width", "height"]).to_pylist()
     out: dict[int, list[dict]] = {}
     for r in rows:
         out.setdefault(int(r["shard"]), []).append(r)
@@ -100,7 +100,10 @@ def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
 
 def _inputs(store: ShardStore, shard: int) -> dict:
     """The selection (its one file) and the shard's downloaded images."""
-    return {"selection": store.record("select", 0)["files"],
+    files = store.record("select", 0)["files"]
+    # hashed under the names the files had before they moved to selected/ and rejects/, so
+    # a dataset grounded before keeps its detections when its selection is unchanged
+    return {"selection": {"selection/" + rel.rsplit("/", 1)[-1]: entry for rel, entry in files.items()},
             "images": (store.record("download", shard) or {}).get("files", {})}
 
 

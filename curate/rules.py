@@ -151,6 +151,25 @@ SELECT = Use(
 )
 
 
+# -- rules over groups of samples (select) --------------------------------------------
+
+@dataclass(frozen=True)
+class GroupRule:
+    """A rule that judges a sample against the others: samples closer than the threshold
+    form a group (``curate.dedup``) and all but the best one fail, with the distance to
+    the kept sample as the value. Applied after the threshold rules, to the samples that
+    passed them, in this order (a sample dropped by one is not grouped by the next)."""
+
+    what: str  # the measure, as the ledger names it
+    needs: tuple[str, ...]  # columns it reads
+
+
+GROUP_RULES = {
+    "dedup_max_distance": GroupRule("perceptual-hash bits", ("phash", "phash_int")),
+    "semantic_dedup_threshold": GroupRule("cosine of the CLIP image embeddings", ("clip_image_embedding",)),
+}
+
+
 # -- to pandas (ingest) ---------------------------------------------------------------
 
 def failure_reasons(use: Use, cfg, df: pd.DataFrame, null: NullPolicy | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .config import PipelineConfig, SelectConfig
-from .rules import SELECT, SqlRule, sql_rules
+from .rules import GROUP_RULES, SELECT, SqlRule, sql_rules
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, config_hash
@@ -70,54 +70,45 @@ FROM (
 )"""
 
 
+def _members(con, where: str = "") -> tuple[list, list]:
+    from .dedup import Member
+
+    rows = con.execute(f"""SELECT sample_key, clip_score, original_width::DOUBLE * original_height, phash_int
+                          FROM passing WHERE phash IS NOT NULL {where} ORDER BY sample_key""").fetchall()
+    return [Member(k, c, a) for k, c, a, _h in rows], [h for *_r, h in rows]
+
+
 def near_duplicates(con, max_distance: int) -> dict[str, tuple[str, int]]:
-    """Among passing samples: dropped sample_key -> (kept sample_key, bit distance).
+    """Among passing samples: dropped sample_key -> (kept sample_key, bit distance), found
+    with faiss's multi-hash index over the perceptual hashes (``curate.dedup``)."""
+    from .dedup import near_duplicate_hashes
 
-    Pigeonhole banding: split the 16 hex digits of the hash into max_distance+1 bands;
-    two hashes within max_distance bits differ in at most max_distance hex digits, so
-    they agree on one whole band. Only hashes sharing a band are compared."""
-    n_bands = max_distance + 1
-    bounds = [round(i * 16 / n_bands) for i in range(n_bands + 1)]
-    band_sql = " UNION ALL ".join(
-        f"SELECT phash, phash_int, {i} AS band, substr(phash, {a + 1}, {b - a}) AS v FROM hashes"
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-    )
-    con.execute("CREATE OR REPLACE TEMP TABLE hashes AS SELECT DISTINCT phash, phash_int FROM passing WHERE phash IS NOT NULL")
-    pairs = con.execute(f"""
-        WITH bands AS ({band_sql})
-        SELECT DISTINCT a.phash, b.phash, bit_count(xor(a.phash_int, b.phash_int)) AS d
-        FROM bands a JOIN bands b ON a.band = b.band AND a.v = b.v AND a.phash < b.phash
-        WHERE bit_count(xor(a.phash_int, b.phash_int)) <= $max_distance
-    """, {"max_distance": int(max_distance)}).fetchall()
-    parent: dict[str, str] = {}
+    members, hashes = _members(con)
+    return near_duplicate_hashes(members, hashes, max_distance) if members else {}
 
-    def find(x: str) -> str:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])
-            x = parent[x]
-        return x
 
-    for a, b, _d in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members = con.execute("SELECT sample_key, phash, phash_int, clip_score FROM passing WHERE phash IS NOT NULL").fetchall()
-    groups: dict[str, list] = {}
-    for key, ph, pint, cs in members:
-        groups.setdefault(find(ph), []).append((key, pint, cs))
-    dropped = {}
-    for group in groups.values():
-        if len(group) < 2:
-            continue
-        keep = min(group, key=lambda g: (-(g[2] if g[2] is not None else -1e9), g[0]))  # best clip score, then key
-        for key, pint, _cs in group:
-            if key != keep[0]:
-                dropped[key] = (keep[0], bin((pint ^ keep[1]) & (2**64 - 1)).count("1"))
-    return dropped
+def semantic_duplicates(con, threshold: float, k: int) -> dict[str, tuple[str, float]]:
+    """Among passing samples not already dropped as hash duplicates: dropped sample_key ->
+    (kept sample_key, cosine), from a k-NN index over the stored CLIP image embeddings."""
+    import numpy as np
+
+    from .dedup import Member, semantic_duplicates as groups
+
+    t = con.sql("""SELECT sample_key, clip_score, original_width::DOUBLE * original_height AS area, clip_image_embedding
+                       FROM passing WHERE clip_image_embedding IS NOT NULL
+                         AND sample_key NOT IN (SELECT sample_key FROM dup) ORDER BY sample_key""").to_arrow_table()
+    if not hasattr(t, "num_rows"):  # a RecordBatchReader
+        t = t.read_all()
+    if t.num_rows < 2:
+        return {}
+    members = [Member(k, c, a) for k, c, a in zip(*(t.column(n).to_pylist() for n in ("sample_key", "clip_score", "area")))]
+    emb = np.asarray(t.column("clip_image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                     dtype=np.float32).reshape(t.num_rows, -1)
+    return groups(members, emb, threshold, k)
 
 
 def select(root: str, config: PipelineConfig, dry_run: bool = False) -> dict:
-    """Run the selection query; write selection/ unless ``dry_run``. Returns the funnel."""
+    """Run the selection query; write selected/ and rejects/ unless ``dry_run``. Returns the funnel."""
     cfg = config.select
     con = open_dataset(root)
     if "scores" not in view_names(con):
@@ -134,19 +125,29 @@ def _select(con, root: str, cfg: SelectConfig, dry_run: bool) -> dict:
     sql = build_query(cfg, columns)
     con.execute(f"CREATE TEMP TABLE judged AS {sql}")
     con.execute("CREATE TEMP VIEW passing AS SELECT s.* FROM samples s JOIN judged j USING (sample_key) WHERE j.passes")
-    dups = near_duplicates(con, cfg.dedup_max_distance) if cfg.dedup_max_distance is not None and "phash" in columns else {}
-    con.execute("CREATE TEMP TABLE dup (sample_key VARCHAR, kept VARCHAR, d INTEGER)")
+    for name in GROUP_RULES:
+        lacking = [c for c in GROUP_RULES[name].needs if c not in columns]
+        if getattr(cfg, name) is not None and lacking:
+            raise UserError(f"select.{name} needs the score column(s) {lacking}, which the score stage did not store; "
+                            f"enable them (score.phash, score.clip.store_embeddings) or set select.{name}: null")
+    dups = near_duplicates(con, cfg.dedup_max_distance) if cfg.dedup_max_distance is not None else {}
+    con.execute("CREATE TEMP TABLE dup (sample_key VARCHAR, rule VARCHAR, value VARCHAR, threshold VARCHAR)")
     if dups:
-        con.executemany("INSERT INTO dup VALUES (?, ?, ?)", [(k, v[0], v[1]) for k, v in dups.items()])
+        con.executemany("INSERT INTO dup VALUES (?, 'dedup_max_distance', ?, ?)",
+                        [(k, f"{d} bits from {kept}", str(cfg.dedup_max_distance)) for k, (kept, d) in dups.items()])
+    if cfg.semantic_dedup_threshold is not None:
+        sem = semantic_duplicates(con, cfg.semantic_dedup_threshold, cfg.semantic_dedup_neighbors)
+        if sem:
+            con.executemany("INSERT INTO dup VALUES (?, 'semantic_dedup_threshold', ?, ?)",
+                            [(k, f"cosine {c:.4f} to {kept}", str(cfg.semantic_dedup_threshold)) for k, (kept, c) in sem.items()])
     con.execute("""
         CREATE TEMP TABLE final AS
         SELECT j.sample_key,
                CASE WHEN dup.sample_key IS NULL THEN j.failed
-                    ELSE list_append(j.failed, {'rule': 'dedup_max_distance',
-                         'value': dup.d || ' bits from ' || dup.kept, 'threshold': CAST($threshold AS VARCHAR)}) END AS failed
+                    ELSE list_append(j.failed, {'rule': dup.rule, 'value': dup.value, 'threshold': dup.threshold}) END AS failed
         FROM judged j LEFT JOIN dup USING (sample_key)
-    """, {"threshold": str(cfg.dedup_max_distance)})
-    rule_names = [r.name for r in rules(cfg)] + (["dedup_max_distance"] if cfg.dedup_max_distance is not None else [])
+    """)
+    rule_names = [r.name for r in rules(cfg)] + [n for n in GROUP_RULES if getattr(cfg, n) is not None]
     per_rule = dict(con.execute("""
         SELECT f.rule, count(*) FROM (SELECT unnest(failed) AS f FROM final) GROUP BY 1
     """).fetchall())
@@ -175,16 +176,19 @@ def _select(con, root: str, cfg: SelectConfig, dry_run: bool) -> dict:
     con.close()
     staging = store.staging_dir(OUT_DIR, 0)
     paths = {}
-    for name, table in (("selected", selected), ("rejects", rejects)):
-        p = os.path.join(staging, f"{name}.parquet")
+    for rel, table in ((S.SELECTED_FILE, selected), (S.REJECTS_FILE, rejects)):  # one table per folder
+        p = os.path.join(staging, rel.replace("/", "_"))
         if isinstance(table, pa.RecordBatchReader):
             table = table.read_all()
         pq.write_table(table, p)
-        paths[f"{OUT_DIR}/{name}.parquet"] = p
+        paths[rel] = p
     store.uncommit(STAGE, 0)
     store.commit(STAGE, 0, paths, {"selected": n_sel, "rejected": total - n_sel},
                  config_hash(cfg.model_dump()), {"rules": funnel["rules"]})
     store.discard(staging)
+    for old in ("selected.parquet", "rejects.parquet"):  # where both tables were before they had their own folders
+        if store.exists("selection", old):
+            store.fs.rm_file(store.path("selection", old))
     return funnel
 
 

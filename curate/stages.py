@@ -110,7 +110,7 @@ def _select_lines(f: dict) -> list[str]:
     from .select import render_funnel
 
     return ([f["sql"]] if f.get("show_sql") else []) + render_funnel(f).splitlines() + [
-        "(dry run: nothing written)" if f.get("dry_run") else f"wrote {f.get('out')}/selection/selected.parquet and rejects.parquet"]
+        "(dry run: nothing written)" if f.get("dry_run") else f"wrote {f.get('out')}/selected/ and rejects/ (the reject ledger)"]
 
 
 def _run_ground(root, config, ray_address=None, progress=True):
@@ -157,7 +157,7 @@ STAGES: list[StageEntry] = [
                    f"{s['committed']}/{s['shards']} downloaded shards scored"],
         (Option(("--batch-size",), "score.batch_size", {"type": int}), Option(("--device",), "score.device", DEVICE))),
     StageEntry(
-        "select", "apply thresholds with one DuckDB query; write selection/ and the reject ledger", _run_select,
+        "select", "apply thresholds with one DuckDB query; write selected/ and the reject ledger rejects/", _run_select,
         _select_lines,
         (Option(("--dry-run",), "dry_run", {"action": "store_true", "help": "print the funnel per rule, write nothing"}),
          Option(("--show-sql",), "show_sql", {"action": "store_true", "help": "print the compiled query"})),

@@ -55,6 +55,11 @@ def _funnel(con, root: str, top: int) -> dict:
         out["selected"] = con.execute("SELECT count(*) FROM selected").fetchall()[0][0]
         out["rejected_by_first_rule"] = con.execute(
             "SELECT first_rule, count(*) FROM rejects GROUP BY 1 ORDER BY 2 DESC, 1").fetchall() if "rejects" in views else []
+    if "detections" in views:
+        out["grounded"] = con.execute("SELECT count(DISTINCT sample_key), count(*) FROM detections").fetchall()[0]
+    if "final" in views:
+        out["built"] = dict(con.execute("SELECT status, count(*) FROM final GROUP BY 1 ORDER BY 1").fetchall())
+        out["crops"] = con.execute("SELECT coalesce(sum(n_crops), 0), count(*) FILTER (has_person) FROM final WHERE status = 'built'").fetchall()[0]
     return out
 
 
@@ -86,6 +91,13 @@ def render(f: dict) -> str:
         rejected = sum(n for _r, n in f["rejected_by_first_rule"])
         lines.append(f"  rejected at select     {rejected:>9}")
         for rule, n in f["rejected_by_first_rule"]:
-            lines.append(f"    {rule:<20} {n:>9}")
+            lines.append(f"    {rule:<25}{n:>5}")
         lines.append(f"  SELECTED               {f['selected']:>9}")
+    if "grounded" in f:
+        lines.append(f"  grounded (with boxes)  {f['grounded'][0]:>9}   ({f['grounded'][1]} boxes)")
+    if "built" in f:
+        for status, n in f["built"].items():
+            if status != "built":
+                lines.append(f"  - {status:<20} {n:>9}")
+        lines.append(f"  FINAL (built)          {f['built'].get('built', 0):>9}   ({f['crops'][0]} crops, {f['crops'][1]} samples with a person)")
     return "\n".join(lines)

@@ -12,15 +12,11 @@ import duckdb
 
 from mmloom.errors import UserError
 from .sql import ident
-from .schemas import STAGE_DIRS
+from .schemas import TABLE_DIRS
 from .store import ShardStore
 
-# view name -> (stage whose records list the files, folder, file-name suffix); a suffix
-# starting with "." matches plain shard files only (00000.parquet, not 00000_crops.parquet)
-_V = [("candidates", "ingest", ".parquet"), ("downloads", "download", ".parquet"), ("scores", "score", ".parquet"),
-      ("selected", "select", "selected.parquet"), ("rejects", "select", "rejects.parquet"),
-      ("detections", "ground", ".parquet"), ("final", "build", ".parquet"), ("crops", "build", "_crops.parquet")]
-VIEWS: dict[str, tuple[str, str, str]] = {view: (stage, STAGE_DIRS[stage], suffix) for view, stage, suffix in _V}
+# view name -> (stage whose records list the files, folder): one table per folder
+VIEWS: dict[str, tuple[str, str]] = dict(TABLE_DIRS)
 
 # every column of a sample, joined on its key (ingest, download, score)
 SAMPLES_SQL = """
@@ -33,13 +29,12 @@ LEFT JOIN downloads d USING (sample_key){score_join}
 """
 
 
-def committed_files(store: ShardStore, stage: str, folder: str, suffix: str) -> list[str]:
+def committed_files(store: ShardStore, stage: str, folder: str) -> list[str]:
+    """The parquet files of ``folder`` that ``stage``'s completion records list."""
     files = []
     for rec in store.records(stage):
         for rel in rec["files"]:
-            name = rel.rsplit("/", 1)[-1]
-            plain = suffix.startswith(".") and name[: -len(suffix)].isdigit()
-            if rel.startswith(folder + "/") and name.endswith(suffix) and (plain or not suffix.startswith(".")):
+            if rel.startswith(folder + "/") and rel.endswith(".parquet") and "/" not in rel[len(folder) + 1:]:
                 files.append(store.url(rel))
     return sorted(files)
 
@@ -47,8 +42,8 @@ def committed_files(store: ShardStore, stage: str, folder: str, suffix: str) -> 
 def dataset_files(store: ShardStore) -> dict[str, str]:
     """Every committed parquet file a view reads -> the stage that wrote it."""
     out: dict[str, str] = {}
-    for stage, folder, suffix in VIEWS.values():
-        for f in committed_files(store, stage, folder, suffix):
+    for stage, folder in VIEWS.values():
+        for f in committed_files(store, stage, folder):
             out.setdefault(f, stage)
     return out
 
@@ -111,8 +106,8 @@ def open_dataset(root: str, extra_views: dict[str, str] | None = None):
 
     store = ShardStore(root)
     con = store.duckdb()
-    for name, (stage, folder, suffix) in VIEWS.items():
-        files = committed_files(store, stage, folder, suffix)
+    for name, (stage, folder) in VIEWS.items():
+        files = committed_files(store, stage, folder)
         if files:
             try:  # binding reads every file's footer (union_by_name)
                 con.read_parquet(files, union_by_name=True).create_view(name)

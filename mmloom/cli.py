@@ -176,6 +176,24 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def cmd_browse(a) -> int:
+    from mmloom.curate.browse import serve, write_site
+    from mmloom.curate.dataset import dataset_config
+
+    _require_dataset(a.dir)
+    cfg = dataset_config(a.dir, None)
+    s = write_site(a.dir, cfg.download.encode_format, not a.no_progress)
+    print(f"browse: {s['samples']} samples ({s['selected']} selected, {s['rejected']} rejected) in {s['pages']} page(s); "
+          f"open file://{s['index']}")
+    if a.serve:
+        def ready(httpd):
+            print(f"browse: serving with search over the stored CLIP embeddings at http://127.0.0.1:{httpd.server_address[1]}/ "
+                  "(Ctrl-C stops)", flush=True)
+
+        serve(a.dir, a.port, cfg.score.clip.model, ready)
+    return 0
+
+
 def cmd_clean_caption(a) -> int:
     from mmloom.filters.captions import clean_caption
 
@@ -266,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("browse", help="write a static HTML browser of every selected and rejected sample to DIR/browse/")
+    s.add_argument("dir")
+    s.add_argument("--serve", action="store_true",
+                   help="also serve it on 127.0.0.1 with similarity search over the stored CLIP embeddings (text search when the CLIP model loads)")
+    s.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.set_defaults(fn=cmd_browse)
 
     s = sub.add_parser("verify", help="check every committed file against its completion record (size, sha256)")
     s.add_argument("dir")

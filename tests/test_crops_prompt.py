@@ -6,7 +6,7 @@ import pytest
 
 from mmloom.curate.config import BuildConfig
 from mmloom.curate.crops import apply_crop_rules
-from mmloom.curate.prompt import build_segments, reassemble, render
+from mmloom.curate.prompt import build_segments, crop_entry, reassemble, render
 
 CFG = BuildConfig()  # 150x150 minimum, 75% maximum, 3 crops, IoU 0.5
 
@@ -56,16 +56,21 @@ def test_duplicate_boxes_of_one_phrase_merge_to_the_best():
 def test_segments_place_crops_before_their_words_and_reassemble():
     clean = "a man and his dog"
     crops = [
-        {"member": "crop0.jpg", "phrase": "man", "span_start": 2, "span_end": 5, "box": [0, 0, 9, 9], "score": 0.6,
-         "label": "person", "head_member": "crop0_head.jpg"},
-        {"member": "crop1.jpg", "phrase": "dog", "span_start": 14, "span_end": 17, "box": [1, 1, 8, 8], "score": 0.5, "label": "dog"},
+        {"phrase": "man", "span_start": 2, "span_end": 5, "box": [0, 0, 9, 9], "score": 0.6, "label": "person", "head_box": [1, 1, 4, 4]},
+        {"phrase": "dog", "span_start": 14, "span_end": 17, "box": [1, 1, 8, 8], "score": 0.5, "label": "dog", "head_box": None},
     ]
     segs = build_segments(clean, crops)
     assert [s["type"] for s in segs] == ["text", "image", "text", "image", "text"]
     assert segs[0]["text"] == "a " and segs[2]["text"] == "man and his " and segs[4]["text"] == "dog"
-    assert segs[1]["head_member"] == "crop0_head.jpg" and "head_member" not in segs[3]
+    assert [s["crop"] for s in segs] == [-1, 0, -1, 1, -1]
+    # every segment and every crop entry carries the same keys (schema-inferring readers keep them all)
+    assert len({tuple(sorted(s)) for s in segs}) == 1
+    entries = [crop_entry(crops[0], [0, 0, 9, 9], head=2), crop_entry(crops[1], [16, 0, 23, 7]),
+               crop_entry(crops[0], [32, 0, 35, 3], kind="head")]
+    assert len({tuple(sorted(e)) for e in entries}) == 1
+    assert entries[0]["head"] == 2 and entries[2]["box"] == [1.0, 1.0, 4.0, 4.0] and entries[2]["label"] == "head"
     assert reassemble(segs) == clean
-    assert render(segs) == "a <man: crop0.jpg>man and his <dog: crop1.jpg>dog"
+    assert render(segs, entries) == "a <man: crop 0>man and his <dog: crop 1>dog"
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -74,13 +79,14 @@ def test_reassembly_for_random_spans(seed):
     clean = " ".join(rng.choice(["a", "red", "dog", "runs", "on", "grass", "with", "his", "owner"]) for _ in range(rng.randint(1, 12)))
     words = [(i, i + len(w)) for i, w in _word_starts(clean)]
     picked = sorted(rng.sample(words, k=min(len(words), rng.randint(0, 3))))
-    crops = [{"member": f"crop{i}.jpg", "phrase": clean[s:e], "span_start": s, "span_end": e, "box": [0, 0, 1, 1],
+    crops = [{"phrase": clean[s:e], "span_start": s, "span_end": e, "box": [0, 0, 1, 1],
               "score": 0.5, "label": clean[s:e]} for i, (s, e) in enumerate(picked)]
     segs = build_segments(clean, crops)
     assert reassemble(segs) == clean
     for s in segs:
         if s["type"] == "image":
-            assert clean[s["span"][0]:s["span"][1]] == s["phrase"]
+            c = crops[s["crop"]]
+            assert clean[c["span_start"]:c["span_end"]] == c["phrase"]
 
 
 def _word_starts(text):

@@ -9,56 +9,11 @@ import os
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import write_laion
-from mmloom.curate.run import run_pipeline
+from conftest import RAW_CAPTIONS
 from mmloom.manifests.store import ShardStore
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline and every family's demo training (minutes)
-
-RAW_CAPTIONS = [
-    "<b>A woman astronaut</b> in a white spacesuit [IMG_0042] http://nasa.example/a.jpg",
-    "a woman in a navy uniform with medals -- photo by navy.mil",
-    "\u201cA cup of coffee\u201d on a saucer with a spoon",
-    "a ginger cat looking to the side {cat_pics}",
-    "a red circle on a grey background",
-    "a blue square on a grey background",
-]
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, images):
-    from mmloom.testkit.localserver import LocalServer, Route
-    from mmloom.testkit.tiny_scoring import make_grounding_dino, make_score_models
-
-    tmp = tmp_path_factory.mktemp("pipe")
-    by_name = {n: d for n, d, *_ in images}
-    names = ["astronaut.jpg", "grace_hopper.jpg", "coffee.jpg", "chelsea.jpg", "shape0.jpg", "shape1.jpg"]
-    score_cfg = make_score_models(str(tmp / "models"))
-    words = sorted({w for c in RAW_CAPTIONS for w in c.lower().replace("\u201c", " ").replace("\u201d", " ").split()})
-    dino = make_grounding_dino(str(tmp / "models" / "dino"), words)
-    with LocalServer({}) as srv:
-        rows = [{"url": srv.add(f"/i/{n}", Route(by_name[n])), "text": c} for n, c in zip(names, RAW_CAPTIONS)]
-        write_laion(tmp / "meta.parquet", rows)
-        pipe = {
-            "run": {"sources": ["meta.parquet"], "out": str(tmp / "ds")},
-            "ingest": {"shard_size": 3},
-            "download": {"allow_private_addresses": True, "image_size": 512},
-            "score": score_cfg,
-            "select": {"min_clip_score": None, "max_watermark": None, "max_nsfw": 0.5, "dedup_max_distance": None},
-            "ground": {"model": dino, "box_threshold": 0.3},
-            "build": {"min_crop_area": 2500, "min_crops": 1},
-        }
-        (tmp / "pipe.yaml").write_text(yaml.safe_dump(pipe))
-        logs = []
-        rc = run_pipeline(str(tmp / "pipe.yaml"), None, None, progress=False, echo=lambda *a, **k: logs.append(" ".join(map(str, a))))
-        assert rc == 0, logs
-        # resuming: everything is committed, every stage skips its shards
-        logs2 = []
-        rc = run_pipeline(str(tmp / "pipe.yaml"), None, None, progress=False, echo=lambda *a, **k: logs2.append(" ".join(map(str, a))))
-        assert rc == 0
-    return tmp / "ds", pipe, logs, logs2
 
 
 def test_second_run_resumes_with_nothing_to_do(pipeline_run):
@@ -71,7 +26,7 @@ def test_second_run_resumes_with_nothing_to_do(pipeline_run):
 def test_detection_spans_index_the_clean_caption(pipeline_run):
     root = pipeline_run[0]
     det = pd.concat([pd.read_parquet(p) for p in glob.glob(f"{root}/detections/*.parquet")])
-    sel = pd.read_parquet(f"{root}/selection/selected.parquet").set_index("sample_key")
+    sel = pd.read_parquet(f"{root}/selected").set_index("sample_key")
     assert len(det) > 0
     for r in det.itertuples():
         clean = sel.loc[r.sample_key, "clean_caption"]
@@ -86,18 +41,23 @@ def test_final_shards_read_with_plain_webdataset(pipeline_run):
     root = pipeline_run[0]
     tars = sorted(glob.glob(f"{root}/final/*.tar"))
     samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
-    manifest = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{root}/final/0000?.parquet"))])
+    manifest = pd.read_parquet(f"{root}/manifest")  # one table per folder
     assert len(samples) == (manifest.status == "built").sum() > 0
     for s in samples:
-        segs = s["prompt.json"]["segments"]
-        assert "".join(x["text"] for x in segs if x["type"] == "text") == s["txt"]
+        p = s["prompt.json"]
+        segs, crops = p["segments"], p["crops"]
+        assert "".join(x["text"] for x in segs) == s["txt"]
         images = [x for x in segs if x["type"] == "image"]
         assert 1 <= len(images) <= 3
+        W, H = s["crops.jpg"].size
+        for c in crops:
+            x0, y0, x1, y1 = c["rect"]
+            assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and x0 % 16 == 0
         for x in images:
-            assert x["member"] in s and s[x["member"]].size[0] > 0
-            assert s["txt"][x["span"][0]:x["span"][1]] == x["phrase"]
-            if "head_member" in x:
-                assert x["head_member"] in s and x["label"] == "person"
+            c = crops[x["crop"]]
+            assert c["kind"] == "object" and s["txt"][c["span"][0]:c["span"][1]] == c["phrase"]
+            if c["head"] >= 0:
+                assert crops[c["head"]]["kind"] == "head" and c["label"] == "person"
         assert s["jpg"].size[0] > 0 and "clip_score" in s["scores.json"] and s["json"]["weight"] in (1.0, 2.0)
     # the score stage's stored CLIP image embedding travels with each sample
     con = __import__("mmloom.manifests.views", fromlist=["open_dataset"]).open_dataset(str(root))
@@ -118,6 +78,21 @@ def test_views_and_card(pipeline_run):
     card = (root / "README.md").read_text()
     assert "## Funnel" in card and "FINAL (built)" in card and "## Example prompts" in card and "## Config" in card
     assert (root / "card" / "scores.png").exists()
+    # a Hugging Face dataset card: front matter the Hub reads, licence left to the user
+    from huggingface_hub import DatasetCard
+
+    data = DatasetCard.load(root / "README.md").data.to_dict()
+    assert data["size_categories"] == ["n<1K"] and "license" not in data
+    assert data["configs"][0]["data_files"][0]["path"] == "final/*.tar"
+    assert {f["name"] for f in data["dataset_info"]["features"]} >= {"jpg", "crops.jpg", "prompt.json", "clip_image.npy"}
+    # the funnel goes on past SELECTED: grounded, then built
+    from mmloom.curate.stats import funnel, render
+
+    f = funnel(str(root))
+    text = render(f)
+    assert text.index("SELECTED") < text.index("grounded") < text.index("FINAL (built)")
+    assert f["built"]["built"] == con.execute("SELECT count(*) FROM final WHERE status = 'built'").fetchall()[0][0]
+    assert f["crops"][0] == n_crops
 
 
 def test_build_twice_is_byte_identical(pipeline_run):
@@ -252,7 +227,7 @@ def test_ground_stage_runs_the_original_grounding_dino_package(pipeline_run, tmp
     s = ground(str(root), cfg.model_copy(update={"ground": gcfg}), progress=False)
     before = sorted(glob.glob(f"{pipeline_run[0]}/detections/*.parquet"))
     assert s["ran"] == len(before) > 0 and not s["failed"]
-    sel = pd.read_parquet(f"{root}/selection/selected.parquet").set_index("sample_key")
+    sel = pd.read_parquet(f"{root}/selected").set_index("sample_key")
     for path in sorted(glob.glob(f"{root}/detections/*.parquet")):
         t = pq.read_table(path)
         assert t.schema.remove_metadata() == pq.read_table(before[0]).schema.remove_metadata()

@@ -3,6 +3,7 @@ near-duplicates, dry runs, and re-selection without re-scoring."""
 
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,12 +51,14 @@ def make_dataset(tmp_path, samples: list[dict], drop_cols=()):
     sc = sc.astype({"clip_score": "float32", "nsfw": "float32", "watermark": "float32", "aesthetic": "float32",
                     "face_count": "Int32", "phash_int": "Int64", "phash": "string", "caption_reason": "string",
                     "score_error": "string"})
+    rng = np.random.default_rng(len(keys))
+    sc["clip_image_embedding"] = [list(map(float, s.get("emb", rng.normal(size=8)))) for s in samples]  # far apart
     commit_frame(store, "score", "scores/00000.parquet", sc.drop(columns=list(drop_cols)), tmp_path)
     return root
 
 
 def ledger(root):
-    rej = pd.read_parquet(f"{root}/selection/rejects.parquet")
+    rej = pd.read_parquet(f"{root}/rejects/rejects.parquet")
     return {r.sample_key: {f["rule"]: (f["value"], f["threshold"]) for f in r.failed} for r in rej.itertuples()}
 
 
@@ -73,7 +76,7 @@ def test_thresholds_nulls_and_ledger(tmp_path):
         {"key": "small", "ow": 200, "oh": 200},
     ])
     f = select(root, load_config(None))
-    sel = pd.read_parquet(f"{root}/selection/selected.parquet")
+    sel = pd.read_parquet(f"{root}/selected/selected.parquet")
     assert sorted(sel.sample_key) == ["edgeclip", "good"]
     led = ledger(root)
     assert set(led) == {"lowclip", "nsfw_at", "many", "nullclip", "nullnsfw", "emptycap", "broken", "small"}
@@ -110,21 +113,49 @@ def test_near_duplicates_keep_best_clip_score(tmp_path):
         rows.append({"key": key, "phash": f"{val:016x}", "phash_int": signed(val), "clip_score": clip})
     root = make_dataset(tmp_path, rows)
     select(root, load_config(None))
-    sel = set(pd.read_parquet(f"{root}/selection/selected.parquet").sample_key)
+    sel = set(pd.read_parquet(f"{root}/selected/selected.parquet").sample_key)
     assert sel == {"copy", "far"}
     led = ledger(root)
     assert led["orig"]["dedup_max_distance"][0] == "3 bits from copy"
     assert led["exact"]["dedup_max_distance"][0] == "3 bits from copy"
     assert set(led["rejected"]) == {"min_clip_score"}  # failed samples do not take part in dedup
     select(root, load_config(None, {"select.dedup_max_distance": 2}))
-    assert set(pd.read_parquet(f"{root}/selection/selected.parquet").sample_key) == {"copy", "far", "orig"}
+    assert set(pd.read_parquet(f"{root}/selected/selected.parquet").sample_key) == {"copy", "far", "orig"}
+
+
+def test_semantic_duplicates_keep_the_best_of_each_cluster_with_a_ledger_line(tmp_path):
+    """Embeddings at cosine >= the threshold form one cluster (found through the k-NN index,
+    chained: a~b and b~c group a, b, c); the best clip score stays, the others fail
+    semantic_dedup_threshold naming the kept sample; a sample failing a threshold rule or
+    already dropped as a hash duplicate is not clustered."""
+    rng = np.random.default_rng(1)
+    u = rng.normal(size=8)
+    v = rng.normal(size=8)
+    w = rng.normal(size=8)
+    rows = [{"key": "a", "emb": u, "clip_score": 0.35}, {"key": "b", "emb": u + 0.05 * v, "clip_score": 0.40},
+            {"key": "c", "emb": u + 0.1 * v, "clip_score": 0.33}, {"key": "d", "emb": w, "clip_score": 0.31},
+            {"key": "low", "emb": u, "clip_score": 0.1}]
+    root = make_dataset(tmp_path, rows)
+    f = select(root, load_config(None, {"select.semantic_dedup_threshold": 0.99}))
+    assert set(pd.read_parquet(f"{root}/selected").sample_key) == {"b", "d"}
+    led = ledger(root)
+    assert led["a"]["semantic_dedup_threshold"][0].endswith("to b") and led["a"]["semantic_dedup_threshold"][1] == "0.99"
+    assert led["c"]["semantic_dedup_threshold"][0].startswith("cosine 0.9")
+    assert set(led["low"]) == {"min_clip_score"}
+    assert {r["rule"]: r["first_failure"] for r in f["rules"]}["semantic_dedup_threshold"] == 2
+    assert select(root, load_config(None, {"select": {"semantic_dedup_threshold": None}}))["selected"] == 4
+    # without stored embeddings the rule cannot run: one line saying what to do
+    (tmp_path / "noemb").mkdir()
+    root2 = make_dataset(tmp_path / "noemb", rows, drop_cols=["clip_image_embedding"])
+    with pytest.raises(UserError, match="semantic_dedup_threshold needs.*clip_image_embedding"):
+        select(root2, load_config(None))
 
 
 def test_dry_run_writes_nothing(tmp_path):
     root = make_dataset(tmp_path, [{"key": "a"}, {"key": "b", "clip_score": 0.1}])
     f = select(root, load_config(None), dry_run=True)
     assert f["selected"] == 1 and "SELECT" in f["sql"]
-    assert not os.path.exists(f"{root}/selection") or not os.listdir(f"{root}/selection")
+    assert not os.path.exists(f"{root}/selected") or not os.listdir(f"{root}/selected")
     assert not ShardStore(root).committed_shards("select")
 
 
@@ -204,7 +235,7 @@ def test_rule_table_covers_every_threshold_and_shares_six_rules():
     from mmloom.curate.config import PrefilterConfig, SelectConfig
 
     assert list(R.PREFILTER.rules) == list(PrefilterConfig.model_fields)
-    assert set(R.SELECT.rules) == set(SelectConfig.model_fields) - {"require_clean_caption", "dedup_max_distance"}
+    assert set(R.SELECT.rules) | set(R.GROUP_RULES) == set(SelectConfig.model_fields) - {"require_clean_caption", "semantic_dedup_neighbors"}
     shared = [k for k, r in R.PREFILTER.rules.items() if r in R.SELECT.rules.values()]
     assert shared == ["min_aspect", "max_aspect", "min_area", "min_clip_similarity", "max_nsfw", "max_watermark"]
     assert R.PREFILTER.rules["min_clip_similarity"] is R.SELECT.rules["min_clip_score"]
@@ -228,3 +259,18 @@ def test_rule_sql_holds_no_pasted_text(tmp_path):
     assert con.execute("SELECT count(*) FROM t").fetchall() == [(3,)]
     with pytest.raises(TypeError, match="t.min_x: a threshold must be a number"):
         R.sql_rules(use, _only(use, "min_x", "0.5 OR true"))
+
+
+def test_a_dataset_selected_before_the_table_folders_moves_on_without_regrounding(tmp_path):
+    """selection/ of the old layout is removed when select writes selected/ and rejects/;
+    the ground stage hashes the selection under its old file names, so unchanged
+    selections do not redo grounding."""
+    from mmloom.curate.ground import _inputs
+
+    root = make_dataset(tmp_path, [{"key": "a"}, {"key": "b", "clip_score": 0.1}])
+    os.makedirs(f"{root}/selection")
+    for name in ("selected.parquet", "rejects.parquet"):
+        open(f"{root}/selection/{name}", "wb").close()
+    select(root, load_config(None))
+    assert not os.listdir(f"{root}/selection")
+    assert sorted(_inputs(ShardStore(root), 0)["selection"]) == ["selection/rejects.parquet", "selection/selected.parquet"]

@@ -36,7 +36,7 @@ import torch
 
 from mmloom.errors import UserError
 from .config import DataConfig
-from .prompts import PromptBuilder, square
+from .prompts import PromptBuilder, resolve_segments, square
 
 log = logging.getLogger("mmloom.train.data")
 
@@ -170,7 +170,8 @@ IMAGE, TEXT, JSON, NPY = "image", "text", "json", "npy"
 # what curate/build.py writes per sample; the main image in download.encode_format
 MEMBERS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"jpg|png|webp"), IMAGE),
-    (re.compile(r"crop\d+(?:_head)?\.jpg"), IMAGE),
+    (re.compile(r"crops\.jpg"), IMAGE),  # every crop of the sample, rectangles in prompt.json
+    (re.compile(r"crop\d+(?:_head)?\.jpg"), IMAGE),  # shards built before crops.jpg
     (re.compile(r"txt|raw\.txt"), TEXT),
     (re.compile(r"json|prompt\.json|scores\.json"), JSON),
     (re.compile(r"clip_image\.npy"), NPY),
@@ -401,8 +402,10 @@ def _to_example(sample: dict, builder: PromptBuilder, seed: int, cfg: DataConfig
     image = square(main, cfg.resolution)
     pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
     emb = sample.get("clip_image.npy")
-    return {"pixels": pixels, "prompt": builder(sample, rng), "key": sample["__key__"], "index": sample["__index__"],
-            "caption": sample.get("txt", ""), "segments": sample.get("prompt.json", {}).get("segments", []),
+    prompt = builder(sample, rng)
+    segments = [{k: v for k, v in s.items() if k not in ("image", "head")} for s in resolve_segments(sample)]
+    return {"pixels": pixels, "prompt": prompt, "key": sample["__key__"], "index": sample["__index__"],
+            "caption": sample.get("txt", ""), "segments": segments,
             "clip_image": None if emb is None else torch.from_numpy(emb.astype("float32"))}
 
 

@@ -61,6 +61,46 @@ def canny(img: Image.Image) -> Image.Image:
     return Image.fromarray(edges).convert("RGB")
 
 
+def _cut(sheet: Image.Image, rect, what: str) -> Image.Image:
+    """One crop of the ``crops.jpg`` sheet; a rectangle outside it is the shard's error."""
+    if not (isinstance(rect, list) and len(rect) == 4 and all(isinstance(v, int) for v in rect)):
+        raise ValueError(f"{what}: rect {rect!r} is not four integers")
+    x0, y0, x1, y1 = rect
+    if not (0 <= x0 < x1 <= sheet.size[0] and 0 <= y0 < y1 <= sheet.size[1]):
+        raise ValueError(f"{what}: rect {rect} lies outside crops.jpg ({sheet.size[0]}x{sheet.size[1]})")
+    return sheet.crop((x0, y0, x1, y1))
+
+
+def resolve_segments(sample: dict) -> list[dict]:
+    """The sample's segments with their pictures: text segments as they are; image
+    segments as ``{"type": "image", "text", "phrase", "label", "image": PIL, "head": PIL or
+    None}``. Reads the build stage's layout (``crops.jpg`` and ``prompt.json``'s crop
+    rectangles, `curate/prompt.py`) and the one before it (a ``cropN.jpg`` member per crop)."""
+    p = sample["prompt.json"]
+    key = sample.get("__key__", "?")
+    out = []
+    for s in p["segments"]:
+        if s["type"] != "image":
+            out.append(s)
+        elif "crops" in p:
+            crops, sheet = p["crops"], sample.get("crops.jpg")
+            if sheet is None:
+                raise ValueError(f"{key}: prompt.json names crops but the sample has no crops.jpg")
+            i = s.get("crop")
+            if not isinstance(i, int) or not 0 <= i < len(crops):
+                raise ValueError(f"{key}: image segment points at crop {i!r} of {len(crops)}")
+            c = crops[i]
+            h = c.get("head", -1)
+            head = _cut(sheet, crops[h]["rect"], f"{key} head of crop {i}") if isinstance(h, int) and 0 <= h < len(crops) else None
+            out.append({"type": "image", "text": "", "phrase": c["phrase"], "label": c["label"],
+                        "image": _cut(sheet, c["rect"], f"{key} crop {i}"), "head": head})
+        else:  # before crops.jpg: one member per crop
+            hm = s.get("head_member")
+            out.append({"type": "image", "text": "", "phrase": s.get("phrase", ""), "label": s.get("label", ""),
+                        "image": sample[s["member"]], "head": sample[hm] if hm and hm in sample else None})
+    return out
+
+
 @dataclass
 class Prompt:
     """An interleaved prompt: strings and PIL images, in order."""
@@ -88,7 +128,7 @@ class PromptBuilder:
     def __call__(self, sample: dict, rng: random.Random) -> Prompt:
         """``sample``: a decoded final/ sample (PIL images, ``prompt.json`` dict)."""
         cfg = self.cfg
-        segs = sample["prompt.json"]["segments"]
+        segs = resolve_segments(sample)
         images = [i for i, s in enumerate(segs) if s["type"] == "image"]
         if cfg.stage == 2:
             people = [i for i in images if segs[i].get("label") == "person"]
@@ -104,13 +144,12 @@ class PromptBuilder:
                 continue
             if i not in keep:
                 continue
-            member = s["member"]
+            crop = s["image"]
             if s.get("label") == "person":
                 out.person_crops += 1
-                if s.get("head_member") and s["head_member"] in sample and rng.random() < cfg.head_prob:
-                    member = s["head_member"]
+                if s["head"] is not None and rng.random() < cfg.head_prob:
+                    crop = s["head"]
                     out.head_swaps += 1
-            crop = sample[member]
             if rng.random() < cfg.augment_prob:
                 crop = augment(crop, rng)
                 out.augmented += 1

@@ -170,6 +170,28 @@ def test_a_member_above_max_member_bytes_is_skipped_unread(tmp_path):
     assert set(GOOD[:2]) <= {e["key"] for e in examples}
 
 
+def layout2_members(key: str, rect) -> dict[str, bytes]:
+    """A sample in the build stage's layout: one crops.jpg and its rectangles in prompt.json."""
+    segs = [{"type": "text", "text": "a ", "crop": -1}, {"type": "image", "text": "", "crop": 0},
+            {"type": "text", "text": "red circle", "crop": -1}]
+    crops = [{"kind": "object", "phrase": "red circle", "span": [2, 12], "box": [0.0, 0.0, 20.0, 30.0], "score": 0.5,
+              "label": "red circle", "rect": rect, "head": -1}]
+    return {"jpg": jpeg((64, 48)), "crops.jpg": jpeg((20, 30)), "txt": b"a red circle", "raw.txt": b"A red circle!",
+            "prompt.json": json.dumps({"segments": segs, "crops": crops}).encode(),
+            "scores.json": b'{"clip_score": 0.3}', "json": json.dumps({"key": key, "weight": 1.0}).encode()}
+
+
+def test_crop_rectangles_outside_crops_jpg_skip_the_sample(tmp_path):
+    """crops.jpg goes through the pixel guard like every image; a rectangle that does not
+    lie inside it (a shard that lies) skips that sample, named and counted."""
+    samples = [("ok", layout2_members("ok", [0, 0, 20, 30])), ("wide", layout2_members("wide", [0, 0, 5000, 30])),
+               ("neg", layout2_members("neg", [-4, 0, 10, 10])), ("text", layout2_members("text", "0,0,1,1"))]
+    commit_tar(str(tmp_path), 0, samples)
+    ds, examples = one_pass(data_cfg(str(tmp_path)))
+    assert [e["key"] for e in examples] == ["ok"] and examples[0]["prompt"].images[0].size == (32, 32)
+    assert ds.corrupt.count == 3 and all("outside crops.jpg" in r or "four integers" in r for r in ds.corrupt.reasons)
+
+
 def test_member_decoders_are_an_explicit_map():
     import numpy as np
 
