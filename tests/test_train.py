@@ -345,3 +345,45 @@ def test_accumulation_ema_and_checkpointing_options(tiny, shards, tmp_path):
     assert set(json.load(open(os.path.join(ck, "mmloom_checkpoint.json")))["files"]) == names - {"DONE", "mmloom_checkpoint.json"}
     with open(os.path.join(tmp_path / "opts", "train_config.yaml")) as f:
         assert yaml.safe_load(f)["loop"]["grad_accum"] == 2
+
+
+def test_checkpoints_hold_what_training_changes_and_sample_rebuilds_the_trained_model(tiny, shards, tmp_path, monkeypatch):
+    """A checkpoint stores the trainable tensors (adapter, LoRA) and names the frozen
+    pretrained parts (VLM, UNet base weights, autoencoder) in frozen.json instead of storing
+    them; `sample` rebuilds exactly the trained model from it (resuming from such checkpoints:
+    test_killed_run_resumes_on_the_same_loss_curve)."""
+    from safetensors import safe_open
+
+    from mmloom.train import parts
+    from mmloom.train.loop import latest_checkpoint, train
+    from mmloom.train.sample import load_for_sampling
+
+    saved = {}
+    split = parts.split_state
+
+    def spy(model):
+        saved.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return split(model)
+
+    monkeypatch.setattr(parts, "split_state", spy)
+    straight = str(tmp_path / "straight")
+    train(load_model(TrainConfig, data=run_cfg(tiny, shards, straight, 2, 2)), echo=lambda *a: None)
+    ck = latest_checkpoint(straight)
+    with safe_open(os.path.join(ck, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any(k.startswith("ae.") for k in keys), "no frozen autoencoder tensor in a checkpoint"
+    assert any(k.startswith("adapter.") for k in keys) and any("lora_" in k for k in keys)
+    assert not any(k.startswith("unet.") and "lora_" not in k for k in keys), "UNet base weights stay out"
+    frozen = json.load(open(os.path.join(ck, "frozen.json")))["parts"]
+    assert {"ae.model.", "unet."} <= set(frozen) and frozen["ae.model."]["source"].endswith("vae")
+    assert len(keys) < len(saved) / 2
+    # sampling rebuilds the very model that was trained
+    _family, model, _cfg = load_for_sampling(straight)
+    state = model.state_dict()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    # a frozen part that is not what the run trained against stops the load, naming it
+    with torch.no_grad():
+        next(model.ae.parameters()).add_(1.0)
+    with pytest.raises(UserError, match="frozen part ae.model"):
+        parts.load_trained(model, ck)

@@ -233,6 +233,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
 
         ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    _save_only_what_training_changes(acc)
     if acc.is_main_process:
         with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
             yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
@@ -302,6 +303,28 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     acc.end_training()
     return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out,
             "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
+
+
+def _save_only_what_training_changes(acc) -> None:
+    """accelerate writes the whole model; mmloom writes what training changes instead
+    (``train/parts.py``: trainable tensors and buffers, plus ``frozen.json`` naming the
+    frozen pretrained parts, which the family's ``build`` loads again). FSDP's sharded
+    state passes no weights through these hooks and is saved by accelerate as before."""
+    from .parts import load_trained, save_trained
+
+    def save(models, weights, output_dir):
+        if len(models) == 1 and len(weights) == 1:
+            if acc.is_main_process:
+                save_trained(acc.unwrap_model(models[0]), output_dir)
+            weights.clear()
+
+    def load(models, input_dir):
+        if len(models) == 1:
+            load_trained(acc.unwrap_model(models[0]), input_dir)
+            models.clear()
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
 
 
 def save_checkpoint(acc, out: str, step: int, keep: int, data_state: DataState | None = None, ema=None) -> str:
