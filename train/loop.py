@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import zipfile
+from contextlib import contextmanager
 
 import torch
 import yaml
@@ -195,49 +196,50 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(d, done[-1]) if done else None
 
 
-def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
+def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = False) -> dict:
     """Train ``cfg``; resumes from the latest checkpoint in ``cfg.loop.out``.
 
     ``on_checkpoint(path, step, metrics)`` is called on every process after each
-    checkpoint is complete (Ray Train reports it; plain runs pass nothing)."""
-    from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
+    checkpoint is complete (Ray Train reports it; plain runs pass nothing). ``progress``:
+    a bar on the main process (loss, step time, samples/s) when stderr is a terminal.
+    Returns the summary: mean throughput over the run's steps (not the last step's) and MFU."""
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_constant_schedule_with_warmup
+    from tqdm import tqdm
 
+    from mmloom import progress_enabled
     from .data import make_loader, shard_urls
     from .families import get_family
     from .flops import flops_per_sample, peak_flops
     from .prompts import PromptBuilder
+    from .validation import Validator, write_report
 
     L = cfg.loop
-    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)  # refused specs fail before any model loads
-    os.makedirs(L.out, exist_ok=True)
-    trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
-    acc = Accelerator(
-        mixed_precision=L.mixed_precision, gradient_accumulation_steps=L.grad_accum, log_with=trackers or None,
-        cpu=not torch.cuda.is_available(),  # so several CPU processes (gloo) are one job, not copies
-        project_config=ProjectConfiguration(project_dir=L.out, logging_dir=os.path.join(L.out, "tensorboard")),
-        fsdp_plugin=FullyShardedDataParallelPlugin() if L.distributed == "fsdp" else None,
-    )
-    set_seed(L.seed)
+    # cheap checks first: refused or empty shard specs, validation prompts, before any model loads
+    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)
     family = get_family(cfg.family)
-    model = family.build(cfg.model, cfg)
-    groups = family.param_groups(model, cfg.model)
-    names = [g.pop("name") for g in groups]
-    optimizer = torch.optim.AdamW(groups, weight_decay=L.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, L.warmup_steps)
-    data_state = DataState()
-    ema = None
-    if L.ema_decay:
-        from diffusers.training_utils import EMAModel
+    validator = Validator(cfg, family, echo)
+    validator.check()
+    with _removed_if_the_start_fails(L.out):
+        acc = _accelerator(L)
+        set_seed(L.seed)
+        model = family.build(cfg.model, cfg)
+        groups = family.param_groups(model, cfg.model)
+        names = [g.pop("name") for g in groups]
+        optimizer = torch.optim.AdamW(groups, weight_decay=L.weight_decay)
+        scheduler = get_constant_schedule_with_warmup(optimizer, L.warmup_steps)
+        data_state = DataState()
+        ema = None
+        if L.ema_decay:
+            from diffusers.training_utils import EMAModel
 
-        ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    _save_only_what_training_changes(acc)
-    if acc.is_main_process:
-        with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
-        acc.init_trackers("mmloom", config={"family": cfg.family, "steps": L.steps})
+            ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        _save_only_what_training_changes(acc)
+        if acc.is_main_process:
+            with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+            acc.init_trackers("mmloom", config={"family": cfg.family, "steps": L.steps})
 
     step = 0
     ckpt = latest_checkpoint(L.out) if L.resume else None
@@ -259,13 +261,21 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     peak = peak_flops(acc.device, L.peak_tflops)
     metrics_path = os.path.join(L.out, "metrics.jsonl")
     history = []
-    t0, seen0 = time.perf_counter(), 0
+    first_step = step
+    # throughput counts the time from one optimizer step to the next, without the FLOP
+    # count, checkpoints and validation: per interval (logs) and over the whole run (summary)
+    busy = samples = 0
+    busy_log = samples_log = steps_log = 0
+    bar = tqdm(total=L.steps, initial=step, desc=f"train {cfg.family}", unit="step", leave=False, dynamic_ncols=True,
+               disable=not (acc.is_main_process and progress_enabled(progress)))
     model.train()
     it = iter(loader)
+    t_last = time.perf_counter()
     while step < L.steps:
         batch = next(it)
         if flops is None:
             flops = flops_per_sample(unwrapped, batch)
+            t_last = time.perf_counter()
         with acc.accumulate(model):
             losses = model(batch)
             acc.backward(losses["loss"])
@@ -275,18 +285,26 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         data_state.consumed = batch["last_index"] + 1
-        seen0 += len(batch["prompts"]) * acc.num_processes
+        n = len(batch["prompts"]) * acc.num_processes
+        samples += n
+        samples_log += n
         if not acc.sync_gradients:
             continue
         step += 1
         if ema is not None:
             ema.step([p for g in optimizer.param_groups for p in g["params"]])
         loss = acc.gather(losses["loss"].detach()).mean().item()
+        step_s = time.perf_counter() - t_last
+        busy += step_s
+        busy_log += step_s
+        steps_log += 1
+        bar.set_postfix_str(f"loss {loss:.4f}, {step_s:.2f} s/step, {samples_log / max(busy_log, 1e-9):.1f} samples/s",
+                            refresh=False)
+        bar.update(1)
         if step % L.log_every == 0 or step == L.steps:
-            dt = time.perf_counter() - t0
-            ips = seen0 / dt if dt > 0 else 0.0
-            rec = {"step": step, "loss": loss, "images_per_s": ips,
-                   **{f"lr/{n}": g["lr"] for n, g in zip(names, optimizer.param_groups)},
+            ips = samples_log / busy_log if busy_log > 0 else 0.0
+            rec = {"step": step, "loss": loss, "images_per_s": ips, "step_time_s": busy_log / steps_log,
+                   **{f"lr/{name}": g["lr"] for name, g in zip(names, optimizer.param_groups)},
                    "data/corrupt_samples": dataset.corrupt.count, "data/skipped_members": dataset.members.count}
             if flops and peak:
                 rec["mfu"] = flops * ips / (peak * acc.num_processes)
@@ -295,14 +313,52 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             history.append(rec)
-            t0, seen0 = time.perf_counter(), 0
+            busy_log = samples_log = steps_log = 0
         if step % L.checkpoint_every == 0 or step == L.steps:
             path = save_checkpoint(acc, L.out, step, L.keep_checkpoints, data_state, ema)
             if on_checkpoint is not None:
                 on_checkpoint(path, step, {"step": step, "loss": loss})
+        if validator.due(step) and acc.is_main_process:
+            validator.run(unwrapped, step, L.out, acc.trackers)
+        t_last = time.perf_counter()
+    bar.close()
     acc.end_training()
-    return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out,
-            "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
+    mean_ips = samples / busy if busy > 0 else 0.0
+    summary = {"steps": step, "steps_this_run": step - first_step, "images_per_s_mean": mean_ips,
+               "step_time_s_mean": busy / max(1, step - first_step), "flops_per_sample": flops,
+               "mfu_mean": flops * mean_ips / (peak * acc.num_processes) if flops and peak and mean_ips else None,
+               "last_loss": history[-1]["loss"] if history else None,
+               "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
+    if acc.is_main_process:
+        write_report(L.out, summary, f"{cfg.family}: training loss")
+    return {**summary, "history": history, "out": L.out}
+
+
+def _accelerator(L):
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration
+
+    os.makedirs(L.out, exist_ok=True)
+    trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
+    return Accelerator(
+        mixed_precision=L.mixed_precision, gradient_accumulation_steps=L.grad_accum, log_with=trackers or None,
+        cpu=not torch.cuda.is_available(),  # so several CPU processes (gloo) are one job, not copies
+        project_config=ProjectConfiguration(project_dir=L.out, logging_dir=os.path.join(L.out, "tensorboard")),
+        fsdp_plugin=FullyShardedDataParallelPlugin() if L.distributed == "fsdp" else None,
+    )
+
+
+@contextmanager
+def _removed_if_the_start_fails(out: str):
+    """A run that fails while starting (a model that does not load, a bad option) leaves
+    no output directory behind when it made that directory."""
+    existed = os.path.exists(out)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _save_only_what_training_changes(acc) -> None:
