@@ -203,23 +203,26 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     checkpoint is complete (Ray Train reports it; plain runs pass nothing). ``progress``:
     a bar on the main process (loss, step time, samples/s) when stderr is a terminal.
     Returns the summary: mean throughput over the run's steps (not the last step's) and MFU."""
+    from .data import make_loader, shard_urls
+    from .families import get_family
+    from .validation import Validator, write_report
+
+    L = cfg.loop
+    # cheap checks first: shard specs, validation prompts, local model paths, before any
+    # model (or diffusers, whose import alone takes seconds) loads
+    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)
+    family = get_family(cfg.family)
+    validator = Validator(cfg, family, echo)
+    validator.check()
+    check_local_paths(cfg.model)
+
     from accelerate.utils import set_seed
     from diffusers.optimization import get_constant_schedule_with_warmup
     from tqdm import tqdm
 
     from mmloom import progress_enabled
-    from .data import make_loader, shard_urls
-    from .families import get_family
     from .flops import flops_per_sample, peak_flops
     from .prompts import PromptBuilder
-    from .validation import Validator, write_report
-
-    L = cfg.loop
-    # cheap checks first: refused or empty shard specs, validation prompts, before any model loads
-    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)
-    family = get_family(cfg.family)
-    validator = Validator(cfg, family, echo)
-    validator.check()
     with _removed_if_the_start_fails(L.out):
         acc = _accelerator(L)
         set_seed(L.seed)
@@ -332,6 +335,20 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     if acc.is_main_process:
         write_report(L.out, summary, f"{cfg.family}: training loss")
     return {**summary, "history": history, "out": L.out}
+
+
+def check_local_paths(section, prefix: str = "model") -> None:
+    """A model path written as a local path (/, ./, ../, ~) that does not exist stops the
+    run before anything loads, naming its key (hub ids are left to the loader)."""
+    from pydantic import BaseModel
+
+    for name in type(section).model_fields:
+        value, key = getattr(section, name), f"{prefix}.{name}"
+        if isinstance(value, BaseModel):
+            check_local_paths(value, key)
+        elif (name == "path" or name.endswith("_checkpoint")) and isinstance(value, str) \
+                and value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value)):
+            raise UserError(f"{key} {value!r} does not exist")
 
 
 def _accelerator(L):

@@ -46,7 +46,7 @@ class Validator:
         for p in self.v.prompts:
             parse_prompt(p)
         if self.v.shards:
-            shard_urls(self.v.shards, self.cfg.data.allow_pipe)
+            shard_urls(self.v.shards, self.cfg.data.allow_pipe, "loop.validation.shards")
 
     def run(self, model, step: int, out: str, trackers) -> str | None:
         """Sample the grid for ``step``; None when the family's run makes no pictures."""
@@ -96,7 +96,7 @@ def held_out_prompts(cfg: TrainConfig, shards: str, n: int) -> list[list]:
     data = cfg.data.model_copy(update={"shards": shards, "resampled": False, "shuffle_buffer": 0, "num_workers": 0,
                                        "use_weights": False})
     builder = PromptBuilder(cfg.prompt.model_copy(update={"augment_prob": 0.0, "structure_prob": 0.0}))
-    loader, _ds = make_loader(data, builder, n, cfg.loop.seed, urls=shard_urls(shards, data.allow_pipe))
+    loader, _ds = make_loader(data, builder, n, cfg.loop.seed, urls=shard_urls(shards, data.allow_pipe, "loop.validation.shards"))
     with torch.random.fork_rng(devices=[]):
         batch = next(iter(loader), None)
     if batch is None:
