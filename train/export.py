@@ -88,6 +88,7 @@ def export_parts(model: nn.Module, out: str) -> list[str]:
     """The default ``Family.export`` (see the module docstring); the paths written, relative to ``out``."""
     from safetensors.torch import save_file
 
+    os.makedirs(out, exist_ok=True)
     written: list[str] = []
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     covered: set[str] = set()
@@ -106,7 +107,7 @@ def export_parts(model: nn.Module, out: str) -> list[str]:
             save_adapter(module, os.path.join(out, f"{name}_lora"))
             written.append(f"{name}_lora")
         if _is_diffusers(module):
-            plain, leftover = merged_diffusers(module) if has_lora else (module, {})
+            plain, leftover = merged_diffusers(module)  # added processors or projections: conditioning.safetensors
             plain.save_pretrained(os.path.join(out, name), safe_serialization=True)
             written.append(name)
             extra.update({prefix + k: v for k, v in leftover.items()})

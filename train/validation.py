@@ -43,6 +43,13 @@ class Validator:
         from .data import shard_urls
         from .prompts import parse_prompt
 
+        from mmloom.errors import UserError
+
+        sampling = self.cfg.model.sampling
+        for key in ("steps", "guidance"):
+            if getattr(self.v, key) is not None and getattr(sampling, key) is None:
+                raise UserError(f"loop.validation.{key}: {self.cfg.family} samples without it "
+                                f"({sampling.summary()}); leave it null")
         for p in self.v.prompts:
             parse_prompt(p)
         if self.v.shards:
