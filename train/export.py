@@ -69,9 +69,11 @@ def save_adapter(module: nn.Module, path: str) -> None:
         config.save_pretrained(d)
 
 
-def merged_diffusers(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def merged_diffusers(module: nn.Module) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
     """(a plain copy of diffusers ``module`` with its LoRA merged into the weights, the
-    tensors the plain model has no place for: processors or projections a family added)."""
+    tensors the plain model has no place for: processors or projections a family added).
+    (None, every tensor) when the family took layers out of it (Versatile Diffusion's
+    per-flow pieces): no library loads such a model."""
     clone = copy.deepcopy(module)
     for layer in _lora_layers(clone):
         layer.merge()
@@ -79,7 +81,7 @@ def merged_diffusers(module: nn.Module) -> tuple[nn.Module, dict[str, torch.Tens
     plain = type(module).from_config(module.config)
     missing, unexpected = plain.load_state_dict(sd, strict=False)
     if missing:
-        raise RuntimeError(f"merged {type(module).__name__} lacks {missing[:3]}")
+        return None, sd
     extra = {k: sd[k] for k in unexpected}
     return plain.eval(), extra
 
@@ -108,8 +110,9 @@ def export_parts(model: nn.Module, out: str) -> list[str]:
             written.append(f"{name}_lora")
         if _is_diffusers(module):
             plain, leftover = merged_diffusers(module)  # added processors or projections: conditioning.safetensors
-            plain.save_pretrained(os.path.join(out, name), safe_serialization=True)
-            written.append(name)
+            if plain is not None:
+                plain.save_pretrained(os.path.join(out, name), safe_serialization=True)
+                written.append(name)
             extra.update({prefix + k: v for k, v in leftover.items()})
             covered.update(mine)
         elif has_lora:  # a transformers model: the adapter alone goes with the public base model

@@ -205,7 +205,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     Returns the summary: mean throughput over the run's steps (not the last step's) and MFU."""
     from .data import make_loader, shard_urls
     from .families import get_family
-    from .validation import Validator, write_report
+    from .validation import Throughput, Validator, write_report
 
     L = cfg.loop
     # cheap checks first: shard specs, validation prompts, local model paths, before any
@@ -265,20 +265,16 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     metrics_path = os.path.join(L.out, "metrics.jsonl")
     history = []
     first_step = step
-    # throughput counts the time from one optimizer step to the next, without the FLOP
-    # count, checkpoints and validation: per interval (logs) and over the whole run (summary)
-    busy = samples = 0
-    busy_log = samples_log = steps_log = 0
+    meter = Throughput()
     bar = tqdm(total=L.steps, initial=step, desc=f"train {cfg.family}", unit="step", leave=False, dynamic_ncols=True,
                disable=not (acc.is_main_process and progress_enabled(progress)))
     model.train()
     it = iter(loader)
-    t_last = time.perf_counter()
     while step < L.steps:
         batch = next(it)
         if flops is None:
             flops = flops_per_sample(unwrapped, batch)
-            t_last = time.perf_counter()
+            meter.restart()  # the count is not training
         with acc.accumulate(model):
             losses = model(batch)
             acc.backward(losses["loss"])
@@ -288,25 +284,18 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         data_state.consumed = batch["last_index"] + 1
-        n = len(batch["prompts"]) * acc.num_processes
-        samples += n
-        samples_log += n
+        meter.add(len(batch["prompts"]) * acc.num_processes)
         if not acc.sync_gradients:
             continue
         step += 1
         if ema is not None:
             ema.step([p for g in optimizer.param_groups for p in g["params"]])
         loss = acc.gather(losses["loss"].detach()).mean().item()
-        step_s = time.perf_counter() - t_last
-        busy += step_s
-        busy_log += step_s
-        steps_log += 1
-        bar.set_postfix_str(f"loss {loss:.4f}, {step_s:.2f} s/step, {samples_log / max(busy_log, 1e-9):.1f} samples/s",
-                            refresh=False)
+        bar.set_postfix_str(f"loss {loss:.4f}, {meter.step():.2f} s/step, {meter.rate():.1f} samples/s", refresh=False)
         bar.update(1)
         if step % L.log_every == 0 or step == L.steps:
-            ips = samples_log / busy_log if busy_log > 0 else 0.0
-            rec = {"step": step, "loss": loss, "images_per_s": ips, "step_time_s": busy_log / steps_log,
+            ips, step_s = meter.interval()
+            rec = {"step": step, "loss": loss, "images_per_s": ips, "step_time_s": step_s,
                    **{f"lr/{name}": g["lr"] for name, g in zip(names, optimizer.param_groups)},
                    "data/corrupt_samples": dataset.corrupt.count, "data/skipped_members": dataset.members.count}
             if flops and peak:
@@ -316,19 +305,18 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             history.append(rec)
-            busy_log = samples_log = steps_log = 0
         if step % L.checkpoint_every == 0 or step == L.steps:
             path = save_checkpoint(acc, L.out, step, L.keep_checkpoints, data_state, ema)
             if on_checkpoint is not None:
                 on_checkpoint(path, step, {"step": step, "loss": loss})
         if validator.due(step) and acc.is_main_process:
             validator.run(unwrapped, step, L.out, acc.trackers)
-        t_last = time.perf_counter()
+        meter.restart()
     bar.close()
     acc.end_training()
-    mean_ips = samples / busy if busy > 0 else 0.0
+    mean_ips, mean_step = meter.mean()
     summary = {"steps": step, "steps_this_run": step - first_step, "images_per_s_mean": mean_ips,
-               "step_time_s_mean": busy / max(1, step - first_step), "flops_per_sample": flops,
+               "step_time_s_mean": mean_step, "flops_per_sample": flops,
                "mfu_mean": flops * mean_ips / (peak * acc.num_processes) if flops and peak and mean_ips else None,
                "last_loss": history[-1]["loss"] if history else None,
                "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 
 import torch
 
@@ -50,6 +51,9 @@ class Validator:
             if getattr(self.v, key) is not None and getattr(sampling, key) is None:
                 raise UserError(f"loop.validation.{key}: {self.cfg.family} samples without it "
                                 f"({sampling.summary()}); leave it null")
+        for key, value in self.cfg.model:
+            if key.endswith("_checkpoint") and value and not os.path.exists(value):  # sampling needs it (a Kandinsky prior run)
+                raise UserError(f"model.{key} {value!r} does not exist: validation samples through it")
         for p in self.v.prompts:
             parse_prompt(p)
         if self.v.shards:
@@ -111,6 +115,45 @@ def held_out_prompts(cfg: TrainConfig, shards: str, n: int) -> list[list]:
 
         raise UserError(f"loop.validation.shards {shards!r} holds no sample")
     return [p.parts for p in batch["prompts"]]
+
+
+class Throughput:
+    """Samples per second from one optimizer step to the next, leaving out what is not
+    training (the FLOP count, checkpoints, validation: call ``restart`` after them), per
+    logging interval and over the whole run (the summary's mean, not the last step's)."""
+
+    def __init__(self):
+        self.busy = self.samples = self.steps = 0
+        self.i_busy = self.i_samples = self.i_steps = 0
+        self.restart()
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
+
+    def add(self, n: int) -> None:
+        self.samples += n
+        self.i_samples += n
+
+    def step(self) -> float:
+        """Close an optimizer step; its seconds."""
+        dt = time.perf_counter() - self.t
+        self.busy += dt
+        self.i_busy += dt
+        self.steps += 1
+        self.i_steps += 1
+        return dt
+
+    def rate(self) -> float:
+        return self.i_samples / self.i_busy if self.i_busy > 0 else 0.0
+
+    def interval(self) -> tuple[float, float]:
+        """(samples/s, seconds per step) since the last call."""
+        out = (self.rate(), self.i_busy / max(1, self.i_steps))
+        self.i_busy = self.i_samples = self.i_steps = 0
+        return out
+
+    def mean(self) -> tuple[float, float]:
+        return (self.samples / self.busy if self.busy > 0 else 0.0), self.busy / max(1, self.steps)
 
 
 def write_report(out: str, summary: dict, title: str) -> None:
