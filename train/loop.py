@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     history = []
     first_step = step
     meter = Throughput()
-    bar = tqdm(total=L.steps, initial=step, desc=f"train {cfg.family}", unit="step", leave=False, dynamic_ncols=True,
+    bar = tqdm(total=L.steps, initial=step, desc=f"train {cfg.family}", unit="step", leave=False,
                disable=not (acc.is_main_process and progress_enabled(progress)))
     model.train()
     it = iter(loader)
