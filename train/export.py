@@ -79,7 +79,10 @@ def merged_diffusers(module: nn.Module) -> tuple[nn.Module | None, dict[str, tor
         layer.merge()
     sd = {k.replace(".base_layer.", "."): v for k, v in clone.state_dict().items() if "lora_" not in k}
     plain = type(module).from_config(module.config)
-    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = plain.load_state_dict(sd, strict=False)
+    except RuntimeError:  # a tensor of another shape than the config says
+        return None, sd
     if missing:
         return None, sd
     extra = {k: sd[k] for k in unexpected}
