@@ -65,11 +65,9 @@ def test_user_mistakes_are_one_line_errors(ingested, tmp_path, args, needle):
     (["select", "{tmp}/absent"], "no dataset directory {tmp}/absent: the path does not exist"),
     (["download", "{tmp}/absent"], "no dataset directory {tmp}/absent: the path does not exist"),
     (["ingest", "{tmp}/nourl.parquet", "--out", "{tmp}/new"], "cannot detect the metadata format"),
-    (["ingest", "{tmp}/absent.parquet", "--out", "{tmp}/new"], "input file not found: {tmp}/absent.parquet"),
     (["train", "{tmp}/t.yaml", "--shards", "{tmp}/s/none*.tar", "--out", "{tmp}/new"], "matches no tar file"),
     (["train", "{tmp}/t.yaml", "--shards", "{tmp}/absent", "--out", "{tmp}/new"], "data.shards '{tmp}/absent' does not exist"),
     (["train", "{tmp}/badpath.yaml", "--shards", "{tmp}/s", "--out", "{tmp}/new"], "model.backbone.path '/no/such/unet' does not exist"),
-    (["train", "{tmp}/absent.yaml", "--out", "{tmp}/new"], "{tmp}/absent.yaml"),
     (["sample", "{tmp}/absent", "--prompt", "x"], "{tmp}/absent does not exist"),
     (["export", "{tmp}/absent", "--out", "{tmp}/new"], "{tmp}/absent does not exist"),
 ])
