@@ -10,7 +10,9 @@ and on a cluster (`--ray-address`).
 from __future__ import annotations
 
 import os
+import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,8 +61,20 @@ class Resources:
 class ShardRun:
     results: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    items: Counter = field(default_factory=Counter)  # summed "counts" of the finished shards (statuses)
+    started: float = field(default_factory=time.perf_counter)
 
-    def collect(self, ref, shard: int) -> None:
+    def progress(self) -> str:
+        """The bar's postfix from the finished shards' counts: rows, rows/s and the success
+        rate so far (a 10,000-row shard takes long; the shard count alone says little)."""
+        n = self.items.get("rows") or sum(v for k, v in self.items.items() if k != "rows")
+        if not n:
+            return ""
+        rate = n / max(time.perf_counter() - self.started, 1e-9)
+        ok = f", {self.items['success'] / n:.0%} success" if "success" in self.items else ""
+        return f"{n:,} rows, {rate:,.1f}/s{ok}"
+
+    def collect(self, ref, shard: int) -> dict:
         """File one finished task's result; a task whose worker died past its retries fails."""
         import ray
 
@@ -69,6 +83,7 @@ class ShardRun:
         except Exception as e:
             out = {"shard": shard, "ok": False, "error": f"worker lost: {type(e).__name__}: {e}"}
         (self.results if out["ok"] else self.failures).append(out)
+        return out
 
     def collect_next(self, pending: dict, bar) -> list:
         """Wait for at least one of ``pending`` (task ref -> (worker, shard)) to finish, file
@@ -79,8 +94,11 @@ class ShardRun:
         freed = []
         for ref in done:
             worker, shard = pending.pop(ref)
-            self.collect(ref, shard)
+            out = self.collect(ref, shard)
             freed.append(worker)
+            if isinstance(out.get("counts"), dict):
+                self.items.update({k: v for k, v in out["counts"].items() if isinstance(v, int)})
+                bar.set_postfix_str(self.progress(), refresh=False)
             bar.update(1)
         return freed
 

@@ -67,13 +67,20 @@ def cmd_train(a) -> int:
 
     cfg = load_model(TrainConfig, a.config, {"loop.out": a.out, "loop.steps": a.steps, "data.shards": a.shards,
                                              "data.allow_pipe": True if a.allow_pipe else None})
-    r = train(cfg)
-    last = r["history"][-1] if r["history"] else {}
+    r = train(cfg, progress=not a.no_progress)
+    print(train_summary(r))
+    return 0
+
+
+def train_summary(r: dict) -> str:
+    """The line `mmloom train` ends with: mean throughput over the run's steps, MFU, where things are."""
     skipped = (f"; {r['corrupt_samples']} sample(s) skipped, {r['skipped_members']} unknown tar member(s) dropped unread"
                if r["corrupt_samples"] or r["skipped_members"] else "")
-    print(f"train: {r['steps']} steps in {r['out']}; last loss {last.get('loss', float('nan')):.4f}, "
-          f"{last.get('images_per_s', 0):.2f} images/s" + (f", MFU {last['mfu']:.1%}" if "mfu" in last else "") + skipped)
-    return 0
+    loss = r["last_loss"] if r["last_loss"] is not None else float("nan")
+    mfu = f", MFU {r['mfu_mean']:.1%}" if r.get("mfu_mean") else ""
+    return (f"train: {r['steps']} steps in {r['out']}; last loss {loss:.4f}; mean {r['images_per_s_mean']:.2f} images/s, "
+            f"{r['step_time_s_mean']:.2f} s/step over {r['steps_this_run']} steps{mfu}{skipped}; "
+            f"loss.png, metrics.csv, summary.json there")
 
 
 def cmd_sample(a) -> int:
@@ -88,6 +95,13 @@ def cmd_sample(a) -> int:
     if a.text:
         print(open(out).read(), end="")
     print(f"sample: {len(a.seeds)} {'sentence' if a.text else 'image'}(s) -> {out}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from mmloom.train.export import export_run
+
+    export_run(a.run, a.out, a.push_to_hub)
     return 0
 
 
@@ -114,7 +128,7 @@ def _require_dataset(root: str) -> None:
 
     store = ShardStore(root)
     if not store.fs.isdir(store.base):
-        raise UserError(f"no dataset directory {root}")
+        raise UserError(f"no dataset directory {root}" + ("" if store.fs.exists(store.base) else ": the path does not exist"))
 
 
 def cmd_verify(a) -> int:
@@ -249,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=None, help="overrides loop.steps")
     s.add_argument("--allow-pipe", action="store_true",
                    help="allow pipe: shard URLs, which webdataset runs as shell commands (data.allow_pipe)")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint with an interleaved prompt")
@@ -272,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --mask's white ones, are restored; every other pixel stays as given)")
     s.add_argument("--mask", default=None, help="with --restore: a picture whose white pixels are the ones to restore")
     s.set_defaults(fn=cmd_sample)
+
+    s = sub.add_parser("export", help="write a run's trained parts in diffusers / peft formats with a model card")
+    s.add_argument("run", help="a run directory or one of its checkpoints")
+    s.add_argument("--out", default=None, help="output folder (default RUN/export; must be new or empty)")
+    s.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="then upload the folder to this Hugging Face Hub repo (needs the network and a token)")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("query", help="run SQL over the dataset's DuckDB views")
     s.add_argument("dir")

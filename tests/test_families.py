@@ -684,3 +684,58 @@ def test_text_vae_saves_loads_and_names_a_missing_model(tmp_path):
     assert len(vae.decode(z, max_length=4)) == 2
     with pytest.raises(UserError, match="text VAE"):
         TextVAE.load(str(tmp_path / "nowhere"))
+
+
+# -- every family: checkpoint parts, validation grid, export -----------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["mvader-tiny", "versatile-tiny", "mtdiffusion-tiny", "kandinsky-prior-tiny",
+                                    "kandinsky-decoder-tiny"])
+def test_every_family_checkpoints_validates_and_exports(tiny_cache, tmp_path, config):
+    """For each tiny config (MUMU: tests/test_train.py): a checkpoint's tensors plus the
+    frozen parts it names rebuild the model exactly, a validation grid is drawn (a prior
+    draws none), and the export's diffusers directories load with from_pretrained."""
+    import json
+
+    import diffusers
+    from PIL import Image
+
+    from mmloom.configbase import load_model
+    from mmloom.train import parts
+    from mmloom.train.export import export_parts
+    from mmloom.train.validation import Validator
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "red.jpg")
+    over = {"loop.validation.every": 1, "loop.validation.prompts": [f"a red <image:{tmp_path}/red.jpg> circle"],
+            "loop.validation.seeds": [0, 1]}
+    if config == "mtdiffusion-tiny":  # Algorithm 1 runs all T steps: a short schedule
+        over["model.schedule.num_train_timesteps"] = 10
+    else:
+        over["loop.validation.steps"] = 2
+    cfg = load_model(TrainConfig, ROOT / "configs" / "train" / f"{config}.yaml", over)
+    if "kandinsky" in config:
+        cfg.model.prior_checkpoint = None  # no prior run here: the CLIP text embedding stands in
+    fam = get_family(cfg.family)
+    model = fam.build(cfg.model, cfg)
+    ck = tmp_path / "ck"
+    parts.save_trained(model, str(ck))
+    again = fam.build(cfg.model, cfg)
+    with torch.no_grad():  # whatever the checkpoint leaves out must come back from the frozen parts' sources
+        for n, p in again.named_parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    parts.load_trained(again, str(ck))
+    a, b = model.state_dict(), again.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    frozen = json.load(open(ck / "frozen.json"))["parts"]
+    assert sum(f["tensors"] for f in frozen.values()) > 0 or config == "kandinsky-prior-tiny"
+    path = Validator(cfg, fam).run(model, 1, str(tmp_path), [])
+    if config == "kandinsky-prior-tiny":
+        assert path is None
+    else:
+        assert Image.open(path).size == (2 * cfg.data.resolution, cfg.data.resolution)
+    written = export_parts(model, str(tmp_path / "export"))
+    assert written
+    for w in written:
+        conf = tmp_path / "export" / w / "config.json"
+        if conf.exists() and "_class_name" in conf.read_text():
+            getattr(diffusers, json.loads(conf.read_text())["_class_name"]).from_pretrained(str(conf.parent))

@@ -128,3 +128,32 @@ def test_the_stage_list_drives_the_cli_and_run():
     assert RunConfig().stages == names
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(names) <= set(sub.choices)
+
+
+def test_the_shard_bar_counts_rows_and_the_success_rate(monkeypatch):
+    """A 10,000-row shard takes long: the bar's postfix adds each finished shard's counts
+    (rows, rows/s, success rate so far), not only the shard count."""
+    import sys
+    import types
+
+    from mmloom.curate import runner
+
+    results = {"a": {"shard": 0, "ok": True, "counts": {"success": 8, "failed_to_download": 2}},
+               "b": {"shard": 1, "ok": True, "counts": {"success": 5, "failed_to_resize": 5}}}
+    fake = types.SimpleNamespace(wait=lambda refs, num_returns: ([refs[0]], refs[1:]), get=lambda ref: results[ref])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+
+    class Bar:
+        postfix = ""
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+
+        def update(self, n):
+            pass
+
+    run, bar, pending = runner.ShardRun(), Bar(), {"a": (None, 0), "b": (None, 1)}
+    run.collect_next(pending, bar)
+    assert bar.postfix.startswith("10 rows, ") and bar.postfix.endswith("/s, 80% success")
+    run.collect_next(pending, bar)
+    assert bar.postfix.startswith("20 rows, ") and bar.postfix.endswith("/s, 65% success")

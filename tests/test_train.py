@@ -345,3 +345,128 @@ def test_accumulation_ema_and_checkpointing_options(tiny, shards, tmp_path):
     assert set(json.load(open(os.path.join(ck, "mmloom_checkpoint.json")))["files"]) == names - {"DONE", "mmloom_checkpoint.json"}
     with open(os.path.join(tmp_path / "opts", "train_config.yaml")) as f:
         assert yaml.safe_load(f)["loop"]["grad_accum"] == 2
+
+
+@pytest.fixture(scope="module")
+def validated_run(tiny, shards, tmp_path_factory):
+    """2 steps with a validation grid at each (one prompt of the user's, 2 seeds, 2
+    sampling steps); the full model state as it was when the last checkpoint was saved."""
+    from mmloom.train import parts
+    from mmloom.train.loop import train
+
+    d = tmp_path_factory.mktemp("validated")
+    Image.new("RGB", (40, 40), "red").save(d / "red.jpg")
+    cfg = run_cfg(tiny, shards, str(d / "run"), 2, 2)
+    cfg["loop"]["validation"] = {"every": 1, "prompts": [f"a <image:{d}/red.jpg> red circle"], "seeds": [0, 1], "steps": 2}
+    saved = {}
+    split = parts.split_state
+
+    def spy(model):
+        saved.clear()
+        saved.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return split(model)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parts, "split_state", spy)
+        r = train(load_model(TrainConfig, data=cfg), echo=lambda *a: None)
+    return {"out": str(d / "run"), "result": r, "saved": saved, "dir": d}
+
+
+def test_checkpoints_hold_what_training_changes_and_sample_rebuilds_the_trained_model(validated_run):
+    """A checkpoint stores the trainable tensors (adapter, LoRA) and names the frozen
+    pretrained parts (VLM, UNet base weights, autoencoder) in frozen.json instead of storing
+    them; `sample` rebuilds exactly the trained model from it (resuming from such checkpoints:
+    test_killed_run_resumes_on_the_same_loss_curve)."""
+    from safetensors import safe_open
+
+    from mmloom.train import parts
+    from mmloom.train.loop import latest_checkpoint
+    from mmloom.train.sample import load_for_sampling
+
+    saved = validated_run["saved"]
+    ck = latest_checkpoint(validated_run["out"])
+    with safe_open(os.path.join(ck, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any(k.startswith("ae.") for k in keys), "no frozen autoencoder tensor in a checkpoint"
+    assert any(k.startswith("adapter.") for k in keys) and any("lora_" in k for k in keys)
+    assert not any(k.startswith("unet.") and "lora_" not in k for k in keys), "UNet base weights stay out"
+    frozen = json.load(open(os.path.join(ck, "frozen.json")))["parts"]
+    assert {"ae.model.", "unet."} <= set(frozen) and frozen["ae.model."]["source"].endswith("vae")
+    assert len(keys) < len(saved) / 2
+    # sampling rebuilds the very model that was trained
+    _family, model, _cfg = load_for_sampling(validated_run["out"])
+    state = model.state_dict()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    # a frozen part that is not what the run trained against stops the load, naming it
+    with torch.no_grad():
+        next(model.ae.parameters()).add_(1.0)
+    with pytest.raises(UserError, match="frozen part ae.model"):
+        parts.load_trained(model, ck)
+
+
+def test_train_writes_its_report_and_validation_grids(validated_run):
+    """loss.png, metrics.csv and summary.json (mean throughput over the run) come from
+    `mmloom train` itself; a validation grid (a row per prompt, a column per seed) per
+    validation step, in the run and in TensorBoard."""
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmloom.cli import train_summary
+
+    out, r = validated_run["out"], validated_run["result"]
+    assert Image.open(os.path.join(out, "loss.png")).size[0] > 100
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert [int(x["step"]) for x in rows] == [1, 2] and {"loss", "images_per_s", "step_time_s"} <= set(rows[0])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["steps"] == 2 and summary["images_per_s_mean"] > 0 and summary["step_time_s_mean"] > 0
+    assert r["images_per_s_mean"] == summary["images_per_s_mean"]
+    line = train_summary(r)
+    assert line.startswith("train: 2 steps") and f"mean {r['images_per_s_mean']:.2f} images/s" in line
+    for step in (1, 2):
+        assert Image.open(os.path.join(out, "validation", f"step_{step:08d}.png")).size == (2 * 64, 64)
+    ev = EventAccumulator(os.path.join(out, "tensorboard", "mmloom"), size_guidance={"images": 0})
+    ev.Reload()
+    assert "validation" in ev.Tags()["images"] and [e.step for e in ev.Images("validation")] == [1, 2]
+
+
+def test_export_writes_library_formats_and_the_unet_matches_the_checkpoint(validated_run, tmp_path):
+    """`mmloom export`: the UNet (LoRA merged) loads with diffusers' from_pretrained and
+    predicts what the run's model predicts; the LoRA adapters in peft's layout; the
+    adapter transformer as safetensors; a model card with the validation grid."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    from mmloom.cli import main
+    from mmloom.train.sample import load_for_sampling
+
+    out = tmp_path / "export"
+    assert main(["export", validated_run["out"], "--out", str(out)]) == 0
+    names = set(os.listdir(out))
+    assert {"unet", "unet_lora", "encoder_model_lora", "conditioning.safetensors", "conditioning.json",
+            "README.md", "validation.png"} <= names
+    assert "ae_model" not in names, "frozen parts are named, not copied"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "unet_lora"))
+    with safe_open(str(out / "conditioning.safetensors"), "pt") as f:
+        assert any(k.startswith("adapter.") for k in f.keys())
+    card = (out / "README.md").read_text()
+    assert "validation.png" in card and "mmloom-mumu" in card and "adapter_layers" in card
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet")).eval()
+    _family, model, _cfg = load_for_sampling(validated_run["out"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = model.unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample
+        got = unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample
+    assert torch.allclose(got, want, atol=1e-5)
+    assert main(["export", validated_run["out"], "--out", str(out)]) == 2  # an export is never overwritten
+
+
+def test_push_to_hub_says_it_needs_the_network(validated_run, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "mmloom", "export", validated_run["out"], "--out", str(tmp_path / "e"),
+                        "--push-to-hub", "someone/tiny"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "needs the network" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "e").exists()

@@ -52,8 +52,29 @@ class PromptConfig(Section):
         return data
 
 
+class ValidationConfig(Section):
+    """Pictures sampled during training with fixed prompts and seeds (``OUT/validation/``
+    and the tracker). Off unless ``every`` is set."""
+
+    every: int = Field(0, ge=0, description="steps between validation grids (0: off; the last step always gets one when on)")
+    prompts: list[str] = Field(default_factory=list, description="your own interleaved prompts, e.g. 'a <image:man.jpg> man' (paths relative to the working directory)")
+    shards: str = Field("", description="held-out final/ shards (a dataset directory, glob or brace pattern, like data.shards): their first num_prompts prompts, built without augmentation")
+    num_prompts: int = Field(4, gt=0, description="prompts taken from validation.shards")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1, description="one picture per seed and prompt (grid: a row per prompt, a column per seed)")
+    steps: Optional[int] = Field(None, gt=0, description="denoising steps (null: the family's sampling default)")
+    guidance: Optional[float] = Field(None, ge=0, description="guidance scale (null: the family's sampling default)")
+    size: Optional[int] = Field(None, gt=0, description="picture size (null: data.resolution)")
+
+    @model_validator(mode="after")
+    def _has_prompts(self):
+        if self.every and not (self.prompts or self.shards):
+            raise PydanticCustomError("no_prompts", "validation.every is set but there are no prompts: "
+                                      "give validation.prompts or validation.shards")
+        return self
+
+
 class LoopConfig(Section):
-    out: str = Field("runs/train", description="output directory: checkpoints/, metrics.jsonl, tensorboard/, train_config.yaml")
+    out: str = Field("runs/train", description="output directory: checkpoints/, metrics.jsonl and metrics.csv, loss.png, summary.json, validation/, tensorboard/, train_config.yaml")
     steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(4, gt=0, description="samples per process per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
@@ -72,6 +93,7 @@ class LoopConfig(Section):
     tensorboard: bool = Field(True, description="log to out/tensorboard")
     wandb: bool = Field(False, description="also log to Weights & Biases")
     peak_tflops: Optional[float] = Field(None, gt=0, description="peak FLOP/s of one device for MFU (auto for known GPUs)")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="validation grids during training")
 
 
 class TrainConfig(Section):

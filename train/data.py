@@ -127,7 +127,7 @@ def verified_shards(root: str) -> list[str]:
     return urls
 
 
-def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
+def shard_urls(spec: str, allow_pipe: bool = False, key: str = "data.shards") -> list[str]:
     """A dataset directory, a glob or a brace pattern -> tar URLs (local or fsspec URLs).
 
     A dataset directory (or its final/ folder) yields only its verified shards
@@ -142,6 +142,8 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
     else:
         fs, path = fsspec.core.url_to_fs(spec)
         name = fs.unstrip_protocol if "://" in spec else (lambda p: p)
+        if not any(c in path for c in "*?[") and not fs.exists(path):
+            raise UserError(f"{key} {spec!r} does not exist (give a dataset directory, a glob or a brace pattern of final/ tars)")
         if fs.isdir(path):
             d = path.rstrip("/")
             if fs.isdir(d + "/final"):
@@ -152,7 +154,7 @@ def shard_urls(spec: str, allow_pipe: bool = False) -> list[str]:
         else:
             urls = sorted(name(p) for p in fs.glob(path))
     if not urls:
-        raise UserError(f"data.shards {spec!r} matches no tar file")
+        raise UserError(f"{key} {spec!r} matches no tar file")
     for u in urls:
         _refuse_shell(u, allow_pipe)
     log.warning("data.shards %r names %d tar file(s) directly: unverified (no build completion record is checked); "

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import zipfile
+from contextlib import contextmanager
 
 import torch
 import yaml
@@ -195,48 +196,53 @@ def latest_checkpoint(out: str) -> str | None:
     return os.path.join(d, done[-1]) if done else None
 
 
-def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
+def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = False) -> dict:
     """Train ``cfg``; resumes from the latest checkpoint in ``cfg.loop.out``.
 
     ``on_checkpoint(path, step, metrics)`` is called on every process after each
-    checkpoint is complete (Ray Train reports it; plain runs pass nothing)."""
-    from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_constant_schedule_with_warmup
-
+    checkpoint is complete (Ray Train reports it; plain runs pass nothing). ``progress``:
+    a bar on the main process (loss, step time, samples/s) when stderr is a terminal.
+    Returns the summary: mean throughput over the run's steps (not the last step's) and MFU."""
     from .data import make_loader, shard_urls
     from .families import get_family
-    from .flops import flops_per_sample, peak_flops
-    from .prompts import PromptBuilder
+    from .validation import Throughput, Validator, write_report
 
     L = cfg.loop
-    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)  # refused specs fail before any model loads
-    os.makedirs(L.out, exist_ok=True)
-    trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
-    acc = Accelerator(
-        mixed_precision=L.mixed_precision, gradient_accumulation_steps=L.grad_accum, log_with=trackers or None,
-        cpu=not torch.cuda.is_available(),  # so several CPU processes (gloo) are one job, not copies
-        project_config=ProjectConfiguration(project_dir=L.out, logging_dir=os.path.join(L.out, "tensorboard")),
-        fsdp_plugin=FullyShardedDataParallelPlugin() if L.distributed == "fsdp" else None,
-    )
-    set_seed(L.seed)
+    # cheap checks first: shard specs, validation prompts, local model paths, before any
+    # model (or diffusers, whose import alone takes seconds) loads
+    urls = shard_urls(cfg.data.shards, cfg.data.allow_pipe)
     family = get_family(cfg.family)
-    model = family.build(cfg.model, cfg)
-    groups = family.param_groups(model, cfg.model)
-    names = [g.pop("name") for g in groups]
-    optimizer = torch.optim.AdamW(groups, weight_decay=L.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, L.warmup_steps)
-    data_state = DataState()
-    ema = None
-    if L.ema_decay:
-        from diffusers.training_utils import EMAModel
+    validator = Validator(cfg, family, echo)
+    validator.check()
+    check_local_paths(cfg.model)
 
-        ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    if acc.is_main_process:
-        with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
-        acc.init_trackers("mmloom", config={"family": cfg.family, "steps": L.steps})
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_constant_schedule_with_warmup
+    from tqdm import tqdm
+
+    from mmloom import progress_enabled
+    from .flops import flops_per_sample, peak_flops
+    from .prompts import PromptBuilder
+    with _removed_if_the_start_fails(L.out):
+        acc = _accelerator(L)
+        set_seed(L.seed)
+        model = family.build(cfg.model, cfg)
+        groups = family.param_groups(model, cfg.model)
+        names = [g.pop("name") for g in groups]
+        optimizer = torch.optim.AdamW(groups, weight_decay=L.weight_decay)
+        scheduler = get_constant_schedule_with_warmup(optimizer, L.warmup_steps)
+        data_state = DataState()
+        ema = None
+        if L.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel([p for g in groups for p in g["params"]], decay=L.ema_decay)
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        _save_only_what_training_changes(acc)
+        if acc.is_main_process:
+            with open(os.path.join(L.out, "train_config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+            acc.init_trackers("mmloom", config={"family": cfg.family, "steps": L.steps})
 
     step = 0
     ckpt = latest_checkpoint(L.out) if L.resume else None
@@ -258,13 +264,17 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
     peak = peak_flops(acc.device, L.peak_tflops)
     metrics_path = os.path.join(L.out, "metrics.jsonl")
     history = []
-    t0, seen0 = time.perf_counter(), 0
+    first_step = step
+    meter = Throughput()
+    bar = tqdm(total=L.steps, initial=step, desc=f"train {cfg.family}", unit="step", leave=False,
+               disable=not (acc.is_main_process and progress_enabled(progress)))
     model.train()
     it = iter(loader)
     while step < L.steps:
         batch = next(it)
         if flops is None:
             flops = flops_per_sample(unwrapped, batch)
+            meter.restart()  # the count is not training
         with acc.accumulate(model):
             losses = model(batch)
             acc.backward(losses["loss"])
@@ -274,18 +284,19 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         data_state.consumed = batch["last_index"] + 1
-        seen0 += len(batch["prompts"]) * acc.num_processes
+        meter.add(len(batch["prompts"]) * acc.num_processes)
         if not acc.sync_gradients:
             continue
         step += 1
         if ema is not None:
             ema.step([p for g in optimizer.param_groups for p in g["params"]])
         loss = acc.gather(losses["loss"].detach()).mean().item()
+        bar.set_postfix_str(f"loss {loss:.4f}, {meter.step():.2f} s/step, {meter.rate():.1f} samples/s", refresh=False)
+        bar.update(1)
         if step % L.log_every == 0 or step == L.steps:
-            dt = time.perf_counter() - t0
-            ips = seen0 / dt if dt > 0 else 0.0
-            rec = {"step": step, "loss": loss, "images_per_s": ips,
-                   **{f"lr/{n}": g["lr"] for n, g in zip(names, optimizer.param_groups)},
+            ips, step_s = meter.interval()
+            rec = {"step": step, "loss": loss, "images_per_s": ips, "step_time_s": step_s,
+                   **{f"lr/{name}": g["lr"] for name, g in zip(names, optimizer.param_groups)},
                    "data/corrupt_samples": dataset.corrupt.count, "data/skipped_members": dataset.members.count}
             if flops and peak:
                 rec["mfu"] = flops * ips / (peak * acc.num_processes)
@@ -294,14 +305,87 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             history.append(rec)
-            t0, seen0 = time.perf_counter(), 0
         if step % L.checkpoint_every == 0 or step == L.steps:
             path = save_checkpoint(acc, L.out, step, L.keep_checkpoints, data_state, ema)
             if on_checkpoint is not None:
                 on_checkpoint(path, step, {"step": step, "loss": loss})
+        if validator.due(step) and acc.is_main_process:
+            validator.run(unwrapped, step, L.out, acc.trackers)
+        meter.restart()
+    bar.close()
     acc.end_training()
-    return {"steps": step, "history": history, "flops_per_sample": flops, "out": L.out,
-            "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
+    mean_ips, mean_step = meter.mean()
+    summary = {"steps": step, "steps_this_run": step - first_step, "images_per_s_mean": mean_ips,
+               "step_time_s_mean": mean_step, "flops_per_sample": flops,
+               "mfu_mean": flops * mean_ips / (peak * acc.num_processes) if flops and peak and mean_ips else None,
+               "last_loss": history[-1]["loss"] if history else None,
+               "corrupt_samples": dataset.corrupt.count, "skipped_members": dataset.members.count}
+    if acc.is_main_process:
+        write_report(L.out, summary, f"{cfg.family}: training loss")
+    return {**summary, "history": history, "out": L.out}
+
+
+def check_local_paths(section, prefix: str = "model") -> None:
+    """A model path written as a local path (/, ./, ../, ~) that does not exist stops the
+    run before anything loads, naming its key (hub ids are left to the loader)."""
+    from pydantic import BaseModel
+
+    for name in type(section).model_fields:
+        value, key = getattr(section, name), f"{prefix}.{name}"
+        if isinstance(value, BaseModel):
+            check_local_paths(value, key)
+        elif (name == "path" or name.endswith("_checkpoint")) and isinstance(value, str) \
+                and value.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(value)):
+            raise UserError(f"{key} {value!r} does not exist")
+
+
+def _accelerator(L):
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration
+
+    os.makedirs(L.out, exist_ok=True)
+    trackers = (["tensorboard"] if L.tensorboard else []) + (["wandb"] if L.wandb else [])
+    return Accelerator(
+        mixed_precision=L.mixed_precision, gradient_accumulation_steps=L.grad_accum, log_with=trackers or None,
+        cpu=not torch.cuda.is_available(),  # so several CPU processes (gloo) are one job, not copies
+        project_config=ProjectConfiguration(project_dir=L.out, logging_dir=os.path.join(L.out, "tensorboard")),
+        fsdp_plugin=FullyShardedDataParallelPlugin() if L.distributed == "fsdp" else None,
+    )
+
+
+@contextmanager
+def _removed_if_the_start_fails(out: str):
+    """A run that fails while starting (a model that does not load, a bad option) leaves
+    no output directory behind when it made that directory."""
+    existed = os.path.exists(out)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _save_only_what_training_changes(acc) -> None:
+    """accelerate writes the whole model; mmloom writes what training changes instead
+    (``train/parts.py``: trainable tensors and buffers, plus ``frozen.json`` naming the
+    frozen pretrained parts, which the family's ``build`` loads again). FSDP's sharded
+    state passes no weights through these hooks and is saved by accelerate as before."""
+    from .parts import load_trained, save_trained
+
+    def save(models, weights, output_dir):
+        if len(models) == 1 and len(weights) == 1:
+            if acc.is_main_process:
+                save_trained(acc.unwrap_model(models[0]), output_dir)
+            weights.clear()
+
+    def load(models, input_dir):
+        if len(models) == 1:
+            load_trained(acc.unwrap_model(models[0]), input_dir)
+            models.clear()
+
+    acc.register_save_state_pre_hook(save)
+    acc.register_load_state_pre_hook(load)
 
 
 def save_checkpoint(acc, out: str, step: int, keep: int, data_state: DataState | None = None, ema=None) -> str:

@@ -22,6 +22,8 @@ def find_run(checkpoint: str) -> tuple[str, str]:
     from .loop import latest_checkpoint
 
     checkpoint = os.path.abspath(checkpoint)
+    if not os.path.exists(checkpoint):
+        raise UserError(f"{checkpoint} does not exist (a run directory or one of its checkpoints/step_N folders)")
     if os.path.exists(os.path.join(checkpoint, "train_config.yaml")):
         ck = latest_checkpoint(checkpoint)
         if ck is None:
@@ -50,8 +52,6 @@ def parse_settings(items: list[str] | None) -> dict:
 def load_for_sampling(checkpoint: str, settings: dict | None = None):
     """(family, model in eval mode, config) of a run's checkpoint; ``settings`` override
     the run's train_config.yaml (inference knobs such as model.mix_rate)."""
-    from safetensors.torch import load_file
-
     from mmloom.configbase import load_model
     from .families import get_family
     from .loop import verify_checkpoint
@@ -61,13 +61,13 @@ def load_for_sampling(checkpoint: str, settings: dict | None = None):
     cfg = load_model(TrainConfig, path, settings, source=f"{path} with --set" if settings else path)
     family = get_family(cfg.family)
     model = family.build(cfg.model, cfg)  # cfg.model: the family's Config, validated on load
-    weights = os.path.join(ck, "model.safetensors")
-    if not os.path.exists(weights):
+    from .parts import FROZEN_FILE, load_trained
+
+    if not os.path.exists(os.path.join(ck, "model.safetensors")):
         raise UserError(f"{ck} has no model.safetensors")
-    verify_checkpoint(ck, only=["model.safetensors"])  # the weights mmloom wrote, unchanged
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-    if unexpected:
-        raise UserError(f"{weights} does not match the model built from {run}/train_config.yaml: unexpected {unexpected[:3]}")
+    # the weights mmloom wrote, unchanged
+    verify_checkpoint(ck, only=["model.safetensors"] + ([FROZEN_FILE] if os.path.exists(os.path.join(ck, FROZEN_FILE)) else []))
+    load_trained(model, ck, f"{run}/train_config.yaml")
     return family, model.eval(), cfg
 
 

@@ -17,6 +17,11 @@ A family is one module in ``train/families/`` defining ``FAMILY``, an instance o
 * ``generate(model, prompts, steps, guidance, seeds, size, **options)`` -> pictures
   (``options``: the family's own sampling arguments, such as M-VADER's ``theta``);
   ``generate_text`` where the family has text outputs;
+* ``makes_pictures(model)``: False for a run whose ``generate`` gives no pictures (a
+  Kandinsky prior), so validation grids skip it;
+* ``export(model, out_dir)``: the trained parts in their libraries' own formats
+  (``mmloom export``; the default exports every diffusers model, peft adapter and the
+  remaining trained tensors, see ``train/export.py``);
 * ``demo``: the tiny configs ``mmloom demo --family NAME`` trains and how it prompts them.
 
 Shared parts, one name each in every family's config: ``backbone`` (the denoising
@@ -256,6 +261,19 @@ class Family:
             raise UserError(f"{', '.join(sorted(unknown))}: not a sampling option of {self.name}"
                             + (f" (it has {', '.join(sorted(self.options))})" if self.options else ""))
         return model.generate(prompts, steps, guidance, seeds, size, **options)
+
+    def makes_pictures(self, model) -> bool:
+        """Whether ``generate`` gives pictures for this built model (validation grids, export's card)."""
+        return True
+
+    def export(self, model, out_dir: str) -> list[str]:
+        """Write the trained parts of ``model`` into ``out_dir`` in their libraries' formats
+        (``mmloom export``); the paths written, relative to ``out_dir``. The default
+        (``train/export.py``) covers diffusers models, peft adapters and the other trained
+        tensors; a family overrides it to add, e.g., a whole pipeline directory."""
+        from ..export import export_parts
+
+        return export_parts(model, out_dir)
 
     def generate_text(self, model, prompts, steps: int | None = None, guidance: float | None = None, seeds=None) -> list[str]:
         raise UserError(f"--text needs a family with text outputs; {self.name} makes pictures")

@@ -443,6 +443,9 @@ class Kandinsky(Family):
         name, trained = ("prior", model.prior) if model.cfg.stage == "prior" else ("unet", model.unet)
         return lr_groups({name: [p for p in trained.parameters() if p.requires_grad]}, model.cfg.lr)
 
+    def makes_pictures(self, model) -> bool:
+        return model.cfg.stage != "prior"  # a prior makes embeddings
+
     def demo_prompt(self, paths: list[str]) -> str:
         return f"a red circle <image:{paths[0]}>" if paths else "a red circle"
 
