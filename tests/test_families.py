@@ -396,7 +396,9 @@ def test_normalization_round_trips_and_uses_the_selected_samples_statistics(tmp_
     sel, rej = f"{staging}/selected.parquet", f"{staging}/rejects.parquet"
     pq.write_table(pa.table({"sample_key": [f"{s}-{i}" for s in range(3) for i in range(15)]}), sel)
     pq.write_table(pa.table({"sample_key": [f"{s}-{i}" for s in range(3) for i in range(15, 20)]}), rej)
-    store.commit("select", 0, {"selection/selected.parquet": sel, "selection/rejects.parquet": rej}, {"selected": 45}, "h")
+    from mmloom.manifests.schemas import REJECTS_FILE, SELECTED_FILE
+
+    store.commit("select", 0, {SELECTED_FILE: sel, REJECTS_FILE: rej}, {"selected": 45}, "h")
     mean, std, n = embedding_stats(str(tmp_path / "ds"))
     full, everything = np.concatenate(kept), np.concatenate(all_emb)
     assert n == 45 and np.allclose(mean, full.mean(0), atol=1e-5) and np.allclose(std, full.std(0), atol=1e-4)
