@@ -65,11 +65,16 @@ def make_resizer(cfg: DownloadConfig):
 
     class GuardedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
+            data = img_stream.getvalue()
             try:
-                imageguard.inspect(img_stream.getvalue(), cfg.max_pixels)
+                head = imageguard.inspect(data, cfg.max_pixels)
             except imageguard.ImageRejected as e:
                 err = f"{S.REFUSED}: {e.reason}" if e.status == S.REFUSED else e.reason
                 return None, None, None, None, None, err
+            if head.format == "JPEG" and blurring_bbox_list is None:
+                out = _scaled_jpeg(self, data, head)
+                if out is not None:
+                    return out
             return super().__call__(img_stream, blurring_bbox_list)
 
     return GuardedResizer(
@@ -80,6 +85,73 @@ def make_resizer(cfg: DownloadConfig):
         encode_format=cfg.encode_format,
         max_image_area=cfg.max_pixels,
     )
+
+
+# OpenCV's reduced-size JPEG decodes: libjpeg's DCT scaling to 1/2, 1/4, 1/8
+_REDUCED = {2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def output_size(resizer, width: int, height: int) -> tuple[int, int] | None:
+    """(width, height) img2dataset's Resizer scales an image of this size to (albumentations'
+    SmallestMaxSize / LongestMaxSize, before a center crop or border), or None where it
+    does not shrink it."""
+    from img2dataset.resizer import ResizeMode
+
+    mode = resizer.resize_mode
+    if mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+        side = min(width, height)
+    elif mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
+        side = max(width, height)
+    else:
+        return None
+    if side <= resizer.image_size:
+        return None
+    s = resizer.image_size / side
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def _scaled_jpeg(resizer, data: bytes, head):
+    """A JPEG that shrinks at least 2x is decoded by libjpeg at 1/2, 1/4 or 1/8 of its size
+    (the largest reduction that keeps every output pixel made from at least one decoded
+    one), then resized with the resizer's own downscale interpolation to the size
+    img2dataset's Resizer gives and encoded with its settings: the same output shape and
+    fields, a fraction of the decoding work. None: not applicable (img2dataset's path)."""
+    import cv2
+    import numpy as np
+
+    size = output_size(resizer, head.width, head.height)
+    if size is None:
+        return None
+    w, h = size
+    r = 1
+    while r < 8 and head.width // (2 * r) >= w and head.height // (2 * r) >= h:
+        r *= 2
+    if r == 1:
+        return None
+    flags = getattr(cv2, _REDUCED[r]) | cv2.IMREAD_IGNORE_ORIENTATION  # img2dataset ignores EXIF orientation too
+    try:
+        cv2.setNumThreads(1)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if img is None:
+            return None  # img2dataset's path decides (and names the error)
+        img = cv2.resize(img, (w, h), interpolation=resizer.downscale_interpolation)
+        from img2dataset.resizer import ResizeMode
+
+        if resizer.resize_mode == ResizeMode.center_crop:
+            import albumentations as A
+
+            img = A.CenterCrop(height=resizer.image_size, width=resizer.image_size)(image=img)["image"]
+        elif resizer.resize_mode == ResizeMode.border:
+            import albumentations as A
+
+            img = A.PadIfNeeded(min_height=resizer.image_size, min_width=resizer.image_size,
+                                border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255], p=1.0)(image=img)["image"]
+        ok, enc = cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
+    except cv2.error:
+        return None
+    if not ok:
+        return None
+    return enc.tobytes(), img.shape[1], img.shape[0], head.width, head.height, None
 
 
 def opencv_pixel_ceiling(max_pixels: int) -> bool:

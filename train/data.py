@@ -431,4 +431,72 @@ def make_loader(cfg: DataConfig, builder: PromptBuilder, batch_size: int, seed: 
     # resumed run has just restored
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers,
                                          generator=torch.Generator().manual_seed(seed))
+    if cfg.num_workers == 0 and cfg.prefetch > 0:
+        loader = Ahead(loader, cfg.prefetch)
     return loader, ds
+
+
+class Ahead:
+    """Batches of ``loader`` made by a background thread up to ``depth`` ahead of the
+    training step, in the same order (the pipeline's randomness is seeded per sample, so
+    the batches are the ones made in turn): decoding overlaps with the step, which leaves
+    the GIL in torch's kernels, without worker processes (exact resume stays as with
+    ``num_workers`` 0). An error in the thread is raised by ``next`` in the caller; an
+    iterator that is dropped stops its thread."""
+
+    def __init__(self, loader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __iter__(self):
+        return _AheadIter(iter(self.loader), self.depth)
+
+
+class _AheadIter:
+    _END = object()
+
+    def __init__(self, it, depth: int):
+        import queue
+        import threading
+        import weakref
+
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        thread = threading.Thread(target=_AheadIter._fill, args=(it, self.q, self.stop), daemon=True,
+                                  name="mmloom-data-ahead")
+        thread.start()
+        weakref.finalize(self, self.stop.set)  # dropped: the thread ends at its next batch
+
+    @staticmethod
+    def _fill(it, q, stop) -> None:
+        import queue
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for batch in it:
+                if not put((batch, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001  (raised again in the training thread)
+            put((None, e))
+            return
+        put((_AheadIter._END, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, err = self.q.get()
+        if err is not None:
+            self.stop.set()
+            raise err
+        if batch is _AheadIter._END:
+            self.stop.set()
+            raise StopIteration
+        return batch
