@@ -184,6 +184,14 @@ def main() -> None:
     a = ap.parse_args()
 
     cores = os.cpu_count() or 1
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        # both commands start Python processes that import the same heavy packages (torch,
+        # albumentations, cv2 ...); without bytecode each import compiles from source. pip
+        # installs write it; do the same once here, so neither side pays for it
+        import compileall
+        import sysconfig
+
+        compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=2, workers=cores)
     work = a.workdir or tempfile.mkdtemp(prefix="mmloom-bench-dl-")
     q = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=serve, args=(a.images, q), daemon=True)

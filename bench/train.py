@@ -4,10 +4,11 @@ Training input: for each family's tiny config (configs/train/*-tiny*.yaml: mumu,
 versatile, mtdiffusion, kandinsky prior and decoder), steps of the real training step
 (the family's model, AdamW) fed by the project's loader (train/data.py make_loader, the
 webdataset pipeline the trainer uses) on real final/ shards: the fraction of step time
-spent waiting for the next batch, three ways: in the training process as the configs
-have it (data.num_workers 0, exact resume), the same with a background thread fetching
-one batch ahead (a change to the trainer, measured here only), and 1 worker process. Then the loader
-alone: samples/s (one process) and samples per CPU-second of the process (per core).
+spent waiting for the next batch, three ways: as the configs have it (data.num_workers 0,
+exact resume, with the prefetch thread of data.prefetch, default 2 batches ahead), the
+same in turn (data.prefetch 0, the trainer before the thread), and 1 worker process.
+Then the loader alone: samples/s (one process) and samples per CPU-second of the process
+(per core).
 The shards: --shards DIR (a dataset directory, e.g. `mmloom demo`'s mmloom-demo), else
 the demo's curation (ingest to build, no training) is run first into a temp folder
 (about 2 minutes).
@@ -115,38 +116,17 @@ def load_tiny(name: str, shards: str, out: str, workers: int | None):
     return load_model(TrainConfig, str(files("mmloom") / "configs" / "train" / f"{name}.yaml"), over)
 
 
-class Ahead:
-    """Batches from an iterator, fetched one ahead by a background thread (the change this
-    benchmark measures beside the loader as it is; see the README)."""
-
-    def __init__(self, it, depth: int = 2):
-        import queue
-        import threading
-
-        self.q = queue.Queue(depth)
-        self.thread = threading.Thread(target=self._fill, args=(it,), daemon=True)
-        self.thread.start()
-
-    def _fill(self, it):
-        for x in it:
-            self.q.put(x)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.q.get()
-
-
 def wait_fraction(model, opt, cfg, mode: str, steps: int, warmup: int = 3) -> dict:
-    """Training steps fed by the real loader (``mode``: in-process as configured, in-process
-    with a prefetch thread, or 1 worker process): time blocked in next() vs the whole step."""
+    """Training steps fed by the real loader (``mode``: ``thread`` as configured, with the
+    prefetch thread; ``process`` in turn, no thread; ``worker``: 1 worker process): time
+    blocked in next() vs the whole step."""
     from mmloom.train.data import make_loader
     from mmloom.train.prompts import PromptBuilder
 
-    data = cfg.data.model_copy(update={"num_workers": 1 if mode == "worker" else 0})
+    data = cfg.data.model_copy(update={"num_workers": 1 if mode == "worker" else 0,
+                                       **({"prefetch": 0} if mode == "process" else {})})
     loader, _ds = make_loader(data, PromptBuilder(cfg.prompt), cfg.loop.batch_size, cfg.loop.seed)
-    it = Ahead(iter(loader)) if mode == "thread" else iter(loader)
+    it = iter(loader)
     model.train()
     wait = total = 0.0
     n = 0
@@ -182,7 +162,7 @@ def loader_alone(cfg, samples: int) -> dict:
     from mmloom.train.data import make_loader
     from mmloom.train.prompts import PromptBuilder
 
-    data = cfg.data.model_copy(update={"num_workers": 0})
+    data = cfg.data.model_copy(update={"num_workers": 0, "prefetch": 0})
     loader, _ds = make_loader(data, PromptBuilder(cfg.prompt), cfg.loop.batch_size, cfg.loop.seed)
     it = iter(loader)
     next(it)
@@ -213,14 +193,14 @@ def data_main(a) -> None:
             alone = loader_alone(cfg, a.loader_samples)
             rows.append(r)
             print(f"  {name:<22} batch {cfg.loop.batch_size}, {cfg.data.resolution} px: waiting for data "
-                  f"{r['process']['wait']:6.1%} of step time in-process as configured (num_workers {cfg.data.num_workers}, "
-                  f"{r['process']['step_ms']:.0f} ms/step), {r['thread']['wait']:6.1%} in-process with a prefetch thread "
-                  f"({r['thread']['step_ms']:.0f} ms/step), {r['worker']['wait']:6.1%} with 1 worker process "
+                  f"{r['thread']['wait']:6.1%} of step time as configured (num_workers {cfg.data.num_workers}, prefetch thread "
+                  f"{cfg.data.prefetch} ahead, {r['thread']['step_ms']:.0f} ms/step), {r['process']['wait']:6.1%} in turn (prefetch 0, "
+                  f"{r['process']['step_ms']:.0f} ms/step), {r['worker']['wait']:6.1%} with 1 worker process "
                   f"({r['worker']['step_ms']:.0f} ms/step); loader alone {alone['per_s']:.1f} samples/s, "
                   f"{alone['per_cpu_s']:.1f} samples per CPU-second", flush=True)
             del model, opt
         worst = {m: max(r[m]["wait"] for r in rows) for m in ("process", "thread", "worker")}
-        print(f"worst wait fraction: {worst['process']:.1%} in-process, {worst['thread']:.1%} with a prefetch thread, "
+        print(f"worst wait fraction: {worst['thread']:.1%} as configured (prefetch thread), {worst['process']:.1%} in turn, "
               f"{worst['worker']:.1%} with 1 worker (goal: at most 5%)")
 
 

@@ -47,3 +47,24 @@ def test_an_error_in_the_prefetch_thread_is_raised_by_next():
     with pytest.raises(ValueError, match="shard unreadable"):
         next(it)
     assert list(Ahead([1, 2, 3], 1)) == [1, 2, 3]
+
+
+def test_main_image_decoded_at_reduced_scale_when_training_shrinks_it():
+    """A JPEG is decoded at the smallest DCT scale that keeps both sides at least the
+    training resolution; other formats, and no ``least``, decode whole."""
+    import io
+
+    from PIL import Image
+
+    from mmloom.imageguard import open_image
+    from mmloom.train.data import decode_member
+
+    im = Image.new("RGB", (512, 384), "red")
+    jpg, png = io.BytesIO(), io.BytesIO()
+    im.save(jpg, "JPEG")
+    im.save(png, "PNG")
+    assert open_image(jpg.getvalue(), 10**8).size == (512, 384)
+    assert decode_member("jpg", jpg.getvalue(), 10**8, least=64).size == (128, 96)
+    assert decode_member("jpg", jpg.getvalue(), 10**8, least=150).size == (256, 192)
+    assert decode_member("jpg", jpg.getvalue(), 10**8, least=200).size == (512, 384)  # 192 < 200
+    assert decode_member("png", png.getvalue(), 10**8, least=64).size == (512, 384)

@@ -211,13 +211,14 @@ def _npy(data: bytes):
     return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def decode_member(suffix: str, data: bytes, max_pixels: int):
-    """Decode one member with its own decoder; None for a member mmloom does not write."""
+def decode_member(suffix: str, data: bytes, max_pixels: int, least: int | None = None):
+    """Decode one member with its own decoder; None for a member mmloom does not write.
+    ``least``: an image is used at most this small (a JPEG decodes at reduced scale)."""
     kind = member_kind(suffix)
     if kind == IMAGE:
         from mmloom.imageguard import open_image
 
-        return open_image(data, max_pixels)
+        return open_image(data, max_pixels, least=least)
     if kind == TEXT:
         return bytes(data).decode("utf-8")
     if kind == JSON:
@@ -313,8 +314,9 @@ class SafeDecoder:
     """Decode every member of a sample with ``decode_member``; a member that fails
     rejects the sample with a reason naming shard, key and member."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, least: dict[str, int] | None = None):
         self.max_pixels = max_pixels
+        self.least = least or {}  # member suffix -> the smallest side it is used at
 
     def __call__(self, sample: dict) -> dict:
         out = {k: v for k, v in sample.items() if k.startswith("__")}
@@ -322,7 +324,7 @@ class SafeDecoder:
             if k.startswith("__"):
                 continue
             try:
-                value = decode_member(k, v, self.max_pixels)
+                value = decode_member(k, v, self.max_pixels, self.least.get(k))
             except Exception as e:  # noqa: BLE001 - ImageRejected, Pillow's DecompressionBombError, bad JSON ...
                 raise RejectedMember(f"{sample.get('__url__')}: {sample.get('__key__')}.{k}: {e}") from None
             if value is not None:
@@ -379,11 +381,15 @@ def make_dataset(cfg: DataConfig, builder: PromptBuilder, seed: int, skip: int =
     members = MemberCounter()
     stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if cfg.resampled else [
         wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
+    pc = getattr(builder, "cfg", None)
+    main_side = max(cfg.resolution, pc.crop_size if getattr(pc, "structure", False) else 0)
     stages += [
         _TarSamples(counter, members, cfg.max_member_bytes),
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seed)),
         _Skip(skip),
-        wds.map(SafeDecoder(cfg.max_pixels), handler=counter),  # never webdataset's default decoders
+        # never webdataset's default decoders; the main image is only used squared to the
+        # training resolution (and for the structure prompt's edges at the crop size)
+        wds.map(SafeDecoder(cfg.max_pixels, {ext: main_side for ext in ("jpg", "png", "webp")}), handler=counter),
         wds.map(lambda s: _to_example(s, builder, seed, cfg), handler=counter),
         wds.select(lambda ex: ex is not None),
     ]
