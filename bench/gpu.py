@@ -320,6 +320,7 @@ def train_part(a, dev: torch.device, family: str, size: str, unet_cfg: dict, sup
 
 
 def _train_once(a, dev, build, size, unet_cfg, support, bs):
+    from train import train_step
     model, unet, params, batch, what = build(size, unet_cfg, support, dev, bs, a.tiny)
     model.train()
     procs = sorted({type(p).__name__ for p in unet.attn_processors.values()})
@@ -336,11 +337,7 @@ def _train_once(a, dev, build, size, unet_cfg, support, bs):
     b = batch(bs)
 
     def step():
-        with autocast:
-            loss = model(b)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, b, opt, autocast)
 
     for _ in range(a.warmup):
         step()

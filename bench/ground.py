@@ -85,11 +85,10 @@ def write_selection(root: str, keys: list[str], caps: list[str], sizes: list[tup
 
 
 def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, rounds: int) -> dict:
-    from score import jpegs, write_download_shard
+    from score import best_of_rounds, jpegs, write_download_shard
 
     from mmloom.curate.download import key_for
     from mmloom.curate.ground import GroundWorker
-    from mmloom.curate.score import prefetch_threads
     from mmloom.manifests.store import ShardStore
 
     n = len(ims)
@@ -122,35 +121,28 @@ def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, ro
             sync()
             return n / (time.perf_counter() - t)
 
-        default = prefetch_threads(w.dino.device, None)
-        k = max(1, default)  # the stage with worker threads, whatever the default
-        runs = []
-        for _ in range(rounds):  # in turn, so that a busy spell of other processes is seen by all three
-            f, st, se = forward(), stage(k), stage(0)
-            runs.append({"forward": f, "stage": st, "serial": se, "frac": st / f, "frac_serial": se / f})
-            print(f"    round {len(runs)}: forward-only {f:.2f}, stage with {k} prefetch thread(s) {st:.2f}, serial stage {se:.2f} images/s")
+        out = best_of_rounds(forward, stage, w.dino.device, rounds)
         t = time.perf_counter()
         for b in batches:
             im = [Image.open(io.BytesIO(blobs[i])).convert("RGB") for i in b]
             w.dino.prepare(im, [caps[i] for i in b])
         prep_ms = (time.perf_counter() - t) / n * 1e3
-    out = {k: max(r[k] for r in runs) for k in ("forward", "stage", "serial")}
-    out["frac"], out["frac_serial"] = out["stage"] / out["forward"], out["serial"] / out["forward"]
-    return {**out, "prep_ms": prep_ms, "threads": k, "default": default}
+    return {**out, "prep_ms": prep_ms}
 
 
 def main() -> None:
+    from score import stage_args
+
     from mmloom.testkit.tiny_scoring import make_grounding_dino
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    stage_args(ap, 64)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--sizes", default="tiny,grounding-dino-tiny")
     ap.add_argument("--parts", default="batching,stage", help="batching (batched vs unbatched), stage (stage vs forward passes)")
-    ap.add_argument("--stage-images", type=int, default=64, help="images in the committed shard the stage grounds")
     ap.add_argument("--stage-sizes", default="tiny", help="model sizes measured in the stage part")
-    ap.add_argument("--rounds", type=int, default=3, help="forward-only, stage and serial stage measured in turn this many times; best of each")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
     ims, caps = demo(max(a.images, a.stage_images))

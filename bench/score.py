@@ -125,7 +125,7 @@ def score_models(root: str, clip: str = "tiny") -> dict:
 def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
     """Score-stage images/s on a committed shard vs the models alone on the same batches."""
     from mmloom.curate.config import ScoreConfig
-    from mmloom.curate.score import _decode, prefetch_threads, score_shard
+    from mmloom.curate.score import _decode, score_shard
     from mmloom.filters.scoring import ScoreSet
     from mmloom.manifests.store import ShardStore
 
@@ -157,21 +157,33 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
             sync()
             return n / (time.perf_counter() - t)
 
-        default = prefetch_threads(s.device, None)
-        k = max(1, default)  # the stage with worker threads, whatever the default
-        runs = []
-        for _ in range(rounds):  # in turn, so that a busy spell of other processes is seen by all three
-            f, st, se = forward(), stage(k), stage(0)
-            runs.append({"forward": f, "stage": st, "serial": se, "frac": st / f, "frac_serial": se / f})
-            echo(f"    round {len(runs)}: forward-only {f:.1f}, stage with {k} prefetch thread(s) {st:.1f}, serial stage {se:.1f} images/s")
-        best = {k: max(r[k] for r in runs) for k in ("forward", "stage", "serial")}
-        best["frac"], best["frac_serial"] = best["stage"] / best["forward"], best["serial"] / best["forward"]
+        best = best_of_rounds(forward, stage, s.device, rounds, echo)
         # what the stage does besides the models, timed alone on one thread
         t = time.perf_counter()
         for i in range(0, n, bs):
             s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs])
         prep_ms = (time.perf_counter() - t) / n * 1e3
-    best["prep_ms"], best["threads"], best["default"] = prep_ms, k, default
+    best["prep_ms"] = prep_ms
+    return best
+
+
+def best_of_rounds(forward, stage, device: str, rounds: int, echo=print) -> dict:
+    """Forward-only, the stage with prefetch threads and the serial stage, in turn each
+    round (a busy spell of other processes is seen by all three); the best of each (other
+    processes only ever slow a run down) and the fractions."""
+    from mmloom.curate.score import prefetch_threads
+
+    default = prefetch_threads(device, None)
+    k = max(1, default)  # the stage with worker threads, whatever the default
+    runs = []
+    for _ in range(rounds):
+        f, st, se = forward(), stage(k), stage(0)
+        runs.append({"forward": f, "stage": st, "serial": se})
+        echo(f"    round {len(runs)}: forward-only {f:.2f}, stage with {k} prefetch thread(s) {st:.2f}, serial stage {se:.2f} images/s")
+    best = {x: max(r[x] for r in runs) for x in ("forward", "stage", "serial")}
+    best["frac"], best["frac_serial"] = best["stage"] / best["forward"], best["serial"] / best["forward"]
+    best["threads"], best["default"] = k, default
+    best["spread"] = [r["stage"] / r["forward"] for r in runs], [r["serial"] / r["forward"] for r in runs]
     return best
 
 
@@ -197,6 +209,12 @@ def clip_arch(arch: str, device: str, precision: str):
     return enc, enc_only, size
 
 
+def stage_args(ap, images: int) -> None:
+    """The options of a stage-vs-forward measurement (here and in bench/ground.py)."""
+    ap.add_argument("--stage-images", type=int, default=images, help="images in the committed shard the stage works on")
+    ap.add_argument("--rounds", type=int, default=3, help="forward-only, stage and serial stage measured in turn this many times; best of each")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,9 +223,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--archs", default="ViT-B-32,ViT-L-14")
     ap.add_argument("--parts", default="models,naive,stage", help="any of models (each model alone), naive (score set vs the naive peer), stage (stage vs forward passes)")
-    ap.add_argument("--stage-images", type=int, default=128, help="images in the committed shard the stage scores")
     ap.add_argument("--stage-clip", default="tiny", help="CLIP in the stage's score set: tiny or an open_clip architecture (ViT-B-32, ViT-L-14)")
-    ap.add_argument("--rounds", type=int, default=3, help="forward-only, stage and serial stage measured in turn this many times; best of each")
+    stage_args(ap, 128)
     a = ap.parse_args()
     parts = set(a.parts.split(","))
     dev = a.device

@@ -222,6 +222,15 @@ def main() -> None:
         data_main(a)
 
 
+def train_step(model, batch: dict, opt, autocast) -> None:
+    """One optimizer step on ``batch`` (here and in bench/gpu.py)."""
+    with autocast:
+        loss = model(batch)["loss"]
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def mfu_main(a) -> None:
     from mmloom.train.config import TrainConfig
     from mmloom.train.families import get_family
@@ -249,11 +258,7 @@ def mfu_main(a) -> None:
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16")
 
         def step():
-            with autocast:
-                loss = model(batch)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, batch, opt, autocast)
 
         step()  # warm-up
         if dev.type == "cuda":
