@@ -9,7 +9,7 @@ import pytest
 from test_train import shards  # noqa: F401  (the fixture: two final/ shards in the build format)
 
 
-def batches(shards, prefetch: int, n: int = 4):
+def batches(shards, prefetch: int, n: int = 4):  # noqa: F811
     from mmloom.train.config import DataConfig, PromptConfig
     from mmloom.train.data import Ahead, make_loader
     from mmloom.train.prompts import PromptBuilder
