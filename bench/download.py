@@ -1,22 +1,38 @@
-"""Benchmark: mmloom's download stage vs the plain img2dataset command, same inputs.
+"""Benchmark: mmloom's download stage vs the plain img2dataset command, same inputs, one run.
 
-Serves N images (default 2000) from a local HTTP server in its own process, writes one
-LAION-format metadata parquet, then in one run:
-  1. `img2dataset` (its own CLI, multiprocessing distributor) on that parquet;
-  2. `mmloom ingest` (not timed) then `mmloom download` (Ray) on the same parquet;
-with the same image size, resize mode, processes/threads, shard size and hashing.
-Both are timed as whole commands (start-up included) and the ratio of images/s is
-printed: ours / img2dataset (>= 1.0 means we are not slower).
+A local HTTP server in its own process serves N URLs (default 2000) over a pool of real
+photos re-encoded at LAION-like sizes: longer side 400-2000 px, mostly JPEG (quality
+75-95), some PNG and WebP, and a few failures (404s and truncated JPEGs). One LAION-format
+metadata parquet lists them. Then, one after the other on the same machine:
+
+  1. `img2dataset` started the way its users start it: its own CLI with its own defaults
+     (processes, threads, shard size, EXIF extraction, timeout ...), given only what makes
+     the output the same as mmloom's: the input columns, webdataset output, and mmloom's
+     image size and resize mode (256 px, keep_ratio);
+  2. `mmloom ingest` (not timed), then `mmloom download` (Ray in process) with mmloom's
+     defaults, the address check off for the local server (`allow_private_addresses`,
+     every other guard on) and shards of N / (2 x cores) rows so every core has work;
+  3. the compute limit: the same decode and resize mmloom does (`make_resizer`: header
+     check, DCT-scaled decode, resize, JPEG encode) in a tight loop over the same image
+     bytes, already in memory, on every core (one process per core).
+
+Both commands are timed whole (start-up included); success counts are read from their
+status parquets. Printed: images/s of each, the ratio mmloom / img2dataset, and the
+fraction of the compute limit mmloom reached. `--peer-tuned` adds an img2dataset run with
+one process per core (`--processes_count`), for reference.
 
     python bench/download.py --images 2000
+    python bench/download.py --images 2000 --rounds 2 --peer-tuned
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import io
 import multiprocessing as mp
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -25,95 +41,198 @@ import time
 
 import pandas as pd
 
+IMAGE_SIZE, RESIZE_MODE = 256, "keep_ratio"  # mmloom's defaults (download.image_size, resize_mode)
 
-def serve(n: int, q) -> None:
+
+def image_pool(count: int = 48, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(format, bytes) of ``count`` images: the demo photos at LAION-like sizes and formats."""
     from PIL import Image
 
-    from mmloom.testkit.demo_data import demo_images, jpeg_bytes
-    from mmloom.testkit.localserver import LocalServer, Route
+    from mmloom.testkit.demo_data import demo_images
 
-    import io
+    rng = random.Random(seed)
+    photos = [Image.open(io.BytesIO(d)).convert("RGB") for _n, d, *_ in demo_images()][:6]  # the real photos
+    out = []
+    for i in range(count):
+        im = photos[i % len(photos)]
+        side = rng.randint(400, 2000)
+        s = side / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
+        buf = io.BytesIO()
+        r = rng.random()
+        if r < 0.1:
+            im.save(buf, "PNG", compress_level=6)
+            fmt = "png"
+        elif r < 0.2:
+            im.save(buf, "WEBP", quality=80)
+            fmt = "webp"
+        else:
+            im.save(buf, "JPEG", quality=rng.randint(75, 95))
+            fmt = "jpg"
+        out.append((fmt, buf.getvalue()))
+    return out
 
-    pool = []
-    for _name, data, _c, _w, _h in demo_images():
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        img.thumbnail((640, 640))
-        pool.append(jpeg_bytes(img, 90))
-    routes = {f"/img/{i}.jpg": Route(pool[i % len(pool)]) for i in range(n)}
-    with LocalServer(routes) as srv:
+
+def routes(n: int, pool: list[tuple[str, bytes]], seed: int = 1) -> dict:
+    from mmloom.testkit.localserver import Route
+
+    types = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        fmt, data = pool[i % len(pool)]
+        r = rng.random()
+        if r < 0.02:
+            out[f"/img/{i}.{fmt}"] = Route(b"not found", 404, "text/plain")
+        elif r < 0.03 and fmt == "jpg":
+            out[f"/img/{i}.{fmt}"] = Route(data[: len(data) // 2], content_type=types[fmt])  # truncated
+        else:
+            out[f"/img/{i}.{fmt}"] = Route(data, content_type=types[fmt])
+    return out
+
+
+def serve(n: int, q) -> None:
+    from mmloom.testkit.localserver import LocalServer
+
+    pool = image_pool()
+    with LocalServer(routes(n, pool)) as srv:
         q.put(srv.base)
         while True:
             time.sleep(3600)
 
 
+def urls(base: str, n: int) -> list[str]:
+    fmts = [f for f, _ in _pool_formats()]
+    return [f"{base}/img/{i}.{fmts[i % len(fmts)]}" for i in range(n)]
+
+
+_FORMATS: list | None = None
+
+
+def _pool_formats() -> list:
+    global _FORMATS
+    if _FORMATS is None:
+        _FORMATS = image_pool()
+    return _FORMATS
+
+
 def count_success(folder: str) -> int:
     n = 0
-    for p in glob.glob(os.path.join(folder, "*.parquet")):
+    for p in glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True):
         df = pd.read_parquet(p, columns=["status"])
         n += int((df.status == "success").sum())
     return n
 
 
+def _limit_worker(args) -> int:
+    blobs, seconds = args
+    from mmloom.curate.config import DownloadConfig
+    from mmloom.curate.download import make_resizer
+
+    resize = make_resizer(DownloadConfig.model_validate({"image_size": IMAGE_SIZE, "resize_mode": RESIZE_MODE}))
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for b in blobs:
+            resize(io.BytesIO(b))
+            n += 1
+    return n
+
+
+def compute_limit(seconds: float) -> float:
+    """images/s of mmloom's decode + resize on every core, the image bytes in memory."""
+    blobs = [d for _f, d in _pool_formats()]
+    cores = os.cpu_count() or 1
+    with mp.get_context("spawn").Pool(cores) as p:
+        p.map(_limit_worker, [(blobs[:2], 0.5)] * cores)  # imports and warm-up
+        t = time.perf_counter()
+        n = sum(p.map(_limit_worker, [(blobs, seconds)] * cores))
+        return n / (time.perf_counter() - t)
+
+
+def run_img2dataset(meta: str, out: str, env: dict, extra: list[str]) -> tuple[float, int]:
+    bindir = os.path.dirname(sys.executable)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [os.path.join(bindir, "img2dataset"), "--url_list", meta, "--input_format", "parquet",
+           "--url_col", "URL", "--caption_col", "TEXT", "--output_format", "webdataset", "--output_folder", out,
+           "--image_size", str(IMAGE_SIZE), "--resize_mode", RESIZE_MODE, *extra]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t, count_success(out)
+
+
+def run_mmloom(meta: str, work: str, env: dict, shard_size: int) -> tuple[float, int]:
+    mm = os.path.join(os.path.dirname(sys.executable), "mmloom")
+    ds = os.path.join(work, "mmloom")
+    shutil.rmtree(ds, ignore_errors=True)
+    subprocess.run([mm, "ingest", meta, "--out", ds, "--shard-size", str(shard_size), "--no-progress"],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    cfg = os.path.join(work, "bench.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"ingest:\n  shard_size: {shard_size}\ndownload:\n  allow_private_addresses: true\n")
+    t = time.perf_counter()
+    subprocess.run([mm, "download", ds, "--config", cfg, "--no-progress"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t, count_success(os.path.join(ds, "images"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--threads", type=int, default=32)
-    ap.add_argument("--shard-size", type=int, default=500)
-    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1, help="img2dataset and mmloom measured in turn this many times")
+    ap.add_argument("--peer-tuned", action="store_true", help="also img2dataset with --processes_count = cores")
+    ap.add_argument("--limit-seconds", type=float, default=10.0)
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
 
+    cores = os.cpu_count() or 1
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        # both commands start Python processes that import the same heavy packages (torch,
+        # albumentations, cv2 ...); without bytecode each import compiles from source. pip
+        # installs write it; do the same once here, so neither side pays for it
+        import compileall
+        import sysconfig
+
+        compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=2, workers=cores)
     work = a.workdir or tempfile.mkdtemp(prefix="mmloom-bench-dl-")
     q = mp.get_context("spawn").Queue()
     server = mp.get_context("spawn").Process(target=serve, args=(a.images, q), daemon=True)
     server.start()
-    base = q.get(timeout=120)
+    base = q.get(timeout=300)
     meta = os.path.join(work, "meta.parquet")
     pd.DataFrame({
-        "URL": [f"{base}/img/{i}.jpg" for i in range(a.images)],
-        "TEXT": [f"benchmark image {i}" for i in range(a.images)],
-        "WIDTH": 640, "HEIGHT": 480, "similarity": 0.35, "punsafe": 0.0, "pwatermark": 0.0,
+        "URL": urls(base, a.images), "TEXT": [f"benchmark image {i}" for i in range(a.images)],
+        "WIDTH": 1024, "HEIGHT": 768, "similarity": 0.35, "punsafe": 0.0, "pwatermark": 0.0,
     }).to_parquet(meta, index=False)
-    bindir = os.path.dirname(sys.executable)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    results = {}
+    shard_size = max(1, -(-a.images // (2 * cores)))
+    fmts = [f for f, _ in _pool_formats()]
+    print(f"{a.images} URLs over {len(fmts)} images (longer side 400-2000 px; {fmts.count('jpg')} JPEG, "
+          f"{fmts.count('png')} PNG, {fmts.count('webp')} WebP), ~3% failures; {cores} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start; image_size {IMAGE_SIZE}, {RESIZE_MODE}")
+    rows = []
     try:
-        # 1. the plain img2dataset command
-        out = os.path.join(work, "i2d")
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [os.path.join(bindir, "img2dataset"), "--url_list", meta, "--input_format", "parquet",
-               "--url_col", "URL", "--caption_col", "TEXT", "--output_format", "webdataset",
-               "--output_folder", out, "--processes_count", str(a.processes), "--thread_count", str(a.threads),
-               "--image_size", str(a.image_size), "--resize_mode", "keep_ratio",
-               "--number_sample_per_shard", str(a.shard_size), "--extract_exif", "False",
-               "--compute_hash", "sha256", "--timeout", "10", "--enable_wandb", "False"]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        results["img2dataset"] = (time.perf_counter() - t, count_success(out))
-
-        # 2. mmloom: ingest (untimed), then the download command
-        ds = os.path.join(work, "mmloom")
-        shutil.rmtree(ds, ignore_errors=True)
-        mm = os.path.join(bindir, "mmloom")
-        subprocess.run([mm, "ingest", meta, "--out", ds, "--shard-size", str(a.shard_size), "--no-progress"],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
-        cfg = os.path.join(work, "bench.yaml")
-        with open(cfg, "w") as f:
-            f.write(f"ingest:\n  shard_size: {a.shard_size}\ndownload:\n  image_size: {a.image_size}\n"
-                    f"  resize_mode: keep_ratio\n  thread_count: {a.threads}\n  timeout: 10\n"
-                    f"  allow_private_addresses: true\n  cpus_per_shard: {(os.cpu_count() or 2) / a.processes}\n")
-        t = time.perf_counter()
-        subprocess.run([mm, "download", ds, "--config", cfg, "--no-progress"], check=True, env=env, stdout=subprocess.DEVNULL)
-        results["mmloom"] = (time.perf_counter() - t, count_success(os.path.join(ds, "images")))
+        for r in range(a.rounds):
+            res = {"img2dataset": run_img2dataset(meta, os.path.join(work, "i2d"), env, [])}
+            res["mmloom"] = run_mmloom(meta, work, env, shard_size)
+            if a.peer_tuned:
+                res["img2dataset tuned"] = run_img2dataset(meta, os.path.join(work, "i2d"), env, ["--processes_count", str(cores)])
+            rows.append(res)
+            print(f"round {r + 1}:")
+            for name, (secs, ok) in res.items():
+                print(f"  {name:<18} {ok:>6} ok in {secs:7.1f} s  = {ok / secs:8.1f} images/s")
+            ratio = (res["mmloom"][1] / res["mmloom"][0]) / (res["img2dataset"][1] / res["img2dataset"][0])
+            tuned = (f", vs img2dataset with {cores} processes "
+                     f"{(res['mmloom'][1] / res['mmloom'][0]) / (res['img2dataset tuned'][1] / res['img2dataset tuned'][0]):.2f}"
+                     if a.peer_tuned else "")
+            print(f"  ratio mmloom / img2dataset (its defaults): {ratio:.2f}{tuned}", flush=True)
     finally:
         server.terminate()
-
-    print(f"{a.images} images, {a.processes} processes x {a.threads} threads, image_size {a.image_size}, shard size {a.shard_size}")
-    for name, (secs, ok) in results.items():
-        print(f"  {name:<12} {ok:>6} ok in {secs:7.1f} s  = {ok / secs:8.1f} images/s")
-    ratio = (results["mmloom"][1] / results["mmloom"][0]) / (results["img2dataset"][1] / results["img2dataset"][0])
-    print(f"ratio mmloom / img2dataset: {ratio:.2f}")
+    limit = compute_limit(a.limit_seconds)
+    mm = [ok / secs for secs, ok in (res["mmloom"] for res in rows)]
+    ratios = [(res["mmloom"][1] / res["mmloom"][0]) / (res["img2dataset"][1] / res["img2dataset"][0]) for res in rows]
+    print(f"compute limit (mmloom's header check + decode + resize + encode, bytes in memory, {cores} processes): "
+          f"{limit:.1f} images/s = {limit / cores:.1f} per core")
+    print(f"mmloom reached {max(mm) / limit:.1%} of the compute limit (best round); ratio over rounds: "
+          f"{' '.join(f'{x:.2f}' for x in ratios)}; load average at end {os.getloadavg()[0]:.1f}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

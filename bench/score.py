@@ -1,11 +1,22 @@
-"""Benchmark: images/s of each scoring model, and of the whole score set against the
-naive way (every head running its own CLIP pass, one image at a time).
+"""Benchmark: images/s of each scoring model, of the whole score set against the naive
+way (every head running its own CLIP pass, one image at a time), and of the score stage
+against the models' forward passes alone.
 
     python bench/score.py                       # CPU: tiny models + real-architecture CLIPs
+    python bench/score.py --parts stage --stage-clip ViT-B-32   # the stage fraction with a real-size CLIP
     python bench/score.py --device cuda --batch-size 256 --precision bf16   # H100 mode
 
 Weights are random (none can be downloaded here); throughput does not depend on them.
 ViT-B-32 and ViT-L-14 are open_clip's real architectures built without weights.
+
+The stage fraction: a committed download shard (256 px JPEGs, as the download stage
+leaves them) is scored by `curate.score.score_shard` (read and sha256-check the tar,
+decode, preprocess, models, parquet, commit) and, in the same run, the same batches,
+decoded and preprocessed beforehand, go through the models alone (`ScoreSet.score` on
+`ScoreSet.prepare`d batches: forward passes, heads, output decoding). Stage images/s over
+forward-only images/s is the fraction. Each of --rounds rounds measures forward-only, the
+stage and the stage without prefetch one after the other; each figure is its best round
+(other processes on a shared machine only ever slow a run down).
 """
 
 from __future__ import annotations
@@ -44,6 +55,138 @@ def rate(fn, items, batch: int, warmup: int = 1) -> float:
     return len(items) / (time.perf_counter() - t)
 
 
+def jpegs(ims) -> list[bytes]:
+    out = []
+    for im in ims:
+        b = io.BytesIO()
+        im.save(b, "JPEG", quality=95)
+        out.append(b.getvalue())
+    return out
+
+
+def write_download_shard(root: str, blobs: list[bytes], captions: list[str], shard: int = 0) -> None:
+    """A committed download shard in the download stage's format (tar of KEY.jpg + status
+    parquet + completion record with each file's sha256), written through the store."""
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmloom.curate.download import STATUS_SCHEMA, key_for
+    from mmloom.manifests import schemas as S
+    from mmloom.manifests.store import ShardStore, shard_name
+
+    store = ShardStore(root)
+    staging = store.staging_dir("images", shard)
+    tar_path, pq_path = os.path.join(staging, "s.tar"), os.path.join(staging, "s.parquet")
+    rows = []
+    with tarfile.open(tar_path, "w") as t:
+        for i, (data, cap) in enumerate(zip(blobs, captions)):
+            key = key_for(i, shard, len(blobs))
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+            w, h = Image.open(io.BytesIO(data)).size
+            rows.append({"sample_key": f"s{shard}-{i}", "key": key, "url": f"http://example.invalid/{i}.jpg", "caption": cap,
+                         "status": S.SUCCESS, "error_message": None, "width": w, "height": h,
+                         "original_width": w * 2, "original_height": h * 2, "sha256": None})
+    pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), pq_path)
+    base = f"images/{shard_name(shard)}"
+    store.commit("download", shard, {base + ".tar": tar_path, base + ".parquet": pq_path}, {"rows": len(rows)}, "bench")
+    store.discard(staging)
+
+
+def score_models(root: str, clip: str = "tiny") -> dict:
+    """The demo's score set (tiny CLIP, tiny timm watermark, aesthetic head, nudenet,
+    OpenCV faces, phash); ``clip`` an open_clip architecture (ViT-B-32, ViT-L-14) puts
+    that real-size CLIP, random weights, in place of the tiny one (aesthetic head resized)."""
+    import json
+
+    from mmloom.filters.aesthetic import save_aesthetic_head
+    from mmloom.testkit.tiny_scoring import make_score_models
+
+    cfg = make_score_models(root)
+    if clip != "tiny":
+        import open_clip
+
+        d = os.path.join(root, f"clip-{clip}")
+        os.makedirs(d, exist_ok=True)
+        model_cfg = open_clip.get_model_config(clip)
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(clip, pretrained=None).state_dict(), os.path.join(d, "open_clip_pytorch_model.bin"))
+        with open(os.path.join(d, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": model_cfg, "preprocess_cfg": {
+                "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+        save_aesthetic_head(os.path.join(root, "aesthetic-head.pth"), in_dim=model_cfg["embed_dim"])
+        cfg["clip"]["model"] = cfg["aesthetic"]["clip_model"] = d
+    return cfg
+
+
+def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
+    """Score-stage images/s on a committed shard vs the models alone on the same batches."""
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.curate.score import _decode, score_shard
+    from mmloom.filters.scoring import ScoreSet
+    from mmloom.manifests.store import ShardStore
+
+    pool = images(n)
+    caps = [c for _n, _d, c, *_ in __import__("mmloom.testkit.demo_data", fromlist=["x"]).demo_images()]
+    caps = [caps[i % len(caps)] for i in range(n)]
+    blobs = jpegs(pool)
+    s = ScoreSet(ScoreConfig.model_validate(cfg))
+    bs = s.cfg.batch_size
+    sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
+    with tempfile.TemporaryDirectory() as root:
+        write_download_shard(root, blobs, caps)
+        store = ShardStore(root)
+        ready = [s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs]) for i in range(0, n, bs)]
+        s.score(ready[0], caps[:bs])  # warm-up
+
+        def forward():
+            sync()
+            t = time.perf_counter()
+            for i, p in enumerate(ready):
+                s.score(p, caps[i * bs:(i + 1) * bs])
+            sync()
+            return n / (time.perf_counter() - t)
+
+        def stage(prefetch):
+            store.uncommit("score", 0)
+            t = time.perf_counter()
+            score_shard(s, 0, root, "bench", "jpg", prefetch=prefetch)
+            sync()
+            return n / (time.perf_counter() - t)
+
+        best = best_of_rounds(forward, stage, s.device, rounds, echo)
+        # what the stage does besides the models, timed alone on one thread
+        t = time.perf_counter()
+        for i in range(0, n, bs):
+            s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs])
+        prep_ms = (time.perf_counter() - t) / n * 1e3
+    best["prep_ms"] = prep_ms
+    return best
+
+
+def best_of_rounds(forward, stage, device: str, rounds: int, echo=print) -> dict:
+    """Forward-only, the stage with prefetch threads and the serial stage, in turn each
+    round (a busy spell of other processes is seen by all three); the best of each (other
+    processes only ever slow a run down) and the fractions."""
+    from mmloom.curate.score import prefetch_threads
+
+    default = prefetch_threads(device, None)
+    k = max(1, default)  # the stage with worker threads, whatever the default
+    runs = []
+    for _ in range(rounds):
+        f, st, se = forward(), stage(k), stage(0)
+        runs.append({"forward": f, "stage": st, "serial": se})
+        echo(f"    round {len(runs)}: forward-only {f:.2f}, stage with {k} prefetch thread(s) {st:.2f}, serial stage {se:.2f} images/s")
+    best = {x: max(r[x] for r in runs) for x in ("forward", "stage", "serial")}
+    best["frac"], best["frac_serial"] = best["stage"] / best["forward"], best["serial"] / best["forward"]
+    best["threads"], best["default"] = k, default
+    best["spread"] = [r["stage"] / r["forward"] for r in runs], [r["serial"] / r["forward"] for r in runs]
+    return best
+
+
 def clip_arch(arch: str, device: str, precision: str):
     import open_clip
 
@@ -66,6 +209,12 @@ def clip_arch(arch: str, device: str, precision: str):
     return enc, enc_only, size
 
 
+def stage_args(ap, images: int) -> None:
+    """The options of a stage-vs-forward measurement (here and in bench/ground.py)."""
+    ap.add_argument("--stage-images", type=int, default=images, help="images in the committed shard the stage works on")
+    ap.add_argument("--rounds", type=int, default=3, help="forward-only, stage and serial stage measured in turn this many times; best of each")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,11 +222,45 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--archs", default="ViT-B-32,ViT-L-14")
+    ap.add_argument("--parts", default="models,naive,stage", help="any of models (each model alone), naive (score set vs the naive peer), stage (stage vs forward passes)")
+    ap.add_argument("--stage-clip", default="tiny", help="CLIP in the stage's score set: tiny or an open_clip architecture (ViT-B-32, ViT-L-14)")
+    stage_args(ap, 128)
     a = ap.parse_args()
-    ims = images(a.images)
+    parts = set(a.parts.split(","))
     dev = a.device
     print(f"device {dev} ({torch.cuda.get_device_name() if dev.startswith('cuda') else os.cpu_count()} "
           f"{'' if dev.startswith('cuda') else 'cores'}), batch {a.batch_size}, {a.precision}, {a.images} images")
+    rows = []
+    ims = images(a.images) if parts & {"models", "naive"} else []
+    if "models" in parts:
+        rows += model_rows(a, ims)
+    if "naive" in parts:
+        ours, peer = naive_rows(a, ims)
+        rows += [("score set, tiny models: ours (batched, one CLIP pass)", ours),
+                 ("score set, tiny models: naive (per image, CLIP per head)", peer)]
+    if rows:
+        w = max(len(r[0]) for r in rows)
+        for name, r in rows:
+            print(f"  {name:<{w}}  {r:9.1f} images/s")
+    if "naive" in parts:
+        print(f"ratio ours / naive score set: {ours / peer:.2f}")
+    if "stage" in parts:
+        with tempfile.TemporaryDirectory() as d:
+            cfg = {**score_models(d, a.stage_clip), "device": dev, "batch_size": a.batch_size, "precision": a.precision}
+            r = stage_vs_forward(cfg, a.stage_images, a.rounds)
+        print(f"score stage on a committed shard ({a.stage_images} images, batch {a.batch_size}, CLIP {a.stage_clip}, "
+              f"nudenet, timm watermark, aesthetic, OpenCV faces, phash):")
+        print(f"  models' forward passes alone (prepared batches)  {r['forward']:9.1f} images/s")
+        print(f"  stage, {r['threads']} prefetch thread(s)                   {r['stage']:9.1f} images/s")
+        print(f"  stage, serial (no prefetch)                      {r['serial']:9.1f} images/s")
+        print(f"  decode + prepare alone, one thread: {r['prep_ms']:.2f} ms/image")
+        default = f"{r['default']} prefetch thread(s)" if r["default"] else "serial"
+        print(f"fraction of forward-only throughput (best of {a.rounds} rounds each): with prefetch {r['frac']:.1%}, "
+              f"serial {r['frac_serial']:.1%}; the stage's default on {dev}: {default}")
+
+
+def model_rows(a, ims) -> list:
+    dev = a.device
     rows = []
     for arch in a.archs.split(","):
         enc, enc_only, size = clip_arch(arch, dev, a.precision)
@@ -105,14 +288,19 @@ def main() -> None:
     rows.append(("nudenet NSFW (onnxruntime, CPU)", rate(NudeNetNsfw(nn), ims, a.batch_size)))
     rows.append(("OpenCV frontal-face cascade", rate(OpenCvFaces(), ims, a.batch_size)))
     rows.append(("phash (imagehash)", rate(lambda b: [phash(i) for i in b], ims, a.batch_size)))
+    return rows
 
-    from mmloom.clip import ClipEmbedder
+
+def naive_rows(a, ims) -> tuple[float, float]:
     from mmloom.curate.config import ScoreConfig
     from mmloom.filters.aesthetic import AestheticScorer
+    from mmloom.clip import ClipEmbedder
     from mmloom.filters.nsfw import ClipMlpNsfw
+    from mmloom.filters.geometry import phash
     from mmloom.filters.scoring import ScoreSet
     from mmloom.testkit.tiny_scoring import make_score_models
 
+    dev = a.device
     with tempfile.TemporaryDirectory() as d:
         cfg = make_score_models(d)
         cfg = {**cfg, "device": dev, "batch_size": a.batch_size,
@@ -137,12 +325,7 @@ def main() -> None:
                 phash(im)
 
         peer = rate(naive, ims, a.batch_size)
-    rows.append(("score set, tiny models: ours (batched, one CLIP pass)", ours))
-    rows.append(("score set, tiny models: naive (per image, CLIP per head)", peer))
-    w = max(len(r[0]) for r in rows)
-    for name, r in rows:
-        print(f"  {name:<{w}}  {r:9.1f} images/s")
-    print(f"ratio ours / naive score set: {ours / peer:.2f}")
+    return ours, peer
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import tarfile
+import time
 from collections import Counter
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
@@ -52,9 +53,28 @@ STATUS_SCHEMA = pa.schema([
 ])
 
 
+def img2dataset_modules() -> None:
+    """Let ``import img2dataset.X`` load X and what X imports, not img2dataset's package
+    ``__init__``, which imports its whole CLI (Spark and Ray distributors, readers, every
+    writer): seconds of start-up in every download worker for nothing the stage uses.
+    Nothing changes where img2dataset is already imported."""
+    import importlib.util
+    import types
+
+    if "img2dataset" in sys.modules:
+        return
+    spec = importlib.util.find_spec("img2dataset")
+    if spec is None or not spec.submodule_search_locations:
+        return  # not installed: the import that follows says so
+    pkg = types.ModuleType("img2dataset", "img2dataset's modules, without its CLI (mmloom.curate.download)")
+    pkg.__path__, pkg.__spec__, pkg.__file__ = list(spec.submodule_search_locations), spec, spec.origin
+    sys.modules["img2dataset"] = pkg
+
+
 def make_resizer(cfg: DownloadConfig):
     """img2dataset's Resizer behind ``imageguard.inspect``: format allow-list, pixel count
     from the header, truncation; nothing else reaches OpenCV's decoder."""
+    img2dataset_modules()
     from img2dataset.resizer import Resizer
     from PIL import Image
 
@@ -65,11 +85,16 @@ def make_resizer(cfg: DownloadConfig):
 
     class GuardedResizer(Resizer):
         def __call__(self, img_stream, blurring_bbox_list=None):
+            data = img_stream.getvalue()
             try:
-                imageguard.inspect(img_stream.getvalue(), cfg.max_pixels)
+                head = imageguard.inspect(data, cfg.max_pixels)
             except imageguard.ImageRejected as e:
                 err = f"{S.REFUSED}: {e.reason}" if e.status == S.REFUSED else e.reason
                 return None, None, None, None, None, err
+            if head.format == "JPEG" and blurring_bbox_list is None:
+                out = _scaled_jpeg(self, data, head)
+                if out is not None:
+                    return out
             return super().__call__(img_stream, blurring_bbox_list)
 
     return GuardedResizer(
@@ -80,6 +105,113 @@ def make_resizer(cfg: DownloadConfig):
         encode_format=cfg.encode_format,
         max_image_area=cfg.max_pixels,
     )
+
+
+# OpenCV's reduced-size JPEG decodes: libjpeg's DCT scaling to 1/2, 1/4, 1/8
+_REDUCED = {2: "IMREAD_REDUCED_COLOR_2", 4: "IMREAD_REDUCED_COLOR_4", 8: "IMREAD_REDUCED_COLOR_8"}
+
+
+def output_size(resizer, width: int, height: int) -> tuple[int, int] | None:
+    """(width, height) img2dataset's Resizer scales an image of this size to (albumentations'
+    SmallestMaxSize / LongestMaxSize, before a center crop or border), or None where it
+    does not shrink it."""
+    from img2dataset.resizer import ResizeMode
+
+    mode = resizer.resize_mode
+    if mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+        side = min(width, height)
+    elif mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
+        side = max(width, height)
+    else:
+        return None
+    if side <= resizer.image_size:
+        return None
+    s = resizer.image_size / side
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def _scaled_jpeg(resizer, data: bytes, head):
+    """A JPEG that shrinks at least 2x is decoded by libjpeg at 1/2, 1/4 or 1/8 of its size
+    (the largest reduction that keeps every output pixel made from at least one decoded
+    one), then resized with the resizer's own downscale interpolation to the size
+    img2dataset's Resizer gives and encoded with its settings: the same output shape and
+    fields, a fraction of the decoding work. None: not applicable (img2dataset's path)."""
+    import cv2
+    import numpy as np
+
+    size = output_size(resizer, head.width, head.height)
+    if size is None:
+        return None
+    w, h = size
+    r = 1
+    while r < 8 and head.width // (2 * r) >= w and head.height // (2 * r) >= h:
+        r *= 2
+    if r == 1:
+        return None
+    flags = getattr(cv2, _REDUCED[r]) | cv2.IMREAD_IGNORE_ORIENTATION  # img2dataset ignores EXIF orientation too
+    try:
+        cv2.setNumThreads(1)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        if img is None:
+            return None  # img2dataset's path decides (and names the error)
+        img = cv2.resize(img, (w, h), interpolation=resizer.downscale_interpolation)
+        from img2dataset.resizer import ResizeMode
+
+        if resizer.resize_mode == ResizeMode.center_crop:
+            import albumentations as A
+
+            img = A.CenterCrop(height=resizer.image_size, width=resizer.image_size)(image=img)["image"]
+        elif resizer.resize_mode == ResizeMode.border:
+            import albumentations as A
+
+            img = A.PadIfNeeded(min_height=resizer.image_size, min_width=resizer.image_size,
+                                border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255], p=1.0)(image=img)["image"]
+        ok, enc = cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
+    except cv2.error:
+        return None
+    if not ok:
+        return None
+    return enc.tobytes(), img.shape[1], img.shape[0], head.width, head.height, None
+
+
+class TarSampleWriter:
+    """img2dataset's ``WebDatasetSampleWriter`` (same arguments, same files: ``NNNNN.tar``
+    with ``KEY.<format>``, ``KEY.txt`` and ``KEY.json`` per image, and ``NNNNN.parquet``
+    with every sample's metadata) written with ``tarfile`` and pyarrow: its module
+    imports webdataset, which imports torch, seconds of start-up in every worker."""
+
+    def __init__(self, shard_id, output_folder, save_caption, oom_shard_count, schema, encode_format):
+        name = f"{shard_id:0{oom_shard_count}d}"
+        self.tar = tarfile.open(os.path.join(output_folder, name + ".tar"), "w")
+        self.parquet = pq.ParquetWriter(os.path.join(output_folder, name + ".parquet"), schema)
+        self.schema, self.rows = schema, []
+        self.save_caption, self.encode_format = save_caption, encode_format
+
+    def write(self, img_str, key, caption, meta):
+        if img_str is not None:
+            members = {self.encode_format: img_str}
+            if self.save_caption:
+                members["txt"] = (str(caption) if caption is not None else "").encode()
+            meta = {k: (v.tolist() if hasattr(v, "tolist") and not isinstance(v, (int, float, str)) else v) for k, v in meta.items()}
+            members["json"] = json.dumps(meta, indent=4).encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o444, int(time.time())
+                info.uname = info.gname = "bigdata"  # as webdataset's TarWriter
+                self.tar.addfile(info, io.BytesIO(data))
+        self.rows.append(meta)
+        if len(self.rows) >= 100:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.parquet.write_table(pa.Table.from_pylist(self.rows, self.schema))
+            self.rows = []
+
+    def close(self):
+        self._flush()
+        self.parquet.close()
+        self.tar.close()
 
 
 def opencv_pixel_ceiling(max_pixels: int) -> bool:
@@ -116,6 +248,7 @@ def retryable(row: dict) -> bool:
 
 def key_for(index: int, shard: int, shard_size: int) -> str:
     """img2dataset's sample key for row ``index`` of a shard (its compute_key)."""
+    img2dataset_modules()
     from img2dataset.downloader import compute_key
 
     return compute_key(index, shard, math.ceil(math.log10(max(shard_size, 2))), 5)
@@ -128,8 +261,8 @@ def _i2d_shard_size(shard_size: int) -> int:
 def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfig, shard_size: int) -> tuple[str, str]:
     """Download ``rows`` (url, caption, sample_key) with img2dataset into ``staging``."""
     opencv_pixel_ceiling(cfg.max_pixels)
+    img2dataset_modules()
     from img2dataset.downloader import Downloader
-    from img2dataset.writer import WebDatasetSampleWriter
 
     from . import fetch
     feed = os.path.join(staging, "input.arrow")
@@ -138,7 +271,7 @@ def run_img2dataset(rows: pa.Table, shard: int, staging: str, cfg: DownloadConfi
     out = os.path.join(staging, "i2d")
     os.makedirs(out, exist_ok=True)
     downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter,
+        sample_writer_class=TarSampleWriter,
         resizer=make_resizer(cfg),
         thread_count=cfg.thread_count,
         save_caption=True,

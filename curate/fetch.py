@@ -344,6 +344,9 @@ _I2D_SIGNATURE = ["row", "timeout", "user_agent_token", "disallowed_header_direc
 def installed(limits: Limits):
     """img2dataset's ``Downloader`` fetches through ``fetch`` inside this block (one shard
     at a time per process, which is how the stage runs it)."""
+    from .download import img2dataset_modules
+
+    img2dataset_modules()
     import img2dataset.downloader as i2d
 
     original = i2d.download_image

@@ -9,6 +9,7 @@ or the settings change, its record no longer matches and the shard is redone.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from .config import GroundConfig, PipelineConfig
 from .runner import Resources
 from .stage import Actors, ActorWorker, Stage, run_stage
-from .score import read_images
+from .score import ahead, prefetch_threads, read_images
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, shard_name
@@ -53,7 +54,12 @@ class GroundWorker(ActorWorker):
         self.dino = make_detector(self.cfg)
         self.heads = HeadFinder(self.cfg.head_source, self.cfg.head_expand, self.dino) if self.cfg.head_source != "none" else None
 
-    def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
+    def run(self, shard: int, root: str, chash: str, encode_format: str, prefetch: int | None = None) -> dict:
+        """Ground one shard's selected samples and commit. With the model on a GPU, worker
+        threads (``prefetch``; default torch's CPU threads, at most 8) decode the next
+        batches and run the processor on them (`GroundingDino.prepare`) while the model
+        runs the current one; on the CPU the default is 0 (in turn), as in
+        `curate.score.score_shard`."""
         from PIL import Image
 
         from ..filters.grounding import is_person
@@ -64,21 +70,26 @@ class GroundWorker(ActorWorker):
         blobs = read_images(store, shard, encode_format)
         rows: list[dict] = []
         bs = self.cfg.batch_size
-        for i in range(0, len(samples), bs):
-            batch = samples[i:i + bs]
+
+        def ready(batch: list[dict]):
             images = [Image.open(io.BytesIO(blobs[r["key"]])).convert("RGB") for r in batch]
-            dets = self.dino.detect(images, [r["clean_caption"] for r in batch])
-            for r, im, ds in zip(batch, images, dets):
-                for j, d in enumerate(ds):
-                    person = is_person(d["phrase"], self.cfg.person_words)
-                    head = self.heads(im, d["box"]) if (person and self.heads) else None
-                    rows.append({
-                        "sample_key": r["sample_key"], "key": r["key"], "shard": shard, "det_id": j,
-                        "phrase": d["phrase"], "span_start": d["span"][0], "span_end": d["span"][1],
-                        "box": d["box"], "score": d["score"], "text_score": d["text_score"],
-                        "is_person": person, "head_box": head,
-                        "image_width": im.size[0], "image_height": im.size[1], "model": self.dino.ref,
-                    })
+            return batch, images, self.dino.prepare(images, [r["clean_caption"] for r in batch])
+
+        batches = [samples[i:i + bs] for i in range(0, len(samples), bs)]
+        with contextlib.closing(ahead(ready, batches, prefetch_threads(self.dino.device, prefetch))) as prepared:
+            for batch, images, prep in prepared:
+                dets = self.dino.detect(images, [r["clean_caption"] for r in batch], prep)
+                for r, im, ds in zip(batch, images, dets):
+                    for j, d in enumerate(ds):
+                        person = is_person(d["phrase"], self.cfg.person_words)
+                        head = self.heads(im, d["box"]) if (person and self.heads) else None
+                        rows.append({
+                            "sample_key": r["sample_key"], "key": r["key"], "shard": shard, "det_id": j,
+                            "phrase": d["phrase"], "span_start": d["span"][0], "span_end": d["span"][1],
+                            "box": d["box"], "score": d["score"], "text_score": d["text_score"],
+                            "is_person": person, "head_box": head,
+                            "image_width": im.size[0], "image_height": im.size[1], "model": self.dino.ref,
+                        })
         rows.sort(key=lambda r: (r["key"], r["det_id"]))
         meta = {b"model": self.dino.ref.encode(), b"version": self.dino.version.encode(),
                 b"heads": (self.heads.version if self.heads else "none").encode()}

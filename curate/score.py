@@ -9,6 +9,7 @@ the model and version that produced it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -57,10 +58,15 @@ def download_rows(store: ShardStore, shard: int, blobs: dict[str, bytes], ext: s
     return rows
 
 
-def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg") -> dict:
-    """Score one committed download shard with a built `ScoreSet` and commit it."""
-    from PIL import Image
+def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg", prefetch: int | None = None) -> dict:
+    """Score one committed download shard with a built `ScoreSet` and commit it.
 
+    With the models on a GPU, worker threads (``prefetch``; default torch's CPU threads,
+    at most 8) decode the next batches and make them ready for the models
+    (`ScoreSet.prepare`) while the models run the current one, so decoding and
+    preprocessing stay off the GPU's critical path. With the models on the CPU they
+    already keep every core busy and a worker thread buys nothing (bench/score.py
+    measures both): the default there is 0, decoding in turn with the models."""
     from ..filters.scoring import COLUMN_TYPES
 
     store = ShardStore(root)
@@ -69,25 +75,31 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     cols = scorers.columns()
     table: dict[str, list] = {c: [] for c in ["sample_key", "key", "original_width", "original_height", *cols, "score_error"]}
     bs = scorers.cfg.batch_size
-    for i in range(0, len(rows), bs):
-        batch = rows[i:i + bs]
-        images, ok_rows = [], []
+
+    def ready(batch: list[dict]):
+        """Decode one batch and prepare it for the models (runs in a worker thread)."""
+        images, ok_rows, errors = [], [], []
         for r in batch:
             try:
-                im = Image.open(io.BytesIO(blobs[r["key"]]))
-                im.load()
-                images.append(im.convert("RGB"))
+                images.append(_decode(blobs[r["key"]]))
                 ok_rows.append(r)
             except Exception as e:  # recorded, never dropped
+                errors.append((r, f"cannot decode image {r['key']}.{encode_format}: {type(e).__name__}: {e}"))
+        return ok_rows, errors, (scorers.prepare(images, [r["caption"] for r in ok_rows]) if images else None)
+
+    batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+    with contextlib.closing(ahead(ready, batches, prefetch_threads(scorers.device, prefetch))) as prepared:
+        for ok_rows, errors, batch in prepared:
+            for r, err in errors:
                 for c in cols:
                     table[c].append(None)
-                _base_cols(table, r, f"cannot decode image {r['key']}.{encode_format}: {type(e).__name__}: {e}")
-        if images:
-            scores = scorers.score(images, [r["caption"] for r in ok_rows])
-            for j, r in enumerate(ok_rows):
-                for c in cols:
-                    table[c].append(scores[c][j])
-                _base_cols(table, r, None)
+                _base_cols(table, r, err)
+            if ok_rows:
+                scores = scorers.score(batch, [r["caption"] for r in ok_rows])
+                for j, r in enumerate(ok_rows):
+                    for c in cols:
+                        table[c].append(scores[c][j])
+                    _base_cols(table, r, None)
     fields = [pa.field("sample_key", pa.string()), pa.field("key", pa.string()),
               pa.field("original_width", pa.int32()), pa.field("original_height", pa.int32())]
     for c in cols:
@@ -102,6 +114,57 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
                  {"rows": t.num_rows, "errors": sum(e is not None for e in table["score_error"])}, chash)
     store.discard(staging)
     return {"rows": t.num_rows}
+
+
+def _decode(data: bytes):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im.convert("RGB")
+
+
+def prefetch_threads(device: str, prefetch: int | None) -> int:
+    """Worker threads that make batches ready ahead of the models: ``prefetch`` when given,
+    else torch's CPU threads (at most 8) with the models on a GPU and 0 on the CPU."""
+    if prefetch is not None:
+        return max(0, int(prefetch))
+    if not str(device).startswith("cuda"):
+        return 0
+    import torch
+
+    return max(1, min(8, torch.get_num_threads()))
+
+
+def ahead(fn, items: list, threads: int):
+    """``fn(item)`` for each item, yielded in order, computed by ``threads`` worker threads
+    at most ``threads + 1`` items ahead (``threads=0``: in the caller's thread, in turn).
+    Closing the generator (an error in the consumer) cancels what has not started."""
+    if threads <= 0:
+        for x in items:
+            yield fn(x)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = ThreadPoolExecutor(threads, thread_name_prefix="mmloom-prefetch")
+    todo, pending = iter(items), deque()
+    try:
+        for x in todo:
+            pending.append(ex.submit(fn, x))
+            if len(pending) > threads:
+                break
+        while pending:
+            f = pending.popleft()
+            nxt = next(todo, _END)
+            if nxt is not _END:
+                pending.append(ex.submit(fn, nxt))
+            yield f.result()
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+_END = object()
 
 
 def _base_cols(table: dict, r: dict, error: str | None) -> None:

@@ -12,6 +12,13 @@ open_clip model it reads (``needs_clip``) and takes the pass from the `Batch`, w
 computes it the first time it is asked. `filters.scoring.ScoreSet` builds the scorers
 the config asks for, loads each open_clip model once and iterates over the scorers.
 Nothing in ``filters/`` knows about Ray, shards, files or the pipeline config.
+
+A batch's work comes in two halves, so that the score stage can make batch i+1 ready in
+a worker thread while the models run batch i: the CPU work that touches no model
+(resizing and normalizing into each model's input tensors, nudenet's letterboxing,
+geometry, caption cleaning, hashes) is kept in the batch by `Batch.ready`, and a scorer
+may do its share of it ahead in an optional ``prepare(batch)``; the model passes are
+kept by `Batch.once`. `Batch.again` is the same prepared batch without its model passes.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ class Batch:
     """One batch: PIL images (RGB) with their raw captions, and the model passes that
     several scorers share, each computed once (`clip_images`, `detections`)."""
 
-    def __init__(self, images, captions, embedders: dict | None = None):
+    def __init__(self, images, captions, embedders: dict | None = None, prepared: dict | None = None):
         self.images = list(images)
         self.captions = list(captions)
         self.embedders = embedders or {}  # open_clip ref -> mmloom.clip.ClipEmbedder
-        self._done: dict[Any, Any] = {}
+        self.prepared: dict[Any, Any] = {} if prepared is None else prepared  # CPU work (`ready`)
+        self._done: dict[Any, Any] = {}  # model passes (`once`)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -42,13 +50,31 @@ class Batch:
             self._done[key] = compute()
         return self._done[key]
 
+    def ready(self, key, compute: Callable[[], Any]):
+        """As `once`, for CPU work that touches no model (kept by `again`)."""
+        if key not in self.prepared:
+            self.prepared[key] = compute()
+        return self.prepared[key]
+
+    def again(self) -> "Batch":
+        """This batch with its prepared CPU work and without any model pass."""
+        return Batch(self.images, self.captions, self.embedders, self.prepared)
+
+    def clip_inputs(self, ref: str):
+        """The input tensor of the open_clip model ``ref``'s image tower."""
+        return self.ready(("clip", ref), lambda: self.embedders[ref].inputs(self.images))
+
     def clip_images(self, ref: str):
         """[N, D] normalized image embeddings of the open_clip model ``ref``."""
-        return self.once(("clip", ref), lambda: self.embedders[ref].images(self.images))
+        return self.once(("clip", ref), lambda: self.embedders[ref].images(self.clip_inputs(ref)))
+
+    def nudenet_inputs(self, nudenet):
+        """nudenet's letterboxed input of each image (`filters.nsfw.NudeNet.inputs`)."""
+        return self.ready(("nudenet", id(nudenet)), lambda: nudenet.inputs(self.images))
 
     def detections(self, nudenet) -> list[list[dict]]:
-        """nudenet's detections per image (`filters.nsfw.NudeNet`)."""
-        return self.once(("nudenet", id(nudenet)), lambda: nudenet.detect(self.images))
+        """nudenet's detections per image (`filters.nsfw.NudeNet`), one ONNX call per batch."""
+        return self.once(("nudenet", id(nudenet)), lambda: nudenet.detect_inputs(self.nudenet_inputs(nudenet)))
 
 
 @runtime_checkable
@@ -62,3 +88,6 @@ class Scorer(Protocol):
     def score(self, batch: Batch) -> dict[str, list]:
         """One list per column of ``columns``, one value per image of ``batch``."""
         ...
+
+    # optional: ``prepare(batch) -> None``, the CPU work of ``score`` that touches no
+    # model, done ahead and kept in the batch with `Batch.ready` (run in a worker thread)

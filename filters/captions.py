@@ -117,6 +117,9 @@ class CaptionCleaner:
         self.meta = {c: {"model": "Versatile Diffusion appendix C.1 rules", "version": f"mmloom {__version__}"}
                      for c in self.columns}
 
+    def prepare(self, batch) -> None:
+        self.score(batch)
+
     def score(self, batch) -> dict[str, list]:
-        pairs = [clean_caption(c) for c in batch.captions]
+        pairs = batch.ready(("captions",), lambda: [clean_caption(c) for c in batch.captions])
         return {"clean_caption": [p[0] for p in pairs], "caption_reason": [p[1] for p in pairs]}

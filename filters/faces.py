@@ -28,13 +28,17 @@ class OpenCvFaces:
         self.version = f"opencv {cv2.__version__} haarcascade_frontalface_default"
         self.meta = {c: {"model": "faces/opencv", "version": self.version} for c in COLUMNS}
 
+    def prepare(self, batch) -> None:
+        batch.ready(("grey",), lambda: [np.asarray(im.convert("L")) for im in batch.images])
+
     def score(self, batch) -> dict[str, list]:
-        return _columns(self(batch.images))
+        return _columns(self(batch.ready(("grey",), lambda: [np.asarray(im.convert("L")) for im in batch.images])))
 
     def __call__(self, images, detections=None) -> list[list[list[int]]]:
+        """Of PIL images or of their grey levels (2-D arrays)."""
         out = []
         for im in images:
-            gray = np.asarray(im.convert("L"))
+            gray = im if isinstance(im, np.ndarray) else np.asarray(im.convert("L"))
             found = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(self.min_size, self.min_size))
             out.append([[int(x), int(y), int(x + w), int(y + h)] for x, y, w, h in found])
         return out

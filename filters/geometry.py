@@ -31,9 +31,15 @@ class Geometry:
 
         self.meta = {c: {"model": "geometry of the downloaded image", "version": f"mmloom {__version__}"} for c in self.columns}
 
+    def prepare(self, batch) -> None:
+        self.score(batch)
+
     def score(self, batch) -> dict[str, list]:
+        return batch.ready(("geometry",), lambda: self._columns(batch.images))
+
+    def _columns(self, images) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in self.columns}
-        for im in batch.images:
+        for im in images:
             for k, v in geometry(im).items():
                 out[k].append(v)
         return out
@@ -50,6 +56,9 @@ class PHash:
 
         self.meta = {c: {"model": "imagehash.phash (64-bit DCT)", "version": package_version("imagehash")} for c in self.columns}
 
+    def prepare(self, batch) -> None:
+        self.score(batch)
+
     def score(self, batch) -> dict[str, list]:
-        hashes = [phash(im) for im in batch.images]
+        hashes = batch.ready(("phash",), lambda: [phash(im) for im in batch.images])
         return {"phash": [h[0] for h in hashes], "phash_int": [h[1] for h in hashes]}

@@ -57,9 +57,19 @@ class GroundingDino:
         text = low if len(low) == len(caption) else caption
         return text if text.endswith(".") else text + "."
 
-    def _forward(self, images, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h)."""
-        inputs = self.processor(images=images, text=texts, padding="longest", return_tensors="pt").to(self.device)
+    def _inputs(self, images, texts: list[str]):
+        """The model's inputs for a batch (the processor: resize, normalize, pad, tokenize):
+        CPU work, page-locked when the model is on a GPU."""
+        inputs = self.processor(images=images, text=texts, padding="longest", return_tensors="pt")
+        if self.device.startswith("cuda"):
+            inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in inputs.items()}
+        return inputs
+
+    def _forward(self, images, texts: list[str], inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h);
+        ``inputs``: what `_inputs` made of these images and texts."""
+        inputs = self._inputs(images, texts) if inputs is None else inputs
+        inputs = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             out = self.model(**inputs)
         return out.logits.float().sigmoid().cpu(), out.pred_boxes.float().cpu()
@@ -68,23 +78,32 @@ class GroundingDino:
     def tokenizer(self):
         return self.processor.tokenizer
 
-    @torch.no_grad()
-    def detect(self, images, captions: list[str]) -> list[list[dict]]:
-        """Per image: boxes (pixels, x0 y0 x1 y1) with phrase, span (in the caption), score."""
+    def prepare(self, images, captions: list[str]) -> dict:
+        """A batch's CPU work (prompt texts, their token offsets, the model's inputs), so
+        that a worker thread can prepare batch i+1 while the model runs batch i
+        (`curate.ground.GroundWorker.run`)."""
         texts = [self.prompt_text(c) for c in captions]
-        probs, boxes = self._forward(images, texts)
+        offsets = [self.tokenizer(t, return_offsets_mapping=True)["offset_mapping"] for t in texts]
+        return {"texts": texts, "offsets": offsets, "inputs": self._inputs(images, texts)}
+
+    @torch.no_grad()
+    def detect(self, images, captions: list[str], prepared: dict | None = None) -> list[list[dict]]:
+        """Per image: boxes (pixels, x0 y0 x1 y1) with phrase, span (in the caption), score.
+        ``prepared``: what `prepare` made of these images and captions."""
+        prep = prepared if prepared is not None else self.prepare(images, captions)
+        probs, boxes = self._forward(images, prep["texts"], prep["inputs"])
         results = []
-        for b, (im, cap, text) in enumerate(zip(images, captions, texts)):
-            offsets = self.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        for b, (im, cap, offsets) in enumerate(zip(images, captions, prep["offsets"])):
             valid = torch.zeros(probs.shape[-1], dtype=torch.bool)
             for t, (s, e) in enumerate(offsets[: probs.shape[-1]]):
                 valid[t] = e > s and e <= len(cap) and any(ch.isalnum() for ch in cap[s:e])
             W, H = im.size
             found = []
-            for q in range(probs.shape[1]):
-                p = torch.where(valid, probs[b, q], torch.zeros_like(probs[b, q]))
+            masked = torch.where(valid, probs[b], torch.zeros_like(probs[b]))  # [Q, T]: caption tokens only
+            for q in (masked.max(-1).values >= self.box_threshold).nonzero().flatten().tolist():  # the rest are never boxes
+                p = masked[q]
                 score = float(p.max())
-                if score < self.box_threshold:
+                if score < self.box_threshold:  # the float32 filter above lets a few too many through
                     continue
                 best = int(p.argmax())
                 lo = hi = best
@@ -166,9 +185,8 @@ class OriginalGroundingDino(GroundingDino):
     def tokenizer(self):
         return self._tokenizer
 
-    def _forward(self, images, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, images, texts: list[str]) -> list[torch.Tensor]:
         import torchvision.transforms.functional as TF
-        from groundingdino.util.misc import nested_tensor_from_tensor_list
 
         tensors = []
         for im in images:
@@ -177,8 +195,13 @@ class OriginalGroundingDino(GroundingDino):
             if max(w, h) * scale > self.section.max_size:
                 scale = self.section.max_size / max(w, h)
             im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-            t = TF.normalize(TF.to_tensor(im), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-            tensors.append(t.to(self.device))
+            tensors.append(TF.normalize(TF.to_tensor(im), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+        return tensors
+
+    def _forward(self, images, texts: list[str], inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        from groundingdino.util.misc import nested_tensor_from_tensor_list
+
+        tensors = [t.to(self.device) for t in (self._inputs(images, texts) if inputs is None else inputs)]
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             out = self.model(nested_tensor_from_tensor_list(tensors), captions=texts)
         return out["pred_logits"].float().sigmoid().cpu(), out["pred_boxes"].float().cpu()

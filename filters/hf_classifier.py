@@ -36,11 +36,19 @@ class HfImageClassifier:
         self.columns = {column: PROBABILITY}
         self.meta = {column: {"model": f"{column}/hf:{ref}", "version": self.version}}
 
+    def prepare(self, batch) -> None:
+        batch.ready((self.column, id(self)), lambda: self.inputs(batch.images))
+
     def score(self, batch) -> dict[str, list]:
-        return {self.column: self(batch.images)}
+        return {self.column: self(batch.ready((self.column, id(self)), lambda: self.inputs(batch.images)))}
+
+    def inputs(self, pil_images):
+        """The processor's tensors for a batch (CPU work, no model call)."""
+        return self.processor(images=[im.convert("RGB") for im in pil_images], return_tensors="pt")
 
     @torch.no_grad()
     def __call__(self, pil_images, embeddings=None, detections=None) -> list[float]:
-        inputs = self.processor(images=[im.convert("RGB") for im in pil_images], return_tensors="pt").to(self.device)
+        """Of PIL images, or of the batch `inputs` made of them."""
+        inputs = (self.inputs(pil_images) if isinstance(pil_images, (list, tuple)) else pil_images).to(self.device)
         probs = self.model(**inputs).logits.float().softmax(-1)
         return probs[:, self.positive].sum(-1).cpu().tolist()

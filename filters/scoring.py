@@ -120,9 +120,25 @@ class ScoreSet:
     def columns(self) -> list[str]:
         return [c for s in self.scorers for c in s.columns]
 
-    def score(self, images, captions: list[str | None]) -> dict[str, list]:
-        """Score one batch of PIL images (RGB) with their raw captions."""
+    def prepare(self, images, captions: list[str | None]) -> Batch:
+        """One batch with all its CPU work done (each model's input tensors, nudenet's
+        letterboxing, geometry, caption cleaning, hashes; `filters.base.Batch.ready`) and
+        no model run yet: what a worker thread makes of batch i+1 while the models run
+        batch i (`curate.score.score_shard`)."""
         batch = Batch(images, captions, self.embedders)
+        for ref in self.embedders:
+            batch.clip_inputs(ref)
+        if self.nudenet is not None:
+            batch.nudenet_inputs(self.nudenet)
+        for s in self.scorers:
+            if hasattr(s, "prepare"):
+                s.prepare(batch)
+        return batch
+
+    def score(self, images, captions: list[str | None] | None = None) -> dict[str, list]:
+        """Score one batch of PIL images (RGB) with their raw captions, or a batch that
+        `prepare` made (then only the models run)."""
+        batch = images.again() if isinstance(images, Batch) else Batch(images, captions, self.embedders)
         out: dict[str, list] = {}
         for s in self.scorers:
             out.update(s.score(batch))

@@ -59,12 +59,21 @@ class TimmWatermark:
         self.version = f"timm {package_version('timm')} {arch}, weights {fingerprint(path)}"
         self.meta = {"watermark": {"model": f"watermark/timm:{ref}", "version": self.version}}
 
+    def prepare(self, batch) -> None:
+        batch.ready(("watermark", id(self)), lambda: self.inputs(batch.images))
+
     def score(self, batch) -> dict[str, list]:
-        return {"watermark": self(batch.images)}
+        return {"watermark": self(batch.ready(("watermark", id(self)), lambda: self.inputs(batch.images)))}
+
+    def inputs(self, images) -> torch.Tensor:
+        """The model's input batch (CPU work, no model call)."""
+        x = torch.stack([self.transform(im.convert("RGB")) for im in images])
+        return x.pin_memory() if self.device.startswith("cuda") else x
 
     @torch.no_grad()
     def __call__(self, images, embeddings=None, detections=None) -> list[float]:
-        x = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
+        """Of PIL images, or of the batch `inputs` made of them."""
+        x = (images if torch.is_tensor(images) else self.inputs(images)).to(self.device, non_blocking=True)
         return self.model(x).float().softmax(-1)[:, self.positive_index].cpu().tolist()
 
 

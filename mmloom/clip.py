@@ -46,10 +46,17 @@ class ClipEmbedder:
         self.version = f"open_clip {package_version('open-clip-torch')}, weights {fingerprint(ref)}"
         self.dim = int(self.model.text_projection.shape[-1]) if getattr(self.model, "text_projection", None) is not None else None
 
+    def inputs(self, pil_images) -> torch.Tensor:
+        """The image tower's input batch [N, 3, H, W] (CPU work, no model call); page-locked
+        when the model is on a GPU, so that the copy overlaps with compute."""
+        x = torch.stack([self.preprocess(im) for im in pil_images])
+        return x.pin_memory() if self.device.startswith("cuda") else x
+
     @torch.no_grad()
     def images(self, pil_images) -> torch.Tensor:
-        """[N, D] L2-normalized image embeddings (float32, CPU)."""
-        x = torch.stack([self.preprocess(im) for im in pil_images]).to(self.device)
+        """[N, D] L2-normalized image embeddings (float32, CPU) of PIL images, or of the
+        batch `inputs` made of them."""
+        x = (pil_images if torch.is_tensor(pil_images) else self.inputs(pil_images)).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             e = self.model.encode_image(x)
         return torch.nn.functional.normalize(e.float(), dim=-1).cpu()

@@ -81,14 +81,18 @@ def inspect(data: bytes | bytearray | memoryview, max_pixels: int) -> ImageHeade
     return ImageHeader(fmt, w, h)
 
 
-def open_image(data: bytes | bytearray | memoryview, max_pixels: int, mode: str = "RGB"):
-    """``inspect``, then decode with Pillow (first frame) into ``mode``."""
+def open_image(data: bytes | bytearray | memoryview, max_pixels: int, mode: str = "RGB", least: int | None = None):
+    """``inspect``, then decode with Pillow (first frame) into ``mode``. ``least``: a JPEG
+    is decoded at the smallest DCT scale (1/2, 1/4, 1/8; Pillow's ``draft``) that keeps
+    both sides at least this many pixels, for a caller that shrinks it anyway."""
     from PIL import Image
 
     inspect(data, max_pixels)
     with Image.open(io.BytesIO(bytes(data)), formats=FORMATS) as im:
         try:
             im.seek(0)
+            if least and im.format == "JPEG":
+                im.draft(mode, (least, least))
             return im.convert(mode)
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageRejected("failed_to_resize", f"undecodable {im.format}: {e}") from None

@@ -148,3 +148,47 @@ def test_killed_download_rerun_has_every_sample_once(tmp_path, images):
     assert (df.status == "success").all()
     keys = tar_keys(root)
     assert len(keys) == 24 and len(set(keys)) == 24
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "center_crop", "border", "keep_ratio_largest"])
+def test_large_jpeg_decoded_at_reduced_scale_gives_img2dataset_output(mode, monkeypatch):
+    """A JPEG much larger than the target is decoded by libjpeg at 1/2, 1/4 or 1/8 scale:
+    the output has img2dataset's size, fields and format, and nearly its pixels; PNG,
+    small JPEGs and the pixel-bomb check take their usual way."""
+    import io
+
+    import cv2
+    import numpy as np
+    from img2dataset.resizer import Resizer
+    from PIL import Image
+
+    from mmloom.curate.config import DownloadConfig
+    from mmloom.curate.download import make_resizer
+    from mmloom.testkit.demo_data import demo_images, jpeg_bytes, pixel_bomb
+
+    photo = Image.open(io.BytesIO(demo_images()[0][1])).convert("RGB")
+    big = photo.resize((1700, 1133), Image.BICUBIC)
+    cfg = DownloadConfig.model_validate({"resize_mode": mode})
+    ours = make_resizer(cfg)
+    plain = Resizer(image_size=256, resize_mode=mode, resize_only_if_bigger=False, encode_quality=95, encode_format="jpg")
+    flags = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, f: flags.append(f) or real(buf, f))
+    for data, reduced in ((jpeg_bytes(big, 90), True), (jpeg_bytes(photo.resize((300, 200)), 90), False)):
+        flags.clear()
+        got, want = ours(io.BytesIO(data)), plain(io.BytesIO(data))
+        assert got[5] is None and got[1:5] == want[1:5], (got[1:], want[1:])
+        scaled = {getattr(cv2, f"IMREAD_REDUCED_COLOR_{r}") | cv2.IMREAD_IGNORE_ORIENTATION for r in (2, 4, 8)}
+        assert (flags[0] in scaled) == reduced, flags
+        a = np.asarray(Image.open(io.BytesIO(got[0])).convert("RGB"), np.float32)
+        b = np.asarray(Image.open(io.BytesIO(want[0])).convert("RGB"), np.float32)
+        assert Image.open(io.BytesIO(got[0])).format == "JPEG"
+        assert 10 * np.log10(255**2 / np.mean((a - b) ** 2)) > 27  # PSNR in dB: the same picture (29 here)
+    png = io.BytesIO()
+    big.save(png, "PNG")
+    flags.clear()
+    assert ours(io.BytesIO(png.getvalue()))[1:5] == plain(io.BytesIO(png.getvalue()))[1:5]
+    assert flags == [cv2.IMREAD_UNCHANGED, cv2.IMREAD_UNCHANGED]
+    flags.clear()
+    bomb = ours(io.BytesIO(pixel_bomb("JPEG")))
+    assert bomb[0] is None and bomb[5].startswith("refused") and not flags  # refused on the header

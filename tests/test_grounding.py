@@ -97,3 +97,15 @@ def test_original_package_checkpoint_loads_as_released(tmp_path):
     with pytest.raises(UserError, match="broken.pth does not fit.*1 missing.*linear1"):
         OriginalGroundingDino(OriginalDinoConfig.model_validate({**section, "weights": str(tmp_path / "broken.pth")}), 0.0, 0.0)
 
+
+
+def test_a_batch_prepared_in_a_worker_thread_gives_the_same_boxes(dino):
+    """`prepare` (the processor's work) may run in a worker thread ahead of the model, as
+    the ground stage does with the model on a GPU: the boxes are the ones of `detect`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    caps = ["a man and his dog", "his dog on the grass", "the grass"]
+    ims = [Image.new("RGB", (320, 200), "red"), Image.new("RGB", (256, 256), "green"), Image.new("RGB", (200, 300), "blue")]
+    with ThreadPoolExecutor(1) as ex:
+        prep = ex.submit(dino.prepare, ims, caps).result()
+    assert dino.detect(ims, caps, prep) == dino.detect(ims, caps)

@@ -106,3 +106,31 @@ def test_crash_mid_shard_then_rerun_scores_each_sample_once(downloaded, monkeypa
     assert s["ran"] == 2 and store.is_committed("score", 1, verify_checksums=True)
     df = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{root}/scores/*.parquet"))])
     assert len(df) == 6 and df.sample_key.is_unique
+
+
+def test_worker_threads_make_the_same_scores_as_scoring_in_turn(downloaded):
+    """With worker threads preparing the next batches (the GPU default), a shard's scores
+    are the ones made in turn (the CPU default), row for row."""
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.scoring import ScoreSet
+
+    root, cfg = downloaded
+    scorers = ScoreSet(ScoreConfig.model_validate({**cfg.score.model_dump(), "batch_size": 1}))
+    store = ShardStore(root)
+    chash = STAGE_DEF.shard_hash(store, cfg, 0)
+    tables = []
+    for prefetch in (0, 2):
+        store.uncommit("score", 0)
+        score_shard(scorers, 0, root, chash, prefetch=prefetch)
+        tables.append(pq.read_table(f"{root}/scores/00000.parquet"))
+    assert tables[0].num_rows == 3
+    assert tables[0].schema.equals(tables[1].schema, check_metadata=True)
+    a, b = tables[0].to_pylist(), tables[1].to_pylist()
+    for ra, rb in zip(a, b):
+        for c in ra:
+            if isinstance(ra[c], float):
+                assert ra[c] == pytest.approx(rb[c], abs=1e-5), c
+            elif c.endswith("_embedding"):
+                assert ra[c] == pytest.approx(rb[c], abs=1e-5), c
+            else:
+                assert ra[c] == rb[c], c

@@ -168,8 +168,8 @@ def test_every_scorer_implements_the_protocol(models, pics, variant, monkeypatch
     imgs = [pics["astronaut.jpg"], pics["coffee.jpg"], pics["brick.jpg"]]
     caps = ["an astronaut", None, "a wall"]
     detect_calls = []
-    real_detect = NudeNet.detect
-    monkeypatch.setattr(NudeNet, "detect", lambda self, ims: detect_calls.append(len(ims)) or real_detect(self, ims))
+    real_detect = NudeNet.detect_inputs
+    monkeypatch.setattr(NudeNet, "detect_inputs", lambda self, ims: detect_calls.append(len(ims)) or real_detect(self, ims))
     batch = Batch(imgs, caps, s.embedders)
     for scorer in s.scorers:
         assert isinstance(scorer, Scorer), type(scorer).__name__
@@ -183,3 +183,61 @@ def test_every_scorer_implements_the_protocol(models, pics, variant, monkeypatch
     assert ("clip_image_embedding" in s.columns()) == (variant != "hf+no_embeddings")
     assert s.meta["nsfw"]["model"] == (f"nsfw/hf:{root / 'tiny-hf-nsfw'}" if variant == "hf+no_embeddings" else "nsfw/nudenet:nudenet")
     assert s.meta["face_count"]["model"] == ("faces/nudenet" if variant == "nudenet_faces" else "faces/opencv")
+
+
+def test_nudenet_batched_in_one_call_finds_what_it_finds_one_image_at_a_time(pics):
+    """The score stage runs nudenet's detector on a whole batch in one ONNX call; each
+    image's detections are nudenet's own, one image at a time."""
+    import numpy as np
+
+    from mmloom.filters.nsfw import NudeNet
+
+    nn = NudeNet()
+    imgs = [pics["astronaut.jpg"], pics["chelsea.jpg"], pics["brick.jpg"], pics["coffee.jpg"]]
+    own = [nn.detector.detect(np.asarray(im.convert("RGBA"))) for im in imgs]
+    calls = []
+    real = nn.detector.onnx_session.run
+    nn.detector.onnx_session.run = lambda *a, **k: calls.append(1) or real(*a, **k)
+    batched = nn.detect(imgs)
+    assert len(calls) == 1 and any(own)
+    for a, b in zip(own, batched):
+        assert [d["class"] for d in a] == [d["class"] for d in b]
+        assert [d["box"] for d in a] == [d["box"] for d in b]
+        assert np.allclose([d["score"] for d in a], [d["score"] for d in b], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["default", "hf+nudenet_faces"])
+def test_a_prepared_batch_scores_as_the_images_do_and_only_models_run_after(models, pics, variant, monkeypatch):
+    """`ScoreSet.prepare` does every batch's CPU work (what a worker thread does ahead of
+    the models); scoring the prepared batch gives the same columns as scoring the images,
+    and calls no preprocessing again, however many times it is scored."""
+    from mmloom.clip import ClipEmbedder
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters import geometry
+    from mmloom.filters.nsfw import NudeNet
+    from mmloom.filters.scoring import ScoreSet
+
+    root, cfg = models
+    if variant != "default":
+        cfg = {**cfg, "nsfw": {"backend": "hf", "model": str(root / "tiny-hf-nsfw")}, "faces": {"backend": "nudenet"}}
+    s = ScoreSet(ScoreConfig.model_validate(cfg))
+    imgs = [pics["astronaut.jpg"], pics["coffee.jpg"], pics["brick.jpg"]]
+    caps = ["an astronaut", "<b>coffee</b>", None]
+    plain = s.score(imgs, caps)
+    batch = s.prepare(imgs, caps)
+    cpu_work = []
+    for cls, name in ((ClipEmbedder, "inputs"), (NudeNet, "inputs")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, ims, real=real: cpu_work.append(1) or real(self, ims))
+    real_phash = geometry.phash
+    monkeypatch.setattr(geometry, "phash", lambda im: cpu_work.append(1) or real_phash(im))
+    for _ in range(2):  # scoring again runs the models again, on the same prepared inputs
+        out = s.score(batch)
+        assert list(out) == list(plain) and not cpu_work
+        for c in plain:
+            if c.endswith("_embedding"):
+                assert torch.allclose(torch.tensor(out[c]), torch.tensor(plain[c]), atol=1e-5), c
+            elif isinstance(plain[c][0], float):
+                assert out[c] == pytest.approx(plain[c], abs=1e-5), c
+            else:
+                assert out[c] == plain[c], c

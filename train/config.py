@@ -23,6 +23,7 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(64, ge=0, description="webdataset sample shuffle buffer")
     resampled: bool = Field(True, description="sample shards with replacement (endless epochs); false = one pass per epoch over shards split by node and worker")
     num_workers: int = Field(0, ge=0, description="DataLoader workers (exact resume is guaranteed with 0)")
+    prefetch: int = Field(2, ge=0, description="with num_workers 0: batches a background thread prepares ahead of the training step, same order (0: in turn)")
     use_weights: bool = Field(True, description="keep each sample with probability weight/max_weight, favouring images with people")
     max_weight: float = Field(2.0, gt=0, description="the largest sample weight in the shards (build.person_weight)")
     max_pixels: int = Field(89_478_485, gt=0, description="skip a sample whose image header declares more pixels than this (checked before decoding, like download.max_pixels)")

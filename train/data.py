@@ -211,13 +211,14 @@ def _npy(data: bytes):
     return np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def decode_member(suffix: str, data: bytes, max_pixels: int):
-    """Decode one member with its own decoder; None for a member mmloom does not write."""
+def decode_member(suffix: str, data: bytes, max_pixels: int, least: int | None = None):
+    """Decode one member with its own decoder; None for a member mmloom does not write.
+    ``least``: an image is used at most this small (a JPEG decodes at reduced scale)."""
     kind = member_kind(suffix)
     if kind == IMAGE:
         from mmloom.imageguard import open_image
 
-        return open_image(data, max_pixels)
+        return open_image(data, max_pixels, least=least)
     if kind == TEXT:
         return bytes(data).decode("utf-8")
     if kind == JSON:
@@ -313,8 +314,9 @@ class SafeDecoder:
     """Decode every member of a sample with ``decode_member``; a member that fails
     rejects the sample with a reason naming shard, key and member."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, least: dict[str, int] | None = None):
         self.max_pixels = max_pixels
+        self.least = least or {}  # member suffix -> the smallest side it is used at
 
     def __call__(self, sample: dict) -> dict:
         out = {k: v for k, v in sample.items() if k.startswith("__")}
@@ -322,7 +324,7 @@ class SafeDecoder:
             if k.startswith("__"):
                 continue
             try:
-                value = decode_member(k, v, self.max_pixels)
+                value = decode_member(k, v, self.max_pixels, self.least.get(k))
             except Exception as e:  # noqa: BLE001 - ImageRejected, Pillow's DecompressionBombError, bad JSON ...
                 raise RejectedMember(f"{sample.get('__url__')}: {sample.get('__key__')}.{k}: {e}") from None
             if value is not None:
@@ -379,11 +381,15 @@ def make_dataset(cfg: DataConfig, builder: PromptBuilder, seed: int, skip: int =
     members = MemberCounter()
     stages = [wds.ResampledShards(urls, seed=seed, deterministic=True)] if cfg.resampled else [
         wds.SimpleShardList(urls, seed=seed), wds.split_by_node, wds.split_by_worker]
+    pc = getattr(builder, "cfg", None)
+    main_side = max(cfg.resolution, pc.crop_size if getattr(pc, "structure", False) else 0)
     stages += [
         _TarSamples(counter, members, cfg.max_member_bytes),
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=random.Random(seed)),
         _Skip(skip),
-        wds.map(SafeDecoder(cfg.max_pixels), handler=counter),  # never webdataset's default decoders
+        # never webdataset's default decoders; the main image is only used squared to the
+        # training resolution (and for the structure prompt's edges at the crop size)
+        wds.map(SafeDecoder(cfg.max_pixels, {ext: main_side for ext in ("jpg", "png", "webp")}), handler=counter),
         wds.map(lambda s: _to_example(s, builder, seed, cfg), handler=counter),
         wds.select(lambda ex: ex is not None),
     ]
@@ -431,4 +437,72 @@ def make_loader(cfg: DataConfig, builder: PromptBuilder, batch_size: int, seed: 
     # resumed run has just restored
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers,
                                          generator=torch.Generator().manual_seed(seed))
+    if cfg.num_workers == 0 and cfg.prefetch > 0:
+        loader = Ahead(loader, cfg.prefetch)
     return loader, ds
+
+
+class Ahead:
+    """Batches of ``loader`` made by a background thread up to ``depth`` ahead of the
+    training step, in the same order (the pipeline's randomness is seeded per sample, so
+    the batches are the ones made in turn): decoding overlaps with the step, which leaves
+    the GIL in torch's kernels, without worker processes (exact resume stays as with
+    ``num_workers`` 0). An error in the thread is raised by ``next`` in the caller; an
+    iterator that is dropped stops its thread."""
+
+    def __init__(self, loader, depth: int = 2):
+        self.loader, self.depth = loader, depth
+
+    def __iter__(self):
+        return _AheadIter(iter(self.loader), self.depth)
+
+
+class _AheadIter:
+    _END = object()
+
+    def __init__(self, it, depth: int):
+        import queue
+        import threading
+        import weakref
+
+        self.q: queue.Queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        thread = threading.Thread(target=_AheadIter._fill, args=(it, self.q, self.stop), daemon=True,
+                                  name="mmloom-data-ahead")
+        thread.start()
+        weakref.finalize(self, self.stop.set)  # dropped: the thread ends at its next batch
+
+    @staticmethod
+    def _fill(it, q, stop) -> None:
+        import queue
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            for batch in it:
+                if not put((batch, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001  (raised again in the training thread)
+            put((None, e))
+            return
+        put((_AheadIter._END, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, err = self.q.get()
+        if err is not None:
+            self.stop.set()
+            raise err
+        if batch is _AheadIter._END:
+            self.stop.set()
+            raise StopIteration
+        return batch
