@@ -151,25 +151,24 @@ class _Clock:
 
 
 class _Armed:
-    """Every blocking call first sets the socket's timeout to ``min(timeout, time left)``."""
+    """Every blocking call (``BLOCKING``) first sets the socket's timeout to ``min(timeout,
+    time left)``."""
 
+    BLOCKING = ("recv", "recv_into", "send", "sendall")
     _clock: _Clock
 
-    def recv(self, *a, **k):
-        self._clock.arm(self)
-        return super().recv(*a, **k)
 
-    def recv_into(self, *a, **k):
+def _armed(name: str):
+    def call(self, *a, **k):
         self._clock.arm(self)
-        return super().recv_into(*a, **k)
+        return getattr(super(_Armed, self), name)(*a, **k)
 
-    def send(self, *a, **k):
-        self._clock.arm(self)
-        return super().send(*a, **k)
+    call.__name__ = call.__qualname__ = name
+    return call
 
-    def sendall(self, *a, **k):
-        self._clock.arm(self)
-        return super().sendall(*a, **k)
+
+for _name in _Armed.BLOCKING:
+    setattr(_Armed, _name, _armed(_name))
 
 
 class _Socket(_Armed, socket.socket):

@@ -11,18 +11,10 @@ entry here.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-
-@dataclass(frozen=True)
-class Option:
-    """One command-line flag of a stage: ``key`` is the config key it overrides
-    (``download.image_size``), or, without a dot, a keyword of the stage's run function."""
-
-    flags: tuple[str, ...]
-    key: str
-    kwargs: dict = field(default_factory=dict)
+from mmloom.configbase import Option, add_options, split_options
 
 
 @dataclass(frozen=True)
@@ -36,28 +28,13 @@ class StageEntry:
     sources: bool = False  # takes metadata sources and --out (ingest) instead of DIR
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        for o in self.options:
-            kw = dict(o.kwargs)
-            if "." in o.key:  # the flag's help is the config key's own description
-                section, name = o.key.split(".", 1)
-                from .config import PipelineConfig
+        from .config import PipelineConfig
 
-                desc = PipelineConfig.model_fields[section].annotation.model_fields[name].description
-                kw.setdefault("help", f"{desc} (config: {o.key})")
-                if kw.get("action") is None:
-                    kw.setdefault("metavar", name.upper())
-            p.add_argument(*o.flags, dest=o.key.replace(".", "__"), default=None, **kw)
+        add_options(p, self.options, PipelineConfig)
 
     def split_args(self, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         """(config overrides, run keywords) from parsed arguments; None = not given."""
-        overrides, kwargs = {}, {}
-        for o in self.options:
-            v = getattr(args, o.key.replace(".", "__"))
-            if "." in o.key:
-                overrides[o.key] = v
-            elif v is not None:
-                kwargs[o.key] = v
-        return overrides, kwargs
+        return split_options(args, self.options)
 
 
 def _counts(d: dict, width: int = 18) -> list[str]:

@@ -11,14 +11,23 @@ import json
 import sys
 from contextlib import contextmanager
 
+from mmloom.configbase import Option
 from mmloom.errors import UserError
+
+
+def _ray_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start Ray in this process)")
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _common(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--config", help="pipeline YAML (default: DIR/mmloom.yaml if present, else built-in defaults)")
     if ray:
-        p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start Ray in this process)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        _ray_flag(p)
+    _progress_flag(p)
 
 
 def cmd_stage(a) -> int:
@@ -60,13 +69,21 @@ def cmd_run(a) -> int:
     return run_pipeline(a.pipeline, a.out, a.ray_address, not a.no_progress)
 
 
+TRAIN_OPTIONS = (  # `mmloom train` flags: each overrides its config key
+    Option(("--shards",), "data.shards"), Option(("--out",), "loop.out"), Option(("--steps",), "loop.steps", {"type": int}),
+    Option(("--allow-pipe",), "data.allow_pipe", {"action": "store_true"}),
+)
+
+
 def cmd_train(a) -> int:
     from mmloom.configbase import load_model
     from mmloom.train.config import TrainConfig
     from mmloom.train.loop import train
 
-    cfg = load_model(TrainConfig, a.config, {"loop.out": a.out, "loop.steps": a.steps, "data.shards": a.shards,
-                                             "data.allow_pipe": True if a.allow_pipe else None})
+    from mmloom.configbase import split_options
+
+    overrides, _ = split_options(a, TRAIN_OPTIONS)
+    cfg = load_model(TrainConfig, a.config, overrides)
     r = train(cfg, progress=not a.no_progress)
     print(train_summary(r))
     return 0
@@ -252,18 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run every stage from one pipeline YAML, resuming where it stopped")
     s.add_argument("pipeline", help="pipeline YAML (see configs/laion.yaml, configs/coyo.yaml)")
     s.add_argument("--out", default=None, help="dataset directory (overrides run.out)")
-    s.add_argument("--ray-address", default=None)
-    s.add_argument("--no-progress", action="store_true")
+    _ray_flag(s)
+    _progress_flag(s)
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("train", help="train a model family on final/ shards (accelerate; `accelerate launch -m mmloom train` for DDP/FSDP)")
     s.add_argument("config", help="trainer YAML (see configs/train/)")
-    s.add_argument("--shards", default=None, help="overrides data.shards")
-    s.add_argument("--out", default=None, help="overrides loop.out")
-    s.add_argument("--steps", type=int, default=None, help="overrides loop.steps")
-    s.add_argument("--allow-pipe", action="store_true",
-                   help="allow pipe: shard URLs, which webdataset runs as shell commands (data.allow_pipe)")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from mmloom.configbase import add_options
+    from mmloom.train.config import TrainConfig
+
+    add_options(s, TRAIN_OPTIONS, TrainConfig)
+    _progress_flag(s)
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample images from a checkpoint with an interleaved prompt")
@@ -312,14 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--serve", action="store_true",
                    help="also serve it on 127.0.0.1 with similarity search over the stored CLIP embeddings (text search when the CLIP model loads)")
     s.add_argument("--port", type=int, default=8765, help="port for --serve (0: any free port)")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _progress_flag(s)
     s.set_defaults(fn=cmd_browse)
 
     s = sub.add_parser("verify", help="check every committed file against its completion record (size, sha256)")
     s.add_argument("dir")
     s.add_argument("--repair", action="store_true",
                    help="mark the shards with bad files not done, so the next run of their stage redoes them")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _progress_flag(s)
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("clean-caption", help="clean captions with Versatile Diffusion's rules (appendix C.1)")
@@ -329,8 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the pipeline end to end on an embedded dataset (no network)")
     s.add_argument("--out", default="mmloom-demo")
     s.add_argument("--family", default="mumu", choices=list(FAMILIES), help="model family trained on the demo shards at the end")
-    s.add_argument("--ray-address", default=None)
-    s.add_argument("--no-progress", action="store_true")
+    _ray_flag(s)
+    _progress_flag(s)
     s.set_defaults(fn=cmd_demo)
     return p
 

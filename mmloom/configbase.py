@@ -1,8 +1,10 @@
 """Shared config plumbing: strict pydantic sections and YAML loading whose errors name
-the file and the dotted key. Used by the curation stages and by the trainer."""
+the file and the dotted key, and command-line flags that override config keys. Used by
+the curation stages and by the trainer."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,11 +85,53 @@ def load_model(cls: type[M], path: str | Path | None = None, overrides: dict[str
 def describe(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, description) rows for README's config reference."""
     rows = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
+    for name, f in model.model_fields.items():
+        ann = f.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe(ann, f"{prefix}{name}.")
         else:
-            default = field.get_default(call_default_factory=True)
-            rows.append((prefix + name, repr(default), field.description or ""))
+            default = f.get_default(call_default_factory=True)
+            rows.append((prefix + name, repr(default), f.description or ""))
     return rows
+
+
+@dataclass(frozen=True)
+class Option:
+    """One command-line flag: ``key`` is the config key it overrides (``download.image_size``;
+    its help is that key's own description, so a flag and the YAML say the same thing), or,
+    without a dot, a keyword of the command's function."""
+
+    flags: tuple[str, ...]
+    key: str
+    kwargs: dict = field(default_factory=dict)
+
+
+def key_description(model: type[BaseModel], dotted: str) -> str:
+    """The description of ``dotted`` (``loop.steps``) in the config class ``model``."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[name].description or ""
+
+
+def add_options(p, options: tuple[Option, ...], model: type[BaseModel]) -> None:
+    """Add ``options`` to the argparse parser ``p``; not given, each is None."""
+    for o in options:
+        kw = dict(o.kwargs)
+        if "." in o.key:
+            kw.setdefault("help", f"{key_description(model, o.key)} (config: {o.key})")
+            if kw.get("action") is None:
+                kw.setdefault("metavar", o.key.rsplit(".", 1)[1].upper())
+        p.add_argument(*o.flags, dest=o.key.replace(".", "__"), default=None, **kw)
+
+
+def split_options(args, options: tuple[Option, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config overrides, function keywords) from parsed arguments; None = not given."""
+    overrides, kwargs = {}, {}
+    for o in options:
+        v = getattr(args, o.key.replace(".", "__"))
+        if "." in o.key:
+            overrides[o.key] = v
+        elif v is not None:
+            kwargs[o.key] = v
+    return overrides, kwargs
