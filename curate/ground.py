@@ -104,7 +104,7 @@ class GroundWorker(ActorWorker):
         out = os.path.join(staging, "detections.parquet")
         pq.write_table(table, out)
         store.commit(STAGE, shard, {f"{OUT_DIR}/{shard_name(shard)}.parquet": out},
-                     {"rows": len(rows), "samples": len(samples), "refused_boxes": refused}, chash)
+                     {"rows": len(rows), "samples": len(samples), "refused_boxes": sum(refused.values())}, chash)
         store.discard(staging)
         return {"boxes": len(rows), "samples": len(samples), "refused_boxes": refused}
 

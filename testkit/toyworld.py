@@ -128,3 +128,50 @@ def parse_caption(caption: str) -> list[tuple[str, str]]:
         if a in COLOURS and b in SHAPES:
             out.append((a, b))
     return out
+
+
+def toy_pixels(seeds, resolution: int):
+    """[N, 3, r, r] pictures in [-1, 1], rendered at twice ``resolution`` then downsampled (fast, smooth edges)."""
+    import torch
+
+    arrs = [np.asarray(render_scene(s, size=2 * resolution).image.resize((resolution, resolution), Image.BICUBIC)) for s in seeds]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def make_toy_vae(path: str, resolution: int = 32, seconds: float = 120.0, max_steps: int = 3000, seed: int = 0,
+                 factor: int = 4, echo=print) -> str:
+    """A tiny diffusers AutoencoderKL (tiny:vae's layout; ``factor`` 4 or 8), trained to
+    reconstruct toy pictures for at most ``seconds``: the frozen autoencoder every family
+    decodes with must draw the toy world, or no family can score (a random-weight decoder
+    is not the inverse of its encoder). Saved with ``save_pretrained``; loads like any VAE."""
+    import time
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    blocks = {4: (16, 32, 32), 8: (8, 16, 16, 16)}[factor]
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(blocks),
+                        up_block_types=("UpDecoderBlock2D",) * len(blocks), block_out_channels=blocks, latent_channels=4,
+                        norm_num_groups=8, sample_size=resolution)
+    data = toy_pixels(range(10_000_000, 10_000_000 + 1024), resolution)  # seeds no toy world dataset uses
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    start, step, loss = time.time(), 0, float("nan")
+    vae.train()
+    while step < max_steps and time.time() - start < seconds:
+        x = data[torch.randint(0, len(data), (16,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        loss_t = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad()
+        loss_t.backward()
+        opt.step()
+        step, loss = step + 1, loss_t.item()
+    vae.eval()
+    with torch.no_grad():  # scale latents to unit variance, as Stable Diffusion's scaling_factor does
+        std = float(vae.encode(data[:256]).latent_dist.mode().std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(path)
+    echo(f"[toy vae] {step} steps in {time.time() - start:.0f} s, reconstruction loss {loss:.4f}, scaling factor {1 / std:.3f}")
+    return path
