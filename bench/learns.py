@@ -34,6 +34,7 @@ def toy_world(path: str, seed: int, n: int) -> str:
 
 
 def models(work: str, resolution: int, vae_seconds: float) -> dict:
+    """A VLM whose tokenizer knows the toy words, and the toy autoencoder (factor 4: 8x8 latents at 32 px)."""
     from mmloom.testkit.tiny_train import TINY_WORDS, make_tiny_vlm
     from mmloom.testkit.toyworld import WORDS, make_toy_vae
 
@@ -42,12 +43,12 @@ def models(work: str, resolution: int, vae_seconds: float) -> dict:
         make_tiny_vlm(vlm, sorted(set(TINY_WORDS) | set(WORDS)), image_size=64)
     vae = os.path.join(work, "models", f"toy-vae-{resolution}")
     if not os.path.exists(os.path.join(vae, "config.json")):
-        make_toy_vae(vae, resolution, seconds=vae_seconds, echo=print)
-    return {"vlm": vlm, "vae": vae}
+        make_toy_vae(vae, resolution, seconds=vae_seconds, factor=4 if resolution <= 32 else 8, echo=print)
+    return {"vlm": vlm, "vae": vae, "resolution": resolution}
 
 
 def overrides(family: str, m: dict) -> dict:
-    over = {"model.autoencoder.path": m["vae"], "model.autoencoder.subfolder": None}
+    over = {"model.autoencoder.path": m["vae"], "model.autoencoder.subfolder": None, "data.resolution": m["resolution"]}
     if family in ("mumu", "mvader"):
         over["model.encoder.path"] = m["vlm"]
     return over
@@ -84,14 +85,17 @@ def main() -> None:
     ap.add_argument("--train-n", type=int, default=512, help="toy pictures to train on")
     ap.add_argument("--heldout-n", type=int, default=64, help="held-out toy pictures (prompts) to evaluate on")
     ap.add_argument("--chunk", type=int, default=200, help="steps between checkpoints (the budget is checked between chunks)")
+    ap.add_argument("--resolution", type=int, default=32, help="training and sampling size (the analyzer reads 32 px reliably)")
     ap.add_argument("--vae-seconds", type=float, default=180.0, help="training time of the toy autoencoder")
     ap.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the family's)")
     ap.add_argument("--work", default="bench-learns", help="folder for the toy worlds, models and runs")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared machine, OpenMP threads waiting on each other cost more than they give)")
     a = ap.parse_args()
 
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(a.threads)
     from mmloom.train.eval import run_eval
 
     work = os.path.abspath(a.work)
@@ -99,7 +103,7 @@ def main() -> None:
     t0 = time.time()
     train_dir = toy_world(os.path.join(work, f"toy-train-{a.train_n}"), 0, a.train_n)
     held_dir = toy_world(os.path.join(work, f"toy-heldout-{a.heldout_n}"), 1, a.heldout_n)
-    m = models(work, 64, a.vae_seconds)
+    m = models(work, a.resolution, a.vae_seconds)
     print(f"[learns] toy worlds and models ready in {time.time() - t0:.0f} s")
     run = os.path.join(work, "runs", f"{a.family}-{a.train_n}-{a.minutes:g}min")
     t = train_for(f"{a.family}-tiny", train_dir, run, a.minutes, a.chunk, overrides(a.family, m))
