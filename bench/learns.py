@@ -107,7 +107,7 @@ def main() -> None:
     print(f"[learns] toy worlds and models ready in {time.time() - t0:.0f} s")
     run = os.path.join(work, "runs", f"{a.family}-{a.train_n}-{a.minutes:g}min")
     t = train_for(f"{a.family}-tiny", train_dir, run, a.minutes, a.chunk, overrides(a.family, m))
-    r = run_eval(run, held_dir, a.heldout_n, steps=a.eval_steps, progress=False)
+    r = run_eval(run, held_dir, a.heldout_n, steps=a.eval_steps, progress=False, ablations=a.family in ("mumu", "mvader"))
     toy = r["toy"]
     s = toy["scores"]
     both, shuffled = s["prompted"]["both"], s["shuffled"]["both"]
@@ -123,6 +123,9 @@ def main() -> None:
           f"ratio to shuffled {toy['ratio_to_shuffled']:.2f}x")
     print(f"  colour alone {s['prompted']['colour']:.3f} (chance 0.25, shuffled {s['shuffled']['colour']:.3f}); "
           f"shape alone {s['prompted']['shape']:.3f} (chance 0.25, shuffled {s['shuffled']['shape']:.3f})")
+    for k in ("crops only", "words only"):
+        if k in s:
+            print(f"  {k}: colour {s[k]['colour']:.3f}, shape {s[k]['shape']:.3f}, both {s[k]['both']:.3f}")
     ceil = s.get("through the autoencoder", {}).get("both")
     print(f"  ceilings: held-out pictures {s['held-out pictures']['both']:.3f}, through the autoencoder "
           f"{'n/a' if ceil is None else f'{ceil:.3f}'}")

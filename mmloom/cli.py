@@ -238,7 +238,8 @@ def cmd_toyworld(a) -> int:
 def cmd_eval(a) -> int:
     from mmloom.train.eval import run_eval
 
-    run_eval(a.run, a.shards, a.n, a.out, steps=a.steps, guidance=a.guidance, clip=a.clip, batch_size=a.batch_size)
+    run_eval(a.run, a.shards, a.n, a.out, steps=a.steps, guidance=a.guidance, clip=a.clip, batch_size=a.batch_size,
+             ablations=a.ablations)
     return 0
 
 
@@ -261,6 +262,8 @@ def _add_toyworld_and_eval(sub) -> None:
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's model.sampling)")
     s.add_argument("--clip", default=None, help="real data: open_clip model for CLIP score (ARCH/TAG, hf-hub:REPO or a directory)")
     s.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
+    s.add_argument("--ablations", action="store_true",
+                   help="toy world with crops (MUMU, M-VADER): also sample with crops only (names removed) and words only")
     s.set_defaults(fn=cmd_eval)
 
 

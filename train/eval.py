@@ -19,6 +19,10 @@ decoder can draw). Real data: CLIP score of each picture against its caption wit
 CLIP model the user names (``--clip``); FID/KID need Inception weights, which mmloom
 never downloads: it says so instead of printing a number.
 
+``ablations`` (toy world, prompts with crops: MUMU, M-VADER) adds two more: ``crops only``
+(the colour and shape words taken out of the text, so only the crops name the objects)
+and ``words only`` (the crops taken out).
+
 Writes ``OUT/eval.json`` (every figure) and ``OUT/grid.png`` (per row: the caption, the
 held-out picture, its crops, then the prompted, shuffled and unconditional samples).
 """
@@ -35,6 +39,7 @@ import torch
 from mmloom.errors import UserError
 
 CONDITIONS = ("prompted", "shuffled", "unconditional")
+ABLATIONS = ("crops only", "words only")  # toy world, prompts with images (MUMU, M-VADER: section 4's crops)
 IMAGE_KEYS = ("jpg", "png", "webp")
 MAX_CROPS = 8  # crop members read per sample (build.max_crops is at most this in practice)
 
@@ -60,6 +65,14 @@ def derangement(n: int, seed: int = 0) -> list[int]:
     for j in range(n):
         perm[order[j]] = int(order[(j + 1) % n])
     return perm
+
+
+def without_names(parts: list) -> list:
+    """The prompt with the toy words (colours, shapes) taken out of its text: only the crops name the objects."""
+    from ..testkit.toyworld import COLOURS, SHAPES
+
+    names = {*COLOURS, *SHAPES}
+    return [p if not isinstance(p, str) else " ".join(w for w in p.split(" ") if w.lower() not in names) for p in parts]
 
 
 def toy_objects(sample: dict) -> list[tuple[str, str]]:
@@ -126,11 +139,12 @@ def picture_grid(samples: list[dict], images: dict[str, list], captions: list[st
 
     rows = min(rows, len(samples))
     crops = max((sum(1 for k in s if k.startswith("crop")) for s in samples[:rows]), default=0)
-    cols = 1 + crops + len(CONDITIONS)
+    conds = list(images)
+    cols = 1 + crops + len(conds)
     head = 16
     grid = Image.new("RGB", (cols * cell, 18 + rows * (cell + head)), "white")
     d = ImageDraw.Draw(grid)
-    labels = ["held-out", *[f"crop {i}" for i in range(crops)], *CONDITIONS]
+    labels = ["held-out", *[f"crop {i}" for i in range(crops)], *conds]
     for c, lab in enumerate(labels):
         d.text((c * cell + 3, 3), lab, fill="black")
     for r in range(rows):
@@ -139,7 +153,7 @@ def picture_grid(samples: list[dict], images: dict[str, list], captions: list[st
         s = samples[r]
         main = next(s[k] for k in IMAGE_KEYS if k in s)
         tiles = [main, *[s[f"crop{i}.jpg"] for i in range(crops) if f"crop{i}.jpg" in s]]
-        tiles += [None] * (1 + crops - len(tiles)) + [images[k][r] for k in CONDITIONS]
+        tiles += [None] * (1 + crops - len(tiles)) + [images[k][r] for k in conds]
         for c, im in enumerate(tiles):
             if im is not None:
                 grid.paste(square(im, cell) if im.size[0] != im.size[1] else im.resize((cell, cell), Image.NEAREST), (c * cell, y + head))
@@ -149,7 +163,7 @@ def picture_grid(samples: list[dict], images: dict[str, list], captions: list[st
 
 def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None = None, steps: int | None = None,
              guidance: float | None = None, clip: str | None = None, batch_size: int = 16, progress: bool = True,
-             echo=print) -> dict:
+             ablations: bool = False, echo=print) -> dict:
     from .prompts import PromptBuilder, square
     from .sample import find_run, load_for_sampling
 
@@ -167,6 +181,10 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     captions = [s.get("txt") or "" for s in samples]
     perm = derangement(n)
     conds = {"prompted": prompts, "shuffled": [prompts[j] for j in perm], "unconditional": [[""]] * n}
+    expected = [toy_objects(s) for s in samples]
+    if ablations and all(expected) and all(any(not isinstance(p, str) for p in q) for q in prompts):
+        conds["crops only"] = [without_names(q) for q in prompts]  # does the picture follow the crops?
+        conds["words only"] = [[p for p in q if isinstance(p, str)] for q in prompts]  # ... or the words?
     size = cfg.data.resolution
     s_steps = steps or cfg.model.sampling.steps
     s_guid = guidance if guidance is not None else cfg.model.sampling.guidance
@@ -176,10 +194,9 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     images = {k: generate_all(family, model, p, steps, guidance, size, batch_size, k, progress) for k, p in conds.items()}
     result: dict = {"run": run_dir, "checkpoint": ck, "family": family.name, "shards": shards or cfg.data.shards,
                     "held_out": heldout, "n": n, "resolution": size, "steps": s_steps, "guidance": s_guid}
-    expected = [toy_objects(s) for s in samples]
     if all(expected):
         refs = [square(next(s[k] for k in IMAGE_KEYS if k in s), size) for s in samples]
-        scores = {k: adherence_of(images[k], expected) for k in CONDITIONS}
+        scores = {k: adherence_of(images[k], expected) for k in conds}
         scores["held-out pictures"] = adherence_of(refs, expected)
         if (ae := autoencoded(model, refs, size)):
             scores["through the autoencoder"] = adherence_of(ae, expected)
