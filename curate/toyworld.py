@@ -17,7 +17,7 @@ import os
 import pandas as pd
 
 from .config import load_config
-from .demo import example_prompts
+from .demo import example_prompts, prepare_dir
 from mmloom.errors import UserError
 
 MARKER = ".mmloom-toyworld"
@@ -44,17 +44,6 @@ def toyworld_metadata(server, seed: int, n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def prepare_dir(out: str) -> None:
-    if os.path.exists(out) and os.listdir(out):
-        if not os.path.exists(os.path.join(out, MARKER)):
-            raise UserError(f"{out} exists and is not a toy world directory; choose another --out")
-        import shutil
-
-        shutil.rmtree(out)
-    os.makedirs(out)
-    open(os.path.join(out, MARKER), "w").close()
-
-
 def toyworld_config(out: str, config: str | None = None):
     """configs/toyworld.yaml (or ``config``) with tiny random-weight scoring models built under DIR/models."""
     from importlib.resources import files
@@ -77,7 +66,7 @@ def run_toyworld(out: str, seed: int = 0, n: int = 256, config: str | None = Non
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
     out = os.path.abspath(out)
-    prepare_dir(out)
+    prepare_dir(out, MARKER, "toy world")
     echo("[toyworld] tiny random-weight scoring models (CLIP, aesthetic, watermark: their scores mean nothing, "
          "the toy world's select rules leave them off); nudenet, faces, geometry, captions are real")
     cfg = toyworld_config(out, config)

@@ -252,7 +252,10 @@ def _add_toyworld_and_eval(sub) -> None:
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_toyworld)
+    _add_eval(sub)
 
+
+def _add_eval(sub) -> None:
     s = sub.add_parser("eval", help="sample a trained run on held-out prompts and measure adherence next to shuffled and unconditional baselines")
     s.add_argument("run", help="a run directory or one of its checkpoints")
     s.add_argument("--shards", default=None, help="held-out dataset (default: the run's data.shards, which is not held out)")
