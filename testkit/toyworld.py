@@ -92,8 +92,8 @@ def background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 def render_scene(seed: int, size: int = SIZE, objects: int = OBJECTS) -> Scene:
     """One picture: ``objects`` random objects side by side, caption and boxes."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(background(rng, size, size))
+    rng = np.random.default_rng([seed, 1])  # objects and caption: the same at every size
+    img = Image.fromarray(background(np.random.default_rng([seed, 0]), size, size))
     d = ImageDraw.Draw(img)
     cell = size / objects
     scale = size / SIZE
