@@ -31,16 +31,15 @@ def test_toy_world_is_curated_with_the_supplied_boxes(toy):
     assert s["ground"]["boxes"] == 24 and not s["ground"]["refused_boxes"]  # two objects per picture, none refused
     assert s["build"]["built"] == 12 and s["build"]["crops"] == 24
     n = 0
-    for sample in read_members(sorted(glob.glob(os.path.join(out, "final", "*.tar"))), {"txt", "prompt.json", "jpg", "crop0.jpg", "crop1.jpg"}):
-        segs = sample["prompt.json"]["segments"]
-        assert reassemble(segs) == sample["txt"]
-        crops = [g for g in segs if g["type"] == "image"]
-        assert [tuple(c["phrase"].split()) for c in crops] == parse_caption(sample["txt"])
-        for c in crops:  # the crop holds its object: its colour fills the middle
-            crop = sample[c["member"]]
-            from mmloom.train.analyze import find_objects
+    from mmloom.train.analyze import find_objects
+    from mmloom.train.prompts import resolve_segments
 
-            (found,) = find_objects(crop, regions=1)
+    for sample in read_members(sorted(glob.glob(os.path.join(out, "final", "*.tar"))), {"txt", "prompt.json", "jpg", "crops.jpg"}):
+        assert reassemble(sample["prompt.json"]["segments"]) == sample["txt"]
+        crops = [g for g in resolve_segments(sample) if g["type"] == "image"]
+        assert [tuple(c["phrase"].split()) for c in crops] == parse_caption(sample["txt"])
+        for c in crops:  # the crop holds its object
+            (found,) = find_objects(c["image"], regions=1)
             assert (found.colour, found.shape) == tuple(c["phrase"].split())
         n += 1
     assert n == 12

@@ -48,7 +48,7 @@ def heldout_samples(spec: str, n: int, allow_pipe: bool = False) -> list[dict]:
     """The first ``n`` decoded samples of the final/ shards ``spec`` (safely: train/data.py's decoders)."""
     from .data import read_members, shard_urls
 
-    only = {*IMAGE_KEYS, "txt", "prompt.json", *(f"crop{i}.jpg" for i in range(MAX_CROPS))}
+    only = {*IMAGE_KEYS, "txt", "prompt.json", "crops.jpg", *(f"crop{i}.jpg" for i in range(MAX_CROPS))}
     out = []
     for s in read_members(shard_urls(spec, allow_pipe), only):
         if any(k in s for k in IMAGE_KEYS) and "prompt.json" in s:
@@ -135,10 +135,11 @@ def fid_note() -> str:
 def picture_grid(samples: list[dict], images: dict[str, list], captions: list[str], path: str, rows: int = 8, cell: int = 96) -> str:
     from PIL import Image, ImageDraw
 
-    from .prompts import square
+    from .prompts import resolve_segments, square
 
     rows = min(rows, len(samples))
-    crops = max((sum(1 for k in s if k.startswith("crop")) for s in samples[:rows]), default=0)
+    crop_images = [[g["image"] for g in resolve_segments(s) if g["type"] == "image"] for s in samples[:rows]]
+    crops = max((len(c) for c in crop_images), default=0)
     conds = list(images)
     cols = 1 + crops + len(conds)
     head = 16
@@ -152,7 +153,7 @@ def picture_grid(samples: list[dict], images: dict[str, list], captions: list[st
         d.text((3, y + 2), captions[r][:cols * cell // 6], fill="black")
         s = samples[r]
         main = next(s[k] for k in IMAGE_KEYS if k in s)
-        tiles = [main, *[s[f"crop{i}.jpg"] for i in range(crops) if f"crop{i}.jpg" in s]]
+        tiles = [main, *crop_images[r]]
         tiles += [None] * (1 + crops - len(tiles)) + [images[k][r] for k in conds]
         for c, im in enumerate(tiles):
             if im is not None:
