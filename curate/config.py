@@ -157,11 +157,14 @@ class OriginalDinoConfig(Section):
 
 
 class GroundConfig(Section):
-    backend: Literal["transformers", "groundingdino"] = Field(
+    backend: Literal["transformers", "groundingdino", "boxes"] = Field(
         "transformers", description="transformers: the transformers port (ground.model); groundingdino: IDEA-Research's "
-                                    "package and its released checkpoints (ground.groundingdino)")
+                                    "package and its released checkpoints (ground.groundingdino); boxes: the boxes supplied "
+                                    "with the metadata (ground.boxes_column), as COCO or Objects365 come with boxes")
     model: str = Field("IDEA-Research/grounding-dino-tiny", description="backend transformers: Grounding DINO (transformers format), hub id or local dir")
     groundingdino: OriginalDinoConfig = Field(default_factory=OriginalDinoConfig, description="backend groundingdino: the package's model")
+    boxes_column: str = Field("boxes", min_length=1, description="backend boxes: the metadata column (its name in the source file) holding a list of {phrase, box: [x0, y0, x1, y1]} records, or their JSON text; boxes in pixels of the original picture")
+    max_boxes: int = Field(64, gt=0, description="backend boxes: a sample supplying more records than this has them all refused (counted)")
     box_threshold: float = Field(0.35, ge=0, le=1, description="minimum box confidence (max token probability)")
     text_threshold: float = Field(0.25, ge=0, le=1, description="minimum probability for a caption token to belong to the box's phrase")
     batch_size: int = Field(8, gt=0, description="images per model call (each with its own caption)")

@@ -65,13 +65,14 @@ def _mirrored(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def prepare_dir(out: str) -> None:
+def prepare_dir(out: str, marker: str = MARKER, what: str = "demo") -> None:
+    """An empty ``out`` for a generated dataset; one it made before (holding ``marker``) is replaced."""
     if os.path.exists(out) and os.listdir(out):
-        if not os.path.exists(os.path.join(out, MARKER)):
-            raise UserError(f"{out} exists and is not a demo directory; choose another --out")
+        if not os.path.exists(os.path.join(out, marker)):
+            raise UserError(f"{out} exists and is not a {what} directory; choose another --out")
         shutil.rmtree(out)
     os.makedirs(out)
-    open(os.path.join(out, MARKER), "w").close()
+    open(os.path.join(out, marker), "w").close()
 
 
 def run_demo(out: str, ray_address: str | None = None, progress: bool = True, echo=print, family: str = "mumu") -> dict:

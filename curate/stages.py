@@ -140,9 +140,11 @@ STAGES: list[StageEntry] = [
          Option(("--show-sql",), "show_sql", {"action": "store_true", "help": "print the compiled query"})),
         uses_ray=False),
     StageEntry(
-        "ground", "ground caption phrases with Grounding DINO -> detections/", _run_ground,
+        "ground", "ground caption phrases with Grounding DINO (or boxes supplied with the metadata) -> detections/", _run_ground,
         lambda s: [f"ground: {s['ran']} shard(s) grounded ({s['boxes']} boxes){_redo(s)}, {s['skipped']} up to date, "
-                   f"{s['committed']}/{s['shards']} committed"],
+                   f"{s['committed']}/{s['shards']} committed",
+                   *([f"  supplied boxes refused: {', '.join(f'{n} {k}' for k, n in sorted(s['refused_boxes'].items()))}"]
+                     if s.get("refused_boxes") else [])],
         (Option(("--batch-size",), "ground.batch_size", {"type": int}), Option(("--device",), "ground.device", DEVICE))),
     StageEntry(
         "build", "apply the crop rules and write final/ interleaved-prompt shards and the dataset card", _run_build,

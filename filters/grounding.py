@@ -307,3 +307,96 @@ class HeadFinder:
         w, h = x1 - x0, y1 - y0
         box = [max(0.0, box[0]), max(0.0, box[1]), min(w, box[2]), min(h, box[3])]
         return [round(box[0] + x0, 1), round(box[1] + y0, 1), round(box[2] + x0, 1), round(box[3] + y0, 1)]
+
+
+class SuppliedBoxes:
+    """Boxes that come with the metadata (as COCO or Objects365 annotations do), turned into
+    the detector's records: phrase, span in the clean caption, box in the downloaded
+    picture's pixels, score 1.
+
+    The value is hostile input: a list of ``{"phrase": str, "box": [x0, y0, x1, y1]}``
+    records (or its JSON text, at most ``max_bytes``), boxes in pixels of the original
+    picture. Types, finiteness and bounds are checked, at most ``max_boxes`` records are
+    read (a value with more is refused whole), and a phrase must occur in the clean caption
+    (whole words, case-insensitive; the k-th record of a phrase takes its k-th occurrence).
+    Each refused record (or value) is counted by reason, never raised.
+    """
+
+    version = "boxes supplied with the metadata"
+
+    def __init__(self, max_boxes: int = 64, max_bytes: int = 65536, max_phrase: int = 200):
+        self.max_boxes, self.max_bytes, self.max_phrase = max_boxes, max_bytes, max_phrase
+
+    def records(self, value) -> tuple[list | None, str | None]:
+        """(list of raw records, None) or (None, why the whole value is refused)."""
+        import json
+
+        if value is None:
+            return None, "no_boxes"
+        if isinstance(value, (bytes, bytearray, str)):
+            if len(value) > self.max_bytes:
+                return None, "boxes_too_long"
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                return None, "boxes_not_json"
+        if not isinstance(value, (list, tuple)):
+            return None, "boxes_not_a_list"
+        if len(value) > self.max_boxes:
+            return None, "too_many_boxes"
+        return list(value), None
+
+    def detect(self, value, caption: str, original_size, image_size) -> tuple[list[dict], dict[str, int]]:
+        """Records for one sample and the count of refused ones per reason."""
+        import math
+        from collections import Counter
+
+        why: Counter = Counter()
+        recs, refused = self.records(value)
+        if refused:
+            why[refused] += 1
+            return [], dict(why)
+        try:
+            OW, OH = float(original_size[0]), float(original_size[1])
+        except (TypeError, ValueError):
+            OW = OH = float("nan")
+        if not (OW > 0 and OH > 0 and math.isfinite(OW) and math.isfinite(OH)):
+            why["no_original_size"] += len(recs)
+            return [], dict(why)
+        W, H = image_size
+        used: Counter = Counter()
+        found = []
+        for r in recs:
+            phrase = r.get("phrase") if isinstance(r, dict) else None
+            box = r.get("box") if isinstance(r, dict) else None
+            if not isinstance(phrase, str) or not phrase.strip() or len(phrase) > self.max_phrase:
+                why["bad_phrase"] += 1
+                continue
+            if (not isinstance(box, (list, tuple)) or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                why["bad_box"] += 1
+                continue
+            x0, y0, x1, y1 = (float(v) for v in box)
+            if not (0 <= x0 < x1 <= OW + 1 and 0 <= y0 < y1 <= OH + 1):
+                why["box_out_of_bounds"] += 1
+                continue
+            key = " ".join(phrase.lower().split())
+            spans = phrase_spans(caption, key)
+            if used[key] >= len(spans):
+                why["phrase_not_in_caption"] += 1
+                continue
+            s, e = spans[used[key]]
+            used[key] += 1
+            sx, sy = W / OW, H / OH
+            b = [round(min(W, x0 * sx), 1), round(min(H, y0 * sy), 1), round(min(W, x1 * sx), 1), round(min(H, y1 * sy), 1)]
+            found.append({"phrase": caption[s:e], "span": [s, e], "box": b, "score": 1.0, "text_score": 1.0})
+        return found, dict(why)
+
+
+def phrase_spans(caption: str, phrase: str) -> list[tuple[int, int]]:
+    """Where ``phrase`` (lowercase, single spaces) occurs in ``caption`` as whole words."""
+    words = [re.escape(w) for w in phrase.split()]
+    if not words:
+        return []
+    pat = re.compile(r"(?<![\w'-])" + r"\s+".join(words) + r"(?![\w'-])", re.IGNORECASE)
+    return [(m.start(), m.end()) for m in pat.finditer(caption)]

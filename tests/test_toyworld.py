@@ -1,0 +1,140 @@
+"""The toy world: its analyzer (a check that does not learn), the supplied-boxes grounding
+backend (hostile metadata), and the toy world curated end to end by the real stages."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmloom.testkit.toyworld import COLOURS, SHAPES, parse_caption, render_scene, scene_boxes
+from mmloom.train.analyze import adherence, find_objects
+
+
+def _expected(scene):
+    return [(o.colour, o.shape) for o in scene.objects]
+
+
+@pytest.mark.parametrize("res", [64, 32])
+def test_analyzer_recognises_rendered_objects(res):
+    """At the training resolutions the analyzer finds colour and shape of nearly every object."""
+    scores = [adherence(render_scene(seed, size=128).image.resize((res, res), Image.BICUBIC), _expected(render_scene(seed, size=128)))
+              for seed in range(40)]
+    assert np.mean([s["colour"] for s in scores]) == 1.0
+    assert np.mean([s["both"] for s in scores]) >= 0.95
+
+
+def test_analyzer_tells_each_colour_and_shape_apart():
+    """Every colour x shape, drawn alone at 64 px, is named right (no confusion between two kinds)."""
+    from PIL import ImageDraw
+
+    from mmloom.testkit.toyworld import draw_object
+
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            img = Image.new("RGB", (64, 64), (120, 118, 125))
+            draw_object(ImageDraw.Draw(img), shape, (8, 10, 36, 38), rgb)
+            (found,) = find_objects(img, regions=1)
+            assert (found.colour, found.shape) == (colour, shape)
+
+
+def test_analyzer_finds_nothing_in_noise_or_blank_pictures():
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(30)]  # white noise
+    pictures += [np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC))
+                 for _ in range(30)]  # smooth coloured noise
+    pictures += [np.full((64, 64, 3), 128, np.uint8)]
+    found = [f for p in pictures for f in find_objects(p) if f is not None and f.shape is not None]
+    assert len(found) <= 2, found  # of 122 strips
+    expected = [(c, s) for c, s in zip(list(COLOURS) * 2, SHAPES)][:2]
+    assert np.mean([adherence(p, expected)["both"] for p in pictures]) < 0.02
+
+
+def test_captions_name_objects_left_to_right():
+    s = render_scene(3)
+    assert parse_caption(s.caption) == _expected(s)
+    assert [o.box[0] for o in s.objects] == sorted(o.box[0] for o in s.objects)
+    for o in s.objects:
+        x0, y0, x1, y1 = o.box
+        assert (x1 - x0) * (y1 - y0) >= 150 * 150  # the crop rules keep every object
+    assert render_scene(3).caption == s.caption and np.array_equal(np.asarray(render_scene(3).image), np.asarray(s.image))
+
+
+# ---------------------------------------------------------------- supplied boxes (hostile input)
+def test_supplied_boxes_become_detections_in_the_downloaded_pictures_pixels():
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    cap = "a red circle beside a red circle"
+    recs = [{"phrase": "red circle", "box": [0, 0, 200, 100]}, {"phrase": "Red  Circle", "box": [300, 100, 500, 400]}]
+    for value in (recs, json.dumps(recs), json.dumps(recs).encode()):
+        found, why = SuppliedBoxes().detect(value, cap, (1000, 500), (512, 256))
+        assert why == {}
+        assert [f["span"] for f in found] == [[2, 12], [22, 32]]  # k-th record of a phrase: its k-th occurrence
+        assert [cap[s:e] for s, e in (f["span"] for f in found)] == ["red circle", "red circle"]
+        assert found[0]["box"] == [0.0, 0.0, 102.4, 51.2] and found[1]["box"] == [153.6, 51.2, 256.0, 204.8]
+        assert all(f["score"] == 1.0 for f in found)
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "no_boxes"),
+    ("not json", "boxes_not_json"),
+    ("[" * 100000, "boxes_too_long"),
+    ("[" * 5000 + "]" * 5000, None),  # deep nesting: refused, never a crash
+    ({"phrase": "red circle"}, "boxes_not_a_list"),
+    ([{"phrase": "red circle", "box": [0, 0, 10, 10]}] * 65, "too_many_boxes"),
+    ([{"phrase": 3, "box": [0, 0, 10, 10]}], "bad_phrase"),
+    ([{"phrase": "x" * 1000, "box": [0, 0, 10, 10]}], "bad_phrase"),
+    ([["red circle", [0, 0, 10, 10]]], "bad_phrase"),
+    ([{"phrase": "red circle", "box": [0, 0, 10]}], "bad_box"),
+    ([{"phrase": "red circle", "box": [0, 0, "10", 10]}], "bad_box"),
+    ([{"phrase": "red circle", "box": [0, 0, float("nan"), 10]}], "bad_box"),
+    ([{"phrase": "red circle", "box": [0, 0, True, 10]}], "bad_box"),
+    ([{"phrase": "red circle", "box": [10, 0, 5, 10]}], "box_out_of_bounds"),
+    ([{"phrase": "red circle", "box": [-5, 0, 10, 10]}], "box_out_of_bounds"),
+    ([{"phrase": "red circle", "box": [0, 0, 10, 1e9]}], "box_out_of_bounds"),
+    ([{"phrase": "blue star", "box": [0, 0, 10, 10]}], "phrase_not_in_caption"),
+    ([{"phrase": "red circ", "box": [0, 0, 10, 10]}], "phrase_not_in_caption"),  # whole words only
+    ([{"phrase": "red circle", "box": [0, 0, 10, 10]}] * 3, "phrase_not_in_caption"),  # two occurrences, three records
+])
+def test_supplied_boxes_refuse_hostile_values_and_count_why(value, reason):
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    found, why = SuppliedBoxes(max_boxes=64).detect(value, "a red circle beside a red circle", (100, 100), (100, 100))
+    if reason is None:
+        assert found == [] and sum(why.values()) == 1
+    else:
+        assert reason in why
+        assert len(found) <= 2
+
+
+def test_supplied_boxes_need_the_original_size():
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    found, why = SuppliedBoxes().detect([{"phrase": "a", "box": [0, 0, 1, 1]}], "a", (None, 5), (10, 10))
+    assert found == [] and why == {"no_original_size": 1}
+
+
+def test_boxes_backend_config_is_validated():
+    from mmloom.curate.config import load_config
+    from mmloom.errors import UserError
+
+    assert load_config(None, {"ground.backend": "boxes"}).ground.boxes_column == "boxes"
+    with pytest.raises(UserError, match="ground.backend"):
+        load_config(None, {"ground.backend": "coco"})
+    with pytest.raises(UserError, match="ground.max_boxes"):
+        load_config(None, {"ground.max_boxes": 0})
+
+
+def test_toyworld_config_validates():
+    from pathlib import Path
+
+    from mmloom.curate.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "toyworld.yaml")
+    assert cfg.ground.backend == "boxes" and cfg.ground.boxes_column == "BOXES"
+    assert cfg.download.image_size == 512 and cfg.build.min_crop_area == 22500
+
+
+def test_scene_boxes_are_what_the_metadata_carries():
+    s = render_scene(1)
+    assert [b["phrase"] for b in scene_boxes(s)] == [o.phrase for o in s.objects]
