@@ -218,7 +218,7 @@ class MultiFlowUNet(nn.Module):
                 m.image_ctx, m.text_ctx = image_ctx, text_ctx
         else:  # layer-level: a preset schedule, about `rate` of the layers from the text context
             n = len(self.paths)
-            text_at = {round(k * n / max(1, round(rate * n))) for k in range(round(rate * n))} if rate > 0 else set()
+            text_at = text_layers(n, rate)
             layers = []
             for i in range(n):
                 m = _WithContext(self.context["text" if i in text_at else "image"][i])
@@ -226,6 +226,13 @@ class MultiFlowUNet(nn.Module):
                 layers.append(m)
         with self.flow(output, layers) as unet:
             return unet(x, t, encoder_hidden_states=text_ctx).sample
+
+
+def text_layers(n: int, rate: float) -> set[int]:
+    """Layer-level mixing's preset schedule (A.2): the indices of the ``n`` context layers
+    that take the text context, round(rate n) of them spread evenly from the first."""
+    k = round(rate * n)
+    return {round(i * n / k) for i in range(k)} if rate > 0 and k > 0 else set()
 
 
 def text_latent_shape(text_unet: nn.Module) -> tuple[int, ...]:

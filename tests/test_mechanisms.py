@@ -1,0 +1,324 @@
+"""Mutation-proof tests (issue 15): each mechanism a paper specifies, checked so that a
+change to it fails here. Each test recomputes the paper's formula or number on its own
+(not through the code it checks) on tiny random-weight models, and checks what the model
+actually did: the tensors reaching the UNet, the loss it returned, the chain Algorithm 1
+walked. README, "Mutation testing", lists the mutants each test was seen to kill."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmloom.train.config import TrainConfig
+from mmloom.train.families import get_family
+
+
+def _build(family, mc, resolution=64):
+    cfg = TrainConfig.model_validate({"family": family, "model": mc, "data": {"resolution": resolution}})
+    fam = get_family(family)
+    return fam, fam.build(cfg.model, cfg), cfg.model
+
+
+TINY = {"backbone": {"path": "tiny:unet", "subfolder": None}, "autoencoder": {"path": "tiny:vae", "subfolder": None}}
+
+
+def _schedule(T, start=1e-4, end=0.02):
+    """MT-Diffusion's E.1 schedule (DDPM's linear betas) and Theorem 2's alpha~_t with
+    appendix E's w_t = t / (T - t), written out here from the paper."""
+    betas = np.linspace(start, end, T)
+    alphas = 1 - betas
+    abar = np.cumprod(alphas)
+    w = np.array([t / (T - t) for t in range(T)])
+    at, prev = np.zeros(T), 0.0
+    for t in range(T):
+        prev = np.sqrt(alphas[t]) * (w[t] + prev)  # alpha~_t = sqrt(alpha_t) (w_t + alpha~_{t-1})
+        at[t] = prev
+    return betas, alphas, abar, w, at
+
+
+def _record(module, into: list):
+    """Record (args, output) of every call of ``module``'s forward."""
+    return module.register_forward_hook(lambda _m, args, out: into.append((args, out)))
+
+
+# -- MT-Diffusion ---------------------------------------------------------------------------------
+def test_mtdiffusion_training_aggregates_the_modality_into_z_t_and_weighs_the_head_by_lambda(tiny_cache, monkeypatch):
+    """Training's z_t is equation 4's marginal with E(x) aggregated (not plain DDPM noising),
+    the noise predictor's target is eps, and the loss is equation 6 with lambda = 0.1."""
+    fam, model, mc = _build("mtdiffusion", {**TINY, "task": "masked_image", "condition_on_data": False})
+    assert mc.loss_weight == 0.1 and mc.task_weight == "ratio"  # equation 6, appendix E
+    calls, encoded, heads = [], [], []
+    _record(model.unet, calls)
+    real_encode, real_head = model.ae.encode, model._head
+    monkeypatch.setattr(model.ae, "encode", lambda px: encoded.append((px, real_encode(px))) or encoded[-1][1])
+    monkeypatch.setattr(model, "_head", lambda: heads.append(real_head()) or heads[-1])
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(4, 4, 8, 8, generator=g)
+    real_randn_like = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: eps.clone() if x.shape == eps.shape else real_randn_like(x, **kw))
+    pixels = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    t = torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        out = model({"pixels": pixels, "timesteps": t})
+    (pix0, z0), (masked, e) = encoded  # E(image) is z_0; E(masked image) is the aggregated e
+    assert torch.equal(pix0, pixels) and ((masked == pixels) | (masked == 0)).all()
+    _betas, _alphas, abar, _w, at = _schedule(1000)
+    c = lambda arr: torch.tensor(arr[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)  # noqa: E731
+    expect = c(np.sqrt(abar)) * z0 + c(at) * e + c(np.sqrt(1 - abar)) * eps
+    (args, pred), = calls
+    assert torch.allclose(args[0], expect, rtol=1e-4, atol=1e-3) and torch.equal(args[1], t)
+    assert at[999] > 100 and c(at)[3].item() * e.abs().mean() > 10  # the aggregated term is not small
+    mse, head = F.mse_loss(pred.sample, eps), F.mse_loss(heads[0], e)
+    assert torch.isclose(out["mse"], mse) and torch.isclose(out["head"], head)
+    assert torch.isclose(out["loss"], mse + 0.1 * head)
+
+
+def test_mtdiffusion_algorithm1_walks_equation_5_with_the_heads_estimates(tiny_cache, monkeypatch):
+    """Algorithm 1 (appendix C) on a T = 4 schedule, step by step: z_T from the forward
+    marginal, each z_{t-1} = 1/sqrt(a_t) (z_t - (1 - a_t)/sqrt(1 - abar_t) eps) - w_t e
+    + sqrt(beta~_t) n (no noise at t = 0), e re-estimated by the head at every step."""
+    T = 4
+    fam, model, _ = _build("mtdiffusion", {**TINY, "task": "masked_image", "condition_on_data": False,
+                                           "schedule": {"num_train_timesteps": T}})
+    model.eval()
+
+    def const(*size, generator=None, dtype=None, device=None, **kw):  # every draw 0.5: the chain is checkable
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return torch.full(tuple(shape), 0.5, dtype=dtype or torch.float32, device=device)
+
+    monkeypatch.setattr(torch, "randn", const)
+    calls, estimates, decoded = [], [], []
+    _record(model.unet, calls)
+    real_est, real_decode = model._estimate, model.ae.decode
+    monkeypatch.setattr(model, "_estimate", lambda: estimates.append(real_est()) or estimates[-1])
+    monkeypatch.setattr(model.ae, "decode", lambda z: decoded.append(z) or real_decode(z))
+    fam.generate(model, [["a cat"]], seeds=[0], size=64)
+    betas, alphas, abar, w, at = _schedule(T)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    assert len(calls) == T and [int(a[1]) for a, _ in calls] == list(range(T - 1, -1, -1))
+    e0 = torch.full((1, 4, 8, 8), 0.5)  # the missing modality starts random
+    z = at[T - 1] * e0 + np.sqrt(1 - abar[T - 1]) * 0.5  # z_T: the forward marginal from z_0 = 0
+    for (args, out), est, t in zip(calls, estimates, range(T - 1, -1, -1)):
+        assert torch.allclose(args[0], z.float(), rtol=1e-4, atol=1e-4), t
+        z = (args[0] - (1 - alphas[t]) / np.sqrt(1 - abar[t]) * out.sample) / np.sqrt(alphas[t]) - w[t] * est
+        if t > 0:
+            z = z + np.sqrt(beta_tilde[t]) * 0.5
+    assert torch.allclose(decoded[0], z.float(), rtol=1e-4, atol=1e-4)
+
+
+# -- M-VADER -----------------------------------------------------------------------------------------
+def test_mvader_conditions_on_the_image_or_the_caption_as_drawn(tiny_cache, monkeypatch):
+    """Section 3.2: a pair drawn 'image' is conditioned on its picture alone, 'caption' on
+    its caption alone, 'empty' (embedding dropout) on the empty prompt."""
+    from mmloom.train.diffusion import to_pil
+
+    fam, model, mc = _build("mvader", {**TINY, "encoder": {"path": "tiny:vlm", "image_size": 64}})
+    assert (mc.image_prob, mc.sampling.sampler, mc.sampling.guidance, mc.sampling.steps) == (0.2, "pndm", 8.0, 50)
+    seen = []
+    real = model.encode
+    monkeypatch.setattr(model, "draw_conditions", lambda n: ["image", "caption", "empty"][:n])
+    monkeypatch.setattr(model, "encode", lambda prompts: seen.append(prompts) or real(prompts))
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        model({"pixels": pixels, "captions": ["a red cat", "a man", "a dog"]})
+    (prompts,) = seen
+    assert prompts[1] == ["a man"] and prompts[2] == [""]
+    assert len(prompts[0]) == 1 and np.array_equal(np.asarray(prompts[0][0]), np.asarray(to_pil(pixels[:1])[0]))
+
+
+def test_mvader_samples_with_pndm_at_guidance_8(tiny_cache, monkeypatch):
+    """Section 3.3: PNDM, 50 steps, guidance 8.0 reach the sampler when nothing overrides them."""
+    import mmloom.train.families.mvader as mv
+
+    fam, model, _ = _build("mvader", {**TINY, "encoder": {"path": "tiny:vlm", "image_size": 64}})
+    got = {}
+
+    def fake(sched, steps, shape, seeds, device, guidance, cond, uncond):
+        got.update(sched=type(sched).__name__, steps=steps, guidance=guidance)
+        return torch.zeros(len(seeds), *shape)
+
+    monkeypatch.setattr(mv, "guided_sample", fake)
+    fam.generate(model.eval(), [["a cat"]], seeds=[0], size=64)
+    assert got == {"sched": "PNDMScheduler", "steps": 50, "guidance": 8.0}
+
+
+# -- MUMU -----------------------------------------------------------------------------------------------
+def test_mumu_bypasses_the_perceiver_one_token_per_patch_and_rank_8_lora(tiny_cache):
+    """Section 3: the perceiver resampler is bypassed, so every vision patch is a token of
+    the prompt; Table 1: LoRA of rank 8 in the connector, the language model and the UNet."""
+    from PIL import Image
+
+    from mmloom.train.encoders import ProjectionOnly
+
+    fam, model, mc = _build("mumu", {**TINY, "encoder": {"path": "tiny:vlm", "image_size": 64}, "adapter_layers": 1,
+                                     "adapter_heads": 2})
+    assert mc.lora_rank == 8 and mc.encoder.bypass_resampler
+    enc = model.encoder
+    assert isinstance(enc.inner.connector, ProjectionOnly)
+    vc = enc.model.config.vision_config
+    patches = (64 // vc.patch_size) ** 2
+    assert enc.processor.image_seq_len == patches
+    with torch.no_grad():
+        h1, _ = enc([["a"]])
+        h2, _ = enc([["a", Image.new("RGB", (64, 64), "red")]])
+    image_id = enc.processor.tokenizer.convert_tokens_to_ids(enc.image_token)
+    assert int((enc.last_input_ids == image_id).sum()) == patches  # tokens per image: one per patch
+    assert h2.shape[1] - h1.shape[1] >= patches
+    ranks = {n.rsplit(".lora_A", 1)[0]: p.shape[0] for n, p in model.named_parameters() if ".lora_A" in n}
+    assert ranks and set(ranks.values()) == {8}
+    assert any(n.startswith("unet.") for n in ranks) and any(".connector." in n for n in ranks)
+    assert any("text_model" in n for n in ranks)
+
+
+# -- Versatile Diffusion ------------------------------------------------------------------------------------
+VD = {"backbone": {"path": "tiny:unet", "subfolder": None}, "text_backbone": {"path": "tiny:text-unet", "subfolder": None},
+      "autoencoder": {"path": "tiny:vae", "subfolder": None}, "text_vae": "tiny:text-vae", "encoder": {"path": "tiny:clip"}}
+
+
+def test_versatile_schedule_is_sds_scaled_linear():
+    """Section 4.2: SD's betas, square-root-linear from 8.5e-4 to 1.2e-2 over 1000 steps."""
+    from mmloom.train.diffusion import ddpm
+    from mmloom.train.families.versatile import Config
+
+    betas = ddpm(Config().schedule).betas.double().numpy()
+    expect = np.linspace(8.5e-4 ** 0.5, 1.2e-2 ** 0.5, 1000) ** 2
+    assert np.allclose(betas, expect, rtol=1e-5)
+
+
+def test_versatile_contexts_are_divided_by_the_pooled_norm(tiny_cache):
+    """Both contexts are CLIP's projected tokens divided by the norm of the pooled
+    embedding (text: the end-of-text token; image: the global vector, token 0)."""
+    from PIL import Image
+
+    _fam, model, _ = _build("versatile", VD)
+    with torch.no_grad():
+        text = model.text_context(["a red circle", "a blue square on a table"])
+        states, _m, _p = model.clip.text_states(["a red circle", "a blue square on a table"])
+        raw = states.float().cpu() @ model.clip.model.text_projection.float().cpu()
+        if raw.shape[-1] != text.shape[-1]:
+            raw = states.float().cpu() @ model.clip.model.text_projection.weight.T.float().cpu()
+        eot = model.clip.tokenizer(["a red circle", "a blue square on a table"]).argmax(dim=-1)
+        for b in range(2):
+            pooled = raw[b, eot[b]]
+            assert torch.allclose(text[b].cpu(), raw[b] / pooled.norm(), atol=1e-5)
+            assert torch.isclose(text[b, eot[b]].norm(), torch.tensor(1.0), atol=1e-5)
+        img = model.image_context([Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")])
+    assert torch.allclose(img[:, 0].norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(img[:, 1].norm(dim=-1), torch.ones(2), atol=1e-2)  # one scale for all tokens, not per token
+
+
+@pytest.mark.parametrize("n,rate,expect", [
+    (16, 0.5, set(range(0, 16, 2))), (16, 0.25, {0, 4, 8, 12}), (10, 0.3, {0, 3, 7}), (8, 1.0, set(range(8))), (8, 0.0, set()),
+])
+def test_versatile_layer_mixing_spreads_round_rate_n_text_layers(n, rate, expect):
+    """A.2's layer-level mixing at intermediate rates: round(rate n) of the n context
+    layers take the text context, spread evenly from the first."""
+    from mmloom.train.families.versatile import text_layers
+
+    assert text_layers(n, rate) == expect
+
+
+def test_versatile_layer_mixing_routes_each_layer_to_its_context(tiny_cache, monkeypatch):
+    """At rate 0.5 the UNet runs with the text context in exactly the scheduled layers."""
+    from mmloom.train.families import versatile as vd
+
+    _fam, model, _ = _build("versatile", VD)
+    used = []
+    real = vd._WithContext.forward
+
+    def spy(self, hidden_states, encoder_hidden_states=None, **kw):
+        kind = "text" if self.ctx is tctx else "image"
+        index = [i for i, m in enumerate(model.unet.context[kind]) if m is self.layer]
+        used.append((index, kind))
+        return real(self, hidden_states, encoder_hidden_states, **kw)
+
+    monkeypatch.setattr(vd._WithContext, "forward", spy)
+    ictx, tctx = torch.randn(1, 5, 32), torch.randn(1, 7, 32)
+    n = len(model.unet.paths)
+    with torch.no_grad():
+        model.unet.blend(torch.randn(1, 4, 8, 8), torch.tensor([500]), "image", ictx, tctx, 0.5, "layer")
+    assert sorted(i for (i,), _k in used) == list(range(n))  # each layer once, its own context's layer
+    assert {i for (i,), k in used if k == "text"} == vd.text_layers(n, 0.5) and 0 < len(vd.text_layers(n, 0.5)) < n
+
+
+# -- Kandinsky 2.1 ------------------------------------------------------------------------------------------
+def test_kandinsky_prior_learns_normalized_embeddings_and_returns_them_denormalized(tiny_cache):
+    """Section 4: the prior's target is the image embedding normalized element-wise,
+    (x - mean) / std with the dataset's statistics; what it predicts is mapped back,
+    x std + mean, before the decoder sees it."""
+    mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "linear", "cond_dropout": 0.0}
+    _fam, model, _ = _build("kandinsky", mc)
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.randn(model.dim, generator=g), torch.rand(model.dim, generator=g) + 0.5
+    model.norm.fit(mean, std, 10)
+    emb = torch.randn(3, model.dim, generator=g) * 2 + 1
+    captions = ["a red cat", "a man", "a dog"]
+    with torch.no_grad():
+        loss = model({"captions": captions, "clip_image": emb})["loss"]
+        _tok, _mask, pooled = model.text(captions)
+        pred = pooled @ model.prior.proj.weight.T + model.prior.proj.bias
+        assert torch.isclose(loss, F.mse_loss(pred, (emb - mean) / std), rtol=1e-5)
+        assert torch.allclose(model.prior_embed(captions), pred * std + mean, atol=1e-5)
+
+
+def test_kandinsky_diffusion_prior_returns_denormalized_embeddings(tiny_cache):
+    """The diffusion prior samples in the normalized space and maps back: with the
+    statistics' mean at 100 and std 0.01, the sampled embeddings sit at 100."""
+    mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 1, "prior_heads": 2,
+          "prior_width": 32}
+    _fam, model, _ = _build("kandinsky", mc)
+    model.norm.fit(torch.full((model.dim,), 100.0), torch.full((model.dim,), 0.01), 10)
+    with torch.no_grad():
+        out = model.prior_embed(["a red cat"], steps=2)
+    assert (out - 100).abs().max() < 1.0
+
+
+def test_kandinsky_normalizer_guards_a_constant_dimension():
+    """A coordinate with zero spread over the dataset keeps a finite scale (std floored at
+    1e-6), so normalizing never divides by zero or flips a sign."""
+    from mmloom.train.families.kandinsky import Normalizer
+
+    norm = Normalizer(3)
+    norm.fit(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 0.5]), 4)
+    assert torch.equal(norm.std, torch.tensor([1e-6, 2.0, 0.5]))
+    z = norm(torch.tensor([[1.0, 4.0, 4.0]]))
+    assert torch.isfinite(z).all() and torch.allclose(z, torch.tensor([[0.0, 1.0, 2.0]]))
+
+
+# -- Kandinsky's MoVQ -------------------------------------------------------------------------------------------
+def test_movq_decoding_quantizes(tiny_cache):
+    """Kandinsky 2.1 (section 3): MoVQ decodes quantized latents (the codebook's nearest
+    entries), not the raw ones."""
+    from mmloom.train.diffusion import Autoencoder
+
+    ae = Autoencoder("tiny:vq", None, "vq")
+    z = torch.randn(1, ae.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        quantized, *_ = ae.model.quantize(z)
+        assert not torch.allclose(quantized, z, atol=1e-3)
+        raw = ae.model.decode(z, force_not_quantize=True).sample.clamp(-1, 1)
+        via_codebook = ae.model.decode(quantized, force_not_quantize=True).sample.clamp(-1, 1)
+        got = ae.decode(z)
+    assert torch.allclose(got, via_codebook, atol=1e-5) and not torch.allclose(got, raw, atol=1e-3)
+
+
+# -- curation: the aspect-ratio lower bound ------------------------------------------------------------------
+def test_aspect_ratio_lower_bound_is_0_6_inclusive():
+    """VD section 4.1: images with width/height below 0.6 are dropped, exactly 0.6 is kept;
+    the same bound at ingest (pandas) and at selection (SQL)."""
+    import duckdb
+    import pandas as pd
+
+    from mmloom.curate.config import PrefilterConfig, SelectConfig
+    from mmloom.curate.rules import PREFILTER, SELECT, failure_reasons, sql_rules
+
+    assert PrefilterConfig().min_aspect == 0.6 and SelectConfig().min_aspect == 0.6
+    w, h = [600, 599, 1000], [1000, 1000, 1000]  # 0.6 kept, 0.599 dropped, 1 kept (areas all allowed)
+    only_size = PrefilterConfig(min_clip_similarity=None, max_nsfw=None, max_watermark=None)
+    reasons = failure_reasons(PREFILTER, only_size, pd.DataFrame({"width": w, "height": h}))
+    assert reasons[0] == "" and reasons[1].startswith("aspect 0.599 < 0.6") and reasons[2] == ""
+    (rule,) = [r for r in sql_rules(SELECT, SelectConfig()) if r.name == "min_aspect"]
+    con = duckdb.connect()
+    con.register("t", pd.DataFrame({"original_width": w, "original_height": h}))
+    assert [r[0] for r in con.execute(f"select {rule.passes} from t").fetchall()] == [True, False, True]
