@@ -555,7 +555,13 @@ class Kandinsky(Family):
                 "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)", note="text through the prior, text-and-image fusion")
 
     def build(self, cfg, train_cfg) -> KandinskyModel:
-        return KandinskyModel(self.config(cfg), train_cfg.data.shards, train_cfg.data.allow_pipe)
+        cfg = self.config(cfg)
+        if cfg.stage == "prior" or cfg.use_stored_embeddings:  # the stored embeddings must be the encoder's, before anything loads
+            from ..embed_stats import check_stored_width, clip_width
+
+            check_stored_width(train_cfg.data.shards, train_cfg.data.allow_pipe, clip_width(cfg.encoder.path), "model.encoder.path",
+                               cfg.encoder.path)
+        return KandinskyModel(cfg, train_cfg.data.shards, train_cfg.data.allow_pipe)
 
     def param_groups(self, model: KandinskyModel, cfg) -> list[dict]:
         name, trained = ("prior", model.prior) if model.cfg.stage == "prior" else ("unet", model.unet)
