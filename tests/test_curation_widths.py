@@ -137,3 +137,27 @@ def test_the_stored_width_is_read_from_a_dataset_manifests(tmp_path):
     with pytest.raises(UserError, match="768-d CLIP image embeddings but model.embedding_dim 1024 needs 1024-d.*laion-mtdiffusion"):
         check_stored_width(str(tmp_path / "ds"), False, 1024, "model.embedding_dim", 1024)
     assert stored_width(str(tmp_path / "nowhere")) is None  # no data here (a run sampled elsewhere): the loader says so later
+
+
+def test_the_released_prior_trains_on_curated_shards_and_its_checkpoint_keeps_the_statistics(tmp_path, tiny_cache):
+    """prior: released on shards of tiny:clip-l's width: the dataset statistics written into
+    prior.clip_mean/clip_std survive the checkpoint (the prior's frozen tensors are rebuilt
+    from its source at load; the statistics come back from norm.mean/std)."""
+    from mmloom.testkit.tiny_train import resolve_tiny
+    from mmloom.train.embed_stats import embedding_stats
+    from mmloom.train.loop import read_metrics, train
+    from mmloom.train.sample import load_for_sampling
+
+    shards = _curate_shards(str(tmp_path), resolve_tiny("tiny:clip-l"), n=4)
+    out = str(tmp_path / "run")
+    cfg = _train_cfg("kandinsky-prior-tiny.yaml", **{
+        "data.shards": shards, "loop.out": out, "loop.steps": 2, "loop.checkpoint_every": 2, "model.prior": "released",
+        "model.encoder.path": "tiny:clip-l", "model.prior_model": {"path": "tiny:kandinsky-prior", "subfolder": "prior"}})
+    train(cfg, echo=lambda *a, **k: None)
+    assert len(read_metrics(out)) == 2
+    mean, std, n = embedding_stats(shards)
+    _fam, model, _cfg = load_for_sampling(out)
+    assert int(model.norm.count) == n == 4
+    np.testing.assert_allclose(model.prior.clip_mean[0].numpy(), mean, atol=1e-5)
+    np.testing.assert_allclose(model.prior.clip_std[0].numpy(), std, atol=1e-4)
+    assert model.prior_embed(["a dog"], steps=2).shape == (1, 32)

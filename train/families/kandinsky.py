@@ -163,31 +163,34 @@ class Normalizer(nn.Module):
 
 
 class PriorStats(nn.Module):
-    """The ``released`` prior's normalization: a view of its ``clip_mean`` / ``clip_std``
-    ([1, D] parameters of diffusers' PriorTransformer, frozen). The inverse is diffusers'
-    own ``post_process_latents``, what the released pipeline applies to its samples."""
+    """The ``released`` prior's normalization, kept where the released layout keeps it: its
+    ``clip_mean`` / ``clip_std`` ([1, D] parameters of diffusers' PriorTransformer, frozen).
+    The inverse is diffusers' own ``post_process_latents``, what the released pipeline
+    applies to its samples. ``mean`` / ``std`` buffers mirror them so that a checkpoint holds
+    the statistics (the prior's frozen tensors are rebuilt from its source, not saved);
+    loading a checkpoint writes them back into the prior."""
 
     def __init__(self, prior: nn.Module, from_checkpoint: bool):
         super().__init__()
         object.__setattr__(self, "_prior", prior)  # not a submodule: the prior's weights are saved once, under prior.
         prior.clip_mean.requires_grad_(False)
         prior.clip_std.requires_grad_(False)
+        self.register_buffer("mean", prior.clip_mean.detach()[0].clone())
+        self.register_buffer("std", prior.clip_std.detach()[0].clone())
         # count: samples the statistics are over (-1: the checkpoint's own, 0: not fitted yet)
         self.register_buffer("count", torch.full((), -1 if from_checkpoint else 0, dtype=torch.long))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync())
 
-    @property
-    def mean(self):
-        return self._prior.clip_mean[0]
-
-    @property
-    def std(self):
-        return self._prior.clip_std[0]
+    def _sync(self):
+        with torch.no_grad():
+            self._prior.clip_mean.copy_(self.mean[None])
+            self._prior.clip_std.copy_(self.std[None])
 
     def fit(self, mean, std, count: int):
-        p = self._prior
-        p.clip_mean.data.copy_(torch.as_tensor(mean, dtype=p.clip_mean.dtype)[None])
-        p.clip_std.data.copy_(torch.as_tensor(std, dtype=p.clip_std.dtype).clamp(min=1e-6)[None])
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-6))
         self.count.fill_(count)
+        self._sync()
 
     def forward(self, x):
         return (x - self._prior.clip_mean) / self._prior.clip_std
