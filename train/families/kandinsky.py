@@ -462,7 +462,7 @@ class KandinskyModel(nn.Module):
             u, c = both.chunk(2)
             x = sched.step(u + guidance * (c - u), timestep=t, sample=x, generator=gen,
                            prev_timestep=None if i + 1 == len(ts) else ts[i + 1]).prev_sample
-        return self.norm.inverse(x)
+        return self.norm.inverse(x)  # post_process_latents, the released denormalization
 
     def _load_prior(self):
         if self._prior_model is None and self.cfg.prior_checkpoint:
