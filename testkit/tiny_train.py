@@ -130,6 +130,57 @@ def make_tiny_mclip(path: str, words: list[str] | None = None, hidden: int = 48,
     return path
 
 
+# the released kandinsky-community/kandinsky-2-1-prior scheduler/scheduler_config.json
+KANDINSKY_PRIOR_SCHEDULER = dict(num_train_timesteps=1000, variance_type="fixed_small_log", clip_sample=True, clip_sample_range=10.0,
+                                 prediction_type="sample")
+
+
+def make_tiny_kandinsky_prior(path: str, dim: int = 32, seed: int = 0) -> str:
+    """A tiny Kandinsky 2.1 prior in the released layout (kandinsky-community/kandinsky-2-1-prior):
+    ``prior/`` a diffusers PriorTransformer with its config.json's structure (77 text tokens,
+    4 additional embeddings, linear encoder projection, prd embedding) and widths shrunk
+    (embedding_dim 768 -> ``dim``, 32 heads of 64 -> 2 of 16, 20 layers -> 2), its
+    clip_mean/clip_std filled as fitted statistics (the released ones are); ``scheduler/``
+    its UnCLIPScheduler; ``model_index.json`` as the released pipeline's."""
+    import json
+
+    from diffusers import PriorTransformer, UnCLIPScheduler
+
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=dim, num_embeddings=77,
+                             additional_embeddings=4, dropout=0.0)
+    with torch.no_grad():  # zeros at init; trained (and non-zero) in the released weights
+        prior.positional_embedding.normal_(0, 0.02)
+        prior.prd_embedding.normal_(0, 0.02)
+        prior.clip_mean.normal_(0, 0.5)
+        prior.clip_std.uniform_(0.2, 2.0)
+    prior.save_pretrained(os.path.join(path, "prior"))
+    UnCLIPScheduler(**KANDINSKY_PRIOR_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "KandinskyPriorPipeline", "prior": ["diffusers", "PriorTransformer"],
+                   "scheduler": ["diffusers", "UnCLIPScheduler"]}, f)
+    return path
+
+
+def make_tiny_clip_l(path: str, seed: int = 0) -> str:
+    """A tiny open_clip model shaped as CLIP ViT-L/14 is for the released Kandinsky prior:
+    its text tokens as wide as its embedding (768 and 768 released; 32 here), 77 positions."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(open_clip.CLIP(**cfg).state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                        "std": [0.26862954, 0.26130258, 0.27577711]}}, f)
+    return path
+
+
 def make_tiny_text_unet(path: str, latent_dim: int = 32, cross_attention_dim: int = 32, seed: int = 0) -> str:
     """A tiny diffusers UNetFlatConditionModel (Versatile Diffusion's text data layers:
     FCResBlocks) with tiny:unet's block layout, so the two share context and global layers."""
@@ -168,14 +219,14 @@ def _tiny_clip(path: str) -> str:
 
 
 def resolve_tiny(ref: str, cache: str | None = None) -> str:
-    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:kandinsky-unet`` / ``tiny:mclip`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` / ``tiny:text-unet`` / ``tiny:text-vae`` -> a directory holding
+    """``tiny:vlm`` / ``tiny:unet`` / ``tiny:unet-sdxl`` / ``tiny:kandinsky-unet`` / ``tiny:mclip`` / ``tiny:vae`` / ``tiny:vq`` / ``tiny:clip`` / ``tiny:clip-l`` / ``tiny:kandinsky-prior`` / ``tiny:text-unet`` / ``tiny:text-vae`` -> a directory holding
     that tiny random-weight model in its real format (made once, then reused)."""
     if not ref.startswith("tiny:"):
         return ref
     name = ref.split(":", 1)[1]
     root = cache or os.environ.get("MMLOOM_TINY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmloom", "tiny"))
     path = os.path.join(root, name)
-    if any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "open_clip_config.json", "text_vae.json")):
+    if any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "open_clip_config.json", "text_vae.json", "model_index.json")):
         return path
     makers = {
         "vlm": lambda p: make_tiny_vlm(p, TINY_WORDS),
@@ -186,6 +237,8 @@ def resolve_tiny(ref: str, cache: str | None = None) -> str:
         "kandinsky-unet": make_tiny_unet_kandinsky,
         "mclip": make_tiny_mclip,
         "clip": _tiny_clip,
+        "clip-l": make_tiny_clip_l,
+        "kandinsky-prior": make_tiny_kandinsky_prior,
         "text-unet": make_tiny_text_unet,
         "text-vae": lambda p: __import__("mmloom.train.text_vae", fromlist=["x"]).make_tiny_text_vae(p, TINY_WORDS),
     }

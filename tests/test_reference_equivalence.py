@@ -245,6 +245,141 @@ def test_kandinsky_decoder_matches_the_released_pipeline(kandinsky_dir, sampler)
     torch.testing.assert_close(seen[0], ref_lat[0], atol=1e-4, rtol=1e-4)
 
 
+# -- Kandinsky 2.1 prior -------------------------------------------------------------------------------
+# kandinsky-community/kandinsky-2-1-prior: prior/ (diffusers PriorTransformer, clip_mean/clip_std
+# inside), scheduler/ (UnCLIPScheduler); the text and image encoders are CLIP ViT-L/14 (text
+# tokens as wide as the embedding), here tiny:clip-l's open_clip contexts handed to the pipeline
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory, tiny_cache):
+    from mmloom.testkit.tiny_train import make_tiny_kandinsky_prior
+
+    return make_tiny_kandinsky_prior(str(tmp_path_factory.mktemp("kandinsky-prior")), dim=32)
+
+
+def _released_prior(root, stats="checkpoint", shards=""):
+    cfg = TrainConfig.model_validate({"family": "kandinsky", "data": {"resolution": 64, "shards": shards}, "model": {
+        "stage": "prior", "prior": "released", "encoder": {"path": "tiny:clip-l"}, "prior_model": {"path": str(root), "subfolder": "prior"},
+        "prior_stats": stats}})
+    return get_family("kandinsky").build(cfg.model, cfg).eval()
+
+
+def _prior_pipeline(root, model):
+    """diffusers' KandinskyPriorPipeline on the saved parts; its prompt encoding replaced by
+    mmloom's contexts (uncond first, as the pipeline concatenates them)."""
+    from diffusers import KandinskyPriorPipeline, PriorTransformer, UnCLIPScheduler
+
+    pipe = KandinskyPriorPipeline(prior=PriorTransformer.from_pretrained(root, subfolder="prior"), image_encoder=None, text_encoder=None,
+                                  tokenizer=None, scheduler=UnCLIPScheduler.from_pretrained(root, subfolder="scheduler"),
+                                  image_processor=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def encode(prompt, device, n, cfg_on, negative_prompt=None):
+        states, mask, pooled = model.text(list(prompt))
+        if not cfg_on:
+            return pooled, states, mask.bool()
+        us, um, up = model.text([""] * len(prompt))
+        return torch.cat([up, pooled]), torch.cat([us, states]), torch.cat([um, mask]).bool()
+
+    pipe._encode_prompt = encode
+    pipe.get_zero_embed = lambda n, device=None: torch.zeros(n, 32)
+    return pipe
+
+
+def test_kandinsky_prior_matches_the_released_pipeline(prior_dir):
+    """The released prior layout loads through mmloom (clip_mean/clip_std included), and the
+    same text embeddings give the same image embedding as KandinskyPriorPipeline for a
+    few-step run with the same seed (UnCLIPScheduler's variance noise, guidance 4, then the
+    released denormalization, post_process_latents)."""
+    model = _released_prior(prior_dir)
+    pipe = _prior_pipeline(prior_dir, model)
+    prompts = ["a red circle on the beach", "a dog"]
+    ours = model.prior_embed(prompts, guidance=4.0, steps=STEPS, seed=3)
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3)).image_embeds
+    assert ours.shape == (2, 32) and (ours[0] - ours[1]).abs().max() > 1e-3  # the text matters
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+    # the checkpoint's statistics are the normalization, and they move the result
+    assert torch.equal(model.norm.mean, pipe.prior.clip_mean[0]) and torch.equal(model.norm.std, pipe.prior.clip_std[0])
+    assert (model.norm.std - 1).abs().max() > 0.1 and model.norm.mean.abs().max() > 0.1
+
+
+def test_kandinsky_prior_normalization_and_its_inverse_are_the_released_ones(prior_dir):
+    """Training normalizes the target with (x - clip_mean) / clip_std, the inverse of what
+    the released pipeline applies to its samples (post_process_latents); the loss equals
+    one computed by hand with diffusers' parts. Changing the normalization, its inverse or
+    where the statistics live fails here."""
+    from diffusers import PriorTransformer, UnCLIPScheduler
+
+    model = _released_prior(prior_dir)
+    ref_prior = PriorTransformer.from_pretrained(prior_dir, subfolder="prior").eval()
+    sched = UnCLIPScheduler.from_pretrained(prior_dir, subfolder="scheduler")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 32, generator=g) * 0.7 + 0.3
+    z = model.norm(x)
+    torch.testing.assert_close(z, (x - ref_prior.clip_mean) / ref_prior.clip_std)
+    torch.testing.assert_close(ref_prior.post_process_latents(z), x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.norm.inverse(z), x, atol=1e-5, rtol=1e-5)
+
+    batch = {"captions": ["a dog", "a cat", "a red circle"], "clip_image": x}
+    model.cfg.cond_dropout = 0.0
+    torch.manual_seed(7)
+    loss = model(batch)["loss"]
+    torch.manual_seed(7)
+    torch.rand(3)  # the dropout draw
+    t = torch.randint(0, 1000, (3,))
+    x0 = (x - ref_prior.clip_mean) / ref_prior.clip_std
+    noised = sched.add_noise(x0, torch.randn_like(x0), t)
+    states, mask, pooled = model.text(batch["captions"])
+    with torch.no_grad():
+        pred = ref_prior(noised, timestep=t, proj_embedding=pooled, encoder_hidden_states=states, attention_mask=mask).predicted_image_embedding
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.mse_loss(pred, x0))
+    # the statistics are frozen: the optimizer never moves them
+    names = {n for n, p in model.prior.named_parameters() if p.requires_grad}
+    assert "clip_mean" not in names and "clip_std" not in names and "proj_in.weight" in names
+
+
+def test_kandinsky_prior_writes_the_selected_samples_statistics_into_the_released_layout(prior_dir, tmp_path):
+    """prior_stats: dataset (the paper): the dataset's statistics land in prior.clip_mean /
+    clip_std before the first step, so save_pretrained gives a prior the released pipeline
+    denormalizes with them."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from diffusers import PriorTransformer
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(loc=np.linspace(-1, 1, 32), scale=np.linspace(0.5, 2, 32), size=(12, 32)).astype(np.float32)
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for i, e in enumerate(emb):
+            for name, data in ((f"{i:04d}.clip_image.npy", _npy(e)), (f"{i:04d}.txt", b"a dog")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    model = _released_prior(prior_dir, stats="dataset", shards=str(tmp_path / "shard-000000.tar"))
+    assert int(model.norm.count) == 0
+    model.fit_normalizer()
+    assert int(model.norm.count) == 12
+    np.testing.assert_allclose(model.prior.clip_mean[0].numpy(), emb.mean(0), atol=1e-5)
+    np.testing.assert_allclose(model.prior.clip_std[0].numpy(), emb.std(0), atol=1e-4)
+    model.prior.save_pretrained(tmp_path / "out")
+    back = PriorTransformer.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(back.clip_std, model.prior.clip_std)
+
+
+def _npy(a) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
 # -- the Stable Diffusion UNets MUMU and M-VADER start from ---------------------------------------------
 # the released unet/config.json of SD 1.x (CompVis/stable-diffusion-v1-4, runwayml/stable-diffusion-v1-5),
 # SD 2.x (stabilityai/stable-diffusion-2-base: per-level heads, linear projections) and SDXL

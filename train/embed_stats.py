@@ -83,3 +83,73 @@ def _scan_shards(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np.nd
         raise UserError(f"data.shards {spec!r}: no sample holds a stored CLIP image embedding (KEY.clip_image.npy)")
     mean = total / n
     return mean.astype(np.float32), np.sqrt(np.maximum(total_sq / n - mean * mean, 0)).astype(np.float32), n
+
+
+# the curation config that stores each width a family trains on (score.clip.model)
+CURATION_FOR = {512: "configs/laion.yaml (ViT-B-32/openai)", 768: "configs/laion-kandinsky.yaml (ViT-L-14/openai)",
+                1024: "configs/laion-mtdiffusion.yaml (ViT-H-14/laion2b_s32b_b79k)"}
+
+
+def clip_width(ref: str) -> int | None:
+    """The embedding width of an open_clip model reference, read from its config without
+    loading weights (``ARCH/TAG``, a local directory, ``tiny:NAME``); None if unknown."""
+    import json
+    import os
+
+    from ..testkit.tiny_train import resolve_tiny
+
+    if ref.startswith("tiny:"):
+        ref = resolve_tiny(ref)
+    cfg_file = os.path.join(os.path.expanduser(ref), "open_clip_config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            return int(json.load(f)["model_cfg"]["embed_dim"])
+    if "/" in ref and not ref.startswith("hf-hub:"):
+        import open_clip
+
+        cfg = open_clip.get_model_config(ref.split("/", 1)[0])
+        return int(cfg["embed_dim"]) if cfg else None
+    return None
+
+
+def stored_width(spec: str, allow_pipe: bool = False) -> int | None:
+    """The width of the CLIP image embeddings stored behind ``data.shards`` (the first one
+    found: the score stage stores one model's), or None if none can be read here (no
+    dataset yet, as when sampling a run whose data has moved: the loader says so later)."""
+    if not spec:
+        return None
+    try:
+        root = dataset_root(spec)
+        if root is not None:
+            from ..manifests.sql import ident
+            from ..manifests.views import open_dataset, view_names
+
+            con = open_dataset(root)
+            try:
+                if "scores" not in view_names(con):
+                    return None
+                row = con.execute(f"SELECT len({ident(COLUMN)}) FROM scores WHERE {ident(COLUMN)} IS NOT NULL LIMIT 1").fetchone()
+            finally:
+                con.close()
+            return int(row[0]) if row else None
+        from .data import read_members, shard_urls
+
+        for s in read_members(shard_urls(spec, allow_pipe)[:1], {"clip_image.npy"}):
+            v = s.get("clip_image.npy")
+            if v is not None:
+                return int(v.shape[-1])
+    except (UserError, OSError, ValueError):
+        return None
+    return None
+
+
+def check_stored_width(spec: str, allow_pipe: bool, want: int | None, field: str, value) -> None:
+    """Refuse, before a model builds, shards whose stored CLIP image embeddings are not
+    ``want`` wide (what ``field`` = ``value`` of the family trains on): one line naming both
+    widths and the curation config that stores ``want``."""
+    have = stored_width(spec, allow_pipe)
+    if want is None or have is None or have == want:
+        return
+    fix = CURATION_FOR.get(want, f"a curation config whose score.clip.model gives {want}-d embeddings")
+    raise UserError(f"data.shards {spec} holds {have}-d CLIP image embeddings but {field} {value} needs {want}-d: "
+                    f"curate with {fix} (score.clip.model, store_embeddings: true) and train on those shards")

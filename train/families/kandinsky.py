@@ -2,12 +2,32 @@
 Diffusion): an image prior and a latent-diffusion decoder, trained apart.
 
 * ``stage: prior`` (section 4, Table 3) maps CLIP text embeddings to CLIP image
-  embeddings. Three priors: ``linear`` (one linear layer, the best FID in Table 3),
-  ``residual`` (18 residual MLP blocks) and ``diffusion`` (a transformer encoder over the
-  text tokens, the pooled text embedding, the timestep, the noised image embedding and a
-  learned query, predicting x0; 20 layers, 32 heads, width 2048 in the paper). The image
-  embeddings it learns are normalized element-wise with statistics over the whole dataset
-  (the score stage's stored embeddings, one DuckDB pass) and denormalized at inference.
+  embeddings. Four priors: ``linear`` (one linear layer, the best FID in Table 3),
+  ``residual`` (18 residual MLP blocks), ``diffusion`` (mmloom's transformer encoder over
+  the text tokens, the pooled text embedding, the timestep, the noised image embedding and
+  a learned query, predicting x0; 20 layers, 32 heads, width 2048 in the paper) and
+  ``released``: diffusers' ``PriorTransformer`` in the layout of the released
+  ``kandinsky-community/kandinsky-2-1-prior`` (``prior/``: the same inputs, a causal
+  transformer, 20 layers, 32 heads of 64, width 2048, 768-d CLIP ViT-L/14; ``scheduler/``:
+  its UnCLIPScheduler, cosine betas, x0 prediction, fixed_small_log variance, x0 clipped
+  to [-10, 10]), loaded through mmloom/models.py (strict: a renamed key stops the load),
+  trained and sampled as diffusers' KandinskyPriorPipeline samples it. The image
+  embeddings a prior learns are normalized element-wise and denormalized at inference.
+
+Normalization: the paper (section 4) normalizes each element of the image embedding with
+statistics over the whole training dataset. The released pipeline keeps them in the
+prior as ``prior.clip_mean`` / ``prior.clip_std`` ([1, D] parameters, never trained) and
+applies only the inverse, ``post_process_latents`` (x * clip_std + clip_mean), to what it
+samples. mmloom's ``released`` prior keeps its statistics there too: training normalizes
+its target with (x - clip_mean) / clip_std and sampling denormalizes with diffusers' own
+``post_process_latents``. ``prior_stats: dataset`` (the paper) writes the statistics of
+the selected samples into them before the first step; ``checkpoint`` keeps the released
+ones (fine-tuning the released prior in the space it was trained in). The other priors
+keep theirs in a ``Normalizer`` (``norm.mean`` / ``norm.std``). Where mmloom and the
+released pipeline differ: mmloom's CLIP embeddings (stored by the score stage, and the
+pooled text embedding) are L2-normalized open_clip outputs, the released prior was trained
+on transformers' unnormalized ``text_embeds`` / ``image_embeds``; token states are
+open_clip's after ln_final, as transformers' ``last_hidden_state``.
 * ``stage: decoder``: a diffusers UNet in the released Kandinsky 2.1 layout conditioned
   on the CLIP image embedding (projected into 10 context tokens next to the text tokens,
   and added to the time embedding with the pooled text embedding) and on the text through
@@ -35,12 +55,14 @@ variations. Without a prior, text embeddings stand in for image embeddings (Tabl
 Sampling: the paper picks its guidance scale from FID-CLIP curves (section 5, Figure 4)
 without stating it, nor the sampler or step counts. mmloom uses the released Kandinsky
 2.1 pipelines' settings (diffusers' KandinskyPipeline and KandinskyPriorPipeline):
-decoder DDIM, 100 steps, guidance 4; diffusion prior 25 DDIM steps, guidance 4.
+decoder DDIM, 100 steps, guidance 4; diffusion prior 25 steps (``diffusion``: DDIM;
+``released``: the checkpoint's UnCLIPScheduler, as the released pipeline), guidance 4.
 """
 
 from __future__ import annotations
 
 import math
+import posixpath
 from typing import ClassVar, Literal, Optional
 
 import torch
@@ -89,7 +111,15 @@ class Config(GuidedConfig):
     stage: Literal["prior", "decoder"] = Field("prior", description="train the image prior or the decoder (two runs)")
     encoder: ClipEncoderConfig = part(ClipEncoderConfig, "CLIP (open_clip): the score stage's, whose embeddings are stored",
                                       path="ViT-L-14/openai")
-    prior: Literal["linear", "residual", "diffusion"] = Field("diffusion", description="prior architecture (Table 3)")
+    prior: Literal["linear", "residual", "diffusion", "released"] = Field(
+        "diffusion", description="prior architecture (Table 3; released: diffusers PriorTransformer in the released Kandinsky 2.1 "
+        "prior's layout, from model.prior_model)")
+    prior_model: Pretrained = part(Pretrained, "prior released: diffusers PriorTransformer (its clip_mean/clip_std hold the "
+                                   "normalization); its UnCLIPScheduler is read from the `scheduler` folder next to it",
+                                   path="kandinsky-community/kandinsky-2-1-prior", subfolder="prior")
+    prior_stats: Literal["dataset", "checkpoint"] = Field(
+        "dataset", description="prior released: normalization statistics; dataset: the selected samples' (the paper), written "
+        "into prior.clip_mean/clip_std; checkpoint: the checkpoint's clip_mean/clip_std kept (fine-tuning the released prior)")
     prior_layers: int = Field(20, gt=0, description="diffusion prior: transformer layers (section 4: 20)")
     prior_heads: int = Field(32, gt=0, description="diffusion prior: attention heads (section 4: 32)")
     prior_width: int = Field(2048, gt=0, description="diffusion prior: hidden size (section 4: 2048)")
@@ -130,6 +160,43 @@ class Normalizer(nn.Module):
 
     def inverse(self, x):
         return x * self.std + self.mean
+
+
+class PriorStats(nn.Module):
+    """The ``released`` prior's normalization, kept where the released layout keeps it: its
+    ``clip_mean`` / ``clip_std`` ([1, D] parameters of diffusers' PriorTransformer, frozen).
+    The inverse is diffusers' own ``post_process_latents``, what the released pipeline
+    applies to its samples. ``mean`` / ``std`` buffers mirror them so that a checkpoint holds
+    the statistics (the prior's frozen tensors are rebuilt from its source, not saved);
+    loading a checkpoint writes them back into the prior."""
+
+    def __init__(self, prior: nn.Module, from_checkpoint: bool):
+        super().__init__()
+        object.__setattr__(self, "_prior", prior)  # not a submodule: the prior's weights are saved once, under prior.
+        prior.clip_mean.requires_grad_(False)
+        prior.clip_std.requires_grad_(False)
+        self.register_buffer("mean", prior.clip_mean.detach()[0].clone())
+        self.register_buffer("std", prior.clip_std.detach()[0].clone())
+        # count: samples the statistics are over (-1: the checkpoint's own, 0: not fitted yet)
+        self.register_buffer("count", torch.full((), -1 if from_checkpoint else 0, dtype=torch.long))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync())
+
+    def _sync(self):
+        with torch.no_grad():
+            self._prior.clip_mean.copy_(self.mean[None])
+            self._prior.clip_std.copy_(self.std[None])
+
+    def fit(self, mean, std, count: int):
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).clamp(min=1e-6))
+        self.count.fill_(count)
+        self._sync()
+
+    def forward(self, x):
+        return (x - self._prior.clip_mean) / self._prior.clip_std
+
+    def inverse(self, x):
+        return self._prior.post_process_latents(x)
 
 
 class LinearPrior(nn.Module):
@@ -202,7 +269,9 @@ class KandinskyModel(nn.Module):
         self.dim = self.clip.dim
         self.text_width = int(self.clip.model.ln_final.normalized_shape[0])
         self._prior_model = None
-        if cfg.stage == "prior":
+        if cfg.stage == "prior" and cfg.prior == "released":
+            self._released_prior(cfg)
+        elif cfg.stage == "prior":
             self.norm = Normalizer(self.dim)
             if cfg.prior == "linear":
                 self.prior = LinearPrior(self.dim)
@@ -240,6 +309,36 @@ class KandinskyModel(nn.Module):
             from PIL import Image
 
             self.register_buffer("black", self.clip.images([Image.new("RGB", (224, 224))])[0], persistent=False)
+
+    def _released_prior(self, cfg: Config):
+        """diffusers' PriorTransformer and UnCLIPScheduler from the released layout."""
+        from diffusers import PriorTransformer, UnCLIPScheduler
+
+        from mmloom.models import hf_pretrained
+
+        from ...testkit.tiny_train import resolve_tiny
+
+        pm = cfg.prior_model
+        ref = resolve_tiny(pm.path)
+        self.prior = hf_pretrained(PriorTransformer, ref, "model.prior_model", strict=True, **({"subfolder": pm.subfolder} if pm.subfolder else {}))
+        sched_sub = posixpath.join(posixpath.dirname((pm.subfolder or "").strip("/")), "scheduler")  # prior/ -> scheduler/
+        self.prior_sched = hf_pretrained(UnCLIPScheduler, ref, "model.prior_model's scheduler", subfolder=sched_sub)
+        pc = self.prior.config
+        ctx = int(self.clip.model.positional_embedding.shape[0])
+        if pc.embedding_dim != self.dim or self.text_width != pc.embedding_dim or pc.num_embeddings != ctx:
+            raise UserError(f"model.prior_model {pm.path}: the prior takes {pc.embedding_dim}-d embeddings and {pc.num_embeddings} "
+                            f"{pc.embedding_dim}-wide text tokens; model.encoder.path {cfg.encoder.path} gives {self.dim}-d embeddings "
+                            f"and {ctx} {self.text_width}-wide tokens (the released prior's is ViT-L-14/openai)")
+        self.norm = PriorStats(self.prior, cfg.prior_stats == "checkpoint")
+        if cfg.prior_stats == "checkpoint" and not bool((self.prior.clip_std > 0).all()):
+            raise UserError(f"model.prior_model {pm.path}: its clip_std is not fitted (zeros): set model.prior_stats: dataset")
+
+    def _run_prior(self, noised, t, tokens, mask, pooled):
+        """The image embedding (normalized, x0) the prior predicts from a noised one."""
+        if self.cfg.prior == "released":
+            return self.prior(noised, timestep=t, proj_embedding=pooled, encoder_hidden_states=tokens,
+                              attention_mask=mask.bool()).predicted_image_embedding
+        return self.prior(tokens, mask, pooled, noised, t)
 
     # -- shared -------------------------------------------------------------------------
     def text(self, texts: list[str]):
@@ -285,10 +384,10 @@ class KandinskyModel(nn.Module):
         x0 = self.norm(self._image_embeddings(batch))
         drop = torch.rand(len(batch["captions"])) < self.cfg.cond_dropout
         tokens, mask, pooled = self.text(["" if d else c for c, d in zip(batch["captions"], drop.tolist())])
-        if self.cfg.prior == "diffusion":
+        if self.cfg.prior in ("diffusion", "released"):
             t = torch.randint(0, self.prior_sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
             noised = self.prior_sched.add_noise(x0, torch.randn_like(x0), t)
-            pred = self.prior(tokens, mask, pooled, noised, t)
+            pred = self._run_prior(noised, t, tokens, mask, pooled)
         else:
             pred = self.prior(tokens, mask, pooled)
         return {"loss": F.mse_loss(pred, x0)}
@@ -327,11 +426,13 @@ class KandinskyModel(nn.Module):
     def prior_embed(self, texts: list[str], guidance: float | None = None, steps: int | None = None, seed: int = 0) -> torch.Tensor:
         """CLIP text -> CLIP image embeddings (denormalized) with this prior."""
         tokens, mask, pooled = self.text(texts)
-        if self.cfg.prior != "diffusion":
+        if self.cfg.prior not in ("diffusion", "released"):
             return self.norm.inverse(self.prior(tokens, mask, pooled))
+        g = guidance if guidance is not None else self.cfg.sampling.prior_guidance
+        if self.cfg.prior == "released":
+            return self._released_prior_embed(tokens, mask, pooled, g, steps or self.cfg.sampling.prior_steps, seed)
         from diffusers import DDIMScheduler
 
-        g = guidance if guidance is not None else self.cfg.sampling.prior_guidance
         sched = DDIMScheduler.from_config(self.prior_sched.config)
         sched.set_timesteps(steps or self.cfg.sampling.prior_steps)
         utok, umask, upool = self.text([""] * len(texts))
@@ -342,6 +443,26 @@ class KandinskyModel(nn.Module):
             u = self.prior(utok, umask, upool, x, tt)
             x = sched.step(u + g * (c - u), t, x).prev_sample
         return self.norm.inverse(x)
+
+    def _released_prior_embed(self, tokens, mask, pooled, guidance: float, steps: int, seed: int) -> torch.Tensor:
+        """As diffusers' KandinskyPriorPipeline: the checkpoint's UnCLIPScheduler, one
+        generator for the start noise and every step's variance noise, guidance on x0,
+        then ``post_process_latents`` (the released denormalization)."""
+        from diffusers import UnCLIPScheduler
+
+        B = pooled.shape[0]
+        utok, umask, upool = self.text([""] * B)
+        sched = UnCLIPScheduler.from_config(self.prior_sched.config)
+        sched.set_timesteps(steps, device=pooled.device)
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn((B, self.dim), generator=gen).to(pooled.device) * sched.init_noise_sigma
+        ts = sched.timesteps
+        for i, t in enumerate(ts):
+            both = self._run_prior(torch.cat([x, x]), t, torch.cat([utok, tokens]), torch.cat([umask, mask]), torch.cat([upool, pooled]))
+            u, c = both.chunk(2)
+            x = sched.step(u + guidance * (c - u), timestep=t, sample=x, generator=gen,
+                           prev_timestep=None if i + 1 == len(ts) else ts[i + 1]).prev_sample
+        return self.norm.inverse(x)  # post_process_latents, the released denormalization
 
     def _load_prior(self):
         if self._prior_model is None and self.cfg.prior_checkpoint:
@@ -437,7 +558,13 @@ class Kandinsky(Family):
                 "tiny Kandinsky: diffusion prior, then decoder (random-init UNet + MoVQ)", note="text through the prior, text-and-image fusion")
 
     def build(self, cfg, train_cfg) -> KandinskyModel:
-        return KandinskyModel(self.config(cfg), train_cfg.data.shards, train_cfg.data.allow_pipe)
+        cfg = self.config(cfg)
+        if cfg.stage == "prior" or cfg.use_stored_embeddings:  # the stored embeddings must be the encoder's, before anything loads
+            from ..embed_stats import check_stored_width, clip_width
+
+            check_stored_width(train_cfg.data.shards, train_cfg.data.allow_pipe, clip_width(cfg.encoder.path), "model.encoder.path",
+                               cfg.encoder.path)
+        return KandinskyModel(cfg, train_cfg.data.shards, train_cfg.data.allow_pipe)
 
     def param_groups(self, model: KandinskyModel, cfg) -> list[dict]:
         name, trained = ("prior", model.prior) if model.cfg.stage == "prior" else ("unet", model.unet)

@@ -482,7 +482,12 @@ class MTDiffusion(Family):
                 note="a crop given as the masked-image modality")
 
     def build(self, cfg, train_cfg) -> MTDiffusionModel:
-        return MTDiffusionModel(self.config(cfg))
+        cfg = self.config(cfg)
+        if cfg.task == "image_representation":  # the stored embeddings must be embedding_dim wide, before anything loads
+            from ..embed_stats import check_stored_width
+
+            check_stored_width(train_cfg.data.shards, train_cfg.data.allow_pipe, cfg.embedding_dim, "model.embedding_dim", cfg.embedding_dim)
+        return MTDiffusionModel(cfg)
 
     def param_groups(self, model: MTDiffusionModel, cfg) -> list[dict]:
         return lr_groups({"all": [p for p in model.parameters() if p.requires_grad]}, model.cfg.lr)
