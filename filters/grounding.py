@@ -145,9 +145,7 @@ class OriginalGroundingDino(GroundingDino):
         self.section = section
         model, self._tokenizer = self.build(section)
         path = resolve_file(section.weights, "grounding checkpoint", ("groundingdino_swint_ogc.pth", "model.safetensors"))
-        state = load_state_dict(path)
-        state = state.get("model", state) if isinstance(state, dict) else state
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k.removeprefix("module."): v for k, v in load_state_dict(path).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(f"grounding checkpoint {path} does not fit ground.groundingdino.config {section.config!r}: "

@@ -96,8 +96,10 @@ def load_state_dict(path: str) -> dict:
 
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for wrapper in ("state_dict", "model"):  # Lightning-style and DETR-style ({"model": ...}, Grounding DINO) checkpoints
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
     return sd
 
 
