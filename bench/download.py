@@ -16,10 +16,15 @@ metadata parquet lists them. Then, one after the other on the same machine:
      check, DCT-scaled decode, resize, JPEG encode) in a tight loop over the same image
      bytes, already in memory, on every core (one process per core).
 
-Both commands are timed whole (start-up included); success counts are read from their
-status parquets. Printed: images/s of each, the ratio mmloom / img2dataset, and the
-fraction of the compute limit mmloom reached. `--peer-tuned` adds an img2dataset run with
-one process per core (`--processes_count`), for reference.
+Both commands are timed whole (start-up included), in wall-clock seconds and in CPU
+seconds of their whole process tree (`timed`); success counts are read from their status
+parquets. Printed: images/s and images per CPU-second of each, both ratios mmloom /
+img2dataset, and the fraction of the compute limit mmloom reached. On a shared machine
+the wall-clock ratio follows the neighbours; the CPU ratio barely moves (what a core
+spends per image does not depend on who else waits for it), so it is the figure to
+compare across runs. `--fixed-images` first runs both on a few URLs: their start-up CPU,
+subtracted to give the per-image CPU ratio that LAION-size shards see. `--peer-tuned`
+adds an img2dataset run with one process per core (`--processes_count`), for reference.
 
     python bench/download.py --images 2000
     python bench/download.py --images 2000 --rounds 2 --peer-tuned
@@ -124,43 +129,79 @@ def count_success(folder: str) -> int:
     return n
 
 
-def _limit_worker(args) -> int:
+def _limit_worker(args) -> tuple[int, float]:
     blobs, seconds = args
     from mmloom.curate.config import DownloadConfig
     from mmloom.curate.download import make_resizer
 
     resize = make_resizer(DownloadConfig.model_validate({"image_size": IMAGE_SIZE, "resize_mode": RESIZE_MODE}))
-    n, end = 0, time.perf_counter() + seconds
+    n, end, cpu = 0, time.perf_counter() + seconds, time.process_time()
     while time.perf_counter() < end:
         for b in blobs:
             resize(io.BytesIO(b))
             n += 1
-    return n
+    return n, time.process_time() - cpu
 
 
-def compute_limit(seconds: float) -> float:
-    """images/s of mmloom's decode + resize on every core, the image bytes in memory."""
+def compute_limit(seconds: float) -> tuple[float, float]:
+    """(images/s of mmloom's decode + resize on every core, the image bytes in memory;
+    images per CPU-second of the same loop). The second does not depend on what else the
+    machine runs: cores x it is the limit of an idle machine."""
     blobs = [d for _f, d in _pool_formats()]
     cores = os.cpu_count() or 1
     with mp.get_context("spawn").Pool(cores) as p:
         p.map(_limit_worker, [(blobs[:2], 0.5)] * cores)  # imports and warm-up
         t = time.perf_counter()
-        n = sum(p.map(_limit_worker, [(blobs, seconds)] * cores))
-        return n / (time.perf_counter() - t)
+        res = p.map(_limit_worker, [(blobs, seconds)] * cores)
+        wall = time.perf_counter() - t
+    n = sum(k for k, _ in res)
+    return n / wall, n / max(1e-9, sum(c for _, c in res))
 
 
-def run_img2dataset(meta: str, out: str, env: dict, extra: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], env: dict, poll: float = 0.05) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``cmd`` and every process it starts.
+
+    CPU time is what neighbours on a shared machine do not change much: the user+system
+    time of the command's process tree (Ray's GCS, raylet and workers, img2dataset's
+    processes and threads), read with psutil every ``poll`` seconds and kept per process at
+    its last reading, so a process that exits is counted up to its last poll (the error is
+    at most ``poll`` CPU-seconds per process, and a process that lives less than ``poll``
+    may be missed: neither command starts such processes in numbers)."""
+    import psutil
+
+    seen: dict[tuple[int, float], float] = {}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            try:
+                c = p.cpu_times()
+                seen[(p.pid, p.create_time())] = c.user + c.system  # children are in the tree themselves
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(poll)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return wall, sum(seen.values())
+
+
+def run_img2dataset(meta: str, out: str, env: dict, extra: list[str]) -> tuple[float, int, float]:
     bindir = os.path.dirname(sys.executable)
     shutil.rmtree(out, ignore_errors=True)
     cmd = [os.path.join(bindir, "img2dataset"), "--url_list", meta, "--input_format", "parquet",
            "--url_col", "URL", "--caption_col", "TEXT", "--output_format", "webdataset", "--output_folder", out,
            "--image_size", str(IMAGE_SIZE), "--resize_mode", RESIZE_MODE, *extra]
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t, count_success(out)
+    wall, cpu = timed(cmd, env)
+    return wall, count_success(out), cpu
 
 
-def run_mmloom(meta: str, work: str, env: dict, shard_size: int) -> tuple[float, int]:
+def run_mmloom(meta: str, work: str, env: dict, shard_size: int) -> tuple[float, int, float]:
     mm = os.path.join(os.path.dirname(sys.executable), "mmloom")
     ds = os.path.join(work, "mmloom")
     shutil.rmtree(ds, ignore_errors=True)
@@ -169,9 +210,14 @@ def run_mmloom(meta: str, work: str, env: dict, shard_size: int) -> tuple[float,
     cfg = os.path.join(work, "bench.yaml")
     with open(cfg, "w") as f:
         f.write(f"ingest:\n  shard_size: {shard_size}\ndownload:\n  allow_private_addresses: true\n")
-    t = time.perf_counter()
-    subprocess.run([mm, "download", ds, "--config", cfg, "--no-progress"], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t, count_success(os.path.join(ds, "images"))
+    wall, cpu = timed([mm, "download", ds, "--config", cfg, "--no-progress"], env)
+    return wall, count_success(os.path.join(ds, "images")), cpu
+
+
+def ratios(res: dict, peer: str) -> tuple[float, float]:
+    """mmloom / ``peer``: (images/s, images per CPU-second)."""
+    (ms, mok, mcpu), (ps, pok, pcpu) = res["mmloom"], res[peer]
+    return (mok / ms) / (pok / ps), (mok / mcpu) / (pok / pcpu)
 
 
 def main() -> None:
@@ -180,6 +226,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="img2dataset and mmloom measured in turn this many times")
     ap.add_argument("--peer-tuned", action="store_true", help="also img2dataset with --processes_count = cores")
     ap.add_argument("--limit-seconds", type=float, default=10.0)
+    ap.add_argument("--fixed-images", type=int, default=8,
+                    help="also run both on this many URLs to measure their fixed CPU cost (0: skip)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
 
@@ -197,11 +245,14 @@ def main() -> None:
     server = mp.get_context("spawn").Process(target=serve, args=(a.images, q), daemon=True)
     server.start()
     base = q.get(timeout=300)
-    meta = os.path.join(work, "meta.parquet")
-    pd.DataFrame({
-        "URL": urls(base, a.images), "TEXT": [f"benchmark image {i}" for i in range(a.images)],
-        "WIDTH": 1024, "HEIGHT": 768, "similarity": 0.35, "punsafe": 0.0, "pwatermark": 0.0,
-    }).to_parquet(meta, index=False)
+    def metadata(path: str, n: int) -> str:
+        pd.DataFrame({
+            "URL": urls(base, n), "TEXT": [f"benchmark image {i}" for i in range(n)],
+            "WIDTH": 1024, "HEIGHT": 768, "similarity": 0.35, "punsafe": 0.0, "pwatermark": 0.0,
+        }).to_parquet(path, index=False)
+        return path
+
+    meta = metadata(os.path.join(work, "meta.parquet"), a.images)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     shard_size = max(1, -(-a.images // (2 * cores)))
     fmts = [f for f, _ in _pool_formats()]
@@ -210,6 +261,15 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at start; image_size {IMAGE_SIZE}, {RESIZE_MODE}")
     rows = []
     try:
+        fixed = {}
+        if a.fixed_images:
+            # start-up and shut-down CPU (Ray's processes, worker imports; img2dataset's
+            # processes), measured on a handful of URLs: what a 10,000-row LAION shard amortizes
+            small = metadata(os.path.join(work, "small.parquet"), a.fixed_images)
+            fixed = {"img2dataset": run_img2dataset(small, os.path.join(work, "i2d"), env, [])[2],
+                     "mmloom": run_mmloom(small, work, env, max(1, -(-a.fixed_images // (2 * cores))))[2]}
+            print(f"fixed cost ({a.fixed_images} URLs): img2dataset {fixed['img2dataset']:.1f} CPU-s, "
+                  f"mmloom {fixed['mmloom']:.1f} CPU-s", flush=True)
         for r in range(a.rounds):
             res = {"img2dataset": run_img2dataset(meta, os.path.join(work, "i2d"), env, [])}
             res["mmloom"] = run_mmloom(meta, work, env, shard_size)
@@ -217,22 +277,35 @@ def main() -> None:
                 res["img2dataset tuned"] = run_img2dataset(meta, os.path.join(work, "i2d"), env, ["--processes_count", str(cores)])
             rows.append(res)
             print(f"round {r + 1}:")
-            for name, (secs, ok) in res.items():
-                print(f"  {name:<18} {ok:>6} ok in {secs:7.1f} s  = {ok / secs:8.1f} images/s")
-            ratio = (res["mmloom"][1] / res["mmloom"][0]) / (res["img2dataset"][1] / res["img2dataset"][0])
-            tuned = (f", vs img2dataset with {cores} processes "
-                     f"{(res['mmloom'][1] / res['mmloom'][0]) / (res['img2dataset tuned'][1] / res['img2dataset tuned'][0]):.2f}"
-                     if a.peer_tuned else "")
-            print(f"  ratio mmloom / img2dataset (its defaults): {ratio:.2f}{tuned}", flush=True)
+            for name, (secs, ok, cpu) in res.items():
+                print(f"  {name:<18} {ok:>6} ok in {secs:7.1f} s  = {ok / secs:8.1f} images/s;"
+                      f" {cpu:7.1f} CPU-s = {ok / cpu:6.1f} images per CPU-second")
+            ratio, cpu_ratio = ratios(res, "img2dataset")
+            tuned = ""
+            if a.peer_tuned:
+                t_ratio, t_cpu = ratios(res, "img2dataset tuned")
+                tuned = f"; vs img2dataset with {cores} processes {t_ratio:.2f} (per CPU-second {t_cpu:.2f})"
+            print(f"  ratio mmloom / img2dataset (its defaults): {ratio:.2f} images/s, {cpu_ratio:.2f} per CPU-second{tuned}",
+                  flush=True)
+            if fixed:
+                per = {k: (res[k][2] - fixed[k]) / max(1, res[k][1]) for k in fixed}
+                print(f"  per image beyond the fixed cost: img2dataset {per['img2dataset'] * 1e3:.2f} ms, mmloom "
+                      f"{per['mmloom'] * 1e3:.2f} ms of CPU: ratio {per['img2dataset'] / max(1e-9, per['mmloom']):.2f} "
+                      f"(the ratio at LAION shard sizes)", flush=True)
     finally:
         server.terminate()
-    limit = compute_limit(a.limit_seconds)
-    mm = [ok / secs for secs, ok in (res["mmloom"] for res in rows)]
-    ratios = [(res["mmloom"][1] / res["mmloom"][0]) / (res["img2dataset"][1] / res["img2dataset"][0]) for res in rows]
+    limit, limit_cpu = compute_limit(a.limit_seconds)
+    peer = "img2dataset"
+    mm = [ok / secs for secs, ok, _ in (res["mmloom"] for res in rows)]
+    mm_cpu = [ok / cpu for _, ok, cpu in (res["mmloom"] for res in rows)]
     print(f"compute limit (mmloom's header check + decode + resize + encode, bytes in memory, {cores} processes): "
-          f"{limit:.1f} images/s = {limit / cores:.1f} per core")
-    print(f"mmloom reached {max(mm) / limit:.1%} of the compute limit (best round); ratio over rounds: "
-          f"{' '.join(f'{x:.2f}' for x in ratios)}; load average at end {os.getloadavg()[0]:.1f}")
+          f"{limit:.1f} images/s now, {limit_cpu:.1f} images per CPU-second (x {cores} cores = "
+          f"{limit_cpu * cores:.0f} images/s on an idle machine)")
+    print(f"mmloom reached {max(mm) / limit:.1%} of the compute limit measured now and {max(mm_cpu) / limit_cpu:.1%} "
+          f"per CPU-second (best round); ratio over rounds: "
+          f"{' '.join(f'{ratios(res, peer)[0]:.2f}' for res in rows)} images/s, "
+          f"{' '.join(f'{ratios(res, peer)[1]:.2f}' for res in rows)} per CPU-second; "
+          f"load average at end {os.getloadavg()[0]:.1f}")
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
