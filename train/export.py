@@ -18,7 +18,17 @@ changed:
   family and its config), since no library has a format for them.
 
 Frozen parts are not copied: the card names them (``base_model``) and ``frozen.json`` of
-the checkpoint lists their sources. ``--push-to-hub`` uploads the folder with
+the checkpoint lists their sources.
+
+Where diffusers has a pipeline for the family, the family's ``export`` writes a whole
+pipeline directory instead (``save_pipeline``: ``model_index.json`` and one folder per
+component, loadable with ``DiffusionPipeline.from_pretrained(OUT)``): Versatile Diffusion
+(``VersatileDiffusionPipeline``), a Kandinsky decoder (``KandinskyPipeline``) and a
+Kandinsky ``released`` prior (``KandinskyPriorPipeline``). A pipeline must be complete to
+load, so its frozen parts are written too (the autoencoder, the text encoder; open_clip
+encoders converted to transformers' CLIP by ``mmloom/clip_convert.py``); what no library
+has a format for stays in ``conditioning.safetensors`` beside it (``export_parts(...,
+exclude=...)``), and the family's ``export_notes`` go into the card. ``--push-to-hub`` uploads the folder with
 huggingface_hub (it needs the network and a token).
 """
 
@@ -89,17 +99,19 @@ def merged_diffusers(module: nn.Module) -> tuple[nn.Module | None, dict[str, tor
     return plain.eval(), extra
 
 
-def export_parts(model: nn.Module, out: str) -> list[str]:
-    """The default ``Family.export`` (see the module docstring); the paths written, relative to ``out``."""
+def export_parts(model: nn.Module, out: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The default ``Family.export`` (see the module docstring); the paths written, relative
+    to ``out``. ``exclude``: state-dict prefixes already written elsewhere (a pipeline
+    directory), left out here."""
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
     written: list[str] = []
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    covered: set[str] = set()
-    extra: dict[str, torch.Tensor] = {}
     state = model.state_dict()
-    parts = pretrained_parts(model)
+    covered: set[str] = {k for k in state if exclude and k.startswith(exclude)}
+    extra: dict[str, torch.Tensor] = {}
+    parts = {p: s for p, s in pretrained_parts(model).items() if not (exclude and p.startswith(exclude))}
     for prefix in parts:
         module = model.get_submodule(prefix.rstrip("."))
         mine = [k for k in state if k.startswith(prefix)]
@@ -132,6 +144,37 @@ def export_parts(model: nn.Module, out: str) -> list[str]:
     return written
 
 
+def plain_diffusers(module: nn.Module) -> nn.Module:
+    """``module`` as its plain diffusers class (LoRA merged), for a pipeline directory."""
+    if not _lora_layers(module):
+        return module
+    plain, leftover = merged_diffusers(module)
+    if plain is None or leftover:
+        raise UserError(f"{type(module).__name__}: layers added to it have no place in the diffusers model; no pipeline can load it")
+    return plain
+
+
+@torch.no_grad()
+def save_pipeline(pipe, out: str) -> list[str]:
+    """A diffusers pipeline directory in ``out`` (``model_index.json``, one folder per
+    component, safetensors); the paths written, relative to ``out``."""
+    import diffusers
+
+    os.makedirs(out, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    index = os.path.join(out, "model_index.json")
+    with open(index) as f:
+        entries = json.load(f)
+    for name, component in pipe.components.items():
+        # a class that lives in a pipeline's own module (Versatile Diffusion's UNetFlatConditionModel) is
+        # recorded as "diffusers", which has no such class: record its module, imported with the pipeline
+        if entries.get(name, [None])[0] == "diffusers" and not hasattr(diffusers, type(component).__name__):
+            entries[name] = [type(component).__module__, type(component).__name__]
+    with open(index, "w") as f:
+        json.dump(entries, f, indent=2, sort_keys=True)
+    return ["model_index.json"] + sorted(k for k, v in pipe.components.items() if v is not None)
+
+
 def export_run(run: str, out: str | None = None, push_to_hub: str | None = None, echo=print) -> str:
     """Export ``run`` (a run directory or checkpoint) into ``out`` (default RUN/export)."""
     from .sample import find_run, load_for_sampling
@@ -153,7 +196,7 @@ def export_run(run: str, out: str | None = None, push_to_hub: str | None = None,
         grid = _last_validation_grid(run_dir)
         if grid:
             shutil.copyfile(grid, os.path.join(out, "validation.png"))
-        model_card(cfg, family, written, bool(grid), run_dir).save(os.path.join(out, "README.md"))
+        model_card(cfg, family, written, bool(grid), run_dir, family.export_notes(model)).save(os.path.join(out, "README.md"))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -186,7 +229,7 @@ def _last_validation_grid(run_dir: str) -> str | None:
     return os.path.join(d, pngs[-1]) if pngs else None
 
 
-def model_card(cfg, family, written: list[str], has_grid: bool, run_dir: str):
+def model_card(cfg, family, written: list[str], has_grid: bool, run_dir: str, notes: list[str] = ()):
     """huggingface_hub's ModelCard: base model, dataset card link, training config, validation grid."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -205,6 +248,7 @@ def model_card(cfg, family, written: list[str], has_grid: bool, run_dir: str):
         f"Base model: `{base}`. Training data: {dataset}.", "",
         "## Files", "", parts,
         "- `conditioning.json`: what each file holds, the frozen parts it needs and the model config", "",
+        *(["## Notes", "", *(f"- {n}" for n in notes), ""] if notes else []),
         *(["## Validation", "", "![validation grid](validation.png)", ""] if has_grid else []),
         "## Training configuration", "", "```yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).strip(), "```", "",
     ])

@@ -21,7 +21,8 @@ A family is one module in ``train/families/`` defining ``FAMILY``, an instance o
   Kandinsky prior), so validation grids skip it;
 * ``export(model, out_dir)``: the trained parts in their libraries' own formats
   (``mmloom export``; the default exports every diffusers model, peft adapter and the
-  remaining trained tensors, see ``train/export.py``);
+  remaining trained tensors, see ``train/export.py``; a family with a diffusers pipeline
+  writes the whole pipeline directory) and ``export_notes(model)`` for the card;
 * ``demo``: the tiny configs ``mmloom demo --family NAME`` trains and how it prompts them.
 
 Shared parts, one name each in every family's config: ``backbone`` (the denoising
@@ -274,6 +275,11 @@ class Family:
         from ..export import export_parts
 
         return export_parts(model, out_dir)
+
+    def export_notes(self, model) -> list[str]:
+        """Lines for the export's model card: what the export holds and how it differs from
+        the run (what has no library format, what a pipeline does differently)."""
+        return []
 
     def generate_text(self, model, prompts, steps: int | None = None, guidance: float | None = None, seeds=None) -> list[str]:
         raise UserError(f"--text needs a family with text outputs; {self.name} makes pictures")

@@ -576,6 +576,57 @@ class Kandinsky(Family):
     def demo_prompt(self, paths: list[str]) -> str:
         return f"a red circle <image:{paths[0]}>" if paths else "a red circle"
 
+    def export(self, model: KandinskyModel, out_dir: str) -> list[str]:
+        """A diffusers pipeline directory where diffusers has one for the run's model:
+
+        * a decoder run: ``KandinskyPipeline`` (``unet``, ``movq``, ``text_encoder``
+          MultilingualCLIP, ``tokenizer``, ``scheduler``: the sampler mmloom samples with,
+          ``ddpm`` with the learned variance as ``_sampler`` builds it);
+        * a ``released`` prior run: ``KandinskyPriorPipeline`` (``prior`` with the run's
+          ``clip_mean`` / ``clip_std``, its UnCLIPScheduler, and the open_clip encoder
+          converted to transformers' CLIP: ``text_encoder``, ``tokenizer``,
+          ``image_encoder``, ``image_processor``).
+
+        A ``linear``, ``residual`` or ``diffusion`` prior is mmloom's own network, which no
+        diffusers pipeline runs: it is exported as before (``conditioning.safetensors``
+        with its ``Normalizer`` statistics), and the card says so."""
+        from ..export import export_parts, plain_diffusers, save_pipeline
+
+        if model.cfg.stage == "decoder":
+            from diffusers import KandinskyPipeline
+
+            pipe = KandinskyPipeline(text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=plain_diffusers(model.unet),
+                                     scheduler=model._sampler(model.cfg.sampling.sampler), movq=model.ae.model)
+            return save_pipeline(pipe, out_dir) + export_parts(model, out_dir, exclude=("unet.", "ae.", "text_encoder."))
+        if model.cfg.prior != "released":
+            return export_parts(model, out_dir)
+        from diffusers import KandinskyPriorPipeline
+
+        from mmloom import clip_convert
+
+        clip = model.clip
+        pipe = KandinskyPriorPipeline(prior=model.prior, image_encoder=clip_convert.vision_model(clip),
+                                      text_encoder=clip_convert.text_model(clip), tokenizer=clip_convert.tokenizer(clip),
+                                      scheduler=model.prior_sched, image_processor=clip_convert.image_processor(clip))
+        # the statistics live in prior.clip_mean / clip_std (norm.mean / std mirror them)
+        return save_pipeline(pipe, out_dir) + export_parts(model, out_dir, exclude=("prior.", "norm."))
+
+    def export_notes(self, model: KandinskyModel) -> list[str]:
+        if model.cfg.stage == "decoder":
+            return ["A `KandinskyPipeline` directory (`DiffusionPipeline.from_pretrained`); its `scheduler` is the sampler mmloom "
+                    "samples with. It takes `image_embeds` from a prior pipeline (or mmloom's prior run); mmloom's unconditional "
+                    "input is the CLIP embedding of a black image: pass it as `negative_image_embeds`."]
+        if model.cfg.prior != "released":
+            return [f"The `{model.cfg.prior}` prior is mmloom's own network: no diffusers pipeline runs it, so it and its "
+                    "normalization statistics (`norm.mean`, `norm.std`) are in `conditioning.safetensors`, as "
+                    "`conditioning.json` lists; `mmloom sample` with `model.prior_checkpoint` uses it."]
+        return ["A `KandinskyPriorPipeline` directory (`DiffusionPipeline.from_pretrained`): the prior with the run's "
+                "normalization (`clip_mean`, `clip_std`), its UnCLIPScheduler, and mmloom's open_clip model converted to "
+                "transformers' CLIP for `text_encoder` / `image_encoder`.",
+                "mmloom feeds the prior the L2-normalized pooled text embedding; the pipeline's `_encode_prompt` passes "
+                "transformers' unnormalized `text_embeds`, as the released prior was trained: to reproduce the run, "
+                "normalize `text_embeds` before the prior."]
+
     def demo_overrides(self, config: str, runs: dict[str, str], dataset_clip: str) -> dict:
         """Both runs use the score stage's CLIP (its stored embeddings); the decoder
         samples text through the prior run trained just before it."""

@@ -471,5 +471,41 @@ class Versatile(Family):
     def demo_prompt(self, paths: list[str]) -> str:
         return f"a red circle <image:{paths[0]}>" if paths else "a red circle"
 
+    def export(self, model: VersatileModel, out_dir: str) -> list[str]:
+        """A ``VersatileDiffusionPipeline`` directory: the multi-flow UNet put back into the
+        released layout (``MultiFlowUNet.flow``, the inverse of the load: each UNet gets its
+        context type's cross-attention blocks and the shared global layers as its time
+        embedding), the VAE, open_clip converted to transformers' CLIP text and vision
+        models with their tokenizer and image processor (``mmloom/clip_convert.py``), the
+        sampler mmloom samples with. The text VAE (Optimus) has no diffusers home: its
+        trained heads stay in ``conditioning.safetensors``, its frozen encoder and decoder
+        are named in ``conditioning.json``."""
+        from diffusers import VersatileDiffusionPipeline
+
+        from mmloom import clip_convert
+        from ..export import export_parts, save_pipeline
+
+        u, clip = model.unet, model.clip
+        with u.flow("image", list(u.context["image"])) as image_unet, u.flow("text", list(u.context["text"])) as text_unet:
+            pipe = VersatileDiffusionPipeline(
+                tokenizer=clip_convert.tokenizer(clip), image_feature_extractor=clip_convert.image_processor(clip),
+                text_encoder=clip_convert.text_model(clip), image_encoder=clip_convert.vision_model(clip),
+                image_unet=image_unet, text_unet=text_unet, vae=model.ae.model,
+                scheduler=make_sampler(model.cfg.sampling.sampler, model.sched.config))
+            written = save_pipeline(pipe, out_dir)
+        return written + export_parts(model, out_dir, exclude=("unet.", "ae."))
+
+    def export_notes(self, model: VersatileModel) -> list[str]:
+        return [
+            "A `VersatileDiffusionPipeline` directory (`DiffusionPipeline.from_pretrained`): `image_unet` and `text_unet` in the "
+            "released layout; each holds the shared global layers (time embedding) as its own copy.",
+            "`text_encoder` / `image_encoder` are mmloom's open_clip model converted to transformers' CLIP; the tokenizer pads with "
+            "open_clip's pad id 0 (`!`), so a standalone `!` in a prompt tokenizes as padding there.",
+            "diffusers' pipelines blend, guide and build their unconditional image context (a grey 512 px image) their own way; "
+            "mmloom's (`model.image_uncond`, `mixing`, `mix_rate`) are in the training configuration below.",
+            "No diffusers home: the text VAE (Optimus, image-to-text and text variation); its trained heads are in "
+            "`conditioning.safetensors`, its frozen encoder and decoder named in `conditioning.json`.",
+        ]
+
 
 FAMILY = Versatile()
