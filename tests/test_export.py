@@ -22,10 +22,15 @@ ROOT = Path(__file__).parent.parent
 STEPS = 2
 
 
-def _build(config: str, **over):
+def _config(config: str, **over):
     cfg = load_model(TrainConfig, ROOT / "configs" / "train" / f"{config}.yaml", {"data.shards": "", **over})
     if cfg.family == "kandinsky":
         cfg.model.prior_checkpoint = None  # no prior run: the CLIP text embedding stands in
+    return cfg
+
+
+def _build(config: str, **over):
+    cfg = _config(config, **over)
     fam = get_family(cfg.family)
     model = fam.build(cfg.model, cfg).eval()
     g = torch.Generator().manual_seed(7)
@@ -34,6 +39,21 @@ def _build(config: str, **over):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.02)
     return fam, model
+
+
+def _run_dir(cfg, model, run: Path) -> Path:
+    """A run directory as `mmloom train` leaves it: train_config.yaml and one sealed checkpoint."""
+    import yaml
+
+    from mmloom.train import parts
+    from mmloom.train.loop import write_manifest
+
+    ck = run / "checkpoints" / "step_00000001"
+    parts.save_trained(model, str(ck))
+    write_manifest(str(ck))
+    (ck / "DONE").write_text("")
+    (run / "train_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return run
 
 
 def _export(fam, model, out):
@@ -139,9 +159,7 @@ def test_versatile_exports_a_pipeline_that_predicts_and_samples_as_the_run(tiny_
         ref = pipe.text_to_image("a red circle", height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
                                  latents=start_noise((4, 8, 8), [5], "cpu"), output_type="latent").images
     torch.testing.assert_close(ref, seen[0], atol=1e-4, rtol=1e-4)
-    card = (tmp_path / "vd" / "README.md")
-    assert not card.exists()  # the card is export_run's; the notes say what has no diffusers home
-    assert any("text VAE" in n for n in fam.export_notes(model))
+    assert any("text VAE" in n for n in fam.export_notes(model))  # the card says what has no diffusers home
 
 
 # -- Kandinsky ---------------------------------------------------------------------------------------
@@ -171,15 +189,27 @@ def test_kandinsky_decoder_exports_a_pipeline_that_predicts_and_samples_as_the_r
     torch.testing.assert_close(ref_lat[0], seen[0], atol=1e-4, rtol=1e-4)
 
 
-def test_kandinsky_released_prior_exports_a_prior_pipeline(tiny_cache, tmp_path):
-    fam, model = _build("kandinsky-prior-tiny", **{"model.prior": "released", "model.prior_stats": "checkpoint",
-                                                   "model.encoder.path": "tiny:clip-l",
-                                                   "model.prior_model": {"path": "tiny:kandinsky-prior", "subfolder": "prior"}})
+def test_kandinsky_released_prior_run_exports_a_prior_pipeline(tiny_cache, tmp_path):
+    """`mmloom export RUN` end to end: the run's checkpoint -> a KandinskyPriorPipeline
+    directory with its card, the run's statistics in prior.clip_mean / clip_std."""
+    from diffusers import DiffusionPipeline
+
+    from mmloom.cli import main
+
+    over = {"model.prior": "released", "model.prior_stats": "checkpoint", "model.encoder.path": "tiny:clip-l",
+            "model.prior_model": {"path": "tiny:kandinsky-prior", "subfolder": "prior"}}
+    fam, model = _build("kandinsky-prior-tiny", **over)
     with torch.no_grad():  # the run's own statistics, not the source checkpoint's
         model.norm.fit(torch.randn(32) * 0.3, torch.rand(32) + 0.5, 10)
-    written, pipe = _export(fam, model, tmp_path / "kp")
-    assert type(pipe).__name__ == "KandinskyPriorPipeline"
+    run = _run_dir(_config("kandinsky-prior-tiny", **over), model, tmp_path / "run")
+    assert main(["export", str(run), "--out", str(tmp_path / "kp")]) == 0
+    index = json.loads((tmp_path / "kp" / "model_index.json").read_text())
+    assert index["_class_name"] == "KandinskyPriorPipeline"
+    written = json.loads((tmp_path / "kp" / "conditioning.json").read_text())["parts"]
     assert {"prior", "scheduler", "text_encoder", "tokenizer", "image_encoder", "image_processor"} <= set(written)
+    assert "normalize `text_embeds`" in (tmp_path / "kp" / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "kp"))
+    pipe.set_progress_bar_config(disable=True)
     assert torch.equal(pipe.prior.clip_mean[0], model.norm.mean) and torch.equal(pipe.prior.clip_std[0], model.norm.std)
     prompts = ["a red circle on the beach", "a dog"]
     tokens, mask, pooled = model.text(prompts)
@@ -211,12 +241,3 @@ def test_a_prior_no_pipeline_runs_is_exported_as_before(tiny_cache, tmp_path):
     assert written == ["conditioning.safetensors"] and not (tmp_path / "p" / "model_index.json").exists()
     assert any("no diffusers pipeline runs it" in n for n in fam.export_notes(model))
 
-
-def test_export_run_writes_the_notes_into_the_card(tiny_cache, tmp_path):
-    from mmloom.train.export import model_card
-
-    fam, model = _build("kandinsky-prior-tiny")
-    cfg = load_model(TrainConfig, ROOT / "configs" / "train" / "kandinsky-prior-tiny.yaml", {"data.shards": ""})
-    text = str(model_card(cfg, fam, ["conditioning.safetensors"], False, str(tmp_path), fam.export_notes(model)))
-    assert "## Notes" in text and "no diffusers pipeline runs it" in text
-    json.dumps(text)
