@@ -17,6 +17,7 @@ from mmloom.errors import UserError
 from mmloom.train.config import TrainConfig
 from mmloom.train.diffusion import start_noise
 from mmloom.train.families import get_family
+from test_reference_equivalence import _capture_latents, assert_kandinsky_decoder_is_the_pipeline  # the same checks as the released layout's
 
 ROOT = Path(__file__).parent.parent
 STEPS = 2
@@ -64,13 +65,6 @@ def _export(fam, model, out):
     pipe = DiffusionPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     return written, pipe
-
-
-def _capture_latents(model):
-    seen = []
-    decode = type(model.ae).decode.__get__(model.ae)
-    model.ae.decode = lambda latents: (seen.append(latents.detach().clone()), decode(latents))[1]
-    return seen
 
 
 # -- the converter -----------------------------------------------------------------------------
@@ -122,6 +116,8 @@ def test_the_converter_refuses_a_tower_it_cannot_map(tiny_cache):
 def test_versatile_exports_a_pipeline_that_predicts_and_samples_as_the_run(tiny_cache, tmp_path):
     from PIL import Image
 
+    from mmloom.train.families.versatile import text_latent_shape
+
     fam, model = _build("versatile-tiny")
     written, pipe = _export(fam, model, tmp_path / "vd")
     assert type(pipe).__name__ == "VersatileDiffusionPipeline"
@@ -135,8 +131,7 @@ def test_versatile_exports_a_pipeline_that_predicts_and_samples_as_the_run(tiny_
     tctx, ictx = model.text_context(["a red circle"]), model.image_context([red])
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
-    xt = torch.randn(1, *pipe.text_unet.config.in_channels, generator=g) if isinstance(pipe.text_unet.config.in_channels, list) \
-        else torch.randn(1, pipe.text_unet.config.in_channels, 4, 1, generator=g)
+    xt = torch.randn(1, *text_latent_shape(pipe.text_unet), generator=g)  # one text VAE latent
     from diffusers import VersatileDiffusionImageVariationPipeline, VersatileDiffusionTextToImagePipeline
 
     t2i = VersatileDiffusionTextToImagePipeline(**{k: v for k, v in pipe.components.items() if k not in
@@ -167,26 +162,7 @@ def test_kandinsky_decoder_exports_a_pipeline_that_predicts_and_samples_as_the_r
     fam, model = _build("kandinsky-decoder-tiny")
     written, pipe = _export(fam, model, tmp_path / "kd")
     assert type(pipe).__name__ == "KandinskyPipeline" and {"unet", "movq", "text_encoder", "tokenizer", "scheduler"} <= set(written)
-    prompt = "a red circle on the beach"
-    img = model.clip.texts([prompt])
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
-    with torch.no_grad():
-        ours = model.unet(x, t, **model._condition([prompt], img)).sample
-        pooled, states, _ = pipe._encode_prompt(prompt, "cpu", 1, False)
-        ref = pipe.unet(sample=x, timestep=t, encoder_hidden_states=states, added_cond_kwargs={"text_embeds": pooled, "image_embeds": img}).sample
-    assert ours.abs().mean() > 1e-3
-    torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-4)
-
-    seen = _capture_latents(model)
-    model.generate([[prompt]], steps=STEPS, guidance=4.0, seeds=[5], size=64)
-    ref_lat = []
-    decode = pipe.movq.decode
-    pipe.movq.decode = lambda lat, **k: (ref_lat.append(lat.clone()), decode(lat, **k))[1]
-    with torch.no_grad():
-        pipe(prompt, image_embeds=img, negative_image_embeds=model.black[None], height=64, width=64, num_inference_steps=STEPS,
-             guidance_scale=4.0, latents=start_noise((4, 8, 8), [5], "cpu"), generator=torch.Generator().manual_seed(5), output_type="pt")
-    torch.testing.assert_close(ref_lat[0], seen[0], atol=1e-4, rtol=1e-4)
+    assert_kandinsky_decoder_is_the_pipeline(model, pipe)
 
 
 def test_kandinsky_released_prior_run_exports_a_prior_pipeline(tiny_cache, tmp_path):

@@ -220,6 +220,14 @@ def test_kandinsky_decoder_matches_the_released_pipeline(kandinsky_dir, sampler)
                              unet=UNet2DConditionModel.from_pretrained(kandinsky_dir, subfolder="unet"), scheduler=sched,
                              movq=VQModel.from_pretrained(kandinsky_dir, subfolder="movq"))
     pipe.set_progress_bar_config(disable=True)
+    assert_kandinsky_decoder_is_the_pipeline(model, pipe)
+
+
+def assert_kandinsky_decoder_is_the_pipeline(model, pipe):
+    """mmloom's decoder ``model`` and a diffusers ``KandinskyPipeline``: the same prediction
+    for the same latents, timestep, text (each through its own encoder) and image
+    embedding, and the same final latents of a short guided run with the same seed
+    (tests/test_export.py checks an exported pipeline with it)."""
     prompt = "a red circle on the beach"
     img = model.clip.texts([prompt])  # no prior: the text embedding stands in (Table 3's "no prior")
     g = torch.Generator().manual_seed(1)
