@@ -21,7 +21,9 @@ text towers, CoCa, SigLIP-style pooling) is a UserError naming the part.
 
 The tokenizer pads with open_clip's pad id 0 (``!``), as the converted OpenCLIP
 tokenizers on the Hub do (Stable Diffusion 2's), so that the token states at padded
-positions, which Versatile Diffusion's contexts include, equal open_clip's.
+positions, which Versatile Diffusion's contexts include, equal open_clip's; it reads
+special tokens in a prompt as plain text (``split_special_tokens``), as open_clip does,
+so a ``!`` in a prompt stays a ``!`` rather than becoming padding.
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ def tokenizer(clip):
             json.dump(vocab, f)
         with open(os.path.join(d, "merges.txt"), "w") as f:
             f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        out = CLIPTokenizer.from_pretrained(d, pad_token=PAD, model_max_length=tok.context_length)
+        # split_special_tokens: special tokens in a prompt are plain text, as open_clip reads them; else
+        # every "!" of a prompt would be cut out as the pad token
+        out = CLIPTokenizer.from_pretrained(d, pad_token=PAD, model_max_length=tok.context_length, split_special_tokens=True)
     return out
 
 

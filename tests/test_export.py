@@ -68,18 +68,20 @@ def _export(fam, model, out):
 
 
 # -- the converter -----------------------------------------------------------------------------
-def test_open_clip_converts_to_transformers_clip_with_the_same_embeddings(tiny_cache):
+def test_open_clip_converts_to_transformers_clip_with_the_same_embeddings(tiny_cache, tmp_path):
     """Tokens, per-token states, pooled embeddings, pixels and image embeddings of the
     converted text/vision models, tokenizer and image processor equal open_clip's."""
     from PIL import Image
+    from transformers import AutoTokenizer
 
     from mmloom import clip_convert
     from mmloom.clip import ClipEmbedder
     from mmloom.testkit.tiny_train import resolve_tiny
 
     clip = ClipEmbedder(resolve_tiny("tiny:clip"))
-    texts = ["a red circle", "Two DOGS, running on the beach.", ""]
-    tok = clip_convert.tokenizer(clip)
+    texts = ["a red circle", "Wow! Two DOGS, running on the beach !", ""]  # "!" is the pad token's text, still a "!"
+    clip_convert.tokenizer(clip).save_pretrained(tmp_path / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     ids = tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     assert torch.equal(ids, clip.tokenizer(texts))
     states, _mask, pooled = clip.text_states(texts)

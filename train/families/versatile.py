@@ -500,7 +500,7 @@ class Versatile(Family):
             "A `VersatileDiffusionPipeline` directory (`DiffusionPipeline.from_pretrained`): `image_unet` and `text_unet` in the "
             "released layout; each holds the shared global layers (time embedding) as its own copy.",
             "`text_encoder` / `image_encoder` are mmloom's open_clip model converted to transformers' CLIP; the tokenizer pads with "
-            "open_clip's pad id 0 (`!`), so a standalone `!` in a prompt tokenizes as padding there.",
+            "open_clip's pad id 0 (`!`), as mmloom's contexts were made.",
             "diffusers' pipelines blend, guide and build their unconditional image context (a grey 512 px image) their own way; "
             "mmloom's (`model.image_uncond`, `mixing`, `mix_rate`) are in the training configuration below.",
             "No diffusers home: the text VAE (Optimus, image-to-text and text variation); its trained heads are in "
