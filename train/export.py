@@ -28,8 +28,10 @@ Kandinsky ``released`` prior (``KandinskyPriorPipeline``). A pipeline must be co
 load, so its frozen parts are written too (the autoencoder, the text encoder; open_clip
 encoders converted to transformers' CLIP by ``mmloom/clip_convert.py``); what no library
 has a format for stays in ``conditioning.safetensors`` beside it (``export_parts(...,
-exclude=...)``), and the family's ``export_notes`` go into the card. ``--push-to-hub`` uploads the folder with
-huggingface_hub (it needs the network and a token).
+exclude=...)``), and the family's ``export_notes`` go into the card.
+
+``--push-to-hub`` uploads the folder with huggingface_hub (it needs the network and a
+token).
 """
 
 from __future__ import annotations
@@ -142,16 +144,6 @@ def export_parts(model: nn.Module, out: str, exclude: tuple[str, ...] = ()) -> l
         save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, os.path.join(out, "conditioning.safetensors"))
         written.append("conditioning.safetensors")
     return written
-
-
-def plain_diffusers(module: nn.Module) -> nn.Module:
-    """``module`` as its plain diffusers class (LoRA merged), for a pipeline directory."""
-    if not _lora_layers(module):
-        return module
-    plain, leftover = merged_diffusers(module)
-    if plain is None or leftover:
-        raise UserError(f"{type(module).__name__}: layers added to it have no place in the diffusers model; no pipeline can load it")
-    return plain
 
 
 @torch.no_grad()

@@ -590,12 +590,12 @@ class Kandinsky(Family):
         A ``linear``, ``residual`` or ``diffusion`` prior is mmloom's own network, which no
         diffusers pipeline runs: it is exported as before (``conditioning.safetensors``
         with its ``Normalizer`` statistics), and the card says so."""
-        from ..export import export_parts, plain_diffusers, save_pipeline
+        from ..export import export_parts, save_pipeline
 
         if model.cfg.stage == "decoder":
             from diffusers import KandinskyPipeline
 
-            pipe = KandinskyPipeline(text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=plain_diffusers(model.unet),
+            pipe = KandinskyPipeline(text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
                                      scheduler=model._sampler(model.cfg.sampling.sampler), movq=model.ae.model)
             return save_pipeline(pipe, out_dir) + export_parts(model, out_dir, exclude=("unet.", "ae.", "text_encoder."))
         if model.cfg.prior != "released":
