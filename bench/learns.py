@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0, help="training wall-clock budget (all stages together)")
     ap.add_argument("--train-n", type=int, default=512, help="toy pictures to train on")
     ap.add_argument("--heldout-n", type=int, default=64, help="held-out toy pictures (prompts) to evaluate on")
+    ap.add_argument("--eval-n", type=int, default=None, help="held-out prompts evaluated (default: all of --heldout-n)")
     ap.add_argument("--chunk", type=int, default=200, help="steps between checkpoints (the budget is checked between chunks)")
     ap.add_argument("--resolution", type=int, default=32, help="training and sampling size (the analyzer reads 32 px reliably)")
     ap.add_argument("--vae-seconds", type=float, default=180.0, help="training time of the toy autoencoder")
@@ -146,7 +147,10 @@ def main() -> None:
         t["stages"][config] = st
         t["steps"] += st["steps"]
         t["train_minutes"] = round(t["train_minutes"] + st["train_minutes"], 2)
-    r = run_eval(run, held_dir, a.heldout_n, steps=a.eval_steps, progress=False, ablations=a.family in ("mumu", "mvader"))
+    # MT-Diffusion samples all T = 1000 steps of Algorithm 1: its own measures, and the unconditional samples they compare with
+    conditions = ("unconditional",) if a.family == "mtdiffusion" else ("prompted", "shuffled", "unconditional")
+    r = run_eval(run, held_dir, a.eval_n or a.heldout_n, steps=a.eval_steps, progress=False, ablations=a.family in ("mumu", "mvader"),
+                 conditions=conditions)
     toy = r["toy"]
     s = toy["scores"]
     measures = r.get("measures") or {}
@@ -162,12 +166,13 @@ def main() -> None:
     print(f"\n{name}: {t['steps']} steps in {t['train_minutes']} min on {torch.get_num_threads()} threads, "
           f"{a.train_n} toy pictures" + ("".join(f"; {k}: {v['steps']} steps, {v['train_minutes']} min" for k, v in t["stages"].items())
                                          if len(stages) > 1 else ""))
-    both, shuffled = s["prompted"]["both"], s["shuffled"]["both"]
-    print(f"  eval's prompts (caption and crops), colour and shape where the prompt puts them: {both:.3f}   chance {1 / 16:.3f}   "
-          f"shuffled prompts {shuffled:.3f}   unconditional {s['unconditional']['both']:.3f}   "
-          f"ratio to shuffled {toy['ratio_to_shuffled']:.2f}x")
-    print(f"  colour alone {s['prompted']['colour']:.3f} (chance 0.25, shuffled {s['shuffled']['colour']:.3f}); "
-          f"shape alone {s['prompted']['shape']:.3f} (chance 0.25, shuffled {s['shuffled']['shape']:.3f})")
+    if "prompted" in s:
+        both, shuffled = s["prompted"]["both"], s["shuffled"]["both"]
+        print(f"  eval's prompts (caption and crops), colour and shape where the prompt puts them: {both:.3f}   chance {1 / 16:.3f}   "
+              f"shuffled prompts {shuffled:.3f}   unconditional {s['unconditional']['both']:.3f}   "
+              f"ratio to shuffled {toy['ratio_to_shuffled']:.2f}x")
+        print(f"  colour alone {s['prompted']['colour']:.3f} (chance 0.25, shuffled {s['shuffled']['colour']:.3f}); "
+              f"shape alone {s['prompted']['shape']:.3f} (chance 0.25, shuffled {s['shuffled']['shape']:.3f})")
     for k in ("crops only", "words only"):
         if k in s:
             print(f"  {k}: colour {s[k]['colour']:.3f}, shape {s[k]['shape']:.3f}, both {s[k]['both']:.3f}")

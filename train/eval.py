@@ -472,7 +472,7 @@ FAMILY_MEASURES = {"versatile": versatile_measures, "kandinsky": kandinsky_measu
 
 def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None = None, steps: int | None = None,
              guidance: float | None = None, clip: str | None = None, batch_size: int = 16, progress: bool = True,
-             ablations: bool = False, measures: bool = True, echo=print) -> dict:
+             ablations: bool = False, measures: bool = True, conditions: tuple = CONDITIONS, echo=print) -> dict:
     from .prompts import PromptBuilder, square
     from .sample import find_run, load_for_sampling
 
@@ -490,6 +490,7 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     captions = [s.get("txt") or "" for s in samples]
     perm = derangement(n)
     conds = {"prompted": prompts, "shuffled": [prompts[j] for j in perm], "unconditional": [[""]] * n}
+    conds = {k: v for k, v in conds.items() if k in conditions}
     expected = [toy_objects(s) for s in samples]
     if ablations and all(expected) and all(any(not isinstance(p, str) for p in q) for q in prompts):
         conds["crops only"] = [without_names(q) for q in prompts]  # does the picture follow the crops?
@@ -511,11 +512,13 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
         if (ae := autoencoded(model, refs, size)):
             scores["through the autoencoder"] = adherence_of(ae, expected)
         result["toy"] = {"scores": scores, "chance": {"colour": 0.25, "shape": 0.25, "both": 1 / 16},
-                         "ratio_to_shuffled": round(scores["prompted"]["both"] / max(scores["shuffled"]["both"], 1e-9), 2)}
+                         "ratio_to_shuffled": round(scores["prompted"]["both"] / max(scores["shuffled"]["both"], 1e-9), 2)
+                         if "prompted" in scores and "shuffled" in scores else None}
         echo(f"  {'adherence (toy world)':<26} {'colour':>7} {'shape':>7} {'both':>7}")
         for k, v in [*scores.items(), ("chance", result["toy"]["chance"])]:
             echo(f"  {k:<26} {v['colour']:>7.3f} {v['shape']:>7.3f} {v['both']:>7.3f}")
-        echo(f"  prompted / shuffled (both): {result['toy']['ratio_to_shuffled']:.2f}x")
+        if result["toy"]["ratio_to_shuffled"] is not None:
+            echo(f"  prompted / shuffled (both): {result['toy']['ratio_to_shuffled']:.2f}x")
         if measures and (measure := FAMILY_MEASURES.get(family.name)):
             ev = ToyEval(family, model, samples, expected, refs, size, steps, guidance, batch_size, progress, perm, generic=images)
             m = measure(ev)
@@ -526,7 +529,7 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     else:
         echo("  not a toy world (some captions name no colour and shape): toy adherence not measured")
     if clip:
-        result["clip_score"] = {k: round(clip_scores(clip, images[k], captions), 4) for k in CONDITIONS}
+        result["clip_score"] = {k: round(clip_scores(clip, images[k], captions), 4) for k in CONDITIONS if k in images}
         echo("  CLIP score (cosine, with its own caption): " + ", ".join(f"{k} {v:.4f}" for k, v in result["clip_score"].items()))
     else:
         result["clip_score"] = None
