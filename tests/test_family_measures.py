@@ -100,3 +100,25 @@ def test_a_prompt_names_a_multi_word_label():
     assert label_in("A Blue  Circle", classes) == 3
     assert label_in("a circle", classes) == 1
     assert label_in("a reddish circles", classes) is None
+
+
+def test_mtdiffusion_returns_the_labels_it_generates_and_the_ones_it_is_given(tiny_cache):
+    """Joint label accuracy reads the label MT-Diffusion generates with each picture: a
+    prompt naming a label gives that label back (with its picture), an empty prompt one of
+    the classes the head estimated."""
+    from mmloom.errors import UserError
+    from mmloom.train.config import TrainConfig
+    from mmloom.train.families import get_family
+
+    def build(task):
+        mc = {"task": task, "backbone": {"path": "tiny:unet", "subfolder": None}, "autoencoder": {"path": "tiny:vae", "subfolder": None},
+              "labels": ["red circle", "blue star"], "schedule": {"num_train_timesteps": 4}}
+        cfg = TrainConfig.model_validate({"family": "mtdiffusion", "model": mc, "data": {"resolution": 32}})
+        return get_family("mtdiffusion").build(cfg.model, cfg).eval()
+
+    model = build("image_label")
+    images, labels = model.generate([["a red circle beside a blue star"], [""]], seeds=[0, 1], size=32, return_labels=True)
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert labels[0] == "red circle" and labels[1] in ("other", "red circle", "blue star")
+    with pytest.raises(UserError, match="image_label"):
+        build("masked_image").generate([[""]], size=32, return_labels=True)

@@ -219,6 +219,16 @@ def rises(values: list[float], tolerance: float = 0.0) -> bool:
 MIX_RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def captions_alone(ev: ToyEval, what: str) -> tuple[dict, dict]:
+    """Pictures from each held-out caption alone, from a shuffled caption and from the empty
+    text, and their toy adherence against the held-out sample's own caption."""
+    captions = [s.get("txt") or "" for s in ev.samples]
+    conds = {"prompted": [[c] for c in captions], "shuffled": [[captions[j]] for j in ev.perm], "unconditional": [[""]] * len(captions)}
+    images = {k: generate_all(ev.family, ev.model, p, ev.steps, ev.guidance, ev.size, ev.batch_size, f"{what}, {k}", ev.progress)
+              for k, p in conds.items()}
+    return images, {k: adherence_of(v, ev.expected) for k, v in images.items()}
+
+
 def versatile_measures(ev: ToyEval) -> dict:
     """Text-to-image adherence (the caption alone), image-variation colour preservation (the
     held-out picture alone), and the dual-context mix moving with the mixing rate (each
@@ -226,10 +236,7 @@ def versatile_measures(ev: ToyEval) -> dict:
     fam, model, n = ev.family, ev.model, len(ev.samples)
     captions = [s.get("txt") or "" for s in ev.samples]
     gen = lambda prompts, what: generate_all(fam, model, prompts, ev.steps, ev.guidance, ev.size, ev.batch_size, what, ev.progress)  # noqa: E731
-    t2i = {"prompted": gen([[c] for c in captions], "text-to-image"),
-           "shuffled": gen([[captions[j]] for j in ev.perm], "text-to-image, shuffled"),
-           "unconditional": gen([[""]] * n, "text-to-image, unconditional")}
-    t2i_scores = {k: adherence_of(v, ev.expected) for k, v in t2i.items()}
+    t2i, t2i_scores = captions_alone(ev, "text-to-image")
     variation = gen([[p] for p in ev.pictures], "image variation")
     shuffled_sources = [ev.expected[j] for j in ev.perm]
     var_scores = {"own source": colour_preservation(variation, ev.expected),
@@ -271,13 +278,9 @@ def kandinsky_measures(ev: ToyEval) -> dict:
     a CLIP image embedding from it, the decoder a picture from that and the caption), and the
     prior on its own: its embedding's cosine with the held-out picture's CLIP embedding, and
     how often that picture is the nearest of all (retrieval; chance 1/n)."""
-    fam, model, n = ev.family, ev.model, len(ev.samples)
+    model, n = ev.model, len(ev.samples)
     captions = [s.get("txt") or "" for s in ev.samples]
-    gen = lambda prompts, what: generate_all(fam, model, prompts, ev.steps, ev.guidance, ev.size, ev.batch_size, what, ev.progress)  # noqa: E731
-    t2i = {"prompted": gen([[c] for c in captions], "prior then decoder"),
-           "shuffled": gen([[captions[j]] for j in ev.perm], "prior then decoder, shuffled"),
-           "unconditional": gen([[""]] * n, "prior then decoder, unconditional")}
-    scores = {k: adherence_of(v, ev.expected) for k, v in t2i.items()}
+    t2i, scores = captions_alone(ev, "prior then decoder")
     prior_scores = None
     prior = model._load_prior()
     if prior is not None:
