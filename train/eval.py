@@ -224,7 +224,8 @@ def captions_alone(ev: ToyEval, what: str) -> tuple[dict, dict]:
     text, and their toy adherence against the held-out sample's own caption."""
     captions = [s.get("txt") or "" for s in ev.samples]
     conds = {"prompted": [[c] for c in captions], "shuffled": [[captions[j]] for j in ev.perm], "unconditional": [[""]] * len(captions)}
-    images = {k: generate_all(ev.family, ev.model, p, ev.steps, ev.guidance, ev.size, ev.batch_size, f"{what}, {k}", ev.progress)
+    images = {k: ev.generic[k] if k == "unconditional" and k in ev.generic else  # the same prompt and seeds: already sampled
+              generate_all(ev.family, ev.model, p, ev.steps, ev.guidance, ev.size, ev.batch_size, f"{what}, {k}", ev.progress)
               for k, p in conds.items()}
     return images, {k: adherence_of(v, ev.expected) for k, v in images.items()}
 
