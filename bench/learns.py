@@ -101,6 +101,15 @@ def train_for(config: str, shards: str, out: str, minutes: float, chunk: int, ov
     return {"steps": steps, "train_minutes": round(spent / 60, 2)}
 
 
+def save_small(grid: str, path: str) -> None:
+    """A 256-colour copy of a picture grid (toy pictures have few colours: a fraction of the size)."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.open(grid).convert("RGB").quantize(256).save(path, optimize=True)
+    print(f"[learns] picture grid {path} ({os.path.getsize(path) // 1024} KB)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="mumu", choices=sorted(STAGES),
@@ -117,6 +126,7 @@ def main() -> None:
     ap.add_argument("--vae-seconds", type=float, default=180.0, help="training time of the toy autoencoder")
     ap.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the family's)")
     ap.add_argument("--work", default="bench-learns", help="folder for the toy worlds, models and runs")
+    ap.add_argument("--picture", default=None, help="also save the family's picture grid here as a 256-colour PNG (docs/learns/FAMILY.png)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, OpenMP threads waiting on each other cost more than they give)")
     a = ap.parse_args()
@@ -161,6 +171,8 @@ def main() -> None:
     summary = {"family": a.family, "task": a.task if a.family == "mtdiffusion" else None, **t, "train_n": a.train_n,
                "heldout_n": a.heldout_n, "scores": s, "chance": toy["chance"], "ratio_to_shuffled": toy["ratio_to_shuffled"],
                "measures": measures, "headline": headline, "goal_met": goal, "grid": r["grid"]}
+    if a.picture:
+        save_small(measures.get("grid") or r["grid"], a.picture)
     with open(os.path.join(run, "learns.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\n{name}: {t['steps']} steps in {t['train_minutes']} min on {torch.get_num_threads()} threads, "
