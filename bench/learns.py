@@ -56,7 +56,7 @@ STAGES = {"mumu": ["mumu-tiny"], "mvader": ["mvader-tiny"], "versatile": ["versa
           "kandinsky": ["kandinsky-prior-tiny", "kandinsky-decoder-tiny"], "mtdiffusion": ["mtdiffusion-tiny"]}
 
 
-def overrides(family: str, m: dict, config: str = "", task: str = "masked_image") -> dict:
+def overrides(family: str, m: dict, config: str = "", task: str = "masked_image", zero_weight: bool = False) -> dict:
     over = {"data.resolution": m["resolution"]}
     if config != "kandinsky-prior-tiny":  # the prior has no autoencoder
         over.update({"model.autoencoder.path": m["vae"], "model.autoencoder.subfolder": None})
@@ -70,6 +70,8 @@ def overrides(family: str, m: dict, config: str = "", task: str = "masked_image"
         from mmloom.testkit.toyworld import COLOURS, SHAPES
 
         over["model.task"] = task
+        if zero_weight:  # w_t = 0: no aggregation in the forward process (x reaches the UNet through its input only)
+            over.update({"model.task_weight": "constant", "model.task_weight_value": 0.0})
         if task == "image_label":  # a crop's label is its phrase ("red circle"): the 16 objects
             over["model.labels"] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
         else:  # 8 px patches at 32 px (2x2 cells of the factor-4 latents); 4.1's 16 px would be half the picture here
@@ -101,6 +103,25 @@ def train_for(config: str, shards: str, out: str, minutes: float, chunk: int, ov
     return {"steps": steps, "train_minutes": round(spent / 60, 2)}
 
 
+def noise_error_by_t(run: str, n: int = 16, steps=(10, 100, 300, 500, 700, 900, 990)) -> dict:
+    """MT-Diffusion: the trained UNet's noise error at fixed timesteps over ``n`` toy pictures
+    (the aggregated term grows with t; does the noise stay predictable?)."""
+    import torch
+
+    from mmloom.testkit.toyworld import toy_pixels
+    from mmloom.train.sample import load_for_sampling
+
+    _fam, model, _cfg = load_for_sampling(run)
+    px = toy_pixels(range(1000, 1000 + n), _cfg.data.resolution)
+    out = {}
+    for t in steps:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            r = model({"pixels": px, "timesteps": torch.full((n,), t)})
+        out[t] = {"noise_error": round(float(r["mse"]), 4), "alpha_tilde": round(float(model.agg.alpha_tilde[t]), 2)}
+    return out
+
+
 def save_small(grid: str, path: str) -> None:
     """A 256-colour copy of a picture grid (toy pictures have few colours: a fraction of the size)."""
     from PIL import Image
@@ -116,6 +137,8 @@ def main() -> None:
                     help="the family's tiny config(s); kandinsky trains its prior, then its decoder, both in the budget")
     ap.add_argument("--task", default="masked_image", choices=["masked_image", "image_label"],
                     help="mtdiffusion: the second modality (masked-patch restoration, or labels generated with pictures)")
+    ap.add_argument("--zero-task-weight", action="store_true",
+                    help="mtdiffusion: w_t = 0 instead of appendix E's t / (T - t) (a comparison: no aggregation in the forward process)")
     ap.add_argument("--prior-share", type=float, default=0.25, help="kandinsky: the prior's share of the budget")
     ap.add_argument("--minutes", type=float, default=15.0, help="training wall-clock budget (all stages together)")
     ap.add_argument("--train-n", type=int, default=512, help="toy pictures to train on")
@@ -143,20 +166,24 @@ def main() -> None:
     held_dir = toy_world(os.path.join(work, f"toy-heldout-{a.heldout_n}"), 1, a.heldout_n)
     m = models(work, a.resolution, a.vae_seconds)
     print(f"[learns] toy worlds and models ready in {time.time() - t0:.0f} s")
-    name = a.family + ("-label" if a.family == "mtdiffusion" and a.task == "image_label" else "")
+    name = a.family + ("-label" if a.family == "mtdiffusion" and a.task == "image_label" else "") + ("-w0" if a.zero_task_weight else "")
     stages = STAGES[a.family]
     t = {"steps": 0, "train_minutes": 0.0, "stages": {}}
     run = ""
     for config in stages:
         share = (a.prior_share if config == "kandinsky-prior-tiny" else 1 - a.prior_share) if len(stages) > 1 else 1.0
         run = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min" + (f"-{config.split('-')[1]}" if len(stages) > 1 else ""))
-        over = overrides(a.family, m, config, a.task)
+        over = overrides(a.family, m, config, a.task, a.zero_task_weight)
         if config == "kandinsky-decoder-tiny":
             over["model.prior_checkpoint"] = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min-prior")
         st = train_for(config, train_dir, run, a.minutes * share, a.chunk, over)
         t["stages"][config] = st
         t["steps"] += st["steps"]
         t["train_minutes"] = round(t["train_minutes"] + st["train_minutes"], 2)
+    if a.family == "mtdiffusion":
+        t["noise_error_by_t"] = noise_error_by_t(run)
+        print("[learns] noise error by timestep: " + ", ".join(f"t={k}: {v['noise_error']:.3f} (alpha~ {v['alpha_tilde']:g})"
+                                                          for k, v in t["noise_error_by_t"].items()))
     # MT-Diffusion samples all T = 1000 steps of Algorithm 1: its own measures, and the unconditional samples they compare with
     conditions = ("unconditional",) if a.family == "mtdiffusion" else ("prompted", "shuffled", "unconditional")
     r = run_eval(run, held_dir, a.eval_n or a.heldout_n, steps=a.eval_steps, progress=False, ablations=a.family in ("mumu", "mvader"),
