@@ -79,6 +79,19 @@ def overrides(family: str, m: dict, config: str = "", task: str = "masked_image"
     return over
 
 
+def backbone_from(run: str, out: str) -> str:
+    """The UNet of a trained run (e.g. M-VADER's whole-UNet run on the toy world), saved
+    with diffusers' ``save_pretrained``: a backbone that can draw, for MUMU, which starts
+    from a trained text-to-image UNet (SDXL, section 3), as ``model.backbone.path``."""
+    from mmloom.train.sample import load_for_sampling
+
+    if not os.path.exists(os.path.join(out, "config.json")):
+        _, model, _ = load_for_sampling(run)
+        model.unet.save_pretrained(out)
+        print(f"[learns] backbone: the UNet of {run} saved to {out}")
+    return out
+
+
 def train_for(config: str, shards: str, out: str, minutes: float, chunk: int, over: dict) -> dict:
     """Train in chunks of ``chunk`` steps until ``minutes`` of training time are spent."""
     from importlib.resources import files
@@ -150,6 +163,11 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the family's)")
     ap.add_argument("--work", default="bench-learns", help="folder for the toy worlds, models and runs")
     ap.add_argument("--picture", default=None, help="also save the family's picture grid here as a 256-colour PNG (docs/learns/FAMILY.png)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                    help="training config override (repeatable), e.g. loop.batch_size=16")
+    ap.add_argument("--backbone-from", metavar="RUN",
+                    help="start from the UNet of this trained run (model.backbone.path; MUMU starts from a trained text-to-image UNet)")
+    ap.add_argument("--tag", default="", help="suffix of the run's folder name (diagnostic runs side by side)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, OpenMP threads waiting on each other cost more than they give)")
     a = ap.parse_args()
@@ -168,14 +186,21 @@ def main() -> None:
     print(f"[learns] toy worlds and models ready in {time.time() - t0:.0f} s")
     name = a.family + ("-label" if a.family == "mtdiffusion" and a.task == "image_label" else "") + ("-w0" if a.zero_task_weight else "")
     stages = STAGES[a.family]
+    from mmloom.train.sample import parse_settings
+
+    extra = parse_settings(a.set)  # --set, then the backbone options
+    if a.backbone_from:
+        src = os.path.abspath(a.backbone_from)
+        extra["model.backbone.path"] = backbone_from(src, os.path.join(work, "models", "backbone-" + os.path.basename(src)))
+        extra["model.backbone.subfolder"] = None
     t = {"steps": 0, "train_minutes": 0.0, "stages": {}}
     run = ""
     for config in stages:
         share = (a.prior_share if config == "kandinsky-prior-tiny" else 1 - a.prior_share) if len(stages) > 1 else 1.0
-        run = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min" + (f"-{config.split('-')[1]}" if len(stages) > 1 else ""))
-        over = overrides(a.family, m, config, a.task, a.zero_task_weight)
+        run = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min{a.tag}" + (f"-{config.split('-')[1]}" if len(stages) > 1 else ""))
+        over = {**overrides(a.family, m, config, a.task, a.zero_task_weight), **extra}
         if config == "kandinsky-decoder-tiny":
-            over["model.prior_checkpoint"] = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min-prior")
+            over["model.prior_checkpoint"] = os.path.join(work, "runs", f"{name}-{a.train_n}-{a.minutes:g}min{a.tag}-prior")
         st = train_for(config, train_dir, run, a.minutes * share, a.chunk, over)
         t["stages"][config] = st
         t["steps"] += st["steps"]
@@ -196,7 +221,7 @@ def main() -> None:
                                             "value": s["prompted"]["both"], "shuffled": s["shuffled"]["both"], "chance": 1 / 16}
     goal = headline["value"] >= 0.8 and headline["value"] >= 3 * headline["shuffled"]
     summary = {"family": a.family, "task": a.task if a.family == "mtdiffusion" else None, **t, "train_n": a.train_n,
-               "heldout_n": a.heldout_n, "scores": s, "chance": toy["chance"], "ratio_to_shuffled": toy["ratio_to_shuffled"],
+               "heldout_n": a.heldout_n, "overrides": extra, "scores": s, "chance": toy["chance"], "ratio_to_shuffled": toy["ratio_to_shuffled"],
                "measures": measures, "headline": headline, "goal_met": goal, "grid": r["grid"]}
     if a.picture:
         save_small(measures.get("grid") or r["grid"], a.picture)
