@@ -1,6 +1,8 @@
 """The toy world curated end to end by the real stages (boxes supplied with the metadata),
 and `mmloom eval` on its shards: a model that draws what its prompt names scores high
-and far above its shuffled baseline; one that ignores its prompt scores like its baseline."""
+and far above its shuffled baseline; one that ignores its prompt scores like its baseline;
+and the smallest family that learns its conditioning here (M-VADER, whole UNet trained)
+trained for a few hundred steps beats its shuffled baseline."""
 
 import glob
 import json
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline (about a minute on 2 cores)
+N = 24  # toy pictures: enough prompts for the learning test's adherence to stand above noise
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +21,7 @@ def toy(tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("toy") / "world")
     logs = []
-    s = run_toyworld(out, seed=5, n=12, progress=False, echo=logs.append)
+    s = run_toyworld(out, seed=5, n=N, progress=False, echo=logs.append)
     return out, s, logs
 
 
@@ -28,8 +31,8 @@ def test_toy_world_is_curated_with_the_supplied_boxes(toy):
     from mmloom.train.data import read_members
 
     out, s, logs = toy
-    assert s["ground"]["boxes"] == 24 and not s["ground"]["refused_boxes"]  # two objects per picture, none refused
-    assert s["build"]["built"] == 12 and s["build"]["crops"] == 24
+    assert s["ground"]["boxes"] == 2 * N and not s["ground"]["refused_boxes"]  # two objects per picture, none refused
+    assert s["build"]["built"] == N and s["build"]["crops"] == 2 * N
     n = 0
     from mmloom.train.analyze import find_objects
     from mmloom.train.prompts import resolve_segments
@@ -42,7 +45,7 @@ def test_toy_world_is_curated_with_the_supplied_boxes(toy):
             (found,) = find_objects(c["image"], regions=1)
             assert (found.colour, found.shape) == tuple(c["phrase"].split())
         n += 1
-    assert n == 12
+    assert n == N
 
 
 class _Family:
@@ -134,3 +137,45 @@ def test_eval_runs_versatile_diffusions_own_measures(toy, tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["measures"]["scores"]["mix"] == m["mix"] and "images" not in saved["measures"]
     assert Image.open(saved["measures"]["grid"]).size[0] == 96 * (1 + 2 + 2 + 1 + 5)  # held-out, crops, t2i and shuffled, variation, 5 rates
+
+
+def test_smallest_family_learns_to_follow_its_prompts(toy, tmp_path):
+    """M-VADER's tiny config (its whole UNet trains: the smallest family that learns here)
+    trained 300 steps at 16 px on the curated toy world, through a toy autoencoder trained
+    400 steps: the colours it draws follow the prompt (each named object's colour in its
+    half) well above chance and at least twice as often as under another sample's prompt.
+    These are its training prompts (24 pictures): the test shows the prompt's path learns;
+    generalisation to held-out prompts is bench/learns.py's. With the prompts blanked in
+    training (model.cond_dropout 1) the same run scores colour 0.15 prompted, 0.12 shuffled, 0.19 unconditional."""
+    from importlib.resources import files
+
+    import torch
+
+    from mmloom.configbase import load_model
+    from mmloom.testkit.tiny_train import TINY_WORDS, make_tiny_vlm
+    from mmloom.testkit.toyworld import WORDS, make_toy_vae
+    from mmloom.train.config import TrainConfig
+    from mmloom.train.eval import run_eval
+    from mmloom.train.loop import train
+
+    out, _s, _ = toy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the learning run's numbers were measured on one thread
+    try:
+        vlm = make_tiny_vlm(str(tmp_path / "vlm"), sorted(set(TINY_WORDS) | set(WORDS)), image_size=32)
+        vae = make_toy_vae(str(tmp_path / "vae"), 16, seconds=float("inf"), max_steps=400, factor=4, echo=lambda *a: None)
+        run = str(tmp_path / "run")
+        cfg = load_model(TrainConfig, str(files("mmloom") / "configs" / "train" / "mvader-tiny.yaml"), {
+            "data.shards": out, "data.resolution": 16, "prompt.crop_size": 32, "loop.out": run, "loop.steps": 300,
+            "loop.batch_size": 16, "loop.checkpoint_every": 300, "loop.log_every": 50, "loop.tensorboard": False,
+            "model.encoder.path": vlm, "model.encoder.image_size": 32, "model.autoencoder.path": vae,
+            "model.autoencoder.subfolder": None, "model.lr.unet": 2e-3, "model.lr.cross_attn": 2e-3})
+        train(cfg, echo=lambda *a: None)
+        r = run_eval(run, out, n=N, steps=20, progress=False, echo=lambda *a: None)  # PNDM 20 steps, guidance 8
+    finally:
+        torch.set_num_threads(threads)
+    sc = r["toy"]["scores"]
+    assert sc["through the autoencoder"]["colour"] >= 0.9  # the toy autoencoder draws the colours
+    colour = {k: sc[k]["colour"] for k in ("prompted", "shuffled", "unconditional")}
+    assert colour["prompted"] > 0.25, colour  # above chance (4 colours)
+    assert colour["prompted"] >= 2 * max(colour["shuffled"], colour["unconditional"]), colour
