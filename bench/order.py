@@ -5,9 +5,12 @@ samples are read by the toy analyzer (train/analyze.py): the fraction of named o
 whose colour is found in its own half (eval's colour adherence), in the other half, and
 anywhere; and, over captions that name two different colours, own half against swapped.
 A model that learned which colours a prompt names but not their order scores the same
-own and swapped (bench/learns.py's runs: README "Does it learn?").
+own and swapped (bench/learns.py's runs: README "Does it learn?"). ``--probe`` then asks
+whether the order is in the run's text encoder at all: a linear probe on its hidden state
+at each colour word of toy captions, fit on 400 captions and scored on 200 others, for
+"first or second named" (and, as a check, which colour).
 
-    python bench/order.py RUN --shards TOY_HELDOUT_DIR [--n 64] [--words-only]
+    python bench/order.py RUN --shards TOY_HELDOUT_DIR [--n 64] [--words-only] [--probe]
 """
 
 from __future__ import annotations
@@ -16,12 +19,55 @@ import argparse
 import random
 
 
+def probe(model) -> dict[str, float]:
+    """Held-out accuracy of linear probes on the encoder's hidden state at each colour word:
+    its position in the caption (first or second named) and the colour itself."""
+    import torch
+
+    from mmloom.testkit.toyworld import COLOURS, render_scene
+
+    names = list(COLOURS)
+
+    def features(seeds):
+        captions = [render_scene(s, size=32).caption for s in seeds]
+        with torch.no_grad():
+            h, _mask = model.encoder([[c] for c in captions])
+        tok = model.encoder.processor.tokenizer
+        x, pos, col = [], [], []
+        for b, row in enumerate(model.encoder.last_input_ids.tolist()):
+            k = 0
+            for j, t in enumerate(row):
+                w = tok.convert_ids_to_tokens(t)
+                if w in COLOURS:
+                    x.append(h[b, j].float())
+                    pos.append(k)
+                    col.append(names.index(w))
+                    k += 1
+        return torch.stack(x), torch.tensor(pos), torch.tensor(col)
+
+    def fit(xtr, ytr, xte, yte, n):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(xtr.shape[1], n)
+        opt = torch.optim.Adam(lin.parameters(), 1e-2)
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+        for _ in range(500):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin((xtr - mu) / sd), ytr).backward()
+            opt.step()
+        return round(float((lin((xte - mu) / sd).argmax(-1) == yte).float().mean()), 3)
+
+    xa, pa, ca = features(range(0, 400))
+    xb, pb, cb = features(range(5000, 5200))  # other captions
+    return {"position": fit(xa, pa, xb, pb, 2), "colour": fit(xa, ca, xb, cb, len(names))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a trained run (or one of its checkpoints)")
     ap.add_argument("--shards", required=True, help="held-out toy world (mmloom toyworld --seed 1)")
     ap.add_argument("--n", type=int, default=64, help="held-out prompts")
     ap.add_argument("--words-only", action="store_true", help="take the crops out of the prompts")
+    ap.add_argument("--probe", action="store_true", help="also probe the text encoder's states for the word order")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     a = ap.parse_args()
 
@@ -58,6 +104,10 @@ def main() -> None:
           f"{own / total:.3f}, in the other half {other / total:.3f}, anywhere {anywhere / total:.3f}")
     if pairs:
         print(f"  captions naming two colours ({pairs}): own half {own2 / (2 * pairs):.3f}, swapped {swapped2 / (2 * pairs):.3f}")
+    if a.probe:
+        p = probe(model)
+        print(f"  linear probe on the text encoder's state at each colour word (held-out captions): "
+              f"first or second named {p['position']:.3f} (chance 0.5), which colour {p['colour']:.3f} (chance 0.25)")
 
 
 if __name__ == "__main__":
