@@ -92,6 +92,24 @@ def backbone_from(run: str, out: str) -> str:
     return out
 
 
+def deeper_unet(path: str) -> str:
+    """tiny:unet's layout with a third level and cross-attention on two (1.47M parameters
+    against 0.79M): a UNet whose attention reaches further, for the order diagnostic
+    (README "Does it learn?")."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from mmloom.testkit.tiny_train import unet_config
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        cfg = {**unet_config(), "block_out_channels": (32, 64, 64),
+               "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")}
+        torch.manual_seed(0)
+        UNet2DConditionModel(**cfg).save_pretrained(path)
+    return path
+
+
 def train_for(config: str, shards: str, out: str, minutes: float, chunk: int, over: dict) -> dict:
     """Train in chunks of ``chunk`` steps until ``minutes`` of training time are spent."""
     from importlib.resources import files
@@ -167,6 +185,8 @@ def main() -> None:
                     help="training config override (repeatable), e.g. loop.batch_size=16")
     ap.add_argument("--backbone-from", metavar="RUN",
                     help="start from the UNet of this trained run (model.backbone.path; MUMU starts from a trained text-to-image UNet)")
+    ap.add_argument("--deeper-unet", action="store_true",
+                    help="a three-level UNet in place of tiny:unet (model.backbone.path; see deeper_unet)")
     ap.add_argument("--tag", default="", help="suffix of the run's folder name (diagnostic runs side by side)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared machine, OpenMP threads waiting on each other cost more than they give)")
@@ -189,6 +209,9 @@ def main() -> None:
     from mmloom.train.sample import parse_settings
 
     extra = parse_settings(a.set)  # --set, then the backbone options
+    if a.deeper_unet:
+        extra["model.backbone.path"] = deeper_unet(os.path.join(work, "models", "unet-deeper"))
+        extra["model.backbone.subfolder"] = None
     if a.backbone_from:
         src = os.path.abspath(a.backbone_from)
         extra["model.backbone.path"] = backbone_from(src, os.path.join(work, "models", "backbone-" + os.path.basename(src)))
