@@ -11,7 +11,7 @@ import os
 import pytest
 from PIL import Image, ImageDraw
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline (about a minute on 2 cores)
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # the whole pipeline and a short training run (2-3 minutes on 2 cores)
 N = 24  # toy pictures: enough prompts for the learning test's adherence to stand above noise
 
 
