@@ -324,3 +324,27 @@ def test_aspect_ratio_lower_bound_is_0_6_inclusive():
     con = duckdb.connect()
     con.register("t", pd.DataFrame({"original_width": w, "original_height": h}))
     assert [r[0] for r in con.execute(f"select {rule.passes} from t").fetchall()] == [True, False, True]
+
+
+def test_versatile_unconditional_image_is_what_the_released_pipelines_feed_clip(tiny_cache):
+    """B.1 (a): the unconditional image context is CLIP of an all-zero (black) image. The
+    released pipelines pass ``np.zeros((512, 512, 3)) + 0.5`` to their CLIPImageProcessor,
+    which rescales it by 1/255 as it does any image (0.498 / 255 = 0.002), so what reaches
+    CLIP there is black too: mmloom's CLIP input equals the reference's within 0.01, and a
+    mid-grey picture would be 1.8 away."""
+    from transformers import CLIPImageProcessor
+
+    _fam, model, _ = _build("versatile", VD)
+    seen = []
+    hook = model.clip.model.visual.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        model.uncond_context("image", 1)
+    finally:
+        hook.remove()
+    (ours,) = seen
+    ref = CLIPImageProcessor()(images=[np.zeros((512, 512, 3)) + 0.5], return_tensors="pt").pixel_values
+    mid_grey = CLIPImageProcessor()(images=[np.full((512, 512, 3), 128, np.uint8)], return_tensors="pt").pixel_values
+    ours_px, ref_px = ours[0, :, 0, 0].float().cpu(), ref[0, :, 0, 0]
+    assert torch.allclose(ours[0].float().cpu(), ours_px[:, None, None].expand_as(ours[0]))  # one colour
+    assert torch.allclose(ours_px, ref_px, atol=1e-2)
+    assert (ours_px - mid_grey[0, :, 0, 0]).abs().min() > 1.0

@@ -330,7 +330,13 @@ class VersatileModel(nn.Module):
 
     def uncond_context(self, kind: str, n: int) -> torch.Tensor:
         """The unconditional context, ``n`` times: CLIP of the empty text, or (B.1) CLIP of an
-        all-zero image or all-zero embeddings. CLIP is frozen, so each is encoded once."""
+        all-zero image or all-zero embeddings. CLIP is frozen, so each is encoded once.
+
+        The all-zero image is black, as B.1 (a) says. diffusers' released VD pipelines pass
+        ``np.zeros((512, 512, 3)) + 0.5`` instead, but their CLIPImageProcessor rescales every
+        input by 1/255, so the 0.5 reaches CLIP as 0.002: black as well, within 0.01 of
+        mmloom's input after CLIP's normalization (a true mid-grey would be 1.8 away);
+        tests/test_mechanisms.py checks both against the reference's processor."""
         if kind not in self._uncond:
             from PIL import Image
 
