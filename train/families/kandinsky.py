@@ -27,7 +27,17 @@ keep theirs in a ``Normalizer`` (``norm.mean`` / ``norm.std``). Where mmloom and
 released pipeline differ: mmloom's CLIP embeddings (stored by the score stage, and the
 pooled text embedding) are L2-normalized open_clip outputs, the released prior was trained
 on transformers' unnormalized ``text_embeds`` / ``image_embeds``; token states are
-open_clip's after ln_final, as transformers' ``last_hidden_state``.
+open_clip's after ln_final, as transformers' ``last_hidden_state``. The same holds for the
+released decoder: diffusers' KandinskyPipeline hands its UNet the prior's raw-scale
+``image_embeds`` (and KandinskyPriorPipeline encodes pictures to raw ``image_embeds``),
+while mmloom hands it unit-norm ones. So mmloom is consistent with itself (a prior and a
+decoder trained here both work on unit-norm embeddings, the statistics are over unit-norm
+stored embeddings), but released weights see embeddings off their training scale: a
+released decoder gets image embeddings |e| times too short, and ``prior_stats:
+checkpoint`` normalizes unit-norm targets with the released prior's raw-space
+``clip_mean`` / ``clip_std``. Not fixed yet: the raw norm is not stored (the score stage
+keeps only the normalized embedding), so fine-tune released Kandinsky weights with
+``prior_stats: dataset`` and expect the decoder to adapt to the new scale.
 * ``stage: decoder``: a diffusers UNet in the released Kandinsky 2.1 layout conditioned
   on the CLIP image embedding (projected into 10 context tokens next to the text tokens,
   and added to the time embedding with the pooled text embedding) and on the text through
