@@ -47,17 +47,20 @@ def test_mtdiffusion_training_aggregates_the_modality_into_z_t_and_weighs_the_he
     the noise predictor's target is eps, and the loss is equation 6 with lambda = 0.1."""
     fam, model, mc = _build("mtdiffusion", {**TINY, "task": "masked_image", "condition_on_data": False})
     assert mc.loss_weight == 0.1 and mc.task_weight == "ratio"  # equation 6, appendix E
+    with pytest.raises(Exception, match="loss_weight"):  # lambda weighs a loss: never negative
+        _build("mtdiffusion", {**TINY, "loss_weight": -0.5})
     calls, encoded, heads = [], [], []
     _record(model.unet, calls)
     real_encode, real_head = model.ae.encode, model._head
     monkeypatch.setattr(model.ae, "encode", lambda px: encoded.append((px, real_encode(px))) or encoded[-1][1])
     monkeypatch.setattr(model, "_head", lambda: heads.append(real_head()) or heads[-1])
     g = torch.Generator().manual_seed(0)
-    eps = torch.randn(4, 4, 8, 8, generator=g)
+    B = 5  # not 4, the latent channels: a batch size read off the wrong axis must show
+    eps = torch.randn(B, 4, 8, 8, generator=g)
     real_randn_like = torch.randn_like
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: eps.clone() if x.shape == eps.shape else real_randn_like(x, **kw))
-    pixels = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
-    t = torch.tensor([0, 10, 500, 999])
+    pixels = torch.rand(B, 3, 64, 64, generator=g) * 2 - 1
+    t = torch.tensor([0, 10, 250, 500, 999])
     with torch.no_grad():
         out = model({"pixels": pixels, "timesteps": t})
     (pix0, z0), (masked, e) = encoded  # E(image) is z_0; E(masked image) is the aggregated e
@@ -67,10 +70,17 @@ def test_mtdiffusion_training_aggregates_the_modality_into_z_t_and_weighs_the_he
     expect = c(np.sqrt(abar)) * z0 + c(at) * e + c(np.sqrt(1 - abar)) * eps
     (args, pred), = calls
     assert torch.allclose(args[0], expect, rtol=1e-4, atol=1e-3) and torch.equal(args[1], t)
-    assert at[999] > 100 and c(at)[3].item() * e.abs().mean() > 10  # the aggregated term is not small
+    assert at[999] > 100 and c(at)[4].item() * e.abs().mean() > 10  # the aggregated term is not small
     mse, head = F.mse_loss(pred.sample, eps), F.mse_loss(heads[0], e)
     assert torch.isclose(out["mse"], mse) and torch.isclose(out["head"], head)
     assert torch.isclose(out["loss"], mse + 0.1 * head)
+    # without fixed steps, t is drawn uniformly from all T steps, 0 included, one per sample
+    drawn = []
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **kw: drawn.append(a) or real_randint(*a, **kw))
+    with torch.no_grad():
+        model({"pixels": pixels})
+    assert (0, 1000, (B,)) in drawn
 
 
 def test_mtdiffusion_algorithm1_walks_equation_5_with_the_heads_estimates(tiny_cache, monkeypatch):
