@@ -181,6 +181,28 @@ def test_mumu_bypasses_the_perceiver_one_token_per_patch_and_rank_8_lora(tiny_ca
     assert any("text_model" in n for n in ranks)
 
 
+def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache):
+    """With ``image_size`` set below the vision tower's own (64 in the tiny VLM), a picture
+    is (image_size / patch)^2 tokens: the size read is the configured one; and the LoRA
+    rank must be positive (1 allowed, 0 not)."""
+    from PIL import Image
+
+    from mmloom.testkit.tiny_train import resolve_tiny
+    from mmloom.train.encoders import VLMEncoder
+
+    enc = VLMEncoder(resolve_tiny("tiny:vlm"), image_size=32)
+    vc = enc.model.config.vision_config
+    assert vc.image_size == 64 and enc.processor.image_seq_len == (32 // vc.patch_size) ** 2 == 4
+    with torch.no_grad():
+        enc([["a", Image.new("RGB", (32, 32), "red")]])
+    image_id = enc.processor.tokenizer.convert_tokens_to_ids(enc.image_token)
+    assert int((enc.last_input_ids == image_id).sum()) == 4
+    mumu = {**TINY, "encoder": {"path": "tiny:vlm", "image_size": 64}}
+    TrainConfig.model_validate({"family": "mumu", "model": {**mumu, "lora_rank": 1}})
+    with pytest.raises(Exception, match="lora_rank"):
+        TrainConfig.model_validate({"family": "mumu", "model": {**mumu, "lora_rank": 0}})
+
+
 # -- Versatile Diffusion ------------------------------------------------------------------------------------
 VD = {"backbone": {"path": "tiny:unet", "subfolder": None}, "text_backbone": {"path": "tiny:text-unet", "subfolder": None},
       "autoencoder": {"path": "tiny:vae", "subfolder": None}, "text_vae": "tiny:text-vae", "encoder": {"path": "tiny:clip"}}

@@ -38,7 +38,6 @@ class VLMEncoder(nn.Module):
         if hasattr(self.image_token, "content"):
             self.image_token = self.image_token.content
         inner = self.inner
-        self.bypass = False
         if bypass_resampler:
             conn = getattr(inner, "connector", None)
             if conn is None or not hasattr(conn, "modality_projection"):
@@ -47,13 +46,15 @@ class VLMEncoder(nn.Module):
             vcfg = self.model.config.vision_config
             side = (image_size or vcfg.image_size) // vcfg.patch_size
             self.processor.image_seq_len = side * side  # one token per patch
-            self.bypass = True
         if image_size and hasattr(self.processor, "image_processor"):
             ip = self.processor.image_processor
             if hasattr(ip, "do_image_splitting"):
                 ip.do_image_splitting = False
-            if isinstance(getattr(ip, "size", None), dict) and "longest_edge" in ip.size:
-                ip.size = {**ip.size, "longest_edge": image_size, "shortest_edge": min(ip.size.get("shortest_edge", image_size), image_size)}
+            size = getattr(ip, "size", None)  # a dict, or transformers' SizeDict (not a dict: both take `in`)
+            if size is not None and "longest_edge" in size:
+                shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+                ip.size = {**(size if isinstance(size, dict) else {}), "longest_edge": image_size,
+                           "shortest_edge": min(shortest or image_size, image_size)}
         self.hidden_size = self.model.config.get_text_config().hidden_size
 
     @property
