@@ -348,6 +348,9 @@ def test_aspect_ratio_lower_bound_is_0_6_inclusive():
     from mmloom.curate.rules import PREFILTER, SELECT, failure_reasons, sql_rules
 
     assert PrefilterConfig().min_aspect == 0.6 and SelectConfig().min_aspect == 0.6
+    for section in (PrefilterConfig, SelectConfig):  # a bound of 0 would let every picture through
+        with pytest.raises(Exception, match="min_aspect"):
+            section(min_aspect=0)
     w, h = [600, 599, 1000], [1000, 1000, 1000]  # 0.6 kept, 0.599 dropped, 1 kept (areas all allowed)
     only_size = PrefilterConfig(min_clip_similarity=None, max_nsfw=None, max_watermark=None)
     reasons = failure_reasons(PREFILTER, only_size, pd.DataFrame({"width": w, "height": h}))
