@@ -337,6 +337,30 @@ def test_movq_decoding_quantizes(tiny_cache):
     assert torch.allclose(got, via_codebook, atol=1e-5) and not torch.allclose(got, raw, atol=1e-3)
 
 
+def test_autoencoder_decode_unscales_and_clamps_to_the_pixel_range(tiny_cache, monkeypatch):
+    """KL latents are divided by the scaling factor before decoding (VQ's factor is 1),
+    the KL decoder is called without VQ's arguments, the pixels are clamped to [-1, 1]
+    and no gradient is tracked; the schedule's bounds refuse T = 1 and zero betas."""
+    from types import SimpleNamespace
+
+    from mmloom.train.diffusion import Autoencoder, ScheduleConfig
+
+    ae = Autoencoder("tiny:vae", None, "kl")
+    assert ae.scale not in (0.0, 1.0)
+    assert not ae.decode(torch.randn(1, ae.latent_channels, 8, 8, requires_grad=True)).requires_grad
+    seen = []
+    monkeypatch.setattr(ae.model, "decode", lambda z, **kw: seen.append((z, kw)) or SimpleNamespace(
+        sample=torch.tensor([-3.0, -0.5, 0.5, 3.0])))
+    z = torch.ones(1, ae.latent_channels, 8, 8)
+    out = ae.decode(z)
+    ((got, kw),) = seen
+    assert torch.allclose(got, z / ae.scale) and kw == {}
+    assert torch.equal(out, torch.tensor([-1.0, -0.5, 0.5, 1.0]))
+    for bad in ({"num_train_timesteps": 1}, {"beta_start": 0}, {"beta_end": 0}):
+        with pytest.raises(Exception, match=next(iter(bad))):
+            ScheduleConfig(**bad)
+
+
 # -- curation: the aspect-ratio lower bound ------------------------------------------------------------------
 def test_aspect_ratio_lower_bound_is_0_6_inclusive():
     """VD section 4.1: images with width/height below 0.6 are dropped, exactly 0.6 is kept;
