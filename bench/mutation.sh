@@ -38,9 +38,9 @@ cleanup() { :; }
 if [ -n "${MUTATION_FORK:-}" ] && [ -z "${MUTATION_COUNT:-}" ]; then
   [ "${1:-} ${2:-} ${3:-}" = "python -m pytest" ] || { echo "bench/mutation.sh: MUTATION_FORK needs 'python -m pytest ARGS'" >&2; exit 2; }
   shift 3
-  sock=mutation/$name.sock
+  sock=/tmp/mmloom-mutation-$(echo "$PWD $name" | md5sum | cut -c1-12).sock  # AF_UNIX paths are short
   rm -f "$sock"
-  python bench/forkserver.py "$sock" -- "$@" >"mutation/$name.fork.log" 2>&1 &
+  python bench/forkserver.py "$sock" -- "$@" >"mutation/$name.fork.log" 2>&1 &  # logs: $sock.*.log
   fork_pid=$!
   cleanup() { python bench/forkserver.py --run "$sock" --stop >/dev/null 2>&1 || kill "$fork_pid" 2>/dev/null || true; }
   trap cleanup EXIT
