@@ -296,7 +296,45 @@ def test_kandinsky_prior_learns_normalized_embeddings_and_returns_them_denormali
         assert torch.allclose(model.prior_embed(captions), pred * std + mean, atol=1e-5)
 
 
-def test_kandinsky_diffusion_prior_returns_denormalized_embeddings(tiny_cache):
+def test_kandinsky_prior_fits_its_statistics_once_before_the_first_step(tiny_cache, monkeypatch):
+    """Unfitted statistics (count 0) are fitted from the dataset before the first step,
+    fitted ones (count n) and the released checkpoint's own (count -1) never again;
+    cond_dropout 1 gives every sample the empty caption."""
+    mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "linear", "cond_dropout": 1.0}
+    _fam, model, _ = _build("kandinsky", mc)
+    fits, texts = [], []
+    monkeypatch.setattr(model, "fit_normalizer", lambda: fits.append(1) or model.norm.fit(torch.zeros(model.dim), torch.ones(model.dim), 10))
+    real_text = model.text
+    monkeypatch.setattr(model, "text", lambda t: texts.append(list(t)) or real_text(t))
+    batch = {"captions": ["a red cat", "a man"], "clip_image": torch.randn(2, model.dim)}
+    assert int(model.norm.count) == 0
+    with torch.no_grad():
+        model(batch)
+        model(batch)
+        assert fits == [1] and int(model.norm.count) == 10
+        model.norm.count.fill_(-1)
+        model(batch)
+    assert fits == [1] and texts == [["", ""]] * 3
+
+
+def test_kandinsky_released_prior_statistics_floor_and_normalize(tiny_cache):
+    """The released prior's statistics (PriorStats, in the prior's clip_mean / clip_std):
+    a zero spread is floored at 1e-6, and normalizing is (x - clip_mean) / clip_std."""
+    from torch import nn
+
+    from mmloom.train.families.kandinsky import PriorStats
+
+    prior = nn.Module()
+    prior.clip_mean, prior.clip_std = nn.Parameter(torch.zeros(1, 3)), nn.Parameter(torch.ones(1, 3))
+    stats = PriorStats(prior, from_checkpoint=False)
+    stats.fit(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0, 0.5]), 4)
+    assert torch.equal(stats.std, torch.tensor([1e-6, 2.0, 0.5])) and torch.equal(prior.clip_std[0], stats.std)
+    assert torch.equal(prior.clip_mean[0], torch.tensor([1.0, 2.0, 3.0])) and int(stats.count) == 4
+    z = stats(torch.tensor([[1.0, 4.0, 4.0], [1.0, -2.0, 2.5]]))
+    assert torch.allclose(z, torch.tensor([[0.0, 1.0, 2.0], [0.0, -2.0, -1.0]]))
+
+
+def test_kandinsky_diffusion_prior_returns_denormalized_embeddings(tiny_cache, monkeypatch):
     """The diffusion prior samples in the normalized space and maps back: with the
     statistics' mean at 100 and std 0.01, the sampled embeddings sit at 100."""
     mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 1, "prior_heads": 2,
@@ -306,6 +344,12 @@ def test_kandinsky_diffusion_prior_returns_denormalized_embeddings(tiny_cache):
     with torch.no_grad():
         out = model.prior_embed(["a red cat"], steps=2)
     assert (out - 100).abs().max() < 1.0
+    drawn = []  # training: t uniform over all T steps, 0 included, one per sample
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **kw: drawn.append(a) or real_randint(*a, **kw))
+    with torch.no_grad():
+        model({"captions": ["a", "b", "c"], "clip_image": torch.randn(3, model.dim)})
+    assert (0, 1000, (3,)) in drawn
 
 
 def test_kandinsky_normalizer_guards_a_constant_dimension():
