@@ -238,10 +238,30 @@ def test_versatile_contexts_are_divided_by_the_pooled_norm(tiny_cache):
         img = model.image_context([Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")])
     assert torch.allclose(img[:, 0].norm(dim=-1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(img[:, 1].norm(dim=-1), torch.ones(2), atol=1e-2)  # one scale for all tokens, not per token
+    assert model.clip.model.visual.output_tokens is False  # the tower is left as found (clip.images needs it so)
+    assert not model.text_context(["a"]).requires_grad and not model.image_context([Image.new("RGB", (64, 64))]).requires_grad
+
+
+def test_versatile_contexts_do_not_depend_on_clips_scale(tiny_cache, monkeypatch):
+    """Dividing by the pooled norm makes each context independent of CLIP's output scale:
+    features shrunk 1000x (pooled norms far below 1) give the same contexts."""
+    from PIL import Image
+
+    _fam, model, _ = _build("versatile", VD)
+    texts, images = ["a red circle", "a dog"], [Image.new("RGB", (64, 64), "red")]
+    with torch.no_grad():
+        text, img = model.text_context(texts), model.image_context(images)
+        real_states, visual = model.clip.text_states, model.clip.model.visual
+        real_visual = visual.forward
+        monkeypatch.setattr(model.clip, "text_states", lambda t: (lambda s, m, p: (s * 1e-3, m, p * 1e-3))(*real_states(t)))
+        monkeypatch.setattr(visual, "forward", lambda x: tuple(o * 1e-3 for o in real_visual(x)))
+        small_text, small_img = model.text_context(texts), model.image_context(images)
+    assert torch.allclose(small_text, text, atol=1e-5) and torch.allclose(small_img, img, atol=1e-5)
 
 
 @pytest.mark.parametrize("n,rate,expect", [
     (16, 0.5, set(range(0, 16, 2))), (16, 0.25, {0, 4, 8, 12}), (10, 0.3, {0, 3, 7}), (8, 1.0, set(range(8))), (8, 0.0, set()),
+    (8, 0.125, {0}), (8, 0.05, set()),
 ])
 def test_versatile_layer_mixing_spreads_round_rate_n_text_layers(n, rate, expect):
     """A.2's layer-level mixing at intermediate rates: round(rate n) of the n context
@@ -274,6 +294,13 @@ def test_versatile_layer_mixing_routes_each_layer_to_its_context(tiny_cache, mon
     assert sorted(i for (i,), _k in used) == list(range(n))  # each layer once, its own context's layer
     text = {i for (i,), k in used if k == "text"}
     assert text == vd.text_layers(n, 0.75) and len(text) == round(0.75 * n) and 0 < len(text) < n
+    mixed = []  # attention-level mixing: every context layer pair sees both contexts, weighed by the rate
+    real_mix = vd.AttentionMix.forward
+    monkeypatch.setattr(vd.AttentionMix, "forward", lambda self, h, *a, **kw: mixed.append(
+        (self.image_ctx is ictx, self.text_ctx is tctx, self.rate)) or real_mix(self, h, *a, **kw))
+    with torch.no_grad():
+        model.unet.blend(torch.randn(1, 4, 8, 8), torch.tensor([500]), "image", ictx, tctx, 0.75, "attention")
+    assert mixed == [(True, True, 0.75)] * n
 
 
 # -- Kandinsky 2.1 ------------------------------------------------------------------------------------------

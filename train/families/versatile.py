@@ -232,7 +232,7 @@ def text_layers(n: int, rate: float) -> set[int]:
     """Layer-level mixing's preset schedule (A.2): the indices of the ``n`` context layers
     that take the text context, round(rate n) of them spread evenly from the first."""
     k = round(rate * n)
-    return {round(i * n / k) for i in range(k)} if rate > 0 and k > 0 else set()
+    return {round(i * n / k) for i in range(k)}  # k = 0: none
 
 
 def text_latent_shape(text_unet: nn.Module) -> tuple[int, ...]:
