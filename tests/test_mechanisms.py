@@ -151,6 +151,11 @@ def test_mvader_samples_with_pndm_at_guidance_8(tiny_cache, monkeypatch):
     monkeypatch.setattr(mv, "guided_sample", fake)
     fam.generate(model.eval(), [["a cat"]], seeds=[0], size=64)
     assert got == {"sched": "PNDMScheduler", "steps": 50, "guidance": 8.0}
+    # the bounds: 1 step and guidance below 1 are allowed, no steps and a negative probability are not
+    mv.Sampling(steps=1, guidance=0.5)
+    for bad in ({"sampling": {"steps": 0}}, {"sampling": {"guidance": -0.5}}, {"image_prob": -0.1}, {"image_prob": 1.1}):
+        with pytest.raises(Exception, match="steps|guidance|image_prob"):
+            mv.Config.model_validate(bad)
 
 
 # -- MUMU -----------------------------------------------------------------------------------------------
