@@ -186,7 +186,7 @@ def test_mumu_bypasses_the_perceiver_one_token_per_patch_and_rank_8_lora(tiny_ca
     assert any("text_model" in n for n in ranks)
 
 
-def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache):
+def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache, tmp_path):
     """With ``image_size`` set below the vision tower's own (64 in the tiny VLM), a picture
     is (image_size / patch)^2 tokens: the size read is the configured one; and the LoRA
     rank must be positive (1 allowed, 0 not)."""
@@ -195,7 +195,17 @@ def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache):
     from mmloom.testkit.tiny_train import resolve_tiny
     from mmloom.train.encoders import VLMEncoder
 
-    enc = VLMEncoder(resolve_tiny("tiny:vlm"), image_size=32)
+    import json
+    import shutil
+
+    src = resolve_tiny("tiny:vlm")
+    assert VLMEncoder(src).processor.image_processor.size["longest_edge"] == 64  # no image_size: as saved
+    ref = shutil.copytree(src, tmp_path / "vlm")  # Idefics2-8b's processor splits images: the encoder must not
+    cfg = json.loads((ref / "processor_config.json").read_text())
+    cfg["image_processor"]["do_image_splitting"] = True
+    (ref / "processor_config.json").write_text(json.dumps(cfg))
+    enc = VLMEncoder(str(ref), image_size=32)
+    assert enc.processor.image_processor.do_image_splitting is False
     vc = enc.model.config.vision_config
     assert vc.image_size == 64 and enc.processor.image_seq_len == (32 // vc.patch_size) ** 2 == 4
     with torch.no_grad():

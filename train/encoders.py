@@ -52,7 +52,7 @@ class VLMEncoder(nn.Module):
                 ip.do_image_splitting = False
             size = getattr(ip, "size", None)  # a dict, or transformers' SizeDict (not a dict: both take `in`)
             if size is not None and "longest_edge" in size:
-                shortest = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+                shortest = size["shortest_edge"]
                 ip.size = {**(size if isinstance(size, dict) else {}), "longest_edge": image_size,
                            "shortest_edge": min(shortest or image_size, image_size)}
         self.hidden_size = self.model.config.get_text_config().hidden_size
