@@ -83,7 +83,10 @@ def _clean_once(text: str) -> str:
 
 
 def clean(text: str) -> str:
-    """The cleaned caption (possibly empty). Applied until it stops changing."""
+    """The cleaned caption (possibly empty). Applied until it stops changing, at most 8
+    passes: a bound on the work per caption (each pass undoes one level of HTML escaping,
+    so a tag escaped 8 times still goes; each of the 1,000 real LAION captions in
+    tests/data settles in one pass, a second confirming it)."""
     prev, cur = None, text or ""
     for _ in range(8):
         if cur == prev:

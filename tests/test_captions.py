@@ -104,3 +104,29 @@ def test_cli_clean_caption():
     assert r.returncode == 0 and r.stdout.strip() == "A cat"
     r = subprocess.run([sys.executable, "-m", "mmloom", "clean-caption", "http://x.com"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "empty after cleaning" in r.stderr
+
+
+def test_caption_cleaner_scores_each_caption_into_its_two_columns():
+    """The scorer the score stage runs: one clean caption and one reason per caption, in
+    order, under the columns it declares (kills the p[0] / p[1] mutants cosmic-ray found)."""
+    from mmloom.filters.base import Batch
+    from mmloom.filters.captions import CaptionCleaner
+
+    cleaner = CaptionCleaner()
+    out = cleaner.score(Batch([None] * 3, ["<b>A cat</b> http://x.com", None, "http://x.com"]))
+    assert list(out) == list(cleaner.columns)
+    assert out == {"clean_caption": ["A cat", "", ""],
+                   "caption_reason": [None, "caption is null", "caption is empty after cleaning"]}
+
+
+def test_cleaning_repeats_until_it_settles_within_eight_passes():
+    """Each pass undoes one level of HTML escaping: a tag escaped 8 times is removed, one
+    escaped 9 times is left after the 8-pass bound (work per caption stays bounded)."""
+    def escaped(k: int) -> str:
+        s = "<b>x</b> cat"
+        for _ in range(k):
+            s = html.escape(s)
+        return s
+
+    assert clean(escaped(8)) == "x cat"
+    assert clean(escaped(9)) != "x cat" and "&lt;b&gt;" in clean(escaped(9))
