@@ -318,6 +318,45 @@ def test_versatile_layer_mixing_routes_each_layer_to_its_context(tiny_cache, mon
     assert mixed == [(True, True, 0.75)] * n
 
 
+def _flat_unet(blocks=(32, 64), down=("CrossAttnDownBlock2D", "DownBlock2D"), up=("UpBlock2D", "CrossAttnUpBlock2D")):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, block_out_channels=blocks, down_block_types=down, up_block_types=up,
+                                layers_per_block=1, cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+
+
+def test_versatile_refuses_unets_whose_layers_cannot_be_shared():
+    """Section 3.2 shares the context and global layers between the flows, so the two UNets
+    must have their cross-attention blocks in the same places and the same widths; either
+    mismatch, in either order, is one clear error (kills the `!=` -> `<`, `>`, `is` mutants)."""
+    from mmloom.errors import UserError
+    from mmloom.train.families.versatile import MultiFlowUNet
+
+    swapped = {"down": ("DownBlock2D", "CrossAttnDownBlock2D"), "up": ("CrossAttnUpBlock2D", "UpBlock2D")}
+    for image, text in ((_flat_unet(), _flat_unet(**swapped)), (_flat_unet(**swapped), _flat_unet())):
+        with pytest.raises(UserError, match="same block layout"):
+            MultiFlowUNet(image, text)
+    for a, b in (((32, 64), (64, 64)), ((64, 64), (32, 64))):
+        with pytest.raises(UserError, match="same block_out_channels"):
+            MultiFlowUNet(_flat_unet(a), _flat_unet(b))
+
+
+def test_versatile_each_shared_layer_exists_once():
+    """The context layers and the global layers (time embedding) are taken out of both UNets
+    and kept once (the text UNet's time embedding dropped): each parameter has one name, so
+    a checkpoint and an export hold every layer once and a flow can only reach a context
+    layer through ``flow`` (kills skipping the loop that empties the UNets' slots)."""
+    from mmloom.train.families.versatile import MultiFlowUNet
+
+    m = MultiFlowUNet(_flat_unet(), _flat_unet())
+    assert len(list(m.named_parameters(remove_duplicate=False))) == len(list(m.parameters()))
+    keys = m.state_dict().keys()
+    for kind in ("image", "text"):
+        assert not [k for k in keys if k.startswith(f"data.{kind}.time_embedding")]
+        assert not [k for k in keys for p in m.paths if k.startswith(f"data.{kind}.{p}.")]
+    assert [k for k in keys if k.startswith("global_layers.")] and [k for k in keys if k.startswith("context.text.")]
+
+
 # -- Kandinsky 2.1 ------------------------------------------------------------------------------------------
 def test_kandinsky_prior_learns_normalized_embeddings_and_returns_them_denormalized(tiny_cache):
     """Section 4: the prior's target is the image embedding normalized element-wise,
