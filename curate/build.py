@@ -68,14 +68,20 @@ def _npy(values) -> bytes:
 
 
 def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
-    """sample_key -> CLIP image embedding, from the score stage's shard (empty when the
-    score stage did not store embeddings)."""
+    """sample_key -> CLIP image embedding at CLIP's own scale (the stored unit vector times
+    its stored ``clip_image_norm``: transformers' ``image_embeds``, what Kandinsky's
+    released weights take), from the score stage's shard; empty when the score stage did
+    not store embeddings. Scores written before the norm was stored give the unit vectors."""
     if not store.is_committed("score", shard):
         return {}
     t = store.read_table_verified("score", shard, f"scores/{shard_name(shard)}.parquet")
     if "clip_image_embedding" not in t.column_names:
         return {}
-    return dict(zip(t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()))
+    keys, embs = t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()
+    if "clip_image_norm" in t.column_names:
+        embs = [None if e is None or n is None else [x * n for x in e]
+                for e, n in zip(embs, t.column("clip_image_norm").to_pylist())]
+    return dict(zip(keys, embs))
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -64,9 +64,15 @@ class Batch:
         """The input tensor of the open_clip model ``ref``'s image tower."""
         return self.ready(("clip", ref), lambda: self.embedders[ref].inputs(self.images))
 
+    def clip_raw(self, ref: str):
+        """[N, D] raw image embeddings of the open_clip model ``ref`` (one model pass)."""
+        return self.once(("clip", ref), lambda: self.embedders[ref].images(self.clip_inputs(ref), normalize=False))
+
     def clip_images(self, ref: str):
         """[N, D] normalized image embeddings of the open_clip model ``ref``."""
-        return self.once(("clip", ref), lambda: self.embedders[ref].images(self.clip_inputs(ref)))
+        import torch
+
+        return self.once(("clip-unit", ref), lambda: torch.nn.functional.normalize(self.clip_raw(ref), dim=-1))
 
     def nudenet_inputs(self, nudenet):
         """nudenet's letterboxed input of each image (`filters.nsfw.NudeNet.inputs`)."""

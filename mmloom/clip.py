@@ -53,19 +53,21 @@ class ClipEmbedder:
         return x.pin_memory() if self.device.startswith("cuda") else x
 
     @torch.no_grad()
-    def images(self, pil_images) -> torch.Tensor:
+    def images(self, pil_images, normalize: bool = True) -> torch.Tensor:
         """[N, D] L2-normalized image embeddings (float32, CPU) of PIL images, or of the
-        batch `inputs` made of them."""
+        batch `inputs` made of them; ``normalize=False``: CLIP's raw projected embeddings
+        (transformers' ``image_embeds``, the scale Kandinsky's released weights work in)."""
         x = (pil_images if torch.is_tensor(pil_images) else self.inputs(pil_images)).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
-            e = self.model.encode_image(x)
-        return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
+            e = self.model.encode_image(x).float()
+        return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()
 
     @torch.no_grad()
-    def text_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def text_states(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token states of the text tower before pooling ([N, L, W]), their mask
-        ([N, L], padding False) and the L2-normalized pooled embedding ([N, D]): the
-        inputs of a Kandinsky-style prior and decoder."""
+        ([N, L], padding False) and the pooled embedding ([N, D]; L2-normalized unless
+        ``normalize=False``: transformers' ``text_embeds``): the inputs of a
+        Kandinsky-style prior and decoder."""
         from open_clip.transformer import text_global_pool
 
         m = self.model
@@ -74,15 +76,16 @@ class ClipEmbedder:
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
         pooled = text_global_pool(x, t, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         pooled = m.text_projection(pooled) if isinstance(m.text_projection, torch.nn.Linear) else pooled @ m.text_projection
-        return x.float().cpu(), (t != 0).cpu(), torch.nn.functional.normalize(pooled.float(), dim=-1).cpu()
+        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1) if normalize else pooled.float()
+        return x.float().cpu(), (t != 0).cpu(), pooled.cpu()
 
     @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        """[N, D] L2-normalized text embeddings."""
+    def texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """[N, D] L2-normalized text embeddings (``normalize=False``: raw, ``text_embeds``)."""
         t = self.tokenizer([s or "" for s in texts]).to(self.device)
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
-            e = self.model.encode_text(t)
-        return torch.nn.functional.normalize(e.float(), dim=-1).cpu()
+            e = self.model.encode_text(t).float()
+        return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()
 
 
 TINY_CLIP_CFG = {

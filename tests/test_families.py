@@ -371,10 +371,12 @@ def test_linear_prior_recovers_a_linear_map():
     assert (pred - truth).norm() / truth.norm() < 0.02
 
 
-def test_normalization_round_trips_and_uses_the_selected_samples_statistics(tmp_path):
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_normalization_round_trips_and_uses_the_selected_samples_statistics(tmp_path, with_norm):
     """Statistics over the whole dataset the prior trains on: every selected sample of
     every shard, and no reject (rejects here sit far off, so counting them would shift
-    mean and std)."""
+    mean and std); at CLIP's own scale, the stored unit vector times its stored norm, where
+    the score stage stored the norm (``with_norm``), else the vectors as stored."""
     from mmloom.manifests.store import ShardStore
     from mmloom.train.embed_stats import embedding_stats
     from mmloom.train.families.kandinsky import Normalizer
@@ -389,8 +391,12 @@ def test_normalization_round_trips_and_uses_the_selected_samples_statistics(tmp_
         kept.append(emb[:15])
         staging = store.staging_dir("scores", shard)
         p = f"{staging}/s.parquet"
-        pq.write_table(pa.table({"sample_key": [f"{shard}-{i}" for i in range(20)],
-                                 "clip_image_embedding": [list(map(float, r)) for r in emb]}), p)
+        cols = {"sample_key": [f"{shard}-{i}" for i in range(20)], "clip_image_embedding": [list(map(float, r)) for r in emb]}
+        if with_norm:
+            length = np.linalg.norm(emb, axis=1)
+            cols.update(clip_image_embedding=[list(map(float, r)) for r in emb / length[:, None]],
+                        clip_image_norm=pa.array(length, pa.float32()))
+        pq.write_table(pa.table(cols), p)
         store.commit("score", shard, {f"scores/{shard:05d}.parquet": p}, {"rows": 20}, "h")
     staging = store.staging_dir("selection", 0)
     sel, rej = f"{staging}/selected.parquet", f"{staging}/rejects.parquet"
@@ -449,7 +455,7 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
     fam, model, mc = _kandinsky("decoder", cond_dropout=1.0)
     from PIL import Image
 
-    black = model.clip.images([Image.new("RGB", (224, 224))])[0]
+    black = model.clip.images([Image.new("RGB", (224, 224))], normalize=False)[0]  # CLIP's own scale, as the released decoder
     seen = {}
     real = model.unet.forward
 
@@ -485,7 +491,8 @@ def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     # text and image: no prior checkpoint, so the text embedding stands in (Table 3's "no prior")
     red = Image.new("RGB", (64, 64), "red")
     emb, text = model.embed_prompt(["a red circle", red])
-    expect = interpolate([model.clip.texts(["a red circle"])[0], model.clip.images([red])[0]], [0.5, 0.5])
+    expect = interpolate([model.clip.texts(["a red circle"], normalize=False)[0],  # CLIP's own scale, as the released weights
+                          model.clip.images([red], normalize=False)[0]], [0.5, 0.5])
     assert text == "a red circle" and torch.allclose(emb, expect, atol=1e-5)
     imgs = fam.generate(model.eval(), [["a red circle", red], [red]], steps=3, seeds=[0, 1], size=64)
     assert [im.size for im in imgs] == [(64, 64), (64, 64)]

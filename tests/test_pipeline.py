@@ -7,6 +7,7 @@ import re
 import hashlib
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -61,10 +62,15 @@ def test_final_shards_read_with_plain_webdataset(pipeline_run):
         assert s["jpg"].size[0] > 0 and "clip_score" in s["scores.json"] and s["json"]["weight"] in (1.0, 2.0)
     # the score stage's stored CLIP image embedding travels with each sample
     con = __import__("mmloom.manifests.views", fromlist=["open_dataset"]).open_dataset(str(root))
-    stored = dict(con.execute("SELECT sample_key, clip_image_embedding FROM scores").fetchall())
+    stored = {k: (e, n) for k, e, n in con.execute("SELECT sample_key, clip_image_embedding, clip_image_norm FROM scores").fetchall()}
+    norms = []
     for s in samples:
-        assert s["clip_image.npy"].shape == (32,)
-        assert list(s["clip_image.npy"]) == pytest.approx(stored[s["json"]["sample_key"]], abs=1e-6)
+        unit, norm = stored[s["json"]["sample_key"]]
+        assert s["clip_image.npy"].shape == (32,) and np.linalg.norm(unit) == pytest.approx(1.0, abs=1e-5)
+        # at CLIP's own scale (image_embeds, what Kandinsky's released weights take): the unit vector times its norm
+        assert list(s["clip_image.npy"]) == pytest.approx([x * norm for x in unit], abs=1e-5)
+        norms.append(norm)
+    assert all(abs(n - 1.0) > 1e-3 for n in norms)  # the tiny CLIP's raw embeddings are not unit vectors
 
 
 def test_views_and_card(pipeline_run):

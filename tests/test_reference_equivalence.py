@@ -229,7 +229,7 @@ def assert_kandinsky_decoder_is_the_pipeline(model, pipe):
     embedding, and the same final latents of a short guided run with the same seed
     (tests/test_export.py checks an exported pipeline with it)."""
     prompt = "a red circle on the beach"
-    img = model.clip.texts([prompt])  # no prior: the text embedding stands in (Table 3's "no prior")
+    img = model.clip.texts([prompt], normalize=False)  # no prior: the text embedding stands in (Table 3's "no prior"), CLIP's own scale
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([617])
     with torch.no_grad():

@@ -130,7 +130,7 @@ def test_scoreset_shares_one_clip_pass(models, pics, monkeypatch):
     assert len(s.embedders) == 1  # clip score, aesthetic and NSFW head share one model
     calls = []
     orig = ClipEmbedder.images
-    monkeypatch.setattr(ClipEmbedder, "images", lambda self, ims: calls.append(len(ims)) or orig(self, ims))
+    monkeypatch.setattr(ClipEmbedder, "images", lambda self, ims, **kw: calls.append(len(ims)) or orig(self, ims, **kw))
     out = s.score([pics["astronaut.jpg"], pics["coffee.jpg"]], ["an astronaut", "<b>coffee</b> http://x.com"])
     assert calls == [2]
     assert out["clean_caption"] == ["an astronaut", "coffee"]

@@ -17,6 +17,7 @@ import numpy as np
 from mmloom.errors import UserError
 
 COLUMN = "clip_image_embedding"
+NORM = "clip_image_norm"  # the unit vector's length before normalization (score stage)
 
 
 def dataset_root(spec: str) -> str | None:
@@ -50,8 +51,11 @@ def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np
                     raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
                 if "selected" not in views:
                     raise UserError(f"{root} has no selection: the normalization statistics are over the selected samples, run the select stage")
+                cols = {r[0] for r in con.execute("DESCRIBE scores").fetchall()}
+                # CLIP's own scale where the score stage stored the norm (what build writes)
+                value = (f"list_transform({ident(COLUMN)}, lambda x: x * {ident(NORM)})" if NORM in cols else ident(COLUMN))
                 rows = con.execute(f"""
-                    WITH e AS (SELECT {ident(COLUMN)} AS v FROM scores
+                    WITH e AS (SELECT {value} AS v FROM scores
                                WHERE {ident(COLUMN)} IS NOT NULL AND sample_key IN (SELECT sample_key FROM selected)),
                          x AS (SELECT unnest(generate_series(1, len(v))) AS i, unnest(v) AS val FROM e)
                     SELECT i, avg(val), stddev_pop(val), count(*) FROM x GROUP BY i ORDER BY i

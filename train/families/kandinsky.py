@@ -23,21 +23,17 @@ its target with (x - clip_mean) / clip_std and sampling denormalizes with diffus
 ``post_process_latents``. ``prior_stats: dataset`` (the paper) writes the statistics of
 the selected samples into them before the first step; ``checkpoint`` keeps the released
 ones (fine-tuning the released prior in the space it was trained in). The other priors
-keep theirs in a ``Normalizer`` (``norm.mean`` / ``norm.std``). Where mmloom and the
-released pipeline differ: mmloom's CLIP embeddings (stored by the score stage, and the
-pooled text embedding) are L2-normalized open_clip outputs, the released prior was trained
-on transformers' unnormalized ``text_embeds`` / ``image_embeds``; token states are
-open_clip's after ln_final, as transformers' ``last_hidden_state``. The same holds for the
-released decoder: diffusers' KandinskyPipeline hands its UNet the prior's raw-scale
-``image_embeds`` (and KandinskyPriorPipeline encodes pictures to raw ``image_embeds``),
-while mmloom hands it unit-norm ones. So mmloom is consistent with itself (a prior and a
-decoder trained here both work on unit-norm embeddings, the statistics are over unit-norm
-stored embeddings), but released weights see embeddings off their training scale: a
-released decoder gets image embeddings |e| times too short, and ``prior_stats:
-checkpoint`` normalizes unit-norm targets with the released prior's raw-space
-``clip_mean`` / ``clip_std``. Not fixed yet: the raw norm is not stored (the score stage
-keeps only the normalized embedding), so fine-tune released Kandinsky weights with
-``prior_stats: dataset`` and expect the decoder to adapt to the new scale.
+keep theirs in a ``Normalizer`` (``norm.mean`` / ``norm.std``). Scale: every CLIP
+embedding this family uses is at CLIP's own scale, as the released prior and decoder were
+trained (transformers' unnormalized ``text_embeds`` / ``image_embeds``): the pooled text
+embedding, the image embeddings computed here, the black image's, and the stored ones
+(the score stage keeps a unit vector for cosine search and its length,
+``clip_image_norm``; build writes their product into ``KEY.clip_image.npy``, and the
+dataset statistics are over the same products). So a released prior or decoder sees
+embeddings at its training scale, and an exported ``KandinskyPriorPipeline`` reproduces
+the run (tests/test_export.py). A dataset scored before the norm was stored has unit
+vectors in its shards: rescore it for CLIP's scale. Token states are open_clip's after
+ln_final, as transformers' ``last_hidden_state``.
 * ``stage: decoder``: a diffusers UNet in the released Kandinsky 2.1 layout conditioned
   on the CLIP image embedding (projected into 10 context tokens next to the text tokens,
   and added to the time embedding with the pooled text embedding) and on the text through
@@ -318,7 +314,7 @@ class KandinskyModel(nn.Module):
             self.sched = ddpm(cfg.schedule)
             from PIL import Image
 
-            self.register_buffer("black", self.clip.images([Image.new("RGB", (224, 224))])[0], persistent=False)
+            self.register_buffer("black", self.clip.images([Image.new("RGB", (224, 224))], normalize=False)[0], persistent=False)
 
     def _released_prior(self, cfg: Config):
         """diffusers' PriorTransformer and UnCLIPScheduler from the released layout."""
@@ -352,7 +348,7 @@ class KandinskyModel(nn.Module):
 
     # -- shared -------------------------------------------------------------------------
     def text(self, texts: list[str]):
-        states, mask, pooled = self.clip.text_states(texts)
+        states, mask, pooled = self.clip.text_states(texts, normalize=False)
         dev = self._device()
         return states.to(dev), mask.to(dev), pooled.to(dev)
 
@@ -378,7 +374,7 @@ class KandinskyModel(nn.Module):
                                                                                      ", or set model.use_stored_embeddings: false"))
             emb = batch["clip_image"].float()
         else:
-            emb = self.clip.images(to_pil(batch["pixels"]))
+            emb = self.clip.images(to_pil(batch["pixels"]), normalize=False)
         if emb.shape[-1] != self.dim:
             raise UserError(f"stored image embeddings are {emb.shape[-1]}-d, model.encoder.path {self.cfg.encoder.path} gives {self.dim}-d: "
                             "use the score stage's CLIP")
@@ -494,11 +490,11 @@ class KandinskyModel(nn.Module):
         embs, weights = [], []
         if text:
             prior = self._load_prior()
-            e = prior.prior_embed([text], seed=seed) if prior is not None else self.clip.texts([text]).to(self._device())
+            e = prior.prior_embed([text], seed=seed) if prior is not None else self.clip.texts([text], normalize=False).to(self._device())
             embs.append(e[0])
             weights.append(self.cfg.text_weight if images else 1.0)
         if images:
-            ie = self.clip.images(images).to(self._device())
+            ie = self.clip.images(images, normalize=False).to(self._device())
             for e in ie:
                 embs.append(e)
                 weights.append((1.0 - (self.cfg.text_weight if text else 0.0)) / len(images))
@@ -632,10 +628,8 @@ class Kandinsky(Family):
                     "`conditioning.json` lists; `mmloom sample` with `model.prior_checkpoint` uses it."]
         return ["A `KandinskyPriorPipeline` directory (`DiffusionPipeline.from_pretrained`): the prior with the run's "
                 "normalization (`clip_mean`, `clip_std`), its UnCLIPScheduler, and mmloom's open_clip model converted to "
-                "transformers' CLIP for `text_encoder` / `image_encoder`.",
-                "mmloom feeds the prior the L2-normalized pooled text embedding; the pipeline's `_encode_prompt` passes "
-                "transformers' unnormalized `text_embeds`, as the released prior was trained: to reproduce the run, "
-                "normalize `text_embeds` before the prior."]
+                "transformers' CLIP for `text_encoder` / `image_encoder`; mmloom feeds the prior what the pipeline's "
+                "`_encode_prompt` does (CLIP's `text_embeds` and token states, unnormalized), so the pipeline reproduces the run."]
 
     def demo_overrides(self, config: str, runs: dict[str, str], dataset_clip: str) -> dict:
         """Both runs use the score stage's CLIP (its stored embeddings); the decoder

@@ -303,7 +303,9 @@ class MTDiffusionModel(nn.Module):
         if batch.get("clip_image") is None:
             raise UserError("image_representation needs the stored CLIP image embeddings (KEY.clip_image.npy in the final "
                             "shards): run the score stage with score.clip.store_embeddings, then build again")
-        emb = batch["clip_image"].to(pixels.device).float()
+        # unit length, as the score stage's cosine space: build stores CLIP's own scale
+        # (Kandinsky's), and this family's task embedding was designed on unit vectors
+        emb = torch.nn.functional.normalize(batch["clip_image"].to(pixels.device).float(), dim=-1)
         if emb.shape[-1] != self.cfg.embedding_dim:
             raise UserError(f"model.embedding_dim is {self.cfg.embedding_dim} but the stored CLIP image embeddings are {emb.shape[-1]}-d")
         return emb, None
