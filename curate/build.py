@@ -67,7 +67,7 @@ def _npy(values) -> bytes:
     return buf.getvalue()
 
 
-def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
+def stored_embeddings(store: ShardStore, shard: int) -> dict:
     """sample_key -> CLIP image embedding at CLIP's own scale (the stored unit vector times
     its stored ``clip_image_norm``: transformers' ``image_embeds``, what Kandinsky's
     released weights take), from the score stage's shard; empty when the score stage did
@@ -79,7 +79,9 @@ def stored_embeddings(store: ShardStore, shard: int) -> dict[str, list[float]]:
         return {}
     keys, embs = t.column("sample_key").to_pylist(), t.column("clip_image_embedding").to_pylist()
     if "clip_image_norm" in t.column_names:
-        embs = [None if e is None or n is None else [x * n for x in e]
+        import numpy as np
+
+        embs = [None if e is None or n is None else np.asarray(e, np.float32) * np.float32(n)
                 for e, n in zip(embs, t.column("clip_image_norm").to_pylist())]
     return dict(zip(keys, embs))
 

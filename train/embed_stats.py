@@ -47,11 +47,11 @@ def embedding_stats(spec: str, allow_pipe: bool = False) -> tuple[np.ndarray, np
         try:
             with reading(root):  # a damaged committed file: one line naming it
                 views = view_names(con)
-                if "scores" not in views or COLUMN not in {r[0] for r in con.execute("DESCRIBE scores").fetchall()}:
+                cols = {r[0] for r in con.execute("DESCRIBE scores").fetchall()} if "scores" in views else set()
+                if COLUMN not in cols:
                     raise UserError(f"{root} has no stored CLIP image embeddings: run the score stage with score.clip.store_embeddings")
                 if "selected" not in views:
                     raise UserError(f"{root} has no selection: the normalization statistics are over the selected samples, run the select stage")
-                cols = {r[0] for r in con.execute("DESCRIBE scores").fetchall()}
                 # CLIP's own scale where the score stage stored the norm (what build writes)
                 value = (f"list_transform({ident(COLUMN)}, lambda x: x * {ident(NORM)})" if NORM in cols else ident(COLUMN))
                 rows = con.execute(f"""
