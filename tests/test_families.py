@@ -748,3 +748,17 @@ def test_every_family_checkpoints_validates_and_exports(tiny_cache, tmp_path, co
         conf = tmp_path / "export" / w / "config.json"
         if conf.exists() and "_class_name" in conf.read_text():
             getattr(diffusers, json.loads(conf.read_text())["_class_name"]).from_pretrained(str(conf.parent))
+
+
+def test_statistics_need_stored_embeddings(tmp_path):
+    """A dataset whose score stage stored no CLIP image embeddings is one clear error."""
+    from mmloom.errors import UserError
+    from mmloom.manifests.store import ShardStore
+    from mmloom.train.embed_stats import embedding_stats
+
+    store = ShardStore(str(tmp_path / "ds"))
+    staging = store.staging_dir("scores", 0)
+    pq.write_table(pa.table({"sample_key": ["a"], "clip_score": [0.3]}), f"{staging}/s.parquet")
+    store.commit("score", 0, {"scores/00000.parquet": f"{staging}/s.parquet"}, {"rows": 1}, "h")
+    with pytest.raises(UserError, match="no stored CLIP image embeddings"):
+        embedding_stats(str(tmp_path / "ds"))
