@@ -23,7 +23,8 @@ img2dataset, and the fraction of the compute limit mmloom reached. On a shared m
 the wall-clock ratio follows the neighbours; the CPU ratio barely moves (what a core
 spends per image does not depend on who else waits for it), so it is the figure to
 compare across runs. `--fixed-images` first runs both on a few URLs: their start-up CPU,
-subtracted to give the per-image CPU ratio that LAION-size shards see. `--peer-tuned`
+subtracted to give the per-image CPU ratio that LAION-size shards see; last, each tool's
+resizer alone, CPU ms per image by source format. `--peer-tuned`
 adds an img2dataset run with one process per core (`--processes_count`), for reference.
 
     python bench/download.py --images 2000
@@ -141,6 +142,31 @@ def _limit_worker(args) -> tuple[int, float]:
             resize(io.BytesIO(b))
             n += 1
     return n, time.process_time() - cpu
+
+
+def per_format_cpu_ms(rounds: int = 2) -> dict[str, dict[str, float]]:
+    """CPU milliseconds per image of each tool's resizer (mmloom's ``make_resizer``,
+    img2dataset's own ``Resizer`` with its defaults), by source format, over the pool's
+    bytes in memory: where the decode time goes."""
+    from img2dataset.resizer import Resizer
+
+    from mmloom.curate.config import DownloadConfig
+    from mmloom.curate.download import make_resizer
+
+    tools = {"mmloom": make_resizer(DownloadConfig.model_validate({"image_size": IMAGE_SIZE, "resize_mode": RESIZE_MODE})),
+             "img2dataset": Resizer(image_size=IMAGE_SIZE, resize_mode=RESIZE_MODE, resize_only_if_bigger=False)}
+    out = {}
+    for name, resize in tools.items():
+        spent: dict[str, list[float]] = {}
+        for r in range(rounds + 1):  # the first round warms up
+            for fmt, data in _pool_formats():
+                t = time.process_time()
+                resize(io.BytesIO(data))
+                if r:
+                    spent.setdefault(fmt, []).append(time.process_time() - t)
+        out[name] = {f: 1e3 * sum(v) / len(v) for f, v in spent.items()}
+        out[name]["all"] = 1e3 * sum(sum(v) for v in spent.values()) / sum(len(v) for v in spent.values())
+    return out
 
 
 def compute_limit(seconds: float) -> tuple[float, float]:
@@ -306,6 +332,9 @@ def main() -> None:
           f"{' '.join(f'{ratios(res, peer)[0]:.2f}' for res in rows)} images/s, "
           f"{' '.join(f'{ratios(res, peer)[1]:.2f}' for res in rows)} per CPU-second; "
           f"load average at end {os.getloadavg()[0]:.1f}")
+    per = per_format_cpu_ms()
+    print("decode + resize + encode, CPU ms per image by source format: " + "; ".join(
+        f"{name} " + ", ".join(f"{f} {ms:.1f}" for f, ms in costs.items()) for name, costs in per.items()))
     if not a.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
