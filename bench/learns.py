@@ -23,21 +23,32 @@ import os
 import time
 
 
-def toy_world(path: str, seed: int, n: int) -> str:
+def toy_world(path: str, seed: int, n: int, clip: str) -> str:
+    """The toy world curated with ``clip`` as the score stage's CLIP (its stored embeddings)."""
     from mmloom.curate.toyworld import run_toyworld
 
-    if os.path.exists(os.path.join(path, "_commits", "build")) and os.path.exists(os.path.join(path, "README.md")):
+    mark = os.path.join(path, "learns-clip.txt")
+    if os.path.exists(os.path.join(path, "_commits", "build")) and os.path.exists(mark) and open(mark).read() == clip:
         print(f"[learns] reusing toy world {path}")
         return path
-    run_toyworld(path, seed=seed, n=n, progress=False, echo=lambda s: print(s) if s.startswith("[") else None)
+    run_toyworld(path, seed=seed, n=n, progress=False, echo=lambda s: print(s) if s.startswith("[") else None, clip=clip)
+    with open(mark, "w") as f:
+        f.write(clip)
     return path
 
 
-def models(work: str, resolution: int, vae_seconds: float) -> dict:
+def models(work: str, resolution: int, vae_seconds: float, clip_seconds: float) -> dict:
     """A VLM and a multilingual text encoder (Kandinsky's decoder) whose tokenizers know the
-    toy words, and the toy autoencoder (factor 4: 8x8 latents at 32 px)."""
+    toy words, the toy autoencoder (factor 4: 8x8 latents at 32 px) and the toy CLIP
+    (tiny:clip trained contrastively on toy pictures and captions: the score stage's, so the
+    shards store its embeddings, and Versatile Diffusion's and Kandinsky's encoder)."""
     from mmloom.testkit.tiny_train import TINY_WORDS, make_tiny_mclip, make_tiny_vlm
-    from mmloom.testkit.toyworld import WORDS, make_toy_vae
+    from mmloom.testkit.toyworld import WORDS, make_toy_clip, make_toy_vae
+
+    clip = os.path.join(work, "models", "toy-clip")
+    if not os.path.exists(os.path.join(clip, "toy-clip-done")):
+        make_toy_clip(clip, seconds=clip_seconds, echo=print)
+        open(os.path.join(clip, "toy-clip-done"), "w").close()
 
     vlm = os.path.join(work, "models", "toy-vlm")
     if not os.path.exists(os.path.join(vlm, "config.json")):
@@ -48,7 +59,7 @@ def models(work: str, resolution: int, vae_seconds: float) -> dict:
     vae = os.path.join(work, "models", f"toy-vae-{resolution}")
     if not os.path.exists(os.path.join(vae, "config.json")):
         make_toy_vae(vae, resolution, seconds=vae_seconds, factor=4 if resolution <= 32 else 8, echo=print)
-    return {"vlm": vlm, "mclip": mclip, "vae": vae, "resolution": resolution}
+    return {"vlm": vlm, "mclip": mclip, "vae": vae, "clip": clip, "resolution": resolution}
 
 
 # family -> the tiny configs trained one after the other (Kandinsky: the prior, then the decoder that samples through it)
@@ -62,6 +73,8 @@ def overrides(family: str, m: dict, config: str = "", task: str = "masked_image"
         over.update({"model.autoencoder.path": m["vae"], "model.autoencoder.subfolder": None})
     if family in ("mumu", "mvader"):
         over["model.encoder.path"] = m["vlm"]
+    if family in ("versatile", "kandinsky"):  # the toy CLIP: the score stage's, whose embeddings the shards store
+        over["model.encoder.path"] = m["clip"]
     if family == "versatile":  # the two image flows: what the image measures read (no text VAE to train)
         over.update({"model.flows": ["text_to_image", "image_variation"], "model.text_vae": ""})
     if config == "kandinsky-decoder-tiny":
@@ -178,6 +191,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=200, help="steps between checkpoints (the budget is checked between chunks)")
     ap.add_argument("--resolution", type=int, default=32, help="training and sampling size (the analyzer reads 32 px reliably)")
     ap.add_argument("--vae-seconds", type=float, default=180.0, help="training time of the toy autoencoder")
+    ap.add_argument("--clip-seconds", type=float, default=180.0, help="training time of the toy CLIP")
     ap.add_argument("--eval-steps", type=int, default=None, help="sampling steps (default: the family's)")
     ap.add_argument("--work", default="bench-learns", help="folder for the toy worlds, models and runs")
     ap.add_argument("--picture", default=None, help="also save the family's picture grid here as a 256-colour PNG (docs/learns/FAMILY.png)")
@@ -200,9 +214,9 @@ def main() -> None:
     work = os.path.abspath(a.work)
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    train_dir = toy_world(os.path.join(work, f"toy-train-{a.train_n}"), 0, a.train_n)
-    held_dir = toy_world(os.path.join(work, f"toy-heldout-{a.heldout_n}"), 1, a.heldout_n)
-    m = models(work, a.resolution, a.vae_seconds)
+    m = models(work, a.resolution, a.vae_seconds, a.clip_seconds)
+    train_dir = toy_world(os.path.join(work, f"toy-train-{a.train_n}"), 0, a.train_n, m["clip"])
+    held_dir = toy_world(os.path.join(work, f"toy-heldout-{a.heldout_n}"), 1, a.heldout_n, m["clip"])
     print(f"[learns] toy worlds and models ready in {time.time() - t0:.0f} s")
     name = a.family + ("-label" if a.family == "mtdiffusion" and a.task == "image_label" else "") + ("-w0" if a.zero_task_weight else "")
     stages = STAGES[a.family]

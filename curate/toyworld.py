@@ -44,19 +44,26 @@ def toyworld_metadata(server, seed: int, n: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def toyworld_config(out: str, config: str | None = None):
-    """configs/toyworld.yaml (or ``config``) with tiny random-weight scoring models built under DIR/models."""
+def toyworld_config(out: str, config: str | None = None, clip: str | None = None):
+    """configs/toyworld.yaml (or ``config``) with tiny random-weight scoring models built
+    under DIR/models; ``clip``: the score stage's CLIP instead of the random one (the
+    embeddings the shards store, which Kandinsky's prior learns and Versatile Diffusion's
+    image context reads; its embeddings must be 32-d, as the tiny aesthetic and NSFW heads)."""
     from importlib.resources import files
 
     from ..testkit.tiny_scoring import make_score_models
 
     path = config or str(files("mmloom") / "configs" / "toyworld.yaml")
     load_config(path)  # validated before any model is built
-    return load_config(path, {"score": make_score_models(os.path.join(out, "models"))})
+    score = make_score_models(os.path.join(out, "models"))
+    if clip is not None:
+        clip = os.path.abspath(clip) if os.path.isdir(clip) else clip  # the stage's workers may run elsewhere
+        score["clip"]["model"] = score["aesthetic"]["clip_model"] = clip
+    return load_config(path, {"score": score})
 
 
 def run_toyworld(out: str, seed: int = 0, n: int = 256, config: str | None = None, ray_address: str | None = None,
-                 progress: bool = True, echo=print) -> dict:
+                 progress: bool = True, echo=print, clip: str | None = None) -> dict:
     from .run import run_stages
     from .stages import NAMES
     from .stats import funnel, render
@@ -67,9 +74,10 @@ def run_toyworld(out: str, seed: int = 0, n: int = 256, config: str | None = Non
         raise UserError(f"--n must be at least 1 (got {n})")
     out = os.path.abspath(out)
     prepare_dir(out, MARKER, "toy world")
-    echo("[toyworld] tiny random-weight scoring models (CLIP, aesthetic, watermark: their scores mean nothing, "
-         "the toy world's select rules leave them off); nudenet, faces, geometry, captions are real")
-    cfg = toyworld_config(out, config)
+    echo("[toyworld] tiny random-weight scoring models (" + ("CLIP, " if clip is None else "") + "aesthetic, watermark: "
+         "their scores mean nothing, the toy world's select rules leave them off); nudenet, faces, geometry, captions are real"
+         + ("" if clip is None else f"; CLIP: {clip}"))
+    cfg = toyworld_config(out, config, clip)
     with LocalServer({}) as server, writer_lock(out, "toyworld"):
         meta = toyworld_metadata(server, seed, n)
         meta_path = os.path.join(out, "metadata", f"toyworld-{seed}.parquet")

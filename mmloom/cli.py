@@ -248,7 +248,7 @@ def cmd_demo(a) -> int:
 def cmd_toyworld(a) -> int:
     from mmloom.curate.toyworld import run_toyworld
 
-    run_toyworld(a.out, a.seed, a.n, a.config, a.ray_address, not a.no_progress)
+    run_toyworld(a.out, a.seed, a.n, a.config, a.ray_address, not a.no_progress, clip=a.clip)
     return 0
 
 
@@ -266,6 +266,10 @@ def _add_toyworld_and_eval(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="scene seed (another seed: another, held-out world)")
     s.add_argument("--n", type=int, default=256, help="pictures rendered")
     s.add_argument("--config", default=None, help="pipeline YAML (default: configs/toyworld.yaml)")
+    s.add_argument("--clip", default=None, metavar="MODEL",
+                   help="the score stage's CLIP (a directory, ARCH/TAG or hf-hub:REPO with 32-d embeddings, as the toy "
+                        "scoring heads; default: tiny random weights), whose embeddings the shards store: e.g. a toy CLIP "
+                        "from testkit.toyworld.make_toy_clip, for the families that condition on CLIP")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_toyworld)
