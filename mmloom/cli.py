@@ -256,7 +256,7 @@ def cmd_eval(a) -> int:
     from mmloom.train.eval import run_eval
 
     run_eval(a.run, a.shards, a.n, a.out, steps=a.steps, guidance=a.guidance, clip=a.clip, batch_size=a.batch_size,
-             ablations=a.ablations)
+             ablations=a.ablations, inception=a.inception)
     return 0
 
 
@@ -285,6 +285,9 @@ def _add_eval(sub) -> None:
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the run's model.sampling)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's model.sampling)")
     s.add_argument("--clip", default=None, help="real data: open_clip model for CLIP score (ARCH/TAG, hf-hub:REPO or a directory)")
+    s.add_argument("--inception", default=None, metavar="FILE",
+                   help="FID / KID: torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth; "
+                        "default: torch hub's cache if a download left it there, else not computed)")
     s.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
     s.add_argument("--ablations", action="store_true",
                    help="toy world with crops (MUMU, M-VADER): also sample with crops only (names removed) and words only")

@@ -121,3 +121,25 @@ def make_original_grounding_dino(path: str, words: list[str], seed: int = 0) -> 
     model, _tok = OriginalGroundingDino.build(OriginalDinoConfig.model_validate(section))
     torch.save({"model": model.state_dict()}, section["weights"])
     return section
+
+
+def make_random_inception(path: str, seed: int = 0) -> str:
+    """torch-fidelity's InceptionV3 (FID's network, its real architecture and key names:
+    it has no smaller variant) with random weights, saved as the released state dict is,
+    for FID / KID plumbing tests. Building it would download the real weights, so the
+    constructor's loading is stubbed out while it is made."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+                mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+            net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        for m in net.modules():  # He init: with torch's default the 2048-d features of 94 random layers vanish (~1e-8)
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path

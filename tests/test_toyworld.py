@@ -143,7 +143,6 @@ def test_scene_boxes_are_what_the_metadata_carries():
 def _left_pair_retrieval(clip, seeds) -> float:
     """How often a picture's nearest caption (of the held-out pictures' captions) names the
     picture's objects: colour and shape of both, in order (templates aside)."""
-    import torch
 
     scenes = [render_scene(s, size=256) for s in seeds]
     img = clip.images([s.image for s in scenes])

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -80,7 +81,13 @@ def test_eval_scores_adherence_against_shuffled_and_unconditional_baselines(toy,
     cfg = TrainConfig(data={"shards": out, "resolution": 64}, prompt={"crop_size": 64})
     monkeypatch.setattr(sample_mod, "find_run", lambda run: (str(tmp_path), str(tmp_path / "checkpoints" / "step_1")))
     monkeypatch.setattr(sample_mod, "load_for_sampling", lambda run: (_Family(obey), object(), cfg))
-    r = run_eval(str(tmp_path), out, n=12, out=str(tmp_path / "eval"), progress=False, echo=lambda *a: None)
+    inception = None
+    if obey:  # FID / KID beside adherence, with torch-fidelity's Inception (random weights, real layout)
+        from mmloom.testkit.tiny_scoring import make_random_inception
+
+        inception = make_random_inception(str(tmp_path / "inception.pth"))
+    r = run_eval(str(tmp_path), out, n=12, out=str(tmp_path / "eval"), progress=False, echo=lambda *a: None,
+                 inception=inception)
     sc = r["toy"]["scores"]
     assert sc["held-out pictures"]["both"] >= 0.95  # the analyzer reads the shards' pictures at 64 px
     assert sc["unconditional"]["both"] == (0.0 if obey else sc["prompted"]["both"])
@@ -89,7 +96,13 @@ def test_eval_scores_adherence_against_shuffled_and_unconditional_baselines(toy,
     else:  # a model that ignores its prompt scores the same with any prompt
         assert sc["prompted"] == sc["shuffled"]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert saved["toy"]["scores"] == sc and saved["clip_score"] is None and "FID/KID not computed" in saved["fid_kid"]
+    assert saved["toy"]["scores"] == sc and saved["clip_score"] is None
+    if obey:
+        fk = saved["fid_kid"]
+        assert fk["real"] == 12 and not fk["standard"] and set(fk) >= {"prompted", "shuffled", "unconditional"}
+        assert all(fk[k]["n"] == 12 and np.isfinite(fk[k]["fid"]) and fk[k]["fid"] > 0 for k in ("prompted", "unconditional"))
+    else:
+        assert "FID/KID not computed" in saved["fid_kid"]
     assert Image.open(r["grid"]).size[0] == 96 * (1 + 2 + 3)  # held-out, 2 crops, 3 conditions
 
 

@@ -16,8 +16,10 @@ k-th strip from the left), always against the held-out sample's own caption. Two
 are measured too: the held-out pictures themselves at the training resolution, and the
 same pictures through the run's frozen autoencoder (a model cannot score above what its
 decoder can draw). Real data: CLIP score of each picture against its caption with the
-CLIP model the user names (``--clip``); FID/KID need Inception weights, which mmloom
-never downloads: it says so instead of printing a number.
+CLIP model the user names (``--clip``), and FID / KID against the held-out pictures
+(``train/fid.py``: torchmetrics on the standard FID Inception, whose weights the user
+gives with ``--inception`` or torch hub's cache holds; mmloom never downloads them, and
+says so instead of printing a number).
 
 ``ablations`` (toy world, prompts with crops: MUMU, M-VADER) adds two more: ``crops only``
 (the colour and shape words taken out of the text, so only the crops name the objects)
@@ -121,16 +123,6 @@ def clip_scores(ref: str, images: list, captions: list[str]) -> float:
     clip = ClipEmbedder(ref)
     with torch.no_grad():
         return float((clip.images(images) * clip.texts(captions)).sum(-1).mean())
-
-
-def fid_note() -> str:
-    """FID/KID need Inception weights that nothing here downloads: say what is missing."""
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError:
-        return "FID/KID not computed: torchmetrics (or clean-fid) is not installed, and their Inception weights cannot be downloaded here"
-    return ("FID/KID not computed: torchmetrics is installed but its Inception weights are fetched on first use, "
-            "which mmloom never does; place them in torch's hub cache to compute FID/KID with torchmetrics yourself")
 
 
 def picture_grid(samples: list[dict], images: dict[str, list], captions: list[str], path: str, rows: int = 8, cell: int = 96) -> str:
@@ -476,12 +468,15 @@ FAMILY_MEASURES = {"versatile": versatile_measures, "kandinsky": kandinsky_measu
 
 def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None = None, steps: int | None = None,
              guidance: float | None = None, clip: str | None = None, batch_size: int = 16, progress: bool = True,
-             ablations: bool = False, measures: bool = True, conditions: tuple = CONDITIONS, echo=print) -> dict:
+             ablations: bool = False, measures: bool = True, conditions: tuple = CONDITIONS, inception: str | None = None,
+             echo=print) -> dict:
+    from .fid import describe, fid_kid, fid_note, find_inception
     from .prompts import PromptBuilder, square
     from .sample import find_run, load_for_sampling
 
     if n < 2:
         raise UserError(f"--n must be at least 2 (the shuffled baseline gives each prompt to another sample; got {n})")
+    inception = find_inception(inception)  # before any sampling: a wrong path fails at once
     run_dir, ck = find_run(run)
     family, model, cfg = load_for_sampling(run)
     heldout = shards is not None
@@ -538,8 +533,13 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     else:
         result["clip_score"] = None
         echo("  CLIP score not computed: give --clip MODEL (ARCH/TAG, hf-hub:REPO or a directory with the weights)")
-    result["fid_kid"] = fid_note()
-    echo("  " + result["fid_kid"])
+    if inception:
+        real = [square(next(s[k] for k in IMAGE_KEYS if k in s), size) for s in samples]
+        result["fid_kid"] = fid_kid(real, {k: images[k] for k in CONDITIONS if k in images}, inception)
+        echo("  " + describe(result["fid_kid"]))
+    else:
+        result["fid_kid"] = fid_note()
+        echo("  " + result["fid_kid"])
     out = os.path.abspath(out or os.path.join(run_dir, "eval"))
     os.makedirs(out, exist_ok=True)
     result["grid"] = picture_grid(samples, images, captions, os.path.join(out, "grid.png"))

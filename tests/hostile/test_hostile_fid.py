@@ -1,0 +1,41 @@
+"""Hostile FID weights (`mmloom eval --inception FILE`, train/fid.py): a file that would
+run code when unpickled, and a file that is not the one its name says."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+from mmloom.errors import UserError
+from mmloom.train.fid import STANDARD_NAME, load_inception
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    from mmloom.testkit.tiny_scoring import make_random_inception
+
+    return make_random_inception(str(tmp_path_factory.mktemp("inception") / "inception-random.pth"))
+
+
+def test_weights_that_would_run_code_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "inception.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"conv.weight": Payload()}, f)
+    with pytest.raises(UserError, match=str(bad)):
+        load_inception(str(bad))
+    assert not marker.exists()
+
+
+def test_a_file_named_as_the_standard_weights_must_have_their_hash(tmp_path, inception):
+    fake = tmp_path / STANDARD_NAME
+    fake.write_bytes(open(inception, "rb").read())
+    with pytest.raises(UserError, match="does not match the 6726825d"):
+        load_inception(str(fake))
