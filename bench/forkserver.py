@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import time
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,11 +65,22 @@ def _child(args: list[str], log: str, modules_out: str | None = None) -> int:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            signal.alarm(280)  # cosmic-ray's timeout is 300 s
             code = _pytest(args, modules_out)
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    # a mutant that loops for ever: killed here, before cosmic-ray's 300 s timeout (an alarm in
+    # the child would not do: pytest-timeout's signal method re-arms SIGALRM for every test,
+    # and the server, serving one run at a time, would block every later mutant behind it)
+    deadline = time.monotonic() + 280
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            break
+        time.sleep(0.05)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 4
 
 
