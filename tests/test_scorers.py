@@ -119,6 +119,46 @@ def test_phash_groups_near_copies(pics):
     assert dist(i1, i2) <= 4 and dist(i1, i3) > 16
 
 
+@pytest.mark.parametrize("hx, signed", [("0000000000000001", 1), ("7fffffffffffffff", 2**63 - 1),
+                                         ("8000000000000000", -(2**63)), ("ffffffffffffffff", -1)])
+def test_phash_int_is_the_hashs_64_bits_as_a_signed_int64(hx, signed, monkeypatch):
+    """The int64 column holds the hash's 64 bits in two's complement (DuckDB's bit_count(a # b)
+    on the stored column is then the Hamming distance), at both sides of the sign bit."""
+    import imagehash
+    import numpy as np
+
+    from mmloom.filters.geometry import phash
+
+    monkeypatch.setattr(imagehash, "phash", lambda img: hx)
+    got_hex, got = phash(None)
+    assert got_hex == hx and got == signed
+    assert int(np.array([got], dtype=np.int64).view(np.uint64)[0]) == int(hx, 16)
+
+
+def test_clip_score_is_each_pictures_cosine_with_its_own_caption(models, pics):
+    """The clip score column: cosine of the unit image embedding and the unit embedding of
+    the sample's own raw caption (None scores as the empty caption), with the raw image
+    norm and both unit embeddings stored beside it."""
+    from mmloom.clip import ClipEmbedder
+    from mmloom.filters.base import Batch
+    from mmloom.filters.clip_score import ClipScore
+
+    ref = models[1]["clip"]["model"]
+    e = ClipEmbedder(ref)
+    images = [pics["astronaut.jpg"], pics["coffee.jpg"], pics["astronaut.jpg"]]
+    captions = ["an astronaut in a white suit", "a cup of coffee", None]
+    out = ClipScore(e).score(Batch(images, captions, {ref: e}))
+    img, txt = e.images(images), e.texts(["an astronaut in a white suit", "a cup of coffee", ""])
+    assert torch.allclose(torch.tensor(out["clip_score"]), (img * txt).sum(-1), atol=1e-5)
+    empty = (img * e.texts([""] * 3)).sum(-1)
+    assert not torch.allclose(torch.tensor(out["clip_score"][:2]), empty[:2], atol=1e-4)  # the captions count
+    assert torch.allclose(torch.tensor(out["clip_text_embedding"]), txt, atol=1e-5)
+    assert torch.allclose(torch.tensor(out["clip_image_embedding"]), img, atol=1e-5)
+    raw = e.images(images, normalize=False).norm(dim=-1)
+    assert torch.allclose(torch.tensor(out["clip_image_norm"]), raw, rtol=1e-5)
+    assert set(ClipScore(e, store_embeddings=False).score(Batch(images, captions, {ref: e}))) == {"clip_score"}
+
+
 def test_scoreset_shares_one_clip_pass(models, pics, monkeypatch):
     from mmloom.curate.config import ScoreConfig
     from mmloom.clip import ClipEmbedder
