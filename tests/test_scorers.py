@@ -135,6 +135,13 @@ def test_phash_int_is_the_hashs_64_bits_as_a_signed_int64(hx, signed, monkeypatc
     assert int(np.array([got], dtype=np.int64).view(np.uint64)[0]) == int(hx, 16)
 
 
+def test_geometry_columns_of_a_landscape_and_a_portrait_picture():
+    from mmloom.filters.geometry import geometry
+
+    assert geometry(Image.new("RGB", (300, 200))) == {"width": 300, "height": 200, "aspect": 1.5, "area": 60000, "min_side": 200}
+    assert geometry(Image.new("RGB", (120, 480))) == {"width": 120, "height": 480, "aspect": 0.25, "area": 57600, "min_side": 120}
+
+
 def test_clip_score_is_each_pictures_cosine_with_its_own_caption(models, pics):
     """The clip score column: cosine of the unit image embedding and the unit embedding of
     the sample's own raw caption (None scores as the empty caption), with the raw image
