@@ -142,6 +142,16 @@ def test_geometry_columns_of_a_landscape_and_a_portrait_picture():
     assert geometry(Image.new("RGB", (120, 480))) == {"width": 120, "height": 480, "aspect": 0.25, "area": 57600, "min_side": 120}
 
 
+def test_phash_scorer_writes_the_hex_and_the_int_columns(pics):
+    from mmloom.filters.base import Batch
+    from mmloom.filters.geometry import PHash, phash
+
+    images = [pics["astronaut.jpg"], pics["coffee.jpg"]]
+    out = PHash().score(Batch(images, ["", ""]))
+    assert out == {"phash": [phash(im)[0] for im in images], "phash_int": [phash(im)[1] for im in images]}
+    assert all(isinstance(h, str) and len(h) == 16 for h in out["phash"])
+
+
 def test_clip_score_is_each_pictures_cosine_with_its_own_caption(models, pics):
     """The clip score column: cosine of the unit image embedding and the unit embedding of
     the sample's own raw caption (None scores as the empty caption), with the raw image
