@@ -273,3 +273,13 @@ def write_crops_dataset(root: str) -> str:
 @pytest.fixture(scope="session")
 def crops_dataset(tmp_path_factory):
     return write_crops_dataset(str(tmp_path_factory.mktemp("crops-ds") / "ds"))
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's InceptionV3 with random weights in the released state-dict layout
+    (95 MB: made once for the session), for FID / KID plumbing and hostile-weights tests."""
+    from mmloom.testkit.tiny_scoring import make_random_inception
+
+    return make_random_inception(str(tmp_path_factory.mktemp("inception") / "inception-random.pth"))
+

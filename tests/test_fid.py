@@ -13,22 +13,15 @@ from mmloom.testkit.toyworld import render_scene
 from mmloom.train.fid import STANDARD_NAME, describe, fid_kid, find_inception, fid_note, load_inception
 
 
-@pytest.fixture(scope="module")
-def inception(tmp_path_factory):
-    from mmloom.testkit.tiny_scoring import make_random_inception
-
-    return make_random_inception(str(tmp_path_factory.mktemp("inception") / "inception-random.pth"))
-
-
 def _toys(seeds, size=32):
     return [render_scene(s, size=2 * size).image.resize((size, size)) for s in seeds]
 
 
-def test_fid_and_kid_are_zero_for_the_same_pictures_and_grow_for_other_ones(inception):
+def test_fid_and_kid_are_zero_for_the_same_pictures_and_grow_for_other_ones(random_inception):
     real = _toys(range(12))
     rng = np.random.default_rng(0)
     noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(12)]
-    r = fid_kid(real, {"same": real, "other toys": _toys(range(100, 112)), "noise": noise}, inception)
+    r = fid_kid(real, {"same": real, "other toys": _toys(range(100, 112)), "noise": noise}, random_inception)
     assert not r["standard"] and len(r["sha256"]) == 64 and r["real"] == 12
     assert abs(r["same"]["fid"]) < 1e-2, r["same"]  # KID is unbiased: on the same pictures it is a little below 0
     assert r["noise"]["fid"] > r["other toys"]["fid"] > r["same"]["fid"] + 1e-3, r

@@ -72,7 +72,7 @@ class _Family:
 
 
 @pytest.mark.parametrize("obey", [True, False])
-def test_eval_scores_adherence_against_shuffled_and_unconditional_baselines(toy, tmp_path, monkeypatch, obey):
+def test_eval_scores_adherence_against_shuffled_and_unconditional_baselines(toy, tmp_path, monkeypatch, obey, request):
     import mmloom.train.sample as sample_mod
     from mmloom.train.config import TrainConfig
     from mmloom.train.eval import run_eval
@@ -81,11 +81,8 @@ def test_eval_scores_adherence_against_shuffled_and_unconditional_baselines(toy,
     cfg = TrainConfig(data={"shards": out, "resolution": 64}, prompt={"crop_size": 64})
     monkeypatch.setattr(sample_mod, "find_run", lambda run: (str(tmp_path), str(tmp_path / "checkpoints" / "step_1")))
     monkeypatch.setattr(sample_mod, "load_for_sampling", lambda run: (_Family(obey), object(), cfg))
-    inception = None
-    if obey:  # FID / KID beside adherence, with torch-fidelity's Inception (random weights, real layout)
-        from mmloom.testkit.tiny_scoring import make_random_inception
-
-        inception = make_random_inception(str(tmp_path / "inception.pth"))
+    # FID / KID beside adherence, with torch-fidelity's Inception (random weights, real layout)
+    inception = request.getfixturevalue("random_inception") if obey else None
     r = run_eval(str(tmp_path), out, n=12, out=str(tmp_path / "eval"), progress=False, echo=lambda *a: None,
                  inception=inception)
     sc = r["toy"]["scores"]

@@ -504,8 +504,8 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
     columns: dict = {}
     result: dict = {"run": run_dir, "checkpoint": ck, "family": family.name, "shards": shards or cfg.data.shards,
                     "held_out": heldout, "n": n, "resolution": size, "steps": s_steps, "guidance": s_guid}
+    refs = [square(next(s[k] for k in IMAGE_KEYS if k in s), size) for s in samples]  # the held-out pictures
     if all(expected):
-        refs = [square(next(s[k] for k in IMAGE_KEYS if k in s), size) for s in samples]
         scores = {k: adherence_of(images[k], expected) for k in conds}
         scores["held-out pictures"] = adherence_of(refs, expected)
         if (ae := autoencoded(model, refs, size)):
@@ -534,8 +534,7 @@ def run_eval(run: str, shards: str | None = None, n: int = 64, out: str | None =
         result["clip_score"] = None
         echo("  CLIP score not computed: give --clip MODEL (ARCH/TAG, hf-hub:REPO or a directory with the weights)")
     if inception:
-        real = [square(next(s[k] for k in IMAGE_KEYS if k in s), size) for s in samples]
-        result["fid_kid"] = fid_kid(real, {k: images[k] for k in CONDITIONS if k in images}, inception)
+        result["fid_kid"] = fid_kid(refs, {k: images[k] for k in CONDITIONS if k in images}, inception)
         echo("  " + describe(result["fid_kid"]))
     else:
         result["fid_kid"] = fid_note()

@@ -12,13 +12,6 @@ from mmloom.errors import UserError
 from mmloom.train.fid import STANDARD_NAME, load_inception
 
 
-@pytest.fixture(scope="module")
-def inception(tmp_path_factory):
-    from mmloom.testkit.tiny_scoring import make_random_inception
-
-    return make_random_inception(str(tmp_path_factory.mktemp("inception") / "inception-random.pth"))
-
-
 def test_weights_that_would_run_code_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
 
@@ -34,8 +27,8 @@ def test_weights_that_would_run_code_are_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-def test_a_file_named_as_the_standard_weights_must_have_their_hash(tmp_path, inception):
+def test_a_file_named_as_the_standard_weights_must_have_their_hash(tmp_path, random_inception):
     fake = tmp_path / STANDARD_NAME
-    fake.write_bytes(open(inception, "rb").read())
+    fake.write_bytes(open(random_inception, "rb").read())
     with pytest.raises(UserError, match="does not match the 6726825d"):
         load_inception(str(fake))
