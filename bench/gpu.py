@@ -236,7 +236,7 @@ class PlainVD(torch.nn.Module):
         from mmloom.train.diffusion import ScheduleConfig, ddpm
 
         self.unet, self.ae = unet, ae
-        self.sched = ddpm(ScheduleConfig(beta_schedule="linear"))
+        self.sched = ddpm(ScheduleConfig(beta_schedule="scaled_linear"))  # VD section 4.2, as train/families/versatile.py
         c = unet.config
         self.pooled = (c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim) if c.addition_embed_type == "text_time" else None
 
@@ -280,15 +280,14 @@ def vd_step(size: str, unet_cfg: dict, support: dict, dev: torch.device, bs: int
 
 
 def count_flops(model, batch: dict, autocast) -> float:
-    """FLOPs of one forward and backward per sample (FlopCounterMode), gradients cleared."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward and backward per sample (train/flops.py: FlopCounterMode with
+    grouped-query-attention-aware SDPA formulas), gradients cleared."""
+    from mmloom.train.flops import flops_per_sample
 
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-        with autocast:
-            loss = model(batch)["loss"]
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch["prompts"])
+    flops = flops_per_sample(model, batch, autocast)
+    if flops is None:
+        raise RuntimeError("FLOPs could not be counted (the warning above says why)")
+    return flops
 
 
 def train_part(a, dev: torch.device, family: str, size: str, unet_cfg: dict, support: dict, peak: float | None) -> None:

@@ -67,24 +67,25 @@ def batching(a, size: str, d: str, ims, caps) -> None:
 
 
 def write_selection(root: str, keys: list[str], caps: list[str], sizes: list[tuple[int, int]], shard: int = 0) -> None:
-    """A committed selection (selection/selected.parquet) naming the shard's samples."""
+    """A committed selection (manifests.schemas.SELECTED_FILE) naming the shard's samples."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from mmloom.manifests import schemas as S
     from mmloom.manifests.store import ShardStore
 
     store = ShardStore(root)
-    staging = store.staging_dir("selection", 0)
+    staging = store.staging_dir("select", 0)
     path = os.path.join(staging, "selected.parquet")
     pq.write_table(pa.table({
         "sample_key": [f"s{shard}-{i}" for i in range(len(keys))], "key": keys, "shard": pa.array([shard] * len(keys), pa.int32()),
         "clean_caption": caps, "width": pa.array([w for w, _ in sizes], pa.int32()), "height": pa.array([h for _, h in sizes], pa.int32()),
     }), path)
-    store.commit("select", 0, {"selection/selected.parquet": path}, {"rows": len(keys)}, "bench")
+    store.commit("select", 0, {S.SELECTED_FILE: path}, {"rows": len(keys)}, "bench")
     store.discard(staging)
 
 
-def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, rounds: int) -> dict:
+def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, rounds: int, heads: str = "face") -> dict:
     from score import best_of_rounds, jpegs, write_download_shard
 
     from mmloom.curate.download import key_for
@@ -92,7 +93,7 @@ def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, ro
     from mmloom.manifests.store import ShardStore
 
     n = len(ims)
-    w = GroundWorker({"model": model_dir, "batch_size": batch_size, "device": device})
+    w = GroundWorker({"model": model_dir, "batch_size": batch_size, "device": device, "head_source": heads})
     sync = torch.cuda.synchronize if w.dino.device.startswith("cuda") else (lambda: None)
     with tempfile.TemporaryDirectory() as root:
         blobs = jpegs(ims)
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="tiny,grounding-dino-tiny")
     ap.add_argument("--parts", default="batching,stage", help="batching (batched vs unbatched), stage (stage vs forward passes)")
     ap.add_argument("--stage-sizes", default="tiny", help="model sizes measured in the stage part")
+    ap.add_argument("--heads", default="face", choices=["face", "detector", "none"], help="the stage's ground.head_source")
     a = ap.parse_args()
     parts = set(a.parts.split(","))
     ims, caps = demo(max(a.images, a.stage_images))
@@ -156,8 +158,9 @@ def main() -> None:
             if size in sizes:
                 batching(a, size, d, ims[:a.images], caps[:a.images])
             if size in stage_sizes:
-                r = stage_vs_forward(d, ims[:a.stage_images], caps[:a.stage_images], a.batch_size, a.device, a.rounds)
-                print(f"  {size}: ground stage on a committed shard ({a.stage_images} images, batch {a.batch_size}, OpenCV head boxes):")
+                r = stage_vs_forward(d, ims[:a.stage_images], caps[:a.stage_images], a.batch_size, a.device, a.rounds, a.heads)
+                heads = {"face": "OpenCV head boxes", "detector": "head boxes from the detector", "none": "no head boxes"}[a.heads]
+                print(f"  {size}: ground stage on a committed shard ({a.stage_images} images, batch {a.batch_size}, {heads}):")
                 print(f"    detector's forward passes alone (prepared batches)  {r['forward']:8.2f} images/s")
                 print(f"    stage, {r['threads']} prefetch thread(s)                      {r['stage']:8.2f} images/s")
                 print(f"    stage, serial (no prefetch)                         {r['serial']:8.2f} images/s")

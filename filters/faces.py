@@ -22,6 +22,9 @@ class OpenCvFaces:
     def __init__(self, min_size: int = 24):
         import cv2
 
+        if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved the Haar cascades out of the main package
+            raise RuntimeError(f"faces.backend opencv: OpenCV {getattr(cv2, '__version__', '?')} has no CascadeClassifier "
+                               "(OpenCV 5 dropped it); install opencv-python-headless<5 as mmloom's lock does, or set faces.backend: none")
         path = cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
         self.cascade = cv2.CascadeClassifier(path)
         self.cv2, self.min_size = cv2, min_size

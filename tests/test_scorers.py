@@ -298,3 +298,16 @@ def test_a_prepared_batch_scores_as_the_images_do_and_only_models_run_after(mode
                 assert out[c] == pytest.approx(plain[c], abs=1e-5), c
             else:
                 assert out[c] == plain[c], c
+
+
+def test_opencv_faces_without_a_cascade_names_the_fix(monkeypatch):
+    """OpenCV 5 has no CascadeClassifier (seen on a GPU machine's image): the error says
+    which pin and which setting, instead of an AttributeError deep in a worker."""
+    import sys
+    import types
+
+    from mmloom.filters.faces import OpenCvFaces
+
+    monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.0.0"))
+    with pytest.raises(RuntimeError, match=r"OpenCV 5\.0\.0 has no CascadeClassifier.*opencv-python-headless<5.*faces.backend: none"):
+        OpenCvFaces()

@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     seed = L.seed + 1000 * acc.process_index
     loader, dataset = make_loader(cfg.data, builder, L.batch_size, seed, skip=data_state.consumed, urls=urls)
     unwrapped = acc.unwrap_model(model)
-    flops = None
+    flops, counted = None, False  # None stays None when the count fails (no MFU, training goes on)
     peak = peak_flops(acc.device, L.peak_tflops)
     metrics_path = os.path.join(L.out, "metrics.jsonl")
     history = []
@@ -272,8 +272,8 @@ def train(cfg: TrainConfig, echo=print, on_checkpoint=None, progress: bool = Fal
     it = iter(loader)
     while step < L.steps:
         batch = next(it)
-        if flops is None:
-            flops = flops_per_sample(unwrapped, batch)
+        if not counted:
+            flops, counted = flops_per_sample(unwrapped, batch), True
             meter.restart()  # the count is not training
         with acc.accumulate(model):
             losses = model(batch)

@@ -1,0 +1,40 @@
+"""bench/score.py and bench/ground.py run end to end in their tiny settings and print the
+fraction the README's performance table quotes (bench/ground.py's stage part once wrote
+its selection where the stage no longer reads it, and nothing noticed)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM = r"([0-9]+(?:\.[0-9]+)?)"
+
+
+def bench(script: str, *args: str) -> str:
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--device", "cpu", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def fractions(out: str) -> tuple[float, float, float, float]:
+    forward = float(re.search(rf"forward passes alone \(prepared batches\)\s+{NUM} images/s", out).group(1))
+    serial = float(re.search(rf"stage, serial \(no prefetch\)\s+{NUM} images/s", out).group(1))
+    m = re.search(rf"with prefetch {NUM}%, serial {NUM}%", out)
+    return forward, serial, float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.parametrize("script,args,what", [
+    ("score.py", ["--parts", "stage", "--stage-clip", "tiny", "--stage-images", "8", "--batch-size", "4", "--rounds", "1"], "CLIP tiny"),
+    ("ground.py", ["--parts", "stage", "--stage-sizes", "tiny", "--images", "4", "--stage-images", "4", "--batch-size", "2",
+                   "--rounds", "1", "--heads", "none"], "no head boxes"),
+])
+def test_stage_benchmark_prints_its_fraction(script, args, what):
+    out = bench(script, *args)
+    assert what in out
+    forward, serial, _frac, frac_serial = fractions(out)
+    assert forward > 0 and serial > 0
+    assert abs(frac_serial - 100 * serial / forward) < 0.1 + 0.01 * frac_serial  # the fraction is the two rates' ratio
