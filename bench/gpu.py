@@ -19,7 +19,7 @@
     device name, --peak-tflops overrides).
 (c) peak GPU memory of each (torch.cuda.max_memory_allocated).
 
-    bash bench/gpu.sh                     # a GPU: the real sizes, under 8 minutes on an H100/H200
+    bash bench/gpu.sh                     # a GPU: the real sizes; eager about 3 minutes on an H200 (2026-11-29: 111 s for the four training steps)
     bash bench/gpu.sh --compile           # torch.compile the UNets and CLIP's image tower too
     python bench/gpu.py --tiny            # no GPU: tiny models on CPU, the same code paths (< 1 min)
 
