@@ -10,8 +10,6 @@ import torch
 from .heads import MLPHead, load_head
 from mmloom.models import fingerprint
 
-LAION_SIZES = [768, 1024, 128, 64, 16, 1]
-
 
 class AestheticScorer:
     """The ``aesthetic`` column as a scorer (`filters.base.Scorer`)."""

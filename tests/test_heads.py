@@ -58,3 +58,35 @@ def test_laion_aesthetic_layout_loads_at_its_indices():
 def test_a_checkpoint_without_layers_names_the_file_and_its_keys():
     with pytest.raises(UserError, match=r"nsfw\.pt: not an MLP head checkpoint .*'fc\.weight'"):
         MLPHead.from_state_dict({"fc.weight": torch.zeros(1, 2)}, "relu", "nsfw.pt")
+
+
+def test_aesthetic_head_saved_in_laions_exact_shapes(tmp_path):
+    """save_aesthetic_head: LAION's aesthetic predictor v2, 768-1024-128-64-16-1, Linear at 0, 2, 4, 6, 7."""
+    from mmloom.filters.aesthetic import save_aesthetic_head
+
+    path = str(tmp_path / "aesthetic.pth")
+    save_aesthetic_head(path)
+    sd = torch.load(path, weights_only=True)
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k.endswith("weight")}
+    assert shapes == {"layers.0.weight": (1024, 768), "layers.2.weight": (128, 1024), "layers.4.weight": (64, 128),
+                      "layers.6.weight": (16, 64), "layers.7.weight": (1, 16)}
+
+
+def test_aesthetic_scores_are_clipped_to_one_to_ten(tmp_path):
+    """The predictor's output is a rating on LAION's 1-10 scale: below 1 reads 1, above 10 reads 10, between unchanged."""
+    from mmloom.filters.aesthetic import AestheticScorer, save_aesthetic_head
+
+    path = str(tmp_path / "aesthetic.pth")
+    save_aesthetic_head(path, in_dim=4)
+    a = AestheticScorer(path, "clip")
+    last = a.head.layers[7]
+    with torch.no_grad():
+        for i, m in enumerate(a.head.layers):
+            if isinstance(m, nn.Linear) and i != 7:
+                m.weight.copy_(torch.eye(*m.weight.shape))
+                m.bias.zero_()
+        last.weight.zero_()
+        last.weight[0, 0] = 1.0
+        last.bias.zero_()
+    emb = torch.tensor([[-3.0, 0, 0, 0], [0.5, 0, 0, 0], [1.0, 0, 0, 0], [4.25, 0, 0, 0], [10.0, 0, 0, 0], [12.0, 0, 0, 0]])
+    assert a(None, emb) == [1.0, 1.0, 1.0, 4.25, 10.0, 10.0]
