@@ -52,6 +52,7 @@ def test_batched_decoding_matches_nudenets_own(scores):
     nn_ = nudenet_with(np.stack([one, other]))
     geometry = [(np.zeros((1, 3, 320, 320), np.float32), 1.5, 1.5, 0, 80, 480, 400)] * 2
     got = nn_.detect_inputs(geometry)
+    assert len(got) == 2  # an image without detections does not end the batch
     for out, want_from in zip(got, (one, other)):
         want = _postprocess([want_from[None]], 0, 80, 1.5, 1.5, 480, 400, 320, 320)
         assert out == want
