@@ -89,7 +89,10 @@ def test_make_sampler_by_name_on_the_training_schedule():
     assert pndm.config.skip_prk_steps  # PLMS steps only, as Stable Diffusion runs PNDM
     for s in (ddim, pndm):
         assert (s.config.beta_schedule, s.config.beta_start, s.config.beta_end) == ("scaled_linear", 0.00085, 0.012)
-    for bad in ("abc", "euler", "DDIM"):
+    for name, cls in (("ddim", DDIMScheduler), ("pndm", PNDMScheduler)):
+        from_yaml = "".join(list(name))  # a name read from a config is not the interned literal
+        assert type(make_sampler(from_yaml, train)) is cls
+    for bad in ("abc", "euler", "DDIM", "xyz"):
         with pytest.raises(UserError, match="unknown sampler"):
             make_sampler(bad, train)
 
@@ -123,6 +126,7 @@ def test_each_familys_defaults_come_from_its_config_and_only_versatile_writes_te
     mvader = get_family("mvader")
     assert (mvader.sampling.sampler, mvader.sampling.steps, mvader.sampling.guidance) == ("pndm", 50, 8.0)
     assert mvader.config(mvader.Config()) is not None
+    assert get_family("mumu").makes_pictures(None) is True
     assert {n: get_family(n).text_outputs for n in ("mumu", "mvader", "versatile", "mtdiffusion", "kandinsky")} == {
         "mumu": False, "mvader": False, "versatile": True, "mtdiffusion": False, "kandinsky": False}
 
