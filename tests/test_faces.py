@@ -1,0 +1,35 @@
+"""Face boxes (filters/faces.py): nudenet's face classes above the score cut, its
+[x, y, w, h] boxes as [x0, y0, x1, y1]; OpenCV's cascade with its settings pinned on a
+real photograph."""
+
+import io
+
+from PIL import Image
+
+
+def test_nudenet_faces_keep_face_classes_over_the_cut_as_corner_boxes():
+    from mmloom.filters.faces import NudeNetFaces
+
+    class Stub:  # NudeNetFaces reads only the version of the detector it is given
+        version = "nudenet"
+
+    faces = NudeNetFaces(Stub())
+    dets = [[
+        {"class": "FACE_FEMALE", "score": 0.9, "box": [10, 20, 30, 40]},
+        {"class": "FACE_MALE", "score": 0.4, "box": [5, 6, 7, 8]},         # at the cut: kept
+        {"class": "FACE_MALE", "score": 0.39, "box": [50, 60, 70, 80]},    # under it
+        {"class": "BUTTOCKS_EXPOSED", "score": 0.95, "box": [1, 2, 3, 4]},  # not a face
+    ], []]
+    assert faces(None, dets) == [[[10, 20, 40, 60], [5, 6, 12, 14]], []]
+
+
+def test_opencv_faces_on_a_real_photograph():
+    from mmloom.filters.faces import OpenCvFaces
+    from mmloom.testkit.demo_data import demo_images
+
+    pics = {n: Image.open(io.BytesIO(d)).convert("RGB") for n, d, *_ in demo_images()}
+    found = OpenCvFaces()([pics["astronaut.jpg"], pics["coffee.jpg"]])
+    assert [len(b) for b in found] == [1, 0]
+    x0, y0, x1, y1 = found[0][0]
+    assert 0 <= x0 < x1 <= pics["astronaut.jpg"].width and 0 <= y0 < y1 <= pics["astronaut.jpg"].height
+    assert x1 - x0 >= 24 and y1 - y0 >= 24
