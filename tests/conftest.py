@@ -83,6 +83,16 @@ def images():
     return demo_images()
 
 
+@pytest.fixture(scope="session")
+def pics(images):
+    """The demo's photographs decoded to RGB, by file name (in the demo's order)."""
+    import io
+
+    from PIL import Image
+
+    return {name: Image.open(io.BytesIO(data)).convert("RGB") for name, data, *_ in images}
+
+
 @pytest.fixture()
 def server(images):
     with LocalServer({}) as srv:

@@ -2,9 +2,7 @@
 [x, y, w, h] boxes as [x0, y0, x1, y1]; OpenCV's cascade with its settings pinned on a
 real photograph."""
 
-import io
 
-from PIL import Image
 
 
 def test_nudenet_faces_keep_face_classes_over_the_cut_as_corner_boxes():
@@ -23,11 +21,9 @@ def test_nudenet_faces_keep_face_classes_over_the_cut_as_corner_boxes():
     assert faces(None, dets) == [[[10, 20, 40, 60], [5, 6, 12, 14]], []]
 
 
-def test_opencv_faces_on_a_real_photograph():
+def test_opencv_faces_on_a_real_photograph(pics):
     from mmloom.filters.faces import OpenCvFaces
-    from mmloom.testkit.demo_data import demo_images
 
-    pics = {n: Image.open(io.BytesIO(d)).convert("RGB") for n, d, *_ in demo_images()}
     found = OpenCvFaces()([pics["astronaut.jpg"], pics["coffee.jpg"]])
     assert [len(b) for b in found] == [1, 0]
     import cv2

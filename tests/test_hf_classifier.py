@@ -2,11 +2,9 @@
 image's softmax over its own labels, summed over the labels that match, whatever else is
 in the batch."""
 
-import io
 
 import pytest
 import torch
-from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +14,16 @@ def classifier_dir(tmp_path_factory):
     return make_hf_classifier(str(tmp_path_factory.mktemp("hf") / "tiny-cls"), ["normal", "nsfw", "porn", "sexy"])
 
 
-def pictures():
-    from mmloom.testkit.demo_data import demo_images
-
-    return [Image.open(io.BytesIO(data)).convert("RGB") for _n, data, *_ in demo_images()[:3]]
+def three(pics) -> list:
+    return list(pics.values())[:3]
 
 
-def test_probability_is_each_images_softmax_summed_over_matching_labels(classifier_dir):
+def test_probability_is_each_images_softmax_summed_over_matching_labels(classifier_dir, pics):
     from mmloom.filters.hf_classifier import HfImageClassifier
 
     c = HfImageClassifier(classifier_dir, ["nsfw", "^porn$"], "cpu")
     assert sorted(c.model.config.id2label[i] for i in c.positive) == ["nsfw", "porn"]
-    ims = pictures()
+    ims = three(pics)
     with torch.no_grad():
         logits = c.model(**c.inputs(ims)).logits.float()
     want = logits.softmax(-1)[:, c.positive].sum(-1).tolist()

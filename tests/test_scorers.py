@@ -1,7 +1,6 @@
 """Each scorer loads through the real loading code from tiny random-weight models saved in
 the real formats, and returns values in its range. nudenet, OpenCV and phash are real."""
 
-import io
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ def models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     return root, make_score_models(str(root))
-
-
-@pytest.fixture(scope="module")
-def pics():
-    from mmloom.testkit.demo_data import demo_images
-
-    imgs = {name: Image.open(io.BytesIO(data)).convert("RGB") for name, data, *_ in demo_images()}
-    return imgs
 
 
 def test_open_clip_local_dir_embeddings_normalized(models, pics):

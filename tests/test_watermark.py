@@ -2,7 +2,6 @@
 resize to a square, ImageNet normalization) and each image's softmax over the two
 classes, whatever else is in the batch."""
 
-import io
 
 import pytest
 import torch
@@ -18,14 +17,12 @@ def detector(tmp_path_factory):
     return TimmWatermark(path, "test_efficientnet", "laion", 0, "cpu", 64)
 
 
-def pictures():
-    from mmloom.testkit.demo_data import demo_images
-
-    return [Image.open(io.BytesIO(data)).convert("RGB") for _n, data, *_ in demo_images()[:3]]
+def three(pics) -> list:
+    return list(pics.values())[:3]
 
 
-def test_inputs_are_a_square_resize_with_imagenet_normalization(detector):
-    im = pictures()[0]
+def test_inputs_are_a_square_resize_with_imagenet_normalization(detector, pics):
+    im = three(pics)[0]
     x = detector.inputs([im])[0]
     small = im.resize((64, 64), Image.BILINEAR)
     raw = torch.from_numpy(__import__("numpy").asarray(small).copy()).permute(2, 0, 1).float() / 255
@@ -36,8 +33,8 @@ def test_inputs_are_a_square_resize_with_imagenet_normalization(detector):
     assert abs(float(x.mean() - ((raw - mean) / std).mean())) < 0.01
 
 
-def test_probability_is_each_images_softmax_at_the_positive_class(detector):
-    ims = pictures()
+def test_probability_is_each_images_softmax_at_the_positive_class(detector, pics):
+    ims = three(pics)
     with torch.no_grad():
         logits = detector.model(detector.inputs(ims)).float()
     want = logits.softmax(-1)[:, 0].tolist()
