@@ -61,8 +61,9 @@ class Batch:
         return Batch(self.images, self.captions, self.embedders, self.prepared)
 
     def clip_inputs(self, ref: str):
-        """The input tensor of the open_clip model ``ref``'s image tower."""
-        return self.ready(("clip", ref), lambda: self.embedders[ref].inputs(self.images))
+        """The input of the open_clip model ``ref``'s image tower, as pixels
+        (`mmloom.clip.ClipEmbedder.pixels`: uint8, normalized where the model runs)."""
+        return self.ready(("clip", ref), lambda: self.embedders[ref].pixels(self.images))
 
     def clip_raw(self, ref: str):
         """[N, D] raw image embeddings of the open_clip model ``ref`` (one model pass)."""

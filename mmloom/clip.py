@@ -46,18 +46,67 @@ class ClipEmbedder:
         self.version = f"open_clip {package_version('open-clip-torch')}, weights {fingerprint(ref)}"
         self.dim = int(self.model.text_projection.shape[-1]) if getattr(self.model, "text_projection", None) is not None else None
 
-    def inputs(self, pil_images) -> torch.Tensor:
-        """The image tower's input batch [N, 3, H, W] (CPU work, no model call); page-locked
-        when the model is on a GPU, so that the copy overlaps with compute."""
-        x = torch.stack([self.preprocess(im) for im in pil_images])
+    @property
+    def _split(self):
+        if not hasattr(self, "_split_cache"):
+            self._split_cache = self._split_preprocess()
+        return self._split_cache
+
+    def _split_preprocess(self):
+        """open_clip's preprocessing cut where the pixels become a tensor: its PIL steps
+        (resize, crop, RGB), and the mean and std of its final Normalize; None when the
+        pipeline is not of that shape (then `pixels` runs it whole)."""
+        from torchvision.transforms import Compose, Normalize, ToTensor
+
+        steps = self.preprocess.transforms if isinstance(self.preprocess, Compose) else []
+        cut = [i for i, s in enumerate(steps) if isinstance(s, ToTensor)]
+        if len(cut) != 1 or len(steps) != cut[0] + 2 or not isinstance(steps[-1], Normalize):
+            return None
+        norm = steps[-1]
+        mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
+        return Compose(steps[:cut[0]]), mean, std
+
+    def pixels(self, pil_images) -> torch.Tensor:
+        """The image tower's input batch as pixels (CPU work, no model call): [N, 3, H, W]
+        uint8 after open_clip's PIL steps (resize, crop), which `images` turns into floats
+        and normalizes where the model runs. The score stage's worker threads make these
+        (`filters.base.Batch.clip_inputs`): a quarter of the bytes of the float batch and no
+        float kernels in the threads (issue 16: on a GPU the CPU side was the bottleneck).
+        Page-locked when the model is on a GPU, so that the copy overlaps with compute. A
+        preprocessing pipeline of another shape gives its own float tensors instead."""
+        if self._split is None:
+            x = torch.stack([self.preprocess(im) for im in pil_images])
+        else:
+            import numpy as np
+
+            pil_steps = self._split[0]
+            x = torch.from_numpy(np.stack([np.asarray(pil_steps(im), dtype=np.uint8) for im in pil_images]))
+            x = x.permute(0, 3, 1, 2)
         return x.pin_memory() if self.device.startswith("cuda") else x
+
+    def inputs(self, pil_images) -> torch.Tensor:
+        """The image tower's float input batch [N, 3, H, W] on the CPU: open_clip's own
+        transform of each image (the same numbers, made from `pixels`)."""
+        return self._floats(self.pixels(pil_images))
+
+    def _floats(self, x: torch.Tensor) -> torch.Tensor:
+        """`pixels`' uint8 batch as open_clip's transform makes it: ``x / 255``, then
+        ``(x - mean) / std``, the operations of torchvision's ToTensor and Normalize
+        (bit-identical); float tensors pass as they are."""
+        if x.dtype != torch.uint8:
+            return x
+        _, mean, std = self._split
+        x = x.contiguous().float().div(255)
+        return x.sub_(mean.to(x.device)).div_(std.to(x.device))
 
     @torch.no_grad()
     def images(self, pil_images, normalize: bool = True) -> torch.Tensor:
         """[N, D] L2-normalized image embeddings (float32, CPU) of PIL images, or of the
-        batch `inputs` made of them; ``normalize=False``: CLIP's raw projected embeddings
+        batch `pixels` or `inputs` made of them; ``normalize=False``: CLIP's raw projected embeddings
         (transformers' ``image_embeds``, the scale Kandinsky's released weights work in)."""
-        x = (pil_images if torch.is_tensor(pil_images) else self.inputs(pil_images)).to(self.device, non_blocking=True)
+        x = pil_images if torch.is_tensor(pil_images) else self.pixels(pil_images)
+        x = self._floats(x.to(self.device, non_blocking=True))
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             e = self.model.encode_image(x).float()
         return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()

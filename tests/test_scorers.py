@@ -30,6 +30,37 @@ def test_open_clip_local_dir_embeddings_normalized(models, pics):
     assert e.version.startswith("open_clip") and "sha256:" in e.version
 
 
+def test_clip_pixels_are_open_clips_own_transform_bit_for_bit(models, pics):
+    """The score stage hands uint8 pixels to the model and normalizes there (issue 16); the
+    numbers must be open_clip's transform's exactly, for images of any size and shape."""
+    from mmloom.clip import ClipEmbedder
+
+    e = ClipEmbedder(models[1]["clip"]["model"])
+    ims = [pics["astronaut.jpg"], pics["coffee.jpg"].resize((300, 170)), pics["astronaut.jpg"].resize((90, 260))]
+    px = e.pixels(ims)
+    assert px.dtype == torch.uint8 and px.shape == (3, 3, 64, 64)
+    own = torch.stack([e.preprocess(im) for im in ims])
+    assert torch.equal(e.inputs(ims), own)
+    with torch.no_grad():
+        want = e.model.encode_image(own).float()
+    assert torch.equal(e.images(px, normalize=False), want)
+    assert torch.equal(e.images(ims, normalize=False), want)
+
+
+def test_clip_pixels_of_a_transform_of_another_shape_are_its_own_floats(models, pics):
+    from torchvision import transforms as T
+
+    from mmloom.clip import ClipEmbedder
+
+    e = ClipEmbedder(models[1]["clip"]["model"])
+    e.preprocess = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor()])  # no Normalize
+    ims = [pics["astronaut.jpg"], pics["coffee.jpg"]]
+    px = e.pixels(ims)
+    assert px.dtype == torch.float32 and torch.equal(px, torch.stack([e.preprocess(im) for im in ims]))
+    with torch.no_grad():
+        assert torch.equal(e.images(ims, normalize=False), e.model.encode_image(px).float())
+
+
 @pytest.mark.parametrize("ref", ["ViT-B-32/openai", "hf-hub:nobody/no-such-clip", "/no/such/dir/open_clip"])
 def test_missing_clip_is_a_clear_error(ref):
     from mmloom.clip import ClipEmbedder
@@ -111,19 +142,35 @@ def test_phash_groups_near_copies(pics):
 
 
 @pytest.mark.parametrize("hx, signed", [("0000000000000001", 1), ("7fffffffffffffff", 2**63 - 1),
-                                         ("8000000000000000", -(2**63)), ("ffffffffffffffff", -1)])
-def test_phash_int_is_the_hashs_64_bits_as_a_signed_int64(hx, signed, monkeypatch):
+                                         ("8000000000000000", -(2**63)), ("ffffffffffffffff", -1),
+                                         ("0123456789abcdef", 0x0123456789ABCDEF)])
+def test_phash_int_is_the_hashs_64_bits_as_a_signed_int64(hx, signed):
     """The int64 column holds the hash's 64 bits in two's complement (DuckDB's bit_count(a # b)
-    on the stored column is then the Hamming distance), at both sides of the sign bit."""
-    import imagehash
+    on the stored column is then the Hamming distance), at both sides of the sign bit, and the
+    hex column imagehash's digits of the same bits (row-major, first bit highest)."""
     import numpy as np
 
-    from mmloom.filters.geometry import phash
+    from mmloom.filters.geometry import hash_columns
 
-    monkeypatch.setattr(imagehash, "phash", lambda img: hx)
-    got_hex, got = phash(None)
+    bits = np.array([[c == "1" for c in f"{int(hx, 16):064b}"]])
+    [(got_hex, got)] = hash_columns(bits)
     assert got_hex == hx and got == signed
     assert int(np.array([got], dtype=np.int64).view(np.uint64)[0]) == int(hx, 16)
+
+
+def test_batched_phash_is_imagehashs_phash_bit_for_bit(pics):
+    """`phashes` runs imagehash.phash's computation on a whole batch (issue 16): the same hex
+    digits for photographs of any size, in any mode, and for flat pictures (a median tie)."""
+    import imagehash
+
+    from mmloom.filters.geometry import phash, phashes
+
+    base = [pics[k] for k in sorted(pics)]
+    ims = base + [im.resize((300, 170)) for im in base[:3]] + [base[0].convert("L"), base[1].convert("RGBA"),
+                                                              Image.new("RGB", (50, 50), (10, 20, 30)), Image.new("RGB", (1, 1))]
+    got = phashes(ims)
+    assert [h for h, _ in got] == [str(imagehash.phash(im)) for im in ims]
+    assert got[0] == phash(ims[0]) and phashes([]) == []
 
 
 def test_geometry_columns_of_a_landscape_and_a_portrait_picture():
@@ -274,11 +321,11 @@ def test_a_prepared_batch_scores_as_the_images_do_and_only_models_run_after(mode
     plain = s.score(imgs, caps)
     batch = s.prepare(imgs, caps)
     cpu_work = []
-    for cls, name in ((ClipEmbedder, "inputs"), (NudeNet, "inputs")):
+    for cls, name in ((ClipEmbedder, "pixels"), (ClipEmbedder, "inputs"), (NudeNet, "inputs")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, ims, real=real: cpu_work.append(1) or real(self, ims))
-    real_phash = geometry.phash
-    monkeypatch.setattr(geometry, "phash", lambda im: cpu_work.append(1) or real_phash(im))
+    real_phashes = geometry.phashes
+    monkeypatch.setattr(geometry, "phashes", lambda ims: cpu_work.append(1) or real_phashes(ims))
     for _ in range(2):  # scoring again runs the models again, on the same prepared inputs
         out = s.score(batch)
         assert list(out) == list(plain) and not cpu_work
