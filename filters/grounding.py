@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -93,31 +94,37 @@ class GroundingDino:
         prep = prepared if prepared is not None else self.prepare(images, captions)
         probs, boxes = self._forward(images, prep["texts"], prep["inputs"])
         results = []
+        # numpy, not torch, from here: a random-weight or poorly matched detector proposes
+        # hundreds of boxes per image, and a torch op per token per box made this loop the
+        # stage's bottleneck (issue 16); comparisons stay in float32, as torch made them
+        box_thr, text_thr = np.float32(self.box_threshold), np.float32(self.text_threshold)
+        probs_np, boxes_np = probs.numpy(), boxes.numpy()
         for b, (im, cap, offsets) in enumerate(zip(images, captions, prep["offsets"])):
-            valid = torch.zeros(probs.shape[-1], dtype=torch.bool)
-            for t, (s, e) in enumerate(offsets[: probs.shape[-1]]):
+            n_tok = probs_np.shape[-1]
+            valid = np.zeros(n_tok, dtype=bool)
+            for t, (s, e) in enumerate(offsets[:n_tok]):
                 valid[t] = e > s and e <= len(cap) and any(ch.isalnum() for ch in cap[s:e])
             W, H = im.size
             found = []
-            masked = torch.where(valid, probs[b], torch.zeros_like(probs[b]))  # [Q, T]: caption tokens only
-            for q in (masked.max(-1).values >= self.box_threshold).nonzero().flatten().tolist():  # the rest are never boxes
+            masked = np.where(valid, probs_np[b], np.float32(0))  # [Q, T]: caption tokens only
+            for q in np.flatnonzero(masked.max(-1) >= box_thr).tolist():  # the rest are never boxes
                 p = masked[q]
                 score = float(p.max())
                 if score < self.box_threshold:  # the float32 filter above lets a few too many through
                     continue
                 best = int(p.argmax())
                 lo = hi = best
-                while lo - 1 >= 0 and valid[lo - 1] and p[lo - 1] > self.text_threshold:
+                while lo - 1 >= 0 and valid[lo - 1] and p[lo - 1] > text_thr:
                     lo -= 1
-                while hi + 1 < len(p) and valid[hi + 1] and p[hi + 1] > self.text_threshold:
+                while hi + 1 < len(p) and valid[hi + 1] and p[hi + 1] > text_thr:
                     hi += 1
                 s, e = _word_bounds(cap, offsets[lo][0], offsets[hi][1])
-                cx, cy, w, h = boxes[b, q].tolist()
+                cx, cy, w, h = boxes_np[b, q].tolist()
                 box = [max(0.0, (cx - w / 2) * W), max(0.0, (cy - h / 2) * H), min(W, (cx + w / 2) * W), min(H, (cy + h / 2) * H)]
                 if box[2] - box[0] < 1 or box[3] - box[1] < 1:
                     continue
                 found.append({"phrase": cap[s:e], "span": [s, e], "box": [round(v, 1) for v in box],
-                              "score": round(score, 4), "text_score": round(float(p[lo:hi + 1].mean()), 4)})
+                              "score": round(score, 4), "text_score": round(float(probs[b, q, lo:hi + 1].mean()), 4)})
             results.append(found)
         return results
 

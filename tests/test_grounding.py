@@ -109,3 +109,35 @@ def test_a_batch_prepared_in_a_worker_thread_gives_the_same_boxes(dino):
     with ThreadPoolExecutor(1) as ex:
         prep = ex.submit(dino.prepare, ims, caps).result()
     assert dino.detect(ims, caps, prep) == dino.detect(ims, caps)
+
+
+def test_output_decoding_thresholds_spans_and_boxes(dino, monkeypatch):
+    """`GroundingDino.detect`'s reading of the model's output, on chosen probabilities: a
+    box needs a caption token at or over box_threshold (compared in float32, as torch did:
+    float32(0.35) is under 0.35), the phrase grows over neighbouring caption tokens over
+    text_threshold, special tokens never count, boxes go from normalized cx cy w h to
+    pixels, and boxes under a pixel are dropped."""
+    import numpy as np
+    import torch
+
+    monkeypatch.setattr(dino, "box_threshold", 0.35)
+    monkeypatch.setattr(dino, "text_threshold", 0.25)
+    cap = "a man and his dog"
+    offsets = dino.tokenizer(dino.prompt_text(cap), return_offsets_mapping=True)["offset_mapping"]
+    tok = {cap[s:e]: t for t, (s, e) in enumerate(offsets) if e > s and e <= len(cap)}
+    T, Q = len(offsets), 6
+    probs = torch.zeros(1, Q, T)
+    probs[0, 0, tok["man"]], probs[0, 0, tok["and"]], probs[0, 0, tok["a"]] = 0.9, 0.3, 0.2  # "man and"
+    probs[0, 1, tok["dog"]] = 0.3  # under box_threshold
+    probs[0, 2, 0] = 0.99  # a special token only
+    probs[0, 3, tok["dog"]] = 0.8  # a box 0.2 px wide
+    probs[0, 4, tok["his"]] = float(np.float32(0.35))  # the threshold in float32: under 0.35
+    probs[0, 5, tok["his"]], probs[0, 5, tok["dog"]] = 0.6, 0.25  # "his" alone: 0.25 is not over 0.25
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2],
+                           [0.5, 0.5, 0.001, 0.5], [0.5, 0.5, 0.2, 0.2], [0.1, 0.9, 0.4, 0.4]]])
+    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
+    [dets] = dino.detect([Image.new("RGB", (200, 100))], [cap], {"texts": [dino.prompt_text(cap)], "offsets": [offsets], "inputs": None})
+    assert dets == [
+        {"phrase": "man and", "span": [2, 9], "box": [50.0, 25.0, 150.0, 75.0], "score": 0.9, "text_score": 0.6},
+        {"phrase": "his", "span": [10, 13], "box": [0.0, 70.0, 60.0, 100.0], "score": 0.6, "text_score": 0.6},
+    ]
