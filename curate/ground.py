@@ -69,7 +69,7 @@ class GroundWorker(ActorWorker):
 
     def run(self, shard: int, root: str, chash: str, encode_format: str, prefetch: int | None = None) -> dict:
         """Ground one shard's selected samples and commit. With the model on a GPU, worker
-        threads (``prefetch``; default torch's CPU threads, at most 8) decode the next
+        threads (``prefetch``; default torch's CPU threads, at most 4) decode the next
         batches and run the processor on them (`GroundingDino.prepare`) while the model
         runs the current one; on the CPU the default is 0 (in turn), as in
         `curate.score.score_shard`."""

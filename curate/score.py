@@ -62,7 +62,7 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     """Score one committed download shard with a built `ScoreSet` and commit it.
 
     With the models on a GPU, worker threads (``prefetch``; default torch's CPU threads,
-    at most 8) decode the next batches and make them ready for the models
+    at most 4) decode the next batches and make them ready for the models
     (`ScoreSet.prepare`) while the models run the current one, so decoding and
     preprocessing stay off the GPU's critical path. With the models on the CPU they
     already keep every core busy and a worker thread buys nothing (bench/score.py
@@ -126,14 +126,18 @@ def _decode(data: bytes):
 
 def prefetch_threads(device: str, prefetch: int | None) -> int:
     """Worker threads that make batches ready ahead of the models: ``prefetch`` when given,
-    else torch's CPU threads (at most 8) with the models on a GPU and 0 on the CPU."""
+    else torch's CPU threads (at most 4) with the models on a GPU and 0 on the CPU. Four,
+    not more: on an H200 with 16 cores (2026-11-29, `bash bench/gpu.sh --score-threads`)
+    the ViT-L/14 score stage ran at 514 and 649 images/s with 4 threads, 458 and 577 with
+    8 and 482 and 555 with 16, in two runs: past four, threads wait on Python's lock and
+    slow the thread that drives the GPU more than they add."""
     if prefetch is not None:
         return max(0, int(prefetch))
     if not str(device).startswith("cuda"):
         return 0
     import torch
 
-    return max(1, min(8, torch.get_num_threads()))
+    return max(1, min(4, torch.get_num_threads()))
 
 
 def ahead(fn, items: list, threads: int):
