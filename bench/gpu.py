@@ -4,7 +4,8 @@
     weights) and the heads that read its embedding (aesthetic, CLIP-MLP NSFW), phash,
     geometry and caption cleaning, on a committed shard of 256 px JPEGs: stage images/s,
     the same batches through the models alone, and the fraction (bench/score.py's
-    measurement); also ViT-L/14's image tower alone on ready tensors.
+    measurement); also ViT-L/14's image tower alone on ready tensors, and the stage's CPU
+    side alone (decode and preparation, no model: what could feed the GPU).
 (b) training: samples/s and model FLOPs utilization of an SD 1.5-size and an SDXL-size
     UNet (random init, real configs, 512 and 1024 px) in
     * the MUMU training step through the family's own code (train/families/mumu.py:
@@ -21,6 +22,8 @@
 
     bash bench/gpu.sh                     # a GPU: the real sizes; eager about 3 minutes on an H200 (2026-11-29: 111 s for the four training steps)
     bash bench/gpu.sh --compile           # torch.compile the UNets and CLIP's image tower too
+    bash bench/gpu.sh --parts score --score-threads 2,4,16 --cpu-threads 1,4,8,16 --cpu-procs 8,14
+                                          # the score stage with other thread counts, and its CPU side alone
     python bench/gpu.py --tiny            # no GPU: tiny models on CPU, the same code paths (< 1 min)
 
 A batch that does not fit is halved until it does (the batch used is printed).
@@ -119,17 +122,22 @@ def score_part(a, dev: torch.device) -> None:
         if a.compile:
             _compile_clip_towers()
         with Meter(dev) as m:
-            r = stage_vs_forward(cfg, n, 1 if a.tiny else 2)
+            ints = lambda v: tuple(int(k) for k in v.split(",") if k)  # noqa: E731
+            cpu = (ints(a.cpu_threads), ints(a.cpu_procs)) if a.cpu_threads or a.cpu_procs else None
+            r = stage_vs_forward(cfg, n, 1 if a.tiny else 2, sweep=ints(a.score_threads), cpu=cpu)
             tensors = clip_tensors_rate(cfg["clip"]["model"], dev, bs, 2 if a.tiny else 20, a.compile)
     print(f"[score] CLIP {arch} score set (+ aesthetic and CLIP-MLP NSFW heads, phash, geometry, captions; no nudenet, "
           f"watermark or faces), {n} images of 256 px, batch {bs}, {r['threads']} prefetch thread(s): "
           f"stage {r['stage']:.1f} images/s, forward-only {r['forward']:.1f} images/s, fraction {r['frac']:.1%} "
-          f"(serial stage {r['serial']:.1f} images/s, {r['frac_serial']:.1%}); image tower alone on ready tensors {tensors:.1f} images/s; {m.peak()}")
+          f"(serial stage {r['serial']:.1f} images/s, {r['frac_serial']:.1%}); decode + prepare alone {r['prep_ms']:.2f} ms/image "
+          f"on one thread, {r['cpu_side']:.1f} images/s with {r['threads']} thread(s); image tower alone on ready tensors {tensors:.1f} images/s; {m.peak()}")
+    for k, v in r["sweep"].items():
+        print(f"[score]   stage with {k} prefetch thread(s): {v:.1f} images/s, {v / r['forward']:.1%} of forward-only")
 
 
 def _compile_clip_towers() -> None:
     """--compile: every ClipEmbedder built from here on compiles its image tower."""
-    from mmloom.filters import clip_embed
+    from mmloom import clip as clip_embed
 
     real = clip_embed.ClipEmbedder.__init__
 
@@ -368,6 +376,9 @@ def main(argv=None) -> None:
     ap.add_argument("--resolution", type=int, default=None, help="training pixels (default: the UNet's own, 512 / 1024; tiny 64)")
     ap.add_argument("--score-images", type=int, default=2048)
     ap.add_argument("--score-batch", type=int, default=256)
+    ap.add_argument("--cpu-threads", default="", help="the score stage's CPU side alone with these thread counts, e.g. 1,4,8,16")
+    ap.add_argument("--cpu-procs", default="", help="... and with these worker process counts, e.g. 8,16")
+    ap.add_argument("--score-threads", default="", help="other prefetch thread counts to time the score stage with once each, e.g. 2,4,16")
     a = ap.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     a.steps = a.steps or (2 if a.tiny else 10)

@@ -105,7 +105,7 @@ def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, ro
         batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
         decoded = [[Image.open(io.BytesIO(blobs[i])).convert("RGB") for i in b] for b in batches]
         ready = [(im, [caps[i] for i in b], w.dino.prepare(im, [caps[i] for i in b])) for b, im in zip(batches, decoded)]
-        w.dino.detect(*ready[0])  # warm-up
+        boxes = sum(len(d) for im, c, p in ready for d in w.dino.detect(im, c, p)) / n  # and the warm-up
 
         def forward():
             sync()
@@ -128,7 +128,7 @@ def stage_vs_forward(model_dir: str, ims, caps, batch_size: int, device: str, ro
             im = [Image.open(io.BytesIO(blobs[i])).convert("RGB") for i in b]
             w.dino.prepare(im, [caps[i] for i in b])
         prep_ms = (time.perf_counter() - t) / n * 1e3
-    return {**out, "prep_ms": prep_ms}
+    return {**out, "prep_ms": prep_ms, "boxes": boxes}
 
 
 def main() -> None:
@@ -164,7 +164,8 @@ def main() -> None:
                 print(f"    detector's forward passes alone (prepared batches)  {r['forward']:8.2f} images/s")
                 print(f"    stage, {r['threads']} prefetch thread(s)                      {r['stage']:8.2f} images/s")
                 print(f"    stage, serial (no prefetch)                         {r['serial']:8.2f} images/s")
-                print(f"    decode + processor alone, one thread: {r['prep_ms']:.1f} ms/image")
+                print(f"    decode + processor alone, one thread: {r['prep_ms']:.1f} ms/image; boxes found per image {r['boxes']:.1f} "
+                      "(random weights: a trained detector finds a few)")
                 default = f"{r['default']} prefetch thread(s)" if r["default"] else "serial"
                 print(f"  fraction of forward-only throughput (best of {a.rounds} rounds each): with prefetch {r['frac']:.1%}, "
                       f"serial {r['frac_serial']:.1%}; the stage's default on {a.device}: {default}")

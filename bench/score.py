@@ -122,8 +122,12 @@ def score_models(root: str, clip: str = "tiny") -> dict:
     return cfg
 
 
-def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
-    """Score-stage images/s on a committed shard vs the models alone on the same batches."""
+def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[int, ...] = (),
+                     cpu: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> dict:
+    """Score-stage images/s on a committed shard vs the models alone on the same batches;
+    ``sweep``: other prefetch thread counts, the stage timed once with each after the
+    rounds (``best["sweep"]``: threads -> images/s); ``cpu``: (threads, processes) for
+    `cpu_scaling`, run first."""
     from mmloom.curate.config import ScoreConfig
     from mmloom.curate.score import _decode, score_shard
     from mmloom.filters.scoring import ScoreSet
@@ -139,6 +143,8 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
     with tempfile.TemporaryDirectory() as root:
         write_download_shard(root, blobs, caps)
         store = ShardStore(root)
+        if cpu is not None:
+            cpu_scaling(s, blobs, caps, *cpu, echo=echo)
         ready = [s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs]) for i in range(0, n, bs)]
         s.score(ready[0], caps[:bs])  # warm-up
 
@@ -158,13 +164,102 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print) -> dict:
             return n / (time.perf_counter() - t)
 
         best = best_of_rounds(forward, stage, s.device, rounds, echo)
-        # what the stage does besides the models, timed alone on one thread
-        t = time.perf_counter()
-        for i in range(0, n, bs):
-            s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs])
-        prep_ms = (time.perf_counter() - t) / n * 1e3
-    best["prep_ms"] = prep_ms
+        best["sweep"] = {k: stage(k) for k in sweep}
+        # what the stage does besides the models, timed alone: one thread, and the stage's
+        # worker threads (how fast the CPU side could feed the models)
+        best["prep_ms"], best["cpu_side"] = cpu_side(s, blobs, caps, best["threads"])
     return best
+
+
+def cpu_side(s, blobs: list[bytes], caps: list[str], threads: int) -> tuple[float, float]:
+    """Decode + `ScoreSet.prepare` without any model: ms per image on one thread, and
+    images/s with ``threads`` worker threads as the stage runs them (`curate.score.ahead`)."""
+    from mmloom.curate.score import _decode, ahead
+
+    bs, n = s.cfg.batch_size, len(blobs)
+    spans = [(i, i + bs) for i in range(0, n, bs)]
+
+    def prep(span):
+        return s.prepare([_decode(b) for b in blobs[span[0]:span[1]]], caps[span[0]:span[1]])
+
+    t = time.perf_counter()
+    for span in spans:
+        prep(span)
+    one = (time.perf_counter() - t) / n * 1e3
+    t = time.perf_counter()
+    for _ in ahead(prep, spans, threads):
+        pass
+    return one, n / (time.perf_counter() - t)
+
+
+def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...], procs: tuple[int, ...], echo=print) -> None:
+    """The score stage's CPU side alone (decode and `ScoreSet.prepare`, no model), to see
+    what feeds the models: each step's ms per image on one thread, images/s with worker
+    threads (as the stage runs them) and with worker processes (what a process pool would
+    give: decode, open_clip's PIL steps, phash, geometry and caption cleaning per batch,
+    the pixels sent back to this process)."""
+    import multiprocessing as mp
+
+    from mmloom.curate.score import _decode, ahead
+    from mmloom.filters.captions import clean_caption
+    from mmloom.filters.geometry import geometry, phashes
+
+    bs, n = s.cfg.batch_size, len(blobs)
+    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
+    ims = [_decode(b) for b in blobs]
+    emb = next(iter(s.embedders.values()))
+    steps = {"decode": lambda: [_decode(b) for b in blobs], "clip pixels": lambda: emb.pixels(ims),
+             "phash": lambda: phashes(ims), "geometry": lambda: [geometry(im) for im in ims],
+             "captions": lambda: [clean_caption(c) for c in caps]}
+    parts = []
+    for name, f in steps.items():
+        t = time.perf_counter()
+        f()
+        parts.append(f"{name} {(time.perf_counter() - t) / n * 1e3:.2f}")
+    echo(f"[cpu] one thread, ms per image: {', '.join(parts)}")
+
+    def prep(span):
+        return s.prepare([_decode(b) for b in blobs[span[0]:span[1]]], caps[span[0]:span[1]])
+
+    for k in threads:
+        t = time.perf_counter()
+        for _ in ahead(prep, spans, k):
+            pass
+        echo(f"[cpu] decode + prepare with {k} worker thread(s): {n / (time.perf_counter() - t):.1f} images/s")
+    pil_steps = emb._split[0] if emb._split is not None else None
+    if pil_steps is None or not procs:
+        return
+    ctx = mp.get_context("spawn")
+    for k in procs:
+        with ctx.Pool(k, initializer=_proc_init, initargs=(pil_steps,)) as pool:
+            pool.map(_proc_batch, [[blobs[0]]] * k)  # every worker started and warm
+            t = time.perf_counter()
+            got = sum(len(x) for x in pool.imap(_proc_batch, [(blobs[a:b], caps[a:b]) for a, b in spans]))
+            echo(f"[cpu] decode + pixels + phash + geometry + captions in {k} worker process(es): "
+                 f"{got / (time.perf_counter() - t):.1f} images/s")
+
+
+_PIL_STEPS = None
+
+
+def _proc_init(pil_steps) -> None:
+    global _PIL_STEPS
+    _PIL_STEPS = pil_steps
+
+
+def _proc_batch(item):
+    import numpy as np
+
+    from mmloom.curate.score import _decode
+    from mmloom.filters.captions import clean_caption
+    from mmloom.filters.geometry import geometry, phashes
+
+    if isinstance(item, list):  # warm-up
+        return []
+    blobs, caps = item
+    ims = [_decode(b) for b in blobs]
+    px = np.stack([np.asarray(_PIL_STEPS(im), dtype=np.uint8) for im in ims])
+    return list(zip(px, phashes(ims), [geometry(im) for im in ims], [clean_caption(c) for c in caps]))
 
 
 def best_of_rounds(forward, stage, device: str, rounds: int, echo=print) -> dict:
@@ -253,7 +348,7 @@ def main() -> None:
         print(f"  models' forward passes alone (prepared batches)  {r['forward']:9.1f} images/s")
         print(f"  stage, {r['threads']} prefetch thread(s)                   {r['stage']:9.1f} images/s")
         print(f"  stage, serial (no prefetch)                      {r['serial']:9.1f} images/s")
-        print(f"  decode + prepare alone, one thread: {r['prep_ms']:.2f} ms/image")
+        print(f"  decode + prepare alone, one thread: {r['prep_ms']:.2f} ms/image; with {r['threads']} worker thread(s): {r['cpu_side']:.1f} images/s")
         default = f"{r['default']} prefetch thread(s)" if r["default"] else "serial"
         print(f"fraction of forward-only throughput (best of {a.rounds} rounds each): with prefetch {r['frac']:.1%}, "
               f"serial {r['frac_serial']:.1%}; the stage's default on {dev}: {default}")
