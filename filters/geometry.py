@@ -20,9 +20,10 @@ def phashes(images) -> list[tuple[str, int]]:
     """`phash` of each image: imagehash.phash's computation (grey, 32x32 with its
     resampling filter, DCT over both axes, the 8x8 low frequencies against their median)
     run on the whole batch at once, the same 64 bits (tests/test_scorers.py checks it
-    against imagehash). Batched because imagehash's per-image NumPy and SciPy calls held
-    Python's lock for most of their time and so stopped the score stage's worker threads
-    from running side by side (issue 16); the resizing here runs in Pillow without it."""
+    against imagehash). Batched so that the per-image work is Pillow's grey conversion and
+    resize, which run without Python's lock, and one SciPy and NumPy call serves the batch:
+    imagehash makes several lock-holding calls per image, in the score stage's worker
+    threads beside the thread that drives the GPU (issue 16)."""
     import imagehash
     import numpy as np
     from scipy import fftpack
