@@ -180,6 +180,14 @@ def test_geometry_columns_of_a_landscape_and_a_portrait_picture():
     assert geometry(Image.new("RGB", (120, 480))) == {"width": 120, "height": 480, "aspect": 0.25, "area": 57600, "min_side": 120}
 
 
+def test_geometry_scorer_writes_one_value_per_image_and_column():
+    from mmloom.filters.base import Batch
+    from mmloom.filters.geometry import Geometry
+
+    out = Geometry().score(Batch([Image.new("RGB", (300, 200)), Image.new("RGB", (120, 480))], ["", ""]))
+    assert out == {"width": [300, 120], "height": [200, 480], "aspect": [1.5, 0.25], "area": [60000, 57600], "min_side": [200, 120]}
+
+
 def test_phash_scorer_writes_the_hex_and_the_int_columns(pics):
     from mmloom.filters.base import Batch
     from mmloom.filters.geometry import PHash, phash
