@@ -47,13 +47,22 @@ def test_clip_pixels_are_open_clips_own_transform_bit_for_bit(models, pics):
     assert torch.equal(e.images(ims, normalize=False), want)
 
 
-def test_clip_pixels_of_a_transform_of_another_shape_are_its_own_floats(models, pics):
+@pytest.mark.parametrize("shape", ["no Normalize", "no ToTensor", "a step between ToTensor and Normalize"])
+def test_clip_pixels_of_a_transform_of_another_shape_are_its_own_floats(models, pics, shape):
+    """Only a pipeline of PIL steps, ToTensor and a final Normalize is cut into uint8 pixels
+    and normalization; any other gives its own float tensors, whole."""
+    import torch
     from torchvision import transforms as T
 
     from mmloom.clip import ClipEmbedder
 
     e = ClipEmbedder(models[1]["clip"]["model"])
-    e.preprocess = T.Compose([T.Resize(64), T.CenterCrop(64), T.ToTensor()])  # no Normalize
+    norm = T.Normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))
+    e.preprocess = T.Compose({
+        "no Normalize": [T.Resize(64), T.CenterCrop(64), T.ToTensor()],
+        "no ToTensor": [T.Resize(64), T.CenterCrop(64), T.PILToTensor(), T.ConvertImageDtype(torch.float32), norm],
+        "a step between ToTensor and Normalize": [T.Resize(64), T.CenterCrop(64), T.ToTensor(), T.Lambda(lambda x: x * 0.5), norm],
+    }[shape])
     ims = [pics["astronaut.jpg"], pics["coffee.jpg"]]
     px = e.pixels(ims)
     assert px.dtype == torch.float32 and torch.equal(px, torch.stack([e.preprocess(im) for im in ims]))
