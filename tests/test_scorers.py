@@ -47,6 +47,16 @@ def test_clip_pixels_are_open_clips_own_transform_bit_for_bit(models, pics):
     assert torch.equal(e.images(ims, normalize=False), want)
 
 
+def test_clip_on_an_indexed_device_gives_the_same_embeddings(models, pics):
+    """A device with an index ("cuda:1" on a GPU node; "cpu:0" here) reaches autocast as its
+    type alone."""
+    from mmloom.clip import ClipEmbedder
+
+    ims = [pics["astronaut.jpg"], pics["coffee.jpg"]]
+    a, b = ClipEmbedder(models[1]["clip"]["model"], "cpu:0"), ClipEmbedder(models[1]["clip"]["model"])
+    assert torch.equal(a.images(ims), b.images(ims)) and torch.equal(a.texts(["an astronaut"]), b.texts(["an astronaut"]))
+
+
 @pytest.mark.parametrize("shape", ["no Normalize", "no ToTensor", "a step between ToTensor and Normalize"])
 def test_clip_pixels_of_a_transform_of_another_shape_are_its_own_floats(models, pics, shape):
     """Only a pipeline of PIL steps, ToTensor and a final Normalize is cut into uint8 pixels
