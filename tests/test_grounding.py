@@ -141,3 +141,38 @@ def test_output_decoding_thresholds_spans_and_boxes(dino, monkeypatch):
         {"phrase": "man and", "span": [2, 9], "box": [50.0, 25.0, 150.0, 75.0], "score": 0.9, "text_score": 0.6},
         {"phrase": "his", "span": [10, 13], "box": [0.0, 70.0, 60.0, 100.0], "score": 0.6, "text_score": 0.6},
     ]
+
+
+def test_phrases_grow_over_neighbours_and_boxes_keep_a_tenth_of_a_pixel(dino, monkeypatch):
+    """More of `detect`'s decoding, on chosen probabilities: a box exactly at box_threshold
+    (0.5, exact in float32) is kept; the phrase grows left and right one token at a time while
+    the neighbour is a caption token over text_threshold, up to the caption's last word and
+    never into the prompt's closing period; boxes one pixel wide or high are kept, corners are
+    clipped to the picture, scores keep four decimals and corners one."""
+    import torch
+
+    monkeypatch.setattr(dino, "box_threshold", 0.5)
+    monkeypatch.setattr(dino, "text_threshold", 0.25)
+    cap = "a man and his dog"
+    text = dino.prompt_text(cap)
+    offsets = dino.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    tok = {text[s:e]: t for t, (s, e) in enumerate(offsets) if e > s}
+    T, Q = len(offsets), 5
+    probs = torch.zeros(1, Q, T)
+    probs[0, 0, tok["a"]], probs[0, 0, tok["man"]], probs[0, 0, tok["and"]] = 0.2, 0.3, 0.5  # "man and", at the threshold
+    probs[0, 1, tok["his"]], probs[0, 1, tok["dog"]], probs[0, 1, tok["."]] = 0.3, 0.912345, 0.9  # "his dog", not "."
+    probs[0, 2, tok["man"]] = 0.7  # a box one pixel wide
+    probs[0, 3, tok["man"]] = 0.7  # a box one pixel high
+    probs[0, 4, tok["and"]], probs[0, 4, tok["his"]] = 0.6, 0.4  # "and his", text score their mean
+    W, H = 256, 128
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.123, 0.4, 0.3, 0.79], [0.5, 0.5, 1 / W, 0.5],
+                           [0.5, 0.5, 0.5, 1 / H], [0.9, 0.1, 0.4, 0.4]]])
+    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
+    [dets] = dino.detect([Image.new("RGB", (W, H))], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
+    assert dets == [
+        {"phrase": "man and", "span": [2, 9], "box": [76.8, 38.4, 179.2, 89.6], "score": 0.5, "text_score": 0.4},
+        {"phrase": "his dog", "span": [10, 17], "box": [0.0, 0.6, 69.9, 101.8], "score": 0.9123, "text_score": 0.6062},
+        {"phrase": "man", "span": [2, 5], "box": [127.5, 32.0, 128.5, 96.0], "score": 0.7, "text_score": 0.7},
+        {"phrase": "man", "span": [2, 5], "box": [64.0, 63.5, 192.0, 64.5], "score": 0.7, "text_score": 0.7},
+        {"phrase": "and his", "span": [6, 13], "box": [179.2, 0.0, 256, 38.4], "score": 0.6, "text_score": 0.5},
+    ]
