@@ -176,3 +176,25 @@ def test_phrases_grow_over_neighbours_and_boxes_keep_a_tenth_of_a_pixel(dino, mo
         {"phrase": "man", "span": [2, 5], "box": [64.0, 63.5, 192.0, 64.5], "score": 0.7, "text_score": 0.7},
         {"phrase": "and his", "span": [6, 13], "box": [179.2, 0.0, 256, 38.4], "score": 0.6, "text_score": 0.5},
     ]
+
+
+def test_punctuation_and_neighbours_at_the_text_threshold_stay_out_of_phrases(dino, monkeypatch):
+    """A comma inside the caption is its own token and never part of a phrase, however
+    likely; a neighbour exactly at text_threshold (0.25, exact in float32) stays out; a box
+    under a pixel high is dropped."""
+    import torch
+
+    monkeypatch.setattr(dino, "box_threshold", 0.35)
+    monkeypatch.setattr(dino, "text_threshold", 0.25)
+    cap = "a man, and his dog"
+    text = dino.prompt_text(cap)
+    offsets = dino.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    tok = {text[s:e]: t for t, (s, e) in enumerate(offsets) if e > s}
+    probs = torch.zeros(1, 3, len(offsets))
+    probs[0, 0, tok["man"]], probs[0, 0, tok[","]], probs[0, 0, tok["and"]] = 0.9, 0.8, 0.3
+    probs[0, 1, tok["and"]], probs[0, 1, tok["his"]] = 0.25, 0.9
+    probs[0, 2, tok["dog"]] = 0.9  # a box 0.5 px high: dropped
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.005]]])
+    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
+    [dets] = dino.detect([Image.new("RGB", (100, 100))], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
+    assert [(d["phrase"], d["span"]) for d in dets] == [("man", [2, 5]), ("his", [11, 14])]
