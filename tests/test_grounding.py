@@ -111,6 +111,27 @@ def test_a_batch_prepared_in_a_worker_thread_gives_the_same_boxes(dino):
     assert dino.detect(ims, caps, prep) == dino.detect(ims, caps)
 
 
+def _detect_chosen(dino, monkeypatch, cap, box_threshold, text_threshold, queries, boxes, size):
+    """`GroundingDino.detect` on one picture of ``size`` with ``cap`` whose model output is
+    chosen: ``queries``, one {prompt token's text, or token index: probability} per query
+    (every other probability 0), and each query's box (normalized cx cy w h)."""
+    import torch
+
+    monkeypatch.setattr(dino, "box_threshold", box_threshold)
+    monkeypatch.setattr(dino, "text_threshold", text_threshold)
+    text = dino.prompt_text(cap)
+    offsets = dino.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    tok = {text[s:e]: t for t, (s, e) in enumerate(offsets) if e > s}
+    probs = torch.zeros(1, len(queries), len(offsets))
+    for q, chosen in enumerate(queries):
+        for k, v in chosen.items():
+            probs[0, q, k if isinstance(k, int) else tok[k]] = v
+    out = (probs, torch.tensor([boxes]))
+    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: out)
+    [dets] = dino.detect([Image.new("RGB", size)], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
+    return dets
+
+
 def test_output_decoding_thresholds_spans_and_boxes(dino, monkeypatch):
     """`GroundingDino.detect`'s reading of the model's output, on chosen probabilities: a
     box needs a caption token at or over box_threshold (compared in float32, as torch did:
@@ -118,26 +139,16 @@ def test_output_decoding_thresholds_spans_and_boxes(dino, monkeypatch):
     text_threshold, special tokens never count, boxes go from normalized cx cy w h to
     pixels, and boxes under a pixel are dropped."""
     import numpy as np
-    import torch
 
-    monkeypatch.setattr(dino, "box_threshold", 0.35)
-    monkeypatch.setattr(dino, "text_threshold", 0.25)
-    cap = "a man and his dog"
-    offsets = dino.tokenizer(dino.prompt_text(cap), return_offsets_mapping=True)["offset_mapping"]
-    tok = {cap[s:e]: t for t, (s, e) in enumerate(offsets) if e > s and e <= len(cap)}
-    T, Q = len(offsets), 6
-    probs = torch.zeros(1, Q, T)
-    probs[0, 0, tok["man"]], probs[0, 0, tok["and"]], probs[0, 0, tok["a"]] = 0.9, 0.3, 0.2  # "man and"
-    probs[0, 1, tok["dog"]] = 0.3  # under box_threshold
-    probs[0, 2, 0] = 0.99  # a special token only
-    probs[0, 3, tok["dog"]] = 0.8  # a box 0.2 px wide
-    probs[0, 4, tok["his"]] = float(np.float32(0.35))  # the threshold in float32: under 0.35
-    probs[0, 5, tok["his"]], probs[0, 5, tok["dog"]] = 0.6, 0.25  # "his" alone: 0.25 is not over 0.25
-    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2],
-                           [0.5, 0.5, 0.001, 0.5], [0.5, 0.5, 0.2, 0.2], [0.1, 0.9, 0.4, 0.4]]])
-    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
-    [dets] = dino.detect([Image.new("RGB", (200, 100))], [cap], {"texts": [dino.prompt_text(cap)], "offsets": [offsets], "inputs": None})
-    assert dets == [
+    queries = [{"man": 0.9, "and": 0.3, "a": 0.2},  # "man and"
+               {"dog": 0.3},  # under box_threshold
+               {0: 0.99},  # a special token only
+               {"dog": 0.8},  # a box 0.2 px wide
+               {"his": float(np.float32(0.35))},  # the threshold in float32: under 0.35
+               {"his": 0.6, "dog": 0.25}]  # "his" alone: 0.25 is not over 0.25
+    boxes = [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2],
+             [0.5, 0.5, 0.001, 0.5], [0.5, 0.5, 0.2, 0.2], [0.1, 0.9, 0.4, 0.4]]
+    assert _detect_chosen(dino, monkeypatch, "a man and his dog", 0.35, 0.25, queries, boxes, (200, 100)) == [
         {"phrase": "man and", "span": [2, 9], "box": [50.0, 25.0, 150.0, 75.0], "score": 0.9, "text_score": 0.6},
         {"phrase": "his", "span": [10, 13], "box": [0.0, 70.0, 60.0, 100.0], "score": 0.6, "text_score": 0.6},
     ]
@@ -149,27 +160,14 @@ def test_phrases_grow_over_neighbours_and_boxes_keep_a_tenth_of_a_pixel(dino, mo
     the neighbour is a caption token over text_threshold, up to the caption's last word and
     never into the prompt's closing period; boxes one pixel wide or high are kept, corners are
     clipped to the picture, scores keep four decimals and corners one."""
-    import torch
-
-    monkeypatch.setattr(dino, "box_threshold", 0.5)
-    monkeypatch.setattr(dino, "text_threshold", 0.25)
-    cap = "a man and his dog"
-    text = dino.prompt_text(cap)
-    offsets = dino.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-    tok = {text[s:e]: t for t, (s, e) in enumerate(offsets) if e > s}
-    T, Q = len(offsets), 5
-    probs = torch.zeros(1, Q, T)
-    probs[0, 0, tok["a"]], probs[0, 0, tok["man"]], probs[0, 0, tok["and"]] = 0.2, 0.3, 0.5  # "man and", at the threshold
-    probs[0, 1, tok["his"]], probs[0, 1, tok["dog"]], probs[0, 1, tok["."]] = 0.3, 0.912345, 0.9  # "his dog", not "."
-    probs[0, 2, tok["man"]] = 0.7  # a box one pixel wide
-    probs[0, 3, tok["man"]] = 0.7  # a box one pixel high
-    probs[0, 4, tok["and"]], probs[0, 4, tok["his"]] = 0.6, 0.4  # "and his", text score their mean
     W, H = 256, 128
-    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.123, 0.4, 0.3, 0.79], [0.5, 0.5, 1 / W, 0.5],
-                           [0.5, 0.5, 0.5, 1 / H], [0.9, 0.1, 0.4, 0.4]]])
-    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
-    [dets] = dino.detect([Image.new("RGB", (W, H))], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
-    assert dets == [
+    queries = [{"a": 0.2, "man": 0.3, "and": 0.5},  # "man and", at the threshold
+               {"his": 0.3, "dog": 0.912345, ".": 0.9},  # "his dog", not "."
+               {"man": 0.7},  # a box one pixel wide
+               {"man": 0.7},  # a box one pixel high
+               {"and": 0.6, "his": 0.4}]  # "and his", text score their mean
+    boxes = [[0.5, 0.5, 0.4, 0.4], [0.123, 0.4, 0.3, 0.79], [0.5, 0.5, 1 / W, 0.5], [0.5, 0.5, 0.5, 1 / H], [0.9, 0.1, 0.4, 0.4]]
+    assert _detect_chosen(dino, monkeypatch, "a man and his dog", 0.5, 0.25, queries, boxes, (W, H)) == [
         {"phrase": "man and", "span": [2, 9], "box": [76.8, 38.4, 179.2, 89.6], "score": 0.5, "text_score": 0.4},
         {"phrase": "his dog", "span": [10, 17], "box": [0.0, 0.6, 69.9, 101.8], "score": 0.9123, "text_score": 0.6062},
         {"phrase": "man", "span": [2, 5], "box": [127.5, 32.0, 128.5, 96.0], "score": 0.7, "text_score": 0.7},
@@ -182,19 +180,8 @@ def test_punctuation_and_neighbours_at_the_text_threshold_stay_out_of_phrases(di
     """A comma inside the caption is its own token and never part of a phrase, however
     likely; a neighbour exactly at text_threshold (0.25, exact in float32) stays out; a box
     under a pixel high is dropped."""
-    import torch
-
-    monkeypatch.setattr(dino, "box_threshold", 0.35)
-    monkeypatch.setattr(dino, "text_threshold", 0.25)
-    cap = "a man, and his dog"
-    text = dino.prompt_text(cap)
-    offsets = dino.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-    tok = {text[s:e]: t for t, (s, e) in enumerate(offsets) if e > s}
-    probs = torch.zeros(1, 3, len(offsets))
-    probs[0, 0, tok["man"]], probs[0, 0, tok[","]], probs[0, 0, tok["and"]] = 0.9, 0.8, 0.3
-    probs[0, 1, tok["and"]], probs[0, 1, tok["his"]] = 0.25, 0.9
-    probs[0, 2, tok["dog"]] = 0.9  # a box 0.5 px high: dropped
-    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.005]]])
-    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: (probs, boxes))
-    [dets] = dino.detect([Image.new("RGB", (100, 100))], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
+    queries = [{"man": 0.9, ",": 0.8, "and": 0.3}, {"and": 0.25, "his": 0.9},
+               {"dog": 0.9}]  # a box 0.5 px high: dropped
+    boxes = [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.005]]
+    dets = _detect_chosen(dino, monkeypatch, "a man, and his dog", 0.35, 0.25, queries, boxes, (100, 100))
     assert [(d["phrase"], d["span"]) for d in dets] == [("man", [2, 5]), ("his", [11, 14])]
