@@ -171,25 +171,26 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[in
     return best
 
 
-def cpu_side(s, blobs: list[bytes], caps: list[str], threads: int) -> tuple[float, float]:
-    """Decode + `ScoreSet.prepare` without any model: ms per image on one thread, and
-    images/s with ``threads`` worker threads as the stage runs them (`curate.score.ahead`)."""
+def prepare_rate(s, blobs: list[bytes], caps: list[str], threads: int) -> float:
+    """Images/s of decode + `ScoreSet.prepare` alone, no model, with ``threads`` worker
+    threads as the stage runs them (`curate.score.ahead`; 0: in turn, one thread)."""
     from mmloom.curate.score import _decode, ahead
 
     bs, n = s.cfg.batch_size, len(blobs)
-    spans = [(i, i + bs) for i in range(0, n, bs)]
 
-    def prep(span):
-        return s.prepare([_decode(b) for b in blobs[span[0]:span[1]]], caps[span[0]:span[1]])
+    def prep(i):
+        return s.prepare([_decode(b) for b in blobs[i:i + bs]], caps[i:i + bs])
 
     t = time.perf_counter()
-    for span in spans:
-        prep(span)
-    one = (time.perf_counter() - t) / n * 1e3
-    t = time.perf_counter()
-    for _ in ahead(prep, spans, threads):
+    for _ in ahead(prep, list(range(0, n, bs)), threads):
         pass
-    return one, n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t)
+
+
+def cpu_side(s, blobs: list[bytes], caps: list[str], threads: int) -> tuple[float, float]:
+    """The stage's CPU side alone: ms per image on one thread, and images/s with
+    ``threads`` worker threads."""
+    return 1e3 / prepare_rate(s, blobs, caps, 0), prepare_rate(s, blobs, caps, threads)
 
 
 def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...], procs: tuple[int, ...], echo=print) -> None:
@@ -200,12 +201,11 @@ def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...]
     the pixels sent back to this process)."""
     import multiprocessing as mp
 
-    from mmloom.curate.score import _decode, ahead
+    from mmloom.curate.score import _decode
     from mmloom.filters.captions import clean_caption
     from mmloom.filters.geometry import geometry, phashes
 
     bs, n = s.cfg.batch_size, len(blobs)
-    spans = [(i, min(n, i + bs)) for i in range(0, n, bs)]
     ims = [_decode(b) for b in blobs]
     emb = next(iter(s.embedders.values()))
     steps = {"decode": lambda: [_decode(b) for b in blobs], "clip pixels": lambda: emb.pixels(ims),
@@ -217,15 +217,8 @@ def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...]
         f()
         parts.append(f"{name} {(time.perf_counter() - t) / n * 1e3:.2f}")
     echo(f"[cpu] one thread, ms per image: {', '.join(parts)}")
-
-    def prep(span):
-        return s.prepare([_decode(b) for b in blobs[span[0]:span[1]]], caps[span[0]:span[1]])
-
     for k in threads:
-        t = time.perf_counter()
-        for _ in ahead(prep, spans, k):
-            pass
-        echo(f"[cpu] decode + prepare with {k} worker thread(s): {n / (time.perf_counter() - t):.1f} images/s")
+        echo(f"[cpu] decode + prepare with {k} worker thread(s): {prepare_rate(s, blobs, caps, k):.1f} images/s")
     pil_steps = emb._split[0] if emb._split is not None else None
     if pil_steps is None or not procs:
         return
@@ -234,7 +227,7 @@ def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...]
         with ctx.Pool(k, initializer=_proc_init, initargs=(pil_steps,)) as pool:
             pool.map(_proc_batch, [[blobs[0]]] * k)  # every worker started and warm
             t = time.perf_counter()
-            got = sum(len(x) for x in pool.imap(_proc_batch, [(blobs[a:b], caps[a:b]) for a, b in spans]))
+            got = sum(len(x) for x in pool.imap(_proc_batch, [(blobs[i:i + bs], caps[i:i + bs]) for i in range(0, n, bs)]))
             echo(f"[cpu] decode + pixels + phash + geometry + captions in {k} worker process(es): "
                  f"{got / (time.perf_counter() - t):.1f} images/s")
 
