@@ -8,6 +8,7 @@ below both, beside the model hub (`mmloom/models.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -46,13 +47,8 @@ class ClipEmbedder:
         self.version = f"open_clip {package_version('open-clip-torch')}, weights {fingerprint(ref)}"
         self.dim = int(self.model.text_projection.shape[-1]) if getattr(self.model, "text_projection", None) is not None else None
 
-    @property
+    @functools.cached_property
     def _split(self):
-        if not hasattr(self, "_split_cache"):
-            self._split_cache = self._split_preprocess()
-        return self._split_cache
-
-    def _split_preprocess(self):
         """open_clip's preprocessing cut where the pixels become a tensor: its PIL steps
         (resize, crop, RGB), and the mean and std of its final Normalize; None when the
         pipeline is not of that shape (then `pixels` runs it whole)."""
