@@ -99,8 +99,8 @@ class GroundingDino:
         # stage's bottleneck (issue 16); comparisons stay in float32, as torch made them
         box_thr, text_thr = np.float32(self.box_threshold), np.float32(self.text_threshold)
         probs_np, boxes_np = probs.numpy(), boxes.numpy()
+        n_tok = probs_np.shape[-1]
         for b, (im, cap, offsets) in enumerate(zip(images, captions, prep["offsets"])):
-            n_tok = probs_np.shape[-1]
             valid = np.zeros(n_tok, dtype=bool)
             for t, (s, e) in enumerate(offsets[:n_tok]):
                 valid[t] = e > s and e <= len(cap) and any(ch.isalnum() for ch in cap[s:e])
