@@ -115,6 +115,7 @@ class ScoreConfig(Section):
     aesthetic: AestheticConfig = Field(default_factory=AestheticConfig)
     faces: FacesConfig = Field(default_factory=FacesConfig)
     phash: bool = Field(True, description="compute the perceptual hash for near-duplicate grouping")
+    resize_on_device: bool = Field(True, description="with the models on a GPU, resize there too (open_clip's resize and crop, phash's grey 32x32) with Pillow's arithmetic, the same pixels: the CPU then only decodes")
 
 
 class SelectConfig(Section):

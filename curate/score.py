@@ -205,7 +205,7 @@ STAGE_DEF = Stage(
     inputs=lambda store, shard: (store.record("download", shard) or {}).get("files", {}),
     work=Actors(ScoreWorker, what="scoring models"),
     resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
-    ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker"}),
+    ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker", "resize_on_device"}),
     extra=lambda store, config: {"encode_format": config.download.encode_format},
 )
 

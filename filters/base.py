@@ -60,10 +60,18 @@ class Batch:
         """This batch with its prepared CPU work and without any model pass."""
         return Batch(self.images, self.captions, self.embedders, self.prepared)
 
+    def uploaded(self, device):
+        """The images as uint8 tensors on ``device``, one per size
+        (`mmloom.pil_resample.upload`), copied there once for every model that resizes there."""
+        from mmloom.pil_resample import upload
+
+        return self.ready(("upload", str(device)), lambda: upload(self.images, device))
+
     def clip_inputs(self, ref: str):
         """The input of the open_clip model ``ref``'s image tower, as pixels
         (`mmloom.clip.ClipEmbedder.pixels`: uint8, normalized where the model runs)."""
-        return self.ready(("clip", ref), lambda: self.embedders[ref].pixels(self.images))
+        emb = self.embedders[ref]
+        return self.ready(("clip", ref), lambda: emb.pixels(self.images, lambda: self.uploaded(emb.device)))
 
     def clip_raw(self, ref: str):
         """[N, D] raw image embeddings of the open_clip model ``ref`` (one model pass)."""

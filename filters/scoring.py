@@ -37,6 +37,8 @@ class ScoreSet:
         read by attribute: filters/ sits below curate/ and does not import it."""
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        # resizing where the models run (the same pixels as Pillow): on a GPU, unless switched off
+        self.resize_device = self.device if cfg.resize_on_device and self.device.startswith("cuda") else None
         self.embedders: dict = {}
         self.nudenet = None
 
@@ -88,7 +90,7 @@ class ScoreSet:
             self.faces = NudeNetFaces(self._nudenet())
 
         candidates = [Geometry(), CaptionCleaner(), clip, self.nsfw, self.watermark, self.aesthetic,
-                      PHash() if cfg.phash else None, self.faces]
+                      PHash(self.resize_device) if cfg.phash else None, self.faces]
         self.scorers: list[Scorer] = [s for s in candidates if s is not None]
         self.meta: dict[str, dict[str, str]] = {}
         for s in self.scorers:
@@ -114,7 +116,7 @@ class ScoreSet:
         if ref not in self.embedders:
             from mmloom.clip import ClipEmbedder
 
-            self.embedders[ref] = ClipEmbedder(ref, self.device, self.cfg.precision)
+            self.embedders[ref] = ClipEmbedder(ref, self.device, self.cfg.precision, self.resize_device is not None)
         return self.embedders[ref]
 
     def columns(self) -> list[str]:
@@ -125,14 +127,17 @@ class ScoreSet:
         letterboxing, geometry, caption cleaning, hashes; `filters.base.Batch.ready`) and
         no model run yet: what a worker thread makes of batch i+1 while the models run
         batch i (`curate.score.score_shard`)."""
+        from mmloom.pil_resample import side_stream
+
         batch = Batch(images, captions, self.embedders)
-        for ref in self.embedders:
-            batch.clip_inputs(ref)
-        if self.nudenet is not None:
-            batch.nudenet_inputs(self.nudenet)
-        for s in self.scorers:
-            if hasattr(s, "prepare"):
-                s.prepare(batch)
+        with side_stream(self.resize_device):  # resizes on a GPU: beside the models, not queued behind them
+            for ref in self.embedders:
+                batch.clip_inputs(ref)
+            if self.nudenet is not None:
+                batch.nudenet_inputs(self.nudenet)
+            for s in self.scorers:
+                if hasattr(s, "prepare"):
+                    s.prepare(batch)
         return batch
 
     def score(self, images, captions: list[str | None] | None = None) -> dict[str, list]:

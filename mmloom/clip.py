@@ -22,10 +22,13 @@ class ClipEmbedder:
     """Loads an open_clip model from ``ARCH/TAG``, ``hf-hub:ORG/REPO`` or a local dir
     (``open_clip_config.json`` + weights, open_clip's own hub format)."""
 
-    def __init__(self, ref: str, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, ref: str, device: str = "cpu", precision: str = "fp32", resize_on_device: bool = False):
+        """``resize_on_device``: `pixels` runs open_clip's resize and crop where the model
+        runs, with Pillow's arithmetic (`mmloom.pil_resample`: the same pixels), when the
+        preprocessing is a Resize and a CenterCrop; the score stage asks for it on a GPU."""
         import open_clip
 
-        self.ref, self.device = ref, device
+        self.ref, self.device, self.resize_on_device = ref, device, resize_on_device
         p = local_path(ref)
         if p is not None:
             if not (p / "open_clip_config.json").exists():
@@ -63,14 +66,43 @@ class ClipEmbedder:
         std = torch.as_tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
         return Compose(steps[:cut[0]]), mean, std
 
-    def pixels(self, pil_images) -> torch.Tensor:
+    @functools.cached_property
+    def _device_steps(self):
+        """open_clip's PIL steps as (Resize's size, its filter, CenterCrop's (height, width))
+        when they are a Resize and a CenterCrop that `mmloom.pil_resample` reproduces, then
+        only conversions to RGB; None otherwise (then `pixels` runs them with Pillow)."""
+        from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+        if self._split is None:
+            return None
+        steps = list(self._split[0].transforms)
+        kinds = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
+        if len(steps) < 2 or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
+            return None
+        rs, cc = steps[0], steps[1]
+        if rs.interpolation not in kinds or rs.max_size is not None:
+            return None
+        # open_clip's MaybeConvertMode("RGB") or _convert_to_rgb: nothing to do for RGB images
+        if not all(getattr(s, "mode", None) == "RGB" or getattr(s, "__name__", "") == "_convert_to_rgb" for s in steps[2:]):
+            return None
+        return rs.size, kinds[rs.interpolation], tuple(cc.size)
+
+    def pixels(self, pil_images, upload=None) -> torch.Tensor:
         """The image tower's input batch as pixels (CPU work, no model call): [N, 3, H, W]
         uint8 after open_clip's PIL steps (resize, crop), which `images` turns into floats
         and normalizes where the model runs. The score stage's worker threads make these
         (`filters.base.Batch.clip_inputs`): a quarter of the bytes of the float batch and no
         float kernels in the threads (issue 16: on a GPU the CPU side was the bottleneck).
         Page-locked when the model is on a GPU, so that the copy overlaps with compute. A
-        preprocessing pipeline of another shape gives its own float tensors instead."""
+        preprocessing pipeline of another shape gives its own float tensors instead.
+
+        With ``resize_on_device`` (and RGB images) the resize and crop run where the model
+        runs (`_pixels_on_device`), the same pixels; ``upload`` (optional, no arguments):
+        the images already there, as `mmloom.pil_resample.upload` groups them."""
+        if self.resize_on_device and self._device_steps is not None and all(im.mode == "RGB" for im in pil_images):
+            from mmloom import pil_resample
+
+            return self._pixels_on_device(pil_images, upload() if upload else pil_resample.upload(pil_images, self.device))
         if self._split is None:
             x = torch.stack([self.preprocess(im) for im in pil_images])
         else:
@@ -80,6 +112,29 @@ class ClipEmbedder:
             x = torch.from_numpy(np.stack([np.asarray(pil_steps(im), dtype=np.uint8) for im in pil_images]))
             x = x.permute(0, 3, 1, 2)
         return x.pin_memory() if self.device.startswith("cuda") else x
+
+    def _pixels_on_device(self, pil_images, groups) -> torch.Tensor:
+        """`pixels` from the images on the model's device (``groups``: one uint8 [n, 3, H, W]
+        tensor per size): torchvision's Resize and CenterCrop arithmetic for the sizes,
+        Pillow's for the pixels (`mmloom.pil_resample.resize`, only the crop's window
+        computed). An image smaller than the crop (CenterCrop pads it) takes Pillow's way."""
+        import numpy as np
+        from torchvision.transforms.functional import _compute_resized_output_size
+
+        from mmloom import pil_resample
+
+        size, kind, (ch, cw) = self._device_steps
+        out = torch.empty((len(pil_images), 3, ch, cw), dtype=torch.uint8, device=self.device)
+        for idx, x in groups:
+            h, w = _compute_resized_output_size(list(x.shape[-2:]), [size] if isinstance(size, int) else list(size))
+            if ch > h or cw > w:
+                r = torch.from_numpy(np.stack([np.asarray(self._split[0](pil_images[i]), dtype=np.uint8) for i in idx]))
+                r = r.permute(0, 3, 1, 2).to(self.device)
+            else:
+                crop = (int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw)
+                r = pil_resample.resize(x, (h, w), kind, crop)
+            out[torch.as_tensor(idx, device=self.device)] = r
+        return pil_resample.hand_over(out)
 
     def inputs(self, pil_images) -> torch.Tensor:
         """The image tower's float input batch [N, 3, H, W] on the CPU: open_clip's own

@@ -57,6 +57,47 @@ def test_clip_on_an_indexed_device_gives_the_same_embeddings(models, pics):
     assert torch.equal(a.images(ims), b.images(ims)) and torch.equal(a.texts(["an astronaut"]), b.texts(["an astronaut"]))
 
 
+def test_clip_pixels_resized_where_the_model_runs_are_pillows(models, pics):
+    """On a GPU the score stage resizes and crops where CLIP runs (`resize_on_device`,
+    issue 16): the pixels must be those of open_clip's Pillow steps, bit for bit, for
+    pictures of any size (a batch of two sizes, one image smaller than the crop, which
+    takes Pillow's way) and the embeddings the same; a picture in another mode than RGB
+    takes Pillow's way too. (Run here on the CPU; the arithmetic is exact on any device.)"""
+    from mmloom.clip import ClipEmbedder
+
+    ref = models[1]["clip"]["model"]
+    cpu, dev = ClipEmbedder(ref), ClipEmbedder(ref, resize_on_device=True)
+    assert dev._device_steps == (64, "bicubic", (64, 64))
+    a, c = pics["astronaut.jpg"], pics["coffee.jpg"]
+    ims = [a, c.resize((300, 170)), a.resize((90, 260)), c.resize((300, 170)), a.resize((40, 30))]
+    calls = []
+    groups = lambda: calls.append(1) or __import__("mmloom.pil_resample", fromlist=["x"]).upload(ims, "cpu")  # noqa: E731
+    px = dev.pixels(ims, groups)
+    assert calls == [1] and px.dtype == torch.uint8 and torch.equal(px, cpu.pixels(ims))
+    assert torch.equal(dev.images(px, normalize=False), cpu.images(ims, normalize=False))
+    grey = [a.convert("L"), c]
+    assert torch.equal(dev.pixels(grey), cpu.pixels(grey))
+
+
+@pytest.mark.parametrize("steps", ["nearest", "max_size", "crop first", "a flip"])
+def test_clip_steps_pillow_alone_can_run_stay_with_pillow(models, pics, steps):
+    from torchvision import transforms as T
+
+    from mmloom.clip import ClipEmbedder
+
+    e = ClipEmbedder(models[1]["clip"]["model"], resize_on_device=True)
+    norm = e.preprocess.transforms[-1]
+    e.preprocess = T.Compose({
+        "nearest": [T.Resize(64, interpolation=T.InterpolationMode.NEAREST), T.CenterCrop(64)],
+        "max_size": [T.Resize(64, max_size=100), T.CenterCrop(64)],
+        "crop first": [T.CenterCrop(200), T.Resize(64)],
+        "a flip": [T.Resize(64), T.CenterCrop(64), T.RandomHorizontalFlip(1.0)],
+    }[steps] + [T.ToTensor(), norm])
+    assert e._device_steps is None
+    ims = [pics["astronaut.jpg"], pics["coffee.jpg"]]
+    assert torch.equal(e.inputs(ims), torch.stack([e.preprocess(im) for im in ims]))
+
+
 @pytest.mark.parametrize("shape", ["no Normalize", "no ToTensor", "a step between ToTensor and Normalize"])
 def test_clip_pixels_of_a_transform_of_another_shape_are_its_own_floats(models, pics, shape):
     """Only a pipeline of PIL steps, ToTensor and a final Normalize is cut into uint8 pixels
@@ -190,6 +231,27 @@ def test_batched_phash_is_imagehashs_phash_bit_for_bit(pics):
     got = phashes(ims)
     assert [h for h, _ in got] == [str(imagehash.phash(im)) for im in ims]
     assert got[0] == phash(ims[0]) and phashes([]) == []
+
+
+def test_phash_with_the_grey_32x32_made_where_the_models_run_is_imagehashs(pics):
+    """`PHash(device)` makes the grey 32x32 from the batch's uploaded pictures with Pillow's
+    arithmetic (issue 16): the same hashes as imagehash; pictures in other modes than RGB
+    keep Pillow's way."""
+    import imagehash
+
+    from mmloom.filters.base import Batch
+    from mmloom.filters.geometry import PHash, phashes
+    from mmloom.pil_resample import upload
+
+    base = [pics[k] for k in sorted(pics)]
+    ims = base + [im.resize((300, 170)) for im in base[:3]] + [Image.new("RGB", (50, 50), (10, 20, 30)), Image.new("RGB", (1, 1))]
+    want = [str(imagehash.phash(im)) for im in ims]
+    assert [h for h, _ in phashes(ims, upload(ims, "cpu"))] == want
+    batch = Batch(ims, [""] * len(ims))
+    assert PHash("cpu").score(batch)["phash"] == want and ("upload", "cpu") in batch.prepared
+    mixed = [base[0].convert("L"), base[1]]
+    b2 = Batch(mixed, ["", ""])
+    assert PHash("cpu").score(b2)["phash"] == [str(imagehash.phash(im)) for im in mixed] and ("upload", "cpu") not in b2.prepared
 
 
 def test_geometry_columns_of_a_landscape_and_a_portrait_picture():
