@@ -118,7 +118,7 @@ def score_part(a, dev: torch.device) -> None:
         save_head(os.path.join(d, "nsfw-head-l14.pt"), [dim, 64, 1])
         cfg = {**cfg, "device": str(dev), "batch_size": bs, "precision": "fp32" if dev.type == "cpu" else "bf16",
                "nsfw": {"backend": "clip_mlp", "model": os.path.join(d, "nsfw-head-l14.pt")},
-               "watermark": {"backend": "none"}, "faces": {"backend": "none"}}
+               "watermark": {"backend": "none"}, "faces": {"backend": "none"}, "resize_on_device": not a.resize_on_cpu}
         if a.compile:
             _compile_clip_towers()
         with Meter(dev) as m:
@@ -126,11 +126,14 @@ def score_part(a, dev: torch.device) -> None:
             cpu = (ints(a.cpu_threads), ints(a.cpu_procs)) if a.cpu_threads or a.cpu_procs else None
             r = stage_vs_forward(cfg, n, 1 if a.tiny else 2, sweep=ints(a.score_threads), cpu=cpu)
             tensors = clip_tensors_rate(cfg["clip"]["model"], dev, bs, 2 if a.tiny else 20, a.compile)
+    where = "with Pillow on the CPU" if a.resize_on_cpu or dev.type == "cpu" else "on the GPU (Pillow's arithmetic)"
     print(f"[score] CLIP {arch} score set (+ aesthetic and CLIP-MLP NSFW heads, phash, geometry, captions; no nudenet, "
-          f"watermark or faces), {n} images of 256 px, batch {bs}, {r['threads']} prefetch thread(s): "
+          f"watermark or faces), resized {where}, {n} images of 256 px, batch {bs}, {r['threads']} prefetch thread(s): "
           f"stage {r['stage']:.1f} images/s, forward-only {r['forward']:.1f} images/s, fraction {r['frac']:.1%} "
           f"(serial stage {r['serial']:.1f} images/s, {r['frac_serial']:.1%}); decode + prepare alone {r['prep_ms']:.2f} ms/image "
           f"on one thread, {r['cpu_side']:.1f} images/s with {r['threads']} thread(s); image tower alone on ready tensors {tensors:.1f} images/s; {m.peak()}")
+    if r["same_pixels"] is not None:
+        print(f"[score]   pixels resized on the GPU equal Pillow's (CLIP input, phash's grey 32x32; 64 images): {r['same_pixels']}")
     for k, v in r["sweep"].items():
         print(f"[score]   stage with {k} prefetch thread(s): {v:.1f} images/s, {v / r['forward']:.1%} of forward-only")
 
@@ -378,8 +381,14 @@ def main(argv=None) -> None:
     ap.add_argument("--score-batch", type=int, default=256)
     ap.add_argument("--cpu-threads", default="", help="the score stage's CPU side alone with these thread counts, e.g. 1,4,8,16")
     ap.add_argument("--cpu-procs", default="", help="... and with these worker process counts, e.g. 8,16")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (Python's default 0.005 s): how long the thread that drives the GPU may wait for the lock")
+    ap.add_argument("--resize-on-cpu", action="store_true", help="score: resize with Pillow on the CPU (score.resize_on_device: false) instead of on the GPU")
     ap.add_argument("--score-threads", default="", help="other prefetch thread counts to time the score stage with once each, e.g. 2,4,16")
     a = ap.parse_args(argv)
+    if a.switch_interval:
+        import sys
+
+        sys.setswitchinterval(a.switch_interval)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     a.steps = a.steps or (2 if a.tiny else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else (3 if a.compile else 2))
@@ -391,7 +400,8 @@ def main(argv=None) -> None:
     print(f"[gpu] {datetime.date.today().isoformat()} {name}; torch {torch.__version__}; "
           f"{'bf16 autocast' if dev.type == 'cuda' else 'fp32 (CPU)'}; SDPA attention; "
           f"{'torch.compile' if a.compile else 'eager'}; {'tiny models' if a.tiny else 'real sizes, random weights'}; "
-          f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}{' (--peak-tflops)' if a.peak_tflops else ''}")
+          f"peak {'%.0f TFLOP/s' % (peak / 1e12) if peak else 'unknown'}{' (--peak-tflops)' if a.peak_tflops else ''}"
+          f"{f'; switch interval {a.switch_interval} s' if a.switch_interval else ''}")
     t0 = time.perf_counter()
     parts = a.parts.split(",")
     if "score" in parts:

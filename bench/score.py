@@ -164,11 +164,35 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[in
             return n / (time.perf_counter() - t)
 
         best = best_of_rounds(forward, stage, s.device, rounds, echo)
+        best["same_pixels"] = same_pixels(s, pool[:64])
         best["sweep"] = {k: stage(k) for k in sweep}
         # what the stage does besides the models, timed alone: one thread, and the stage's
         # worker threads (how fast the CPU side could feed the models)
         best["prep_ms"], best["cpu_side"] = cpu_side(s, blobs, caps, best["threads"])
     return best
+
+
+def same_pixels(s, ims) -> bool | None:
+    """Whether the pixels resized where the models run (`score.resize_on_device`) equal
+    Pillow's, for CLIP's input and phash's grey 32x32 (None: nothing resizes there)."""
+    from mmloom.filters.geometry import PHash, phashes
+    from mmloom.pil_resample import upload
+
+    embs = [e for e in s.embedders.values() if e.resize_on_device]
+    ph = [p for p in s.scorers if isinstance(p, PHash) and p.device is not None]
+    if not embs and not ph:
+        return None
+    same = True
+    for e in embs:
+        on_device = e.pixels(ims).cpu()
+        e.resize_on_device = False
+        try:
+            same &= torch.equal(on_device, e.pixels(ims).cpu())
+        finally:
+            e.resize_on_device = True
+    for p in ph:
+        same &= phashes(ims, upload(ims, p.device)) == phashes(ims)
+    return bool(same)
 
 
 def prepare_rate(s, blobs: list[bytes], caps: list[str], threads: int) -> float:
@@ -208,13 +232,15 @@ def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...]
     bs, n = s.cfg.batch_size, len(blobs)
     ims = [_decode(b) for b in blobs]
     emb = next(iter(s.embedders.values()))
-    steps = {"decode": lambda: [_decode(b) for b in blobs], "clip pixels": lambda: emb.pixels(ims),
+    steps = {"decode": lambda: [_decode(b) for b in blobs], ("clip pixels (resized on the GPU)" if emb.resize_on_device else "clip pixels"): lambda: emb.pixels(ims),
              "phash": lambda: phashes(ims), "geometry": lambda: [geometry(im) for im in ims],
              "captions": lambda: [clean_caption(c) for c in caps]}
+    sync = torch.cuda.synchronize if s.device.startswith("cuda") else (lambda: None)
     parts = []
     for name, f in steps.items():
         t = time.perf_counter()
         f()
+        sync()
         parts.append(f"{name} {(time.perf_counter() - t) / n * 1e3:.2f}")
     echo(f"[cpu] one thread, ms per image: {', '.join(parts)}")
     for k in threads:
