@@ -117,11 +117,56 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
 
 
 def _decode(data: bytes):
+    """RGB picture of a shard's image bytes, as Pillow decodes it. A complete 8-bit JPEG of
+    1 or 3 components (what the download stage writes) is decoded by OpenCV's libjpeg-turbo
+    in one call that releases Python's lock, with the same settings as Pillow's (islow
+    IDCT, fancy upsampling, no EXIF rotation): the same pixels (tests/test_score_stage.py),
+    while the thread that drives the GPU keeps the lock (issue 16). Anything else (CMYK,
+    12-bit, a JPEG without its end marker, PNG, WebP) takes Pillow's way, which also raises
+    for a truncated file."""
+    if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" and _jpeg_sof(data) in ((8, 1), (8, 3)):
+        import cv2
+        import numpy as np
+        from PIL import Image
+
+        a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if a is not None:
+            return Image.fromarray(cv2.cvtColor(a, cv2.COLOR_BGR2RGB))
+    return _decode_pil(data)
+
+
+def _decode_pil(data: bytes):
     from PIL import Image
 
     im = Image.open(io.BytesIO(data))
     im.load()
     return im.convert("RGB")
+
+
+# start-of-frame markers: baseline, extended, progressive, lossless, with Huffman or arithmetic coding
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
+    """(sample precision, component count) from a JPEG's start-of-frame header, walking the
+    marker segments before it; None when there is none before the scan or it is cut short."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF:
+            return (data[i + 4], data[i + 9]) if i + 10 <= n else None
+        if m in (0xDA, 0xD9):  # the scan or the end before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def prefetch_threads(device: str, prefetch: int | None) -> int:

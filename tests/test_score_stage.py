@@ -134,3 +134,58 @@ def test_worker_threads_make_the_same_scores_as_scoring_in_turn(downloaded):
                 assert ra[c] == pytest.approx(rb[c], abs=1e-5), c
             else:
                 assert ra[c] == rb[c], c
+
+
+def _jpeg(im, **kw) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    im.save(b, "JPEG", **kw)
+    return b.getvalue()
+
+
+def test_decode_gives_pillows_pixels_for_every_kind_of_jpeg(pics, monkeypatch):
+    """The score stage decodes JPEGs with OpenCV (one call without Python's lock, issue 16):
+    the pixels must be Pillow's for every kind the download stage or a stranger's shard may
+    hold; CMYK (which OpenCV converts otherwise), files cut short and other
+    formats take Pillow's way (and a file cut short still fails as Pillow fails)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmloom.curate import score as S
+
+    photo, other = pics["astronaut.jpg"], pics["coffee.jpg"].resize((301, 199))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: neither decoder applies it
+    opencv = {
+        "4:2:0 q75": _jpeg(photo, quality=75), "4:4:4 q95": _jpeg(other, quality=95, subsampling=0),
+        "4:2:2": _jpeg(photo, quality=90, subsampling=1), "progressive": _jpeg(other, quality=85, progressive=True),
+        "optimized": _jpeg(photo, optimize=True), "grey": _jpeg(photo.convert("L"), quality=90),
+        "exif orientation": _jpeg(other, exif=exif), "odd size": _jpeg(photo.resize((33, 17))),
+    }
+    pillow = {"cmyk": _jpeg(photo.convert("CMYK"), quality=90), "png": _png(other),
+              "bytes after the end marker": _jpeg(photo) + b"trailer"}
+    calls = []
+    real = S._decode_pil
+    monkeypatch.setattr(S, "_decode_pil", lambda d: calls.append(1) or real(d))
+    for name, data in {**opencv, **pillow}.items():
+        calls.clear()
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        got = S._decode(data)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), name
+        assert bool(calls) == (name in pillow), name
+    cut = opencv["4:2:0 q75"][: len(opencv["4:2:0 q75"]) // 2]
+    with pytest.raises(OSError):
+        S._decode(cut)
+    assert S._jpeg_sof(opencv["grey"]) == (8, 1) and S._jpeg_sof(pillow["cmyk"]) == (8, 4)
+    assert S._jpeg_sof(b"\xff\xd8\xff\xda\x00\x02") is None and S._jpeg_sof(b"\xff\xd8\xff\xc0\x00") is None
+
+
+def _png(im) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    im.save(b, "PNG")
+    return b.getvalue()
