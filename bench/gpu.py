@@ -127,13 +127,14 @@ def score_part(a, dev: torch.device) -> None:
             r = stage_vs_forward(cfg, n, 1 if a.tiny else 2, sweep=ints(a.score_threads), cpu=cpu)
             tensors = clip_tensors_rate(cfg["clip"]["model"], dev, bs, 2 if a.tiny else 20, a.compile)
     where = "with Pillow on the CPU" if a.resize_on_cpu or dev.type == "cpu" else "on the GPU (Pillow's arithmetic)"
+    where += ", decoded by Pillow" if a.decode == "pil" else ", JPEGs decoded by OpenCV (Pillow's pixels)"
     print(f"[score] CLIP {arch} score set (+ aesthetic and CLIP-MLP NSFW heads, phash, geometry, captions; no nudenet, "
           f"watermark or faces), resized {where}, {n} images of 256 px, batch {bs}, {r['threads']} prefetch thread(s): "
           f"stage {r['stage']:.1f} images/s, forward-only {r['forward']:.1f} images/s, fraction {r['frac']:.1%} "
           f"(serial stage {r['serial']:.1f} images/s, {r['frac_serial']:.1%}); decode + prepare alone {r['prep_ms']:.2f} ms/image "
           f"on one thread, {r['cpu_side']:.1f} images/s with {r['threads']} thread(s); image tower alone on ready tensors {tensors:.1f} images/s; {m.peak()}")
     if r["same_pixels"] is not None:
-        print(f"[score]   pixels resized on the GPU equal Pillow's (CLIP input, phash's grey 32x32; 64 images): {r['same_pixels']}")
+        print(f"[score]   pixels resized on the GPU equal Pillow's (CLIP input, phash's grey 32x32; 64 images) and decoded pixels Pillow's (512 JPEGs): {r['same_pixels']}")
     for k, v in r["sweep"].items():
         print(f"[score]   stage with {k} prefetch thread(s): {v:.1f} images/s, {v / r['forward']:.1%} of forward-only")
 
@@ -382,9 +383,14 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-threads", default="", help="the score stage's CPU side alone with these thread counts, e.g. 1,4,8,16")
     ap.add_argument("--cpu-procs", default="", help="... and with these worker process counts, e.g. 8,16")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval for the run (Python's default 0.005 s): how long the thread that drives the GPU may wait for the lock")
+    ap.add_argument("--decode", choices=["default", "pil"], default="default", help="score: pil decodes every JPEG with Pillow (the stage before OpenCV's lock-free decoding)")
     ap.add_argument("--resize-on-cpu", action="store_true", help="score: resize with Pillow on the CPU (score.resize_on_device: false) instead of on the GPU")
     ap.add_argument("--score-threads", default="", help="other prefetch thread counts to time the score stage with once each, e.g. 2,4,16")
     a = ap.parse_args(argv)
+    if a.decode == "pil":
+        from mmloom.curate import score as score_stage
+
+        score_stage._decode = score_stage._decode_pil
     if a.switch_interval:
         import sys
 

@@ -164,7 +164,7 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[in
             return n / (time.perf_counter() - t)
 
         best = best_of_rounds(forward, stage, s.device, rounds, echo)
-        best["same_pixels"] = same_pixels(s, pool[:64])
+        best["same_pixels"] = same_pixels(s, pool[:64], blobs[:512])
         best["sweep"] = {k: stage(k) for k in sweep}
         # what the stage does besides the models, timed alone: one thread, and the stage's
         # worker threads (how fast the CPU side could feed the models)
@@ -172,9 +172,13 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[in
     return best
 
 
-def same_pixels(s, ims) -> bool | None:
+def same_pixels(s, ims, blobs) -> bool | None:
     """Whether the pixels resized where the models run (`score.resize_on_device`) equal
-    Pillow's, for CLIP's input and phash's grey 32x32 (None: nothing resizes there)."""
+    Pillow's, for CLIP's input and phash's grey 32x32, and the stage's decoding Pillow's on
+    ``blobs`` (None: nothing resizes there)."""
+    import numpy as np
+
+    from mmloom.curate.score import _decode, _decode_pil
     from mmloom.filters.geometry import PHash, phashes
     from mmloom.pil_resample import upload
 
@@ -192,6 +196,7 @@ def same_pixels(s, ims) -> bool | None:
             e.resize_on_device = True
     for p in ph:
         same &= phashes(ims, upload(ims, p.device)) == phashes(ims)
+    same &= all(np.array_equal(np.asarray(_decode(b)), np.asarray(_decode_pil(b))) for b in blobs)
     return bool(same)
 
 
