@@ -17,7 +17,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import PipelineConfig, ScoreConfig
+from .config import DownloadConfig, PipelineConfig, ScoreConfig
 from .runner import Resources
 from .stage import Actors, ActorWorker, Stage, run_stage
 from mmloom.errors import UserError
@@ -25,6 +25,7 @@ from ..manifests import schemas as S
 from ..manifests.store import CorruptFile, ShardStore, shard_name
 
 STAGE = "score"
+DEFAULT_MAX_PIXELS = DownloadConfig.model_fields["max_pixels"].default
 OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
@@ -58,7 +59,8 @@ def download_rows(store: ShardStore, shard: int, blobs: dict[str, bytes], ext: s
     return rows
 
 
-def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg", prefetch: int | None = None) -> dict:
+def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str = "jpg", prefetch: int | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Score one committed download shard with a built `ScoreSet` and commit it.
 
     With the models on a GPU, worker threads (``prefetch``; default torch's CPU threads,
@@ -66,7 +68,9 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     (`ScoreSet.prepare`) while the models run the current one, so decoding and
     preprocessing stay off the GPU's critical path. With the models on the CPU they
     already keep every core busy and a worker thread buys nothing (bench/score.py
-    measures both): the default there is 0, decoding in turn with the models."""
+    measures both): the default there is 0, decoding in turn with the models.
+    ``max_pixels``: an image whose header promises more pixels is not decoded (the
+    download stage's ``max_pixels``; a shard may come from anywhere)."""
     from ..filters.scoring import COLUMN_TYPES
 
     store = ShardStore(root)
@@ -81,7 +85,7 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
         images, ok_rows, errors = [], [], []
         for r in batch:
             try:
-                images.append(_decode(blobs[r["key"]]))
+                images.append(_decode(blobs[r["key"]], max_pixels))
                 ok_rows.append(r)
             except Exception as e:  # recorded, never dropped
                 errors.append((r, f"cannot decode image {r['key']}.{encode_format}: {type(e).__name__}: {e}"))
@@ -116,15 +120,22 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
     return {"rows": t.num_rows}
 
 
-def _decode(data: bytes):
+def _decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
     """RGB picture of a shard's image bytes, as Pillow decodes it. A complete 8-bit JPEG of
     1 or 3 components (what the download stage writes) is decoded by OpenCV's libjpeg-turbo
     in one call that releases Python's lock, with the same settings as Pillow's (islow
     IDCT, fancy upsampling, no EXIF rotation): the same pixels (tests/test_score_stage.py),
     while the thread that drives the GPU keeps the lock (issue 16). Anything else (CMYK,
-    12-bit, a JPEG without its end marker, PNG, WebP) takes Pillow's way, which also raises
-    for a truncated file."""
-    if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" and _jpeg_sof(data) in ((8, 1), (8, 3)):
+    12-bit, a JPEG without its end marker, PNG, WebP) takes Pillow's way behind
+    `mmloom.imageguard.open_image` (the download stage's format allow-list), which also
+    raises for a truncated file. Either way the header's pixel count is checked against
+    ``max_pixels`` before a pixel is decoded."""
+    sof = _jpeg_sof(data) if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" else None
+    if sof is not None and sof[:2] in ((8, 1), (8, 3)):
+        from mmloom.imageguard import ImageRejected
+
+        if sof[2] * sof[3] > max_pixels:
+            raise ImageRejected("refused", f"JPEG of {sof[3]}x{sof[2]} pixels is above max_pixels {max_pixels}")
         import cv2
         import numpy as np
         from PIL import Image
@@ -132,24 +143,23 @@ def _decode(data: bytes):
         a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if a is not None:
             return Image.fromarray(cv2.cvtColor(a, cv2.COLOR_BGR2RGB))
-    return _decode_pil(data)
+    return _decode_pil(data, max_pixels)
 
 
-def _decode_pil(data: bytes):
-    from PIL import Image
+def _decode_pil(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
+    from mmloom.imageguard import open_image
 
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im.convert("RGB")
+    return open_image(data, max_pixels)
 
 
 # start-of-frame markers: baseline, extended, progressive, lossless, with Huffman or arithmetic coding
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
-    """(sample precision, component count) from a JPEG's start-of-frame header, walking the
-    marker segments before it; None when there is none before the scan or it is cut short."""
+def _jpeg_sof(data: bytes) -> tuple[int, int, int, int] | None:
+    """(sample precision, component count, height, width) from a JPEG's start-of-frame
+    header, walking the marker segments before it; None when there is none before the scan
+    or it is cut short."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -162,7 +172,9 @@ def _jpeg_sof(data: bytes) -> tuple[int, int] | None:
             i += 2
             continue
         if m in _SOF:
-            return (data[i + 4], data[i + 9]) if i + 10 <= n else None
+            if i + 10 > n:
+                return None
+            return data[i + 4], data[i + 9], int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
         if m in (0xDA, 0xD9):  # the scan or the end before any frame header
             return None
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
@@ -232,8 +244,8 @@ class ScoreWorker(ActorWorker):
 
         self.scorers = ScoreSet(ScoreConfig.model_validate(cfg))
 
-    def run(self, shard: int, root: str, chash: str, encode_format: str) -> dict:
-        return score_shard(self.scorers, shard, root, chash, encode_format)
+    def run(self, shard: int, root: str, chash: str, encode_format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+        return score_shard(self.scorers, shard, root, chash, encode_format, max_pixels=max_pixels)
 
 
 def _shards(store: ShardStore, config: PipelineConfig) -> list[int]:
@@ -251,7 +263,7 @@ STAGE_DEF = Stage(
     work=Actors(ScoreWorker, what="scoring models"),
     resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
     ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker", "resize_on_device"}),
-    extra=lambda store, config: {"encode_format": config.download.encode_format},
+    extra=lambda store, config: {"encode_format": config.download.encode_format, "max_pixels": config.download.max_pixels},
 )
 
 

@@ -148,7 +148,7 @@ def test_decode_gives_pillows_pixels_for_every_kind_of_jpeg(pics, monkeypatch):
     """The score stage decodes JPEGs with OpenCV (one call without Python's lock, issue 16):
     the pixels must be Pillow's for every kind the download stage or a stranger's shard may
     hold; CMYK (which OpenCV converts otherwise), files cut short and other
-    formats take Pillow's way (and a file cut short still fails as Pillow fails)."""
+    formats take Pillow's way (and a file cut short is refused, not grey-filled)."""
     import io
 
     import numpy as np
@@ -169,17 +169,20 @@ def test_decode_gives_pillows_pixels_for_every_kind_of_jpeg(pics, monkeypatch):
               "bytes after the end marker": _jpeg(photo) + b"trailer"}
     calls = []
     real = S._decode_pil
-    monkeypatch.setattr(S, "_decode_pil", lambda d: calls.append(1) or real(d))
+    monkeypatch.setattr(S, "_decode_pil", lambda d, m: calls.append(1) or real(d, m))
     for name, data in {**opencv, **pillow}.items():
         calls.clear()
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         got = S._decode(data)
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), name
         assert bool(calls) == (name in pillow), name
+    from mmloom.imageguard import ImageRejected
+
     cut = opencv["4:2:0 q75"][: len(opencv["4:2:0 q75"]) // 2]
-    with pytest.raises(OSError):
+    with pytest.raises(ImageRejected, match="truncated|undecodable"):
         S._decode(cut)
-    assert S._jpeg_sof(opencv["grey"]) == (8, 1) and S._jpeg_sof(pillow["cmyk"]) == (8, 4)
+    assert S._jpeg_sof(opencv["grey"]) == (8, 1, photo.height, photo.width) and S._jpeg_sof(pillow["cmyk"])[:2] == (8, 4)
+    assert S._jpeg_sof(opencv["odd size"]) == (8, 3, 17, 33)
     assert S._jpeg_sof(b"\xff\xd8\xff\xda\x00\x02") is None and S._jpeg_sof(b"\xff\xd8\xff\xc0\x00") is None
 
 
@@ -189,3 +192,4 @@ def _png(im) -> bytes:
     b = io.BytesIO()
     im.save(b, "PNG")
     return b.getvalue()
+

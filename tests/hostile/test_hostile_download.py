@@ -541,3 +541,40 @@ def test_pillow_default_ceiling_does_not_override_max_pixels():
     buf = io.BytesIO()
     Image.new("L", (100, 100)).save(buf, "PNG")
     assert inspect(buf.getvalue(), 10**6).pixels == 10000
+
+
+def test_score_checks_each_images_header_before_decoding(pics, monkeypatch):
+    """A shard may come from anywhere: an image whose header promises more than max_pixels
+    is refused before a pixel is decoded, on the OpenCV way and on Pillow's (which also
+    keeps to the download stage's formats)."""
+    import io
+
+    from PIL import Image
+
+    from mmloom.curate import score as S
+    from mmloom.imageguard import ImageRejected
+
+    small = pics["astronaut.jpg"].resize((100, 80))
+    jpeg, png = (_encoded(small, f) for f in ("JPEG", "PNG"))
+    b = io.BytesIO()
+    small.save(b, "BMP")
+    for data in (jpeg, png):
+        assert S._decode(data, max_pixels=8000).size == (100, 80)
+        with pytest.raises(ImageRejected, match="pixels|max_pixels|bomb|large"):
+            S._decode(data, max_pixels=7999)
+    with pytest.raises(ImageRejected):
+        S._decode(b.getvalue())
+    import cv2
+
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a refused JPEG"))
+    with pytest.raises(ImageRejected):
+        S._decode(jpeg, max_pixels=7999)
+    assert Image.open(io.BytesIO(jpeg)).size == (100, 80)
+
+
+def _encoded(im, fmt: str) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    im.save(b, fmt)
+    return b.getvalue()
