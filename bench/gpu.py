@@ -388,9 +388,9 @@ def main(argv=None) -> None:
     ap.add_argument("--score-threads", default="", help="other prefetch thread counts to time the score stage with once each, e.g. 2,4,16")
     a = ap.parse_args(argv)
     if a.decode == "pil":
-        from mmloom.curate import score as score_stage
+        from mmloom import imageguard
 
-        score_stage._decode = score_stage._decode_pil
+        imageguard.decode_rgb = imageguard.open_image
     if a.switch_interval:
         import sys
 

@@ -55,6 +55,17 @@ def rate(fn, items, batch: int, warmup: int = 1) -> float:
     return len(items) / (time.perf_counter() - t)
 
 
+MAX_PIXELS = 89_478_485  # download.max_pixels' default
+
+
+def _decode(data: bytes):
+    """A shard image decoded as the score stage decodes it (`mmloom.imageguard.decode_rgb`,
+    looked up at each call: `bench/gpu.py --decode pil` swaps it)."""
+    from mmloom import imageguard
+
+    return imageguard.decode_rgb(data, MAX_PIXELS)
+
+
 def jpegs(ims) -> list[bytes]:
     out = []
     for im in ims:
@@ -129,7 +140,7 @@ def stage_vs_forward(cfg: dict, n: int, rounds: int, echo=print, sweep: tuple[in
     rounds (``best["sweep"]``: threads -> images/s); ``cpu``: (threads, processes) for
     `cpu_scaling`, run first."""
     from mmloom.curate.config import ScoreConfig
-    from mmloom.curate.score import _decode, score_shard
+    from mmloom.curate.score import score_shard
     from mmloom.filters.scoring import ScoreSet
     from mmloom.manifests.store import ShardStore
 
@@ -178,7 +189,7 @@ def same_pixels(s, ims, blobs) -> bool | None:
     ``blobs`` (None: nothing resizes there)."""
     import numpy as np
 
-    from mmloom.curate.score import _decode, _decode_pil
+    from mmloom.imageguard import open_image
     from mmloom.filters.geometry import PHash, phashes
     from mmloom.pil_resample import upload
 
@@ -196,14 +207,14 @@ def same_pixels(s, ims, blobs) -> bool | None:
             e.resize_on_device = True
     for p in ph:
         same &= phashes(ims, upload(ims, p.device)) == phashes(ims)
-    same &= all(np.array_equal(np.asarray(_decode(b)), np.asarray(_decode_pil(b))) for b in blobs)
+    same &= all(np.array_equal(np.asarray(_decode(b)), np.asarray(open_image(b, MAX_PIXELS))) for b in blobs)
     return bool(same)
 
 
 def prepare_rate(s, blobs: list[bytes], caps: list[str], threads: int) -> float:
     """Images/s of decode + `ScoreSet.prepare` alone, no model, with ``threads`` worker
     threads as the stage runs them (`curate.score.ahead`; 0: in turn, one thread)."""
-    from mmloom.curate.score import _decode, ahead
+    from mmloom.curate.score import ahead
 
     bs, n = s.cfg.batch_size, len(blobs)
 
@@ -230,7 +241,6 @@ def cpu_scaling(s, blobs: list[bytes], caps: list[str], threads: tuple[int, ...]
     the pixels sent back to this process)."""
     import multiprocessing as mp
 
-    from mmloom.curate.score import _decode
     from mmloom.filters.captions import clean_caption
     from mmloom.filters.geometry import geometry, phashes
 
@@ -274,7 +284,6 @@ def _proc_init(pil_steps) -> None:
 def _proc_batch(item):
     import numpy as np
 
-    from mmloom.curate.score import _decode
     from mmloom.filters.captions import clean_caption
     from mmloom.filters.geometry import geometry, phashes
 

@@ -34,7 +34,8 @@ from .ground import selected_by_shard
 from .prompt import build_segments, crop_entry
 from .runner import Resources
 from .stage import Stage, Task, run_stage
-from .score import read_images
+from .score import DEFAULT_MAX_PIXELS, read_images
+from mmloom import imageguard
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, shard_name
@@ -119,8 +120,7 @@ def pack_crops(images: list) -> tuple[object, list[list[int]]]:
     return sheet, rects
 
 
-def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str) -> dict:
-    from PIL import Image
+def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
 
     bcfg = BuildConfig.model_validate(cfg)
     store = ShardStore(root)
@@ -140,7 +140,7 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
         for r in samples:
             s = full[r["sample_key"]]
             key = r["key"]
-            img = Image.open(io.BytesIO(blobs[key])).convert("RGB")
+            img = imageguard.decode_rgb(blobs[key], max_pixels)
             chosen, why = apply_crop_rules(dets.get(r["sample_key"], []), img.size, bcfg)
             dropped.update(why)
             status = BUILT if len(chosen) >= bcfg.min_crops else NO_CROPS
@@ -243,7 +243,7 @@ STAGE_DEF = Stage(
     work=Task(build_shard),
     resources=lambda cfg: Resources(num_cpus=1),
     ignore=frozenset({"card_examples"}),  # the card, not the shards
-    extra=lambda store, config: {"encode_format": config.download.encode_format},
+    extra=lambda store, config: {"encode_format": config.download.encode_format, "max_pixels": config.download.max_pixels},
 )
 
 

@@ -10,7 +10,6 @@ or the settings change, its record no longer matches and the shard is redone.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 
 import pyarrow as pa
@@ -19,7 +18,8 @@ import pyarrow.parquet as pq
 from .config import GroundConfig, PipelineConfig
 from .runner import Resources
 from .stage import Actors, ActorWorker, Stage, run_stage
-from .score import ahead, prefetch_threads, read_images
+from .score import DEFAULT_MAX_PIXELS, ahead, prefetch_threads, read_images
+from mmloom import imageguard
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, shard_name
@@ -67,13 +67,13 @@ class GroundWorker(ActorWorker):
             self.model_name = self.dino.ref
         self.heads = HeadFinder(self.cfg.head_source, self.cfg.head_expand, self.dino) if self.cfg.head_source != "none" else None
 
-    def run(self, shard: int, root: str, chash: str, encode_format: str, prefetch: int | None = None) -> dict:
+    def run(self, shard: int, root: str, chash: str, encode_format: str, prefetch: int | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         """Ground one shard's selected samples and commit. With the model on a GPU, worker
         threads (``prefetch``; default torch's CPU threads, at most 4) decode the next
         batches and run the processor on them (`GroundingDino.prepare`) while the model
         runs the current one; on the CPU the default is 0 (in turn), as in
         `curate.score.score_shard`."""
-        from PIL import Image
 
         from ..filters.grounding import is_person
 
@@ -88,7 +88,7 @@ class GroundWorker(ActorWorker):
         bs = self.cfg.batch_size
 
         def ready(batch: list[dict]):
-            images = [Image.open(io.BytesIO(blobs[r["key"]])).convert("RGB") for r in batch]
+            images = [imageguard.decode_rgb(blobs[r["key"]], max_pixels) for r in batch]
             captions = [r["clean_caption"] for r in batch]
             return batch, images, (self.dino.prepare(images, captions) if self.dino else None)
 
@@ -159,7 +159,7 @@ STAGE_DEF = Stage(
     work=Actors(GroundWorker, what="grounding model"),
     resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker),
     ignore=frozenset({"batch_size", "device", "num_workers", "cpus_per_worker", "gpus_per_worker"}),
-    extra=lambda store, config: {"encode_format": config.download.encode_format},
+    extra=lambda store, config: {"encode_format": config.download.encode_format, "max_pixels": config.download.max_pixels},
 )
 
 

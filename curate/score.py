@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 from .config import DownloadConfig, PipelineConfig, ScoreConfig
 from .runner import Resources
 from .stage import Actors, ActorWorker, Stage, run_stage
+from mmloom import imageguard
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import CorruptFile, ShardStore, shard_name
 
 STAGE = "score"
-DEFAULT_MAX_PIXELS = DownloadConfig.model_fields["max_pixels"].default
+DEFAULT_MAX_PIXELS = DownloadConfig.model_fields["max_pixels"].default  # download.max_pixels
 OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
@@ -85,7 +86,7 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
         images, ok_rows, errors = [], [], []
         for r in batch:
             try:
-                images.append(_decode(blobs[r["key"]], max_pixels))
+                images.append(imageguard.decode_rgb(blobs[r["key"]], max_pixels))
                 ok_rows.append(r)
             except Exception as e:  # recorded, never dropped
                 errors.append((r, f"cannot decode image {r['key']}.{encode_format}: {type(e).__name__}: {e}"))
@@ -118,67 +119,6 @@ def score_shard(scorers, shard: int, root: str, chash: str, encode_format: str =
                  {"rows": t.num_rows, "errors": sum(e is not None for e in table["score_error"])}, chash)
     store.discard(staging)
     return {"rows": t.num_rows}
-
-
-def _decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """RGB picture of a shard's image bytes, as Pillow decodes it. A complete 8-bit JPEG of
-    1 or 3 components (what the download stage writes) is decoded by OpenCV's libjpeg-turbo
-    in one call that releases Python's lock, with the same settings as Pillow's (islow
-    IDCT, fancy upsampling, no EXIF rotation): the same pixels (tests/test_score_stage.py),
-    while the thread that drives the GPU keeps the lock (issue 16). Anything else (CMYK,
-    12-bit, a JPEG without its end marker, PNG, WebP) takes Pillow's way behind
-    `mmloom.imageguard.open_image` (the download stage's format allow-list), which also
-    raises for a truncated file. Either way the header's pixel count is checked against
-    ``max_pixels`` before a pixel is decoded."""
-    sof = _jpeg_sof(data) if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" else None
-    if sof is not None and sof[:2] in ((8, 1), (8, 3)):
-        from mmloom.imageguard import ImageRejected
-
-        if sof[2] * sof[3] > max_pixels:
-            raise ImageRejected("refused", f"JPEG of {sof[3]}x{sof[2]} pixels is above max_pixels {max_pixels}")
-        import cv2
-        import numpy as np
-        from PIL import Image
-
-        a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if a is not None:
-            return Image.fromarray(cv2.cvtColor(a, cv2.COLOR_BGR2RGB))
-    return _decode_pil(data, max_pixels)
-
-
-def _decode_pil(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS):
-    from mmloom.imageguard import open_image
-
-    return open_image(data, max_pixels)
-
-
-# start-of-frame markers: baseline, extended, progressive, lossless, with Huffman or arithmetic coding
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def _jpeg_sof(data: bytes) -> tuple[int, int, int, int] | None:
-    """(sample precision, component count, height, width) from a JPEG's start-of-frame
-    header, walking the marker segments before it; None when there is none before the scan
-    or it is cut short."""
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if m in _SOF:
-            if i + 10 > n:
-                return None
-            return data[i + 4], data[i + 9], int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-        if m in (0xDA, 0xD9):  # the scan or the end before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-    return None
 
 
 def prefetch_threads(device: str, prefetch: int | None) -> int:

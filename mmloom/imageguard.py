@@ -10,6 +10,10 @@ JPEG and PNG files are refused too (a decoder would fill the missing part with g
 
 Animated GIF, WebP and APNG are accepted and only their first frame is used; the header
 size bounds each frame.
+
+``decode_rgb`` reads the images of committed shards: JPEGs whose frame header passes the
+same pixel check are decoded by OpenCV (faster, without Python's lock, Pillow's pixels),
+everything else by ``open_image``.
 """
 
 from __future__ import annotations
@@ -106,3 +110,57 @@ def _describe(head: bytes, err: Exception) -> str:
         if head.startswith(magic):
             return f"{name} data"
     return f"{type(err).__name__} on bytes {head[:8]!r}"
+
+
+def decode_rgb(data: bytes, max_pixels: int):
+    """The RGB picture of a shard's image bytes, as Pillow decodes it: how the score,
+    ground and build stages read shards (a shard may come from anywhere). A complete 8-bit
+    JPEG of 1 or 3 components (what the download stage writes) is decoded by OpenCV's
+    libjpeg-turbo in one call that releases Python's lock, with Pillow's settings (islow
+    IDCT, fancy upsampling, no EXIF rotation): the same pixels (tests/test_score_stage.py),
+    and the score stage's thread that drives the GPU keeps the lock (issue 16). Anything
+    else (CMYK, which OpenCV converts otherwise, 12-bit, a JPEG without its end marker,
+    PNG, WebP) goes through `open_image`: the download stage's formats only, and a
+    truncated file refused. Either way the header's pixel count is checked against
+    ``max_pixels`` before a pixel is decoded."""
+    sof = jpeg_frame(data) if data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" else None
+    if sof is not None and sof[:2] in ((8, 1), (8, 3)):
+        if sof[2] * sof[3] > max_pixels:
+            raise ImageRejected("refused", f"JPEG of {sof[3]}x{sof[2]} pixels is above max_pixels {max_pixels}")
+        import cv2
+        import numpy as np
+        from PIL import Image
+
+        a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if a is not None:
+            return Image.fromarray(cv2.cvtColor(a, cv2.COLOR_BGR2RGB))
+    return open_image(data, max_pixels)
+
+
+# start-of-frame markers: baseline, extended, progressive, lossless, with Huffman or arithmetic coding
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(sample precision, component count, height, width) from a JPEG's start-of-frame
+    header, walking the marker segments before it; None when there is none before the scan
+    or it is cut short."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if m in _SOF:
+            if i + 10 > n:
+                return None
+            return data[i + 4], data[i + 9], int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        if m in (0xDA, 0xD9):  # the scan or the end before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None

@@ -136,6 +136,20 @@ def test_worker_threads_make_the_same_scores_as_scoring_in_turn(downloaded):
                 assert ra[c] == rb[c], c
 
 
+def test_an_image_above_max_pixels_is_recorded_not_decoded(downloaded):
+    """The stage checks each shard image's header against download.max_pixels before
+    decoding (a shard may come from anywhere): such an image is a row with score_error."""
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.scoring import ScoreSet
+
+    root, cfg = downloaded
+    scorers = ScoreSet(ScoreConfig.model_validate(cfg.score.model_dump()))
+    store = ShardStore(root)
+    score_shard(scorers, 0, root, STAGE_DEF.shard_hash(store, cfg, 0), max_pixels=100)
+    rows = pq.read_table(f"{root}/scores/00000.parquet").to_pylist()
+    assert len(rows) == 3 and all("max_pixels 100" in r["score_error"] and r["clip_score"] is None for r in rows)
+    assert STAGE_DEF.extra(store, cfg)["max_pixels"] == cfg.download.max_pixels
+
 def _jpeg(im, **kw) -> bytes:
     import io
 
@@ -154,7 +168,7 @@ def test_decode_gives_pillows_pixels_for_every_kind_of_jpeg(pics, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    from mmloom.curate import score as S
+    from mmloom import imageguard as S
 
     photo, other = pics["astronaut.jpg"], pics["coffee.jpg"].resize((301, 199))
     exif = Image.Exif()
@@ -168,22 +182,20 @@ def test_decode_gives_pillows_pixels_for_every_kind_of_jpeg(pics, monkeypatch):
     pillow = {"cmyk": _jpeg(photo.convert("CMYK"), quality=90), "png": _png(other),
               "bytes after the end marker": _jpeg(photo) + b"trailer"}
     calls = []
-    real = S._decode_pil
-    monkeypatch.setattr(S, "_decode_pil", lambda d, m: calls.append(1) or real(d, m))
+    real = S.open_image
+    monkeypatch.setattr(S, "open_image", lambda d, m: calls.append(1) or real(d, m))
     for name, data in {**opencv, **pillow}.items():
         calls.clear()
         want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-        got = S._decode(data)
+        got = S.decode_rgb(data, 10**8)
         assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), name
         assert bool(calls) == (name in pillow), name
-    from mmloom.imageguard import ImageRejected
-
     cut = opencv["4:2:0 q75"][: len(opencv["4:2:0 q75"]) // 2]
-    with pytest.raises(ImageRejected, match="truncated|undecodable"):
-        S._decode(cut)
-    assert S._jpeg_sof(opencv["grey"]) == (8, 1, photo.height, photo.width) and S._jpeg_sof(pillow["cmyk"])[:2] == (8, 4)
-    assert S._jpeg_sof(opencv["odd size"]) == (8, 3, 17, 33)
-    assert S._jpeg_sof(b"\xff\xd8\xff\xda\x00\x02") is None and S._jpeg_sof(b"\xff\xd8\xff\xc0\x00") is None
+    with pytest.raises(S.ImageRejected, match="truncated|undecodable"):
+        S.decode_rgb(cut, 10**8)
+    assert S.jpeg_frame(opencv["grey"]) == (8, 1, photo.height, photo.width) and S.jpeg_frame(pillow["cmyk"])[:2] == (8, 4)
+    assert S.jpeg_frame(opencv["odd size"]) == (8, 3, 17, 33)
+    assert S.jpeg_frame(b"\xff\xd8\xff\xda\x00\x02") is None and S.jpeg_frame(b"\xff\xd8\xff\xc0\x00") is None
 
 
 def _png(im) -> bytes:

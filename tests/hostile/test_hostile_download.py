@@ -551,7 +551,7 @@ def test_score_checks_each_images_header_before_decoding(pics, monkeypatch):
 
     from PIL import Image
 
-    from mmloom.curate import score as S
+    from mmloom import imageguard as S
     from mmloom.imageguard import ImageRejected
 
     small = pics["astronaut.jpg"].resize((100, 80))
@@ -559,16 +559,16 @@ def test_score_checks_each_images_header_before_decoding(pics, monkeypatch):
     b = io.BytesIO()
     small.save(b, "BMP")
     for data in (jpeg, png):
-        assert S._decode(data, max_pixels=8000).size == (100, 80)
+        assert S.decode_rgb(data, 8000).size == (100, 80)
         with pytest.raises(ImageRejected, match="pixels|max_pixels|bomb|large"):
-            S._decode(data, max_pixels=7999)
+            S.decode_rgb(data, 7999)
     with pytest.raises(ImageRejected):
-        S._decode(b.getvalue())
+        S.decode_rgb(b.getvalue(), 10**8)
     import cv2
 
     monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a refused JPEG"))
     with pytest.raises(ImageRejected):
-        S._decode(jpeg, max_pixels=7999)
+        S.decode_rgb(jpeg, 7999)
     assert Image.open(io.BytesIO(jpeg)).size == (100, 80)
 
 
