@@ -438,3 +438,44 @@ def test_opencv_faces_without_a_cascade_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", types.SimpleNamespace(__version__="5.0.0"))
     with pytest.raises(RuntimeError, match=r"OpenCV 5\.0\.0 has no CascadeClassifier.*opencv-python-headless<5.*faces.backend: none"):
         OpenCvFaces()
+
+
+@pytest.mark.parametrize("backends", [
+    {"nsfw": "nudenet", "watermark": "timm", "faces": "opencv", "aesthetic": True},
+    {"nsfw": "clip_mlp", "watermark": "hf", "faces": "nudenet", "aesthetic": False},
+    {"nsfw": "hf", "watermark": "none", "faces": "none", "aesthetic": True},
+    {"nsfw": "none", "watermark": "timm", "faces": "nudenet", "aesthetic": False},
+])
+def test_score_set_builds_the_scorers_each_backend_names(models, backends):
+    """Each config section's backend builds its own scorer, and none builds nothing: the
+    scorers, in the scores/ table's order, for every backend of every section."""
+    from mmloom.curate.config import ScoreConfig
+    from mmloom.filters.heads import save_head
+    from mmloom.filters.scoring import ScoreSet
+
+    root, cfg = models
+    save_head(str(root / "nsfw-head.pt"), [32, 8, 1])
+    nsfw = {"nudenet": {"backend": "nudenet"}, "none": {"backend": "none"},
+            "clip_mlp": {"backend": "clip_mlp", "model": str(root / "nsfw-head.pt")},
+            "hf": {"backend": "hf", "model": str(root / "tiny-hf-nsfw")}}[backends["nsfw"]]
+    watermark = {"timm": cfg["watermark"], "none": {"backend": "none"},
+                 "hf": {"backend": "hf", "model": str(root / "tiny-hf-nsfw"), "positive_labels": ["nsfw"]}}[backends["watermark"]]
+    s = ScoreSet(ScoreConfig.model_validate({**cfg, "nsfw": nsfw, "watermark": watermark, "faces": {"backend": backends["faces"]},
+                                             "aesthetic": {**cfg["aesthetic"], "enabled": backends["aesthetic"]}}))
+    names = [type(x).__name__ for x in s.scorers]
+    want = ["Geometry", "CaptionCleaner", "ClipScore",
+            {"nudenet": "NudeNetNsfw", "clip_mlp": "ClipMlpNsfw", "hf": "HfImageClassifier", "none": None}[backends["nsfw"]],
+            {"timm": "TimmWatermark", "hf": "HfImageClassifier", "none": None}[backends["watermark"]],
+            "AestheticScorer" if backends["aesthetic"] else None, "PHash",
+            {"opencv": "OpenCvFaces", "nudenet": "NudeNetFaces", "none": None}[backends["faces"]]]
+    assert names == [n for n in want if n]
+    assert ("nsfw" in s.columns()) == (backends["nsfw"] != "none") and ("aesthetic" in s.columns()) == backends["aesthetic"]
+    assert (s.nudenet is not None) == ("nudenet" in (backends["nsfw"], backends["faces"]))
+
+
+def test_score_device_auto_resolves_and_any_other_is_kept():
+    from mmloom.filters.scoring import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("".join(["au", "to"])) == expected  # a string read from a config, not the literal
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu:0") == "cpu:0"
