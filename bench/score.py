@@ -409,13 +409,13 @@ def model_rows(a, ims) -> list:
         del enc, enc_only
 
     from mmloom.filters.faces import OpenCvFaces
-    from mmloom.filters.geometry import phash
+    from mmloom.filters.geometry import phashes
     from mmloom.filters.nsfw import NudeNet, NudeNetNsfw
 
     nn = NudeNet()
     rows.append(("nudenet NSFW (onnxruntime, CPU)", rate(NudeNetNsfw(nn), ims, a.batch_size)))
     rows.append(("OpenCV frontal-face cascade", rate(OpenCvFaces(), ims, a.batch_size)))
-    rows.append(("phash (imagehash)", rate(lambda b: [phash(i) for i in b], ims, a.batch_size)))
+    rows.append(("phash (imagehash's 64-bit DCT hash, per batch)", rate(phashes, ims, a.batch_size)))
     return rows
 
 

@@ -127,8 +127,15 @@ def resize(x: torch.Tensor, size: tuple[int, int], kind: str = "bicubic",
     return want[..., top:top + ch, left:left + cw]
 
 
+CHUNK_BYTES = 1 << 29  # float64 pixels resized at once: a batch of large pictures goes in parts
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int], kind: str, order: str,
             crop: tuple[int, int, int, int]) -> torch.Tensor:
+    per_picture = x[0].numel() * 8 if x.dim() >= 4 else x.numel() * 8
+    if x.dim() >= 4 and x.shape[0] > 1 and x.shape[0] * per_picture > CHUNK_BYTES:
+        step = max(1, CHUNK_BYTES // per_picture)
+        return torch.cat([_resize(x[i:i + step], size, kind, order, crop) for i in range(0, x.shape[0], step)])
     (h, w), (top, left, ch, cw) = size, crop
     y = x.to(torch.float64)
     for axis in order:  # Pillow skips a pass whose size does not change

@@ -61,12 +61,23 @@ def test_resize_crop_window_is_the_crop_of_the_whole_resize():
         R.resize(_tensor(a), (70, 101), "bicubic", (10, 0, 64, 64))
 
 
-def test_resize_of_a_batch_equals_each_picture_alone():
+@pytest.mark.parametrize("chunk", [None, 3 * 50 * 70 * 8 * 2])
+def test_resize_of_a_batch_equals_each_picture_alone(monkeypatch, chunk):
+    """A batch (in parts of two pictures when their float64 pixels pass the chunk size:
+    large pictures on a small GPU) gives each picture's own resize."""
+    if chunk:
+        monkeypatch.setattr(R, "CHUNK_BYTES", chunk)
     rng = np.random.default_rng(6)
-    batch = rng.integers(0, 256, (4, 3, 50, 70), dtype=np.uint8)
+    batch = rng.integers(0, 256, (5, 3, 50, 70), dtype=np.uint8)
+    R.resize(torch.from_numpy(batch[:1]), (33, 47), "bicubic")  # the pass order learnt first
+    calls = []
+    real = R._pass
+    monkeypatch.setattr(R, "_pass", lambda y, *a: calls.append(y.shape[0]) or real(y, *a))
     got = R.resize(torch.from_numpy(batch), (33, 47), "bicubic")
-    for i in range(4):
+    assert got.shape == (5, 3, 33, 47)
+    for i in range(5):
         assert np.array_equal(_array(got[i]), _pillow(batch[i].transpose(1, 2, 0), (33, 47), "bicubic"))
+    assert calls == ([2, 2, 2, 2, 1, 1] if chunk else [5, 5])
 
 
 def test_a_pillow_these_passes_cannot_reproduce_is_run_itself(monkeypatch):
