@@ -41,10 +41,16 @@ def test_resize_is_pillows_bit_for_bit_up_down_and_mixed():
                                    (np.random.default_rng(2).integers(0, 256, (60, 90, 3), dtype=np.uint8), (60, 45), "bicubic"),
                                    (np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8), (30, 90), "lanczos"),
                                    (np.random.default_rng(4).integers(0, 256, (256, 341, 3), dtype=np.uint8), (224, 298), "bicubic")]
+    cases += [(np.random.default_rng(11).integers(0, 256, (60, 90, 3), dtype=np.uint8), (40, 60), "bicubic"),  # w == H
+              (np.random.default_rng(12).integers(0, 256, (40, 60, 3), dtype=np.uint8), (60, 3), "bilinear"),  # w == C
+              (np.random.default_rng(13).integers(0, 256, (30, 50, 3), dtype=np.uint8), (1, 1), "bicubic"),
+              (np.random.default_rng(14).integers(0, 256, (30, 50), dtype=np.uint8), (1, 70), "lanczos")]
     for a, size, kind in cases:
         got = R.resize(_tensor(a), size, kind)
         assert got.dtype == torch.uint8
         assert np.array_equal(_array(got), _pillow(a, size, kind)), (a.shape, size, kind)
+        # and this module's arithmetic reproduced it ("unknown": both orders did), not the fallback to Pillow
+        assert R.pass_order(*a.shape[:2], *size, kind, 3 if a.ndim == 3 else 1) is not None, (a.shape, size, kind)
     # an unchanged size is the picture itself
     a = cases[0][0]
     assert torch.equal(R.resize(_tensor(a), a.shape[:2], "bicubic"), _tensor(a))
@@ -57,8 +63,9 @@ def test_resize_crop_window_is_the_crop_of_the_whole_resize():
     for crop in [(0, 0, 70, 101), (3, 18, 64, 64), (6, 37, 64, 64), (0, 5, 70, 90)]:
         t, left, h, w = crop
         assert torch.equal(R.resize(_tensor(a), (70, 101), "bicubic", crop), whole[:, t:t + h, left:left + w])
-    with pytest.raises(ValueError, match="outside"):
-        R.resize(_tensor(a), (70, 101), "bicubic", (10, 0, 64, 64))
+    for bad in [(10, 0, 64, 64), (0, 40, 64, 64), (-1, 0, 10, 10), (0, -1, 10, 10)]:
+        with pytest.raises(ValueError, match="outside"):
+            R.resize(_tensor(a), (70, 101), "bicubic", bad)
 
 
 @pytest.mark.parametrize("chunk", [None, 3 * 50 * 70 * 8 * 2])
@@ -104,6 +111,9 @@ def test_pass_order_is_learnt_per_size_from_pillow_then_reused(monkeypatch):
     R.resize(_tensor(a), (44, 228), "bicubic")
     learnt = R.pass_order(72, 172, 44, 228, "bicubic", 3)
     assert learnt in ("hv", "vh")
+    c = np.random.default_rng(15).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    R.resize(_tensor(c), (30, 20), "bicubic")
+    assert R.pass_order(50, 40, 30, 20, "bicubic", 3) in ("hv", "vh") and R.pass_order(72, 172, 44, 228, "bicubic", 3) == learnt
     calls = []
     monkeypatch.setattr(R, "_with_pillow", lambda *a: calls.append(1))  # known now: Pillow not asked again
     b = np.random.default_rng(10).integers(0, 256, (72, 172, 3), dtype=np.uint8)
@@ -126,7 +136,8 @@ def test_grey_is_pillows_convert_L_for_every_colour():
     shows on some of them."""
     v = np.arange(1 << 24, dtype=np.uint32)
     a = np.stack([v >> 16, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
-    assert np.array_equal(R.grey(_tensor(a))[0].numpy(), np.asarray(Image.fromarray(a).convert("L")))
+    g = R.grey(_tensor(a))
+    assert g.shape == (1, 4096, 4096) and np.array_equal(g[0].numpy(), np.asarray(Image.fromarray(a).convert("L")))
 
 
 def test_upload_groups_pictures_by_size_and_keeps_their_places():
