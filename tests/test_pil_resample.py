@@ -148,3 +148,17 @@ def test_upload_groups_pictures_by_size_and_keeps_their_places():
         assert t.dtype == torch.uint8 and t.shape[0] == len(idx)
         for j, i in enumerate(idx):
             assert torch.equal(t[j], torch.from_numpy(np.asarray(ims[i]).copy()).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("kind", ["bicubic", "lanczos"])
+def test_each_pass_order_is_pillows_two_one_pass_resizes(kind):
+    """"hv" is Pillow's horizontal resize, then its vertical one, each rounded to 8 bits
+    (two one-pass Pillow resizes), and "vh" the other way round: the orders' names mean
+    what `pass_order` says Pillow does."""
+    a = np.random.default_rng(16).integers(0, 256, (72, 172, 3), dtype=np.uint8)
+    full = (0, 0, 44, 228)
+    hv = _array(R._resize(_tensor(a), (44, 228), kind, "hv", full))
+    vh = _array(R._resize(_tensor(a), (44, 228), kind, "vh", full))
+    assert np.array_equal(hv, _pillow(_pillow(a, (72, 228), kind), (44, 228), kind))
+    assert np.array_equal(vh, _pillow(_pillow(a, (44, 172), kind), (44, 228), kind))
+    assert not np.array_equal(hv, vh)
