@@ -378,9 +378,9 @@ def main() -> None:
             r = stage_vs_forward(cfg, a.stage_images, a.rounds)
         print(f"score stage on a committed shard ({a.stage_images} images, batch {a.batch_size}, CLIP {a.stage_clip}, "
               f"nudenet, timm watermark, aesthetic, OpenCV faces, phash):")
-        print(f"  models' forward passes alone (prepared batches)  {r['forward']:9.1f} images/s")
+        print(f"  models' forward passes alone (prepared batches)  {r['forward']:9.2f} images/s")
         print(f"  stage, {r['threads']} prefetch thread(s)                   {r['stage']:9.1f} images/s")
-        print(f"  stage, serial (no prefetch)                      {r['serial']:9.1f} images/s")
+        print(f"  stage, serial (no prefetch)                      {r['serial']:9.2f} images/s")
         print(f"  decode + prepare alone, one thread: {r['prep_ms']:.2f} ms/image; with {r['threads']} worker thread(s): {r['cpu_side']:.1f} images/s")
         default = f"{r['default']} prefetch thread(s)" if r["default"] else "serial"
         print(f"fraction of forward-only throughput (best of {a.rounds} rounds each): with prefetch {r['frac']:.1%}, "
