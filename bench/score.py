@@ -55,15 +55,13 @@ def rate(fn, items, batch: int, warmup: int = 1) -> float:
     return len(items) / (time.perf_counter() - t)
 
 
-MAX_PIXELS = 89_478_485  # download.max_pixels' default
-
-
 def _decode(data: bytes):
     """A shard image decoded as the score stage decodes it (`mmloom.imageguard.decode_rgb`,
     looked up at each call: `bench/gpu.py --decode pil` swaps it)."""
     from mmloom import imageguard
+    from mmloom.curate.score import DEFAULT_MAX_PIXELS
 
-    return imageguard.decode_rgb(data, MAX_PIXELS)
+    return imageguard.decode_rgb(data, DEFAULT_MAX_PIXELS)
 
 
 def jpegs(ims) -> list[bytes]:
@@ -189,8 +187,9 @@ def same_pixels(s, ims, blobs) -> bool | None:
     ``blobs`` (None: nothing resizes there)."""
     import numpy as np
 
-    from mmloom.imageguard import open_image
+    from mmloom.curate.score import DEFAULT_MAX_PIXELS
     from mmloom.filters.geometry import PHash, phashes
+    from mmloom.imageguard import open_image
     from mmloom.pil_resample import upload
 
     embs = [e for e in s.embedders.values() if e.resize_on_device]
@@ -207,7 +206,7 @@ def same_pixels(s, ims, blobs) -> bool | None:
             e.resize_on_device = True
     for p in ph:
         same &= phashes(ims, upload(ims, p.device)) == phashes(ims)
-    same &= all(np.array_equal(np.asarray(_decode(b)), np.asarray(open_image(b, MAX_PIXELS))) for b in blobs)
+    same &= all(np.array_equal(np.asarray(_decode(b)), np.asarray(open_image(b, DEFAULT_MAX_PIXELS))) for b in blobs)
     return bool(same)
 
 

@@ -121,7 +121,6 @@ def pack_crops(images: list) -> tuple[object, list[list[int]]]:
 
 
 def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-
     bcfg = BuildConfig.model_validate(cfg)
     store = ShardStore(root)
     samples = sorted(selected_by_shard(store).get(shard, []), key=lambda r: r["key"])

@@ -103,22 +103,21 @@ class ClipEmbedder:
             from mmloom import pil_resample
 
             return self._pixels_on_device(pil_images, upload() if upload else pil_resample.upload(pil_images, self.device))
-        if self._split is None:
-            x = torch.stack([self.preprocess(im) for im in pil_images])
-        else:
-            import numpy as np
-
-            pil_steps = self._split[0]
-            x = torch.from_numpy(np.stack([np.asarray(pil_steps(im), dtype=np.uint8) for im in pil_images]))
-            x = x.permute(0, 3, 1, 2)
+        x = torch.stack([self.preprocess(im) for im in pil_images]) if self._split is None else self._pil_pixels(pil_images)
         return x.pin_memory() if self.device.startswith("cuda") else x
+
+    def _pil_pixels(self, pil_images) -> torch.Tensor:
+        """open_clip's PIL steps (resize, crop, RGB) of each image, with Pillow: [N, 3, H, W] uint8 on the CPU."""
+        import numpy as np
+
+        pil_steps = self._split[0]
+        return torch.from_numpy(np.stack([np.asarray(pil_steps(im), dtype=np.uint8) for im in pil_images])).permute(0, 3, 1, 2)
 
     def _pixels_on_device(self, pil_images, groups) -> torch.Tensor:
         """`pixels` from the images on the model's device (``groups``: one uint8 [n, 3, H, W]
         tensor per size): torchvision's Resize and CenterCrop arithmetic for the sizes,
         Pillow's for the pixels (`mmloom.pil_resample.resize`, only the crop's window
         computed). An image smaller than the crop (CenterCrop pads it) takes Pillow's way."""
-        import numpy as np
         from torchvision.transforms.functional import _compute_resized_output_size
 
         from mmloom import pil_resample
@@ -128,8 +127,7 @@ class ClipEmbedder:
         for idx, x in groups:
             h, w = _compute_resized_output_size(list(x.shape[-2:]), [size] if isinstance(size, int) else list(size))
             if ch > h or cw > w:
-                r = torch.from_numpy(np.stack([np.asarray(self._split[0](pil_images[i]), dtype=np.uint8) for i in idx]))
-                r = r.permute(0, 3, 1, 2).to(self.device)
+                r = self._pil_pixels([pil_images[i] for i in idx]).to(self.device)
             else:
                 crop = (int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw)
                 r = pil_resample.resize(x, (h, w), kind, crop)

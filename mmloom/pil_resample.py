@@ -7,8 +7,8 @@ where the model runs leaves the CPU only decoding; doing them with Pillow's own
 arithmetic keeps every score and hash identical to the CPU path's, so the faster path
 needs no caveat.
 
-Pillow (`libImaging/Resample.c`) resizes in two passes, horizontal then vertical, each
-into 8-bit pixels: each output pixel is ``clip8(2**21 + sum(in * k))``, where the ``k``
+Pillow (`libImaging/Resample.c`) resizes in two passes, one per axis, each into 8-bit
+pixels (which pass comes first: `pass_order`): each output pixel is ``clip8(2**21 + sum(in * k))``, where the ``k``
 are the filter's weights at the pixel's source span, normalized to sum 1 and rounded to
 integers at 22 fractional bits, and ``clip8`` shifts right by 22 and clamps to 0-255.
 Here each pass is a matrix product of the pixels with a dense [out, in] matrix of those
