@@ -34,8 +34,7 @@ from .ground import selected_by_shard
 from .prompt import build_segments, crop_entry
 from .runner import Resources
 from .stage import Stage, Task, run_stage
-from .score import DEFAULT_MAX_PIXELS, read_images
-from mmloom import imageguard
+from .score import DEFAULT_MAX_PIXELS, decode_member, read_images
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, shard_name
@@ -139,7 +138,7 @@ def build_shard(shard: int, root: str, cfg: dict, chash: str, encode_format: str
         for r in samples:
             s = full[r["sample_key"]]
             key = r["key"]
-            img = imageguard.decode_rgb(blobs[key], max_pixels)
+            img = decode_member(store, shard, blobs, key, encode_format, max_pixels)
             chosen, why = apply_crop_rules(dets.get(r["sample_key"], []), img.size, bcfg)
             dropped.update(why)
             status = BUILT if len(chosen) >= bcfg.min_crops else NO_CROPS

@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 from .config import GroundConfig, PipelineConfig
 from .runner import Resources
 from .stage import Actors, ActorWorker, Stage, run_stage
-from .score import DEFAULT_MAX_PIXELS, ahead, prefetch_threads, read_images
-from mmloom import imageguard
+from .score import DEFAULT_MAX_PIXELS, ahead, decode_member, prefetch_threads, read_images
 from mmloom.errors import UserError
 from ..manifests import schemas as S
 from ..manifests.store import ShardStore, shard_name
@@ -88,7 +87,7 @@ class GroundWorker(ActorWorker):
         bs = self.cfg.batch_size
 
         def ready(batch: list[dict]):
-            images = [imageguard.decode_rgb(blobs[r["key"]], max_pixels) for r in batch]
+            images = [decode_member(store, shard, blobs, r["key"], encode_format, max_pixels) for r in batch]
             captions = [r["clean_caption"] for r in batch]
             return batch, images, (self.dino.prepare(images, captions) if self.dino else None)
 

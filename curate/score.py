@@ -47,6 +47,18 @@ def read_images(store: ShardStore, shard: int, ext: str = "jpg") -> dict[str, by
     return out
 
 
+def decode_member(store: ShardStore, shard: int, blobs: dict[str, bytes], key: str, ext: str, max_pixels: int):
+    """One image of a committed download tar as RGB, through the header check
+    (`imageguard.decode_rgb`); a refusal names the tar and the member. For the stages
+    after score (ground, build), which see only images that score decoded, so a refusal
+    there is an inconsistent dataset, not a per-image result."""
+    try:
+        return imageguard.decode_rgb(blobs[key], max_pixels)
+    except imageguard.ImageRejected as e:
+        tar = store.url(f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.tar")
+        raise UserError(f"{tar}: member {key}.{ext}: {e}") from None
+
+
 def download_rows(store: ShardStore, shard: int, blobs: dict[str, bytes], ext: str) -> list[dict]:
     """The successful rows of a committed download shard; every one must have its image
     in the tar, else the shard is inconsistent (never recorded as a per-image error,

@@ -572,6 +572,36 @@ def test_score_checks_each_images_header_before_decoding(pics, monkeypatch):
     assert Image.open(io.BytesIO(jpeg)).size == (100, 80)
 
 
+
+@pytest.mark.slow  # the session's pipeline run
+def test_ground_and_build_check_each_images_header_and_name_the_tar_member(pipeline_run, tmp_path):
+    """A shard may come from anywhere: ground and build read each image through the header
+    check with download.max_pixels (the stage's setting), and an image above it stops the
+    shard with an error naming the tar and the member, never a bare decoder error."""
+    import re
+    import shutil
+
+    from mmloom.curate import build as B
+    from mmloom.curate import ground as G
+    from mmloom.curate.dataset import dataset_config
+    from mmloom.errors import UserError
+    from mmloom.manifests.store import ShardStore
+
+    root = tmp_path / "ds"
+    shutil.copytree(pipeline_run[0], root)
+    cfg = dataset_config(str(root), None)
+    store = ShardStore(str(root))
+    shard = sorted(store.committed_shards("build"))[0]
+    first = sorted(G.selected_by_shard(store)[shard], key=lambda r: r["key"])[0]["key"]
+    assert G.STAGE_DEF.extra(store, cfg)["max_pixels"] == B.STAGE_DEF.extra(store, cfg)["max_pixels"] == cfg.download.max_pixels
+    worker = G.GroundWorker(cfg.ground.model_dump())
+    member = re.compile(rf"images/0000{shard}\.tar: member \w+\.jpg: .*above max_pixels 100")
+    with pytest.raises(UserError, match=member):
+        worker.run(shard, str(root), "h", "jpg", max_pixels=100)
+    with pytest.raises(UserError, match=rf"images/0000{shard}\.tar: member {first}\.jpg: .*above max_pixels 100"):
+        B.build_shard(shard, str(root), cfg.build.model_dump(), "h", "jpg", max_pixels=100)
+
+
 def _encoded(im, fmt: str) -> bytes:
     import io
 
