@@ -13,6 +13,8 @@
 # torch & co. once (bench/forkserver.py), about 10x faster on a loaded machine.
 # MUTATION_EXCLUDE: cosmic-ray operator regexes to leave out, comma-separated (e.g. the
 # bitwise replacements of float arithmetic, which raise TypeError wherever the line runs).
+# Mutants inside function signatures' postponed annotations are skipped (never evaluated;
+# bench/mutation_skip_annotations.py); MUTATION_KEEP_ANNOTATIONS=1 keeps them.
 # The test command runs once on the unmutated code first and must pass (a command that
 # fails anyway, e.g. a mis-quoted -k, would count every mutant as killed). Prints cosmic-ray's report and a count line;
 # the session (mutation/NAME.sqlite) keeps every mutant's diff: `cr-report --show-diff`.
@@ -91,6 +93,7 @@ cosmic-ray init "$cfg" "$session"
 [ ${#funcs[@]} -eq 0 ] || cr-filter-lines --config "$cfg" "$session"
 cr-filter-pragma "$session"  # lines marked `# pragma: no mutate`
 [ -z "${MUTATION_EXCLUDE:-}" ] || cr-filter-operators "$session" "$cfg"
+[ -n "${MUTATION_KEEP_ANNOTATIONS:-}" ] || python bench/mutation_skip_annotations.py "$session"  # never evaluated: equivalent
 if [ -n "${MUTATION_COUNT:-}" ]; then
   python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print("mutants:", db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session"
   exit 0
