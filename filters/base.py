@@ -15,8 +15,8 @@ Nothing in ``filters/`` knows about Ray, shards, files or the pipeline config.
 
 A batch's work comes in two halves, so that the score stage can make batch i+1 ready in
 a worker thread while the models run batch i: the CPU work that touches no model
-(resizing and normalizing into each model's input tensors, nudenet's letterboxing,
-geometry, caption cleaning, hashes) is kept in the batch by `Batch.ready`, and a scorer
+(resizing and normalizing into each model's input tensors, tokenizing the captions,
+nudenet's letterboxing, geometry, caption cleaning, hashes) is kept in the batch by `Batch.ready`, and a scorer
 may do its share of it ahead in an optional ``prepare(batch)``; the model passes are
 kept by `Batch.once`. `Batch.again` is the same prepared batch without its model passes.
 """
@@ -82,6 +82,11 @@ class Batch:
         import torch
 
         return self.once(("clip-unit", ref), lambda: torch.nn.functional.normalize(self.clip_raw(ref), dim=-1))
+
+    def clip_tokens(self, ref: str):
+        """The raw captions as the open_clip model ``ref``'s input ids
+        (`mmloom.clip.ClipEmbedder.tokens`; a missing caption reads as "")."""
+        return self.ready(("clip-tokens", ref), lambda: self.embedders[ref].tokens(self.captions))
 
     def nudenet_inputs(self, nudenet):
         """nudenet's letterboxed input of each image (`filters.nsfw.NudeNet.inputs`)."""

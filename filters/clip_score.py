@@ -28,9 +28,13 @@ class ClipScore:
         self.columns = {c: t for c, t in self.COLUMNS.items() if store_embeddings or c == "clip_score"}
         self.meta = {c: {"model": embedder.ref, "version": embedder.version} for c in self.columns}
 
+    def prepare(self, batch) -> None:
+        """Tokenize the captions ahead, in the score stage's worker thread."""
+        batch.clip_tokens(self.needs_clip)
+
     def score(self, batch) -> dict[str, list]:
         img = batch.clip_images(self.needs_clip)
-        txt = self.embedder.texts([c or "" for c in batch.captions])  # raw captions, as LAION scored them
+        txt = self.embedder.texts(batch.clip_tokens(self.needs_clip))  # raw captions, as LAION scored them
         out = {"clip_score": (img * txt).sum(-1).tolist()}
         if self.store_embeddings:
             out["clip_image_embedding"] = img.tolist()

@@ -123,8 +123,9 @@ class ScoreSet:
         return [c for s in self.scorers for c in s.columns]
 
     def prepare(self, images, captions: list[str | None]) -> Batch:
-        """One batch with all its CPU work done (each model's input tensors, nudenet's
-        letterboxing, geometry, caption cleaning, hashes; `filters.base.Batch.ready`) and
+        """One batch with all its CPU work done (each model's input tensors, the clip
+        score's caption tokens, nudenet's letterboxing, geometry, caption cleaning, hashes;
+        `filters.base.Batch.ready`) and
         no model run yet: what a worker thread makes of batch i+1 while the models run
         batch i (`curate.score.score_shard`)."""
         from mmloom.pil_resample import side_stream

@@ -177,10 +177,19 @@ class ClipEmbedder:
         pooled = torch.nn.functional.normalize(pooled.float(), dim=-1) if normalize else pooled.float()
         return x.float().cpu(), (t != 0).cpu(), pooled.cpu()
 
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        """The text tower's input ids for ``texts`` ([N, context length], on the CPU; None
+        reads as ""): CPU work that the score stage's worker threads do ahead
+        (`filters.base.Batch.clip_tokens`), off the thread that drives the GPU.
+        Page-locked when the model is on a GPU."""
+        t = self.tokenizer([s or "" for s in texts])
+        return t.pin_memory() if self.device.startswith("cuda") else t
+
     @torch.no_grad()
-    def texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
-        """[N, D] L2-normalized text embeddings (``normalize=False``: raw, ``text_embeds``)."""
-        t = self.tokenizer([s or "" for s in texts]).to(self.device)
+    def texts(self, texts: list[str] | torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[N, D] L2-normalized text embeddings (``normalize=False``: raw, ``text_embeds``)
+        of texts, or of the input ids `tokens` made of them."""
+        t = (texts if torch.is_tensor(texts) else self.tokens(texts)).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             e = self.model.encode_text(t).float()
         return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()

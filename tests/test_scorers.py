@@ -393,7 +393,7 @@ def test_nudenet_batched_in_one_call_finds_what_it_finds_one_image_at_a_time(pic
 @pytest.mark.parametrize("variant", ["default", "hf+nudenet_faces"])
 def test_a_prepared_batch_scores_as_the_images_do_and_only_models_run_after(models, pics, variant, monkeypatch):
     """`ScoreSet.prepare` does every batch's CPU work (what a worker thread does ahead of
-    the models); scoring the prepared batch gives the same columns as scoring the images,
+    the models: pixels, tokens, letterboxes, hashes); scoring the prepared batch gives the same columns as scoring the images,
     and calls no preprocessing again, however many times it is scored."""
     from mmloom.clip import ClipEmbedder
     from mmloom.curate.config import ScoreConfig
@@ -410,7 +410,7 @@ def test_a_prepared_batch_scores_as_the_images_do_and_only_models_run_after(mode
     plain = s.score(imgs, caps)
     batch = s.prepare(imgs, caps)
     cpu_work = []
-    for cls, name in ((ClipEmbedder, "pixels"), (ClipEmbedder, "inputs"), (NudeNet, "inputs")):
+    for cls, name in ((ClipEmbedder, "pixels"), (ClipEmbedder, "inputs"), (ClipEmbedder, "tokens"), (NudeNet, "inputs")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, ims, real=real: cpu_work.append(1) or real(self, ims))
     real_phashes = geometry.phashes
