@@ -596,6 +596,89 @@ def test_mvader_samples_with_theta_and_refuses_a_mismatched_theta(tiny_cache):
         fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=[[1.0]])
 
 
+
+def test_mvader_segments_follow_each_part_exactly(tiny_cache):
+    """Every LM token's segment is the prompt part that produced it: text tokens their
+    text part (an unknown word too), an image's tokens and the tokens wrapped around them
+    that image, padding none; a row longer than 256 tokens ending in an image, ids above
+    the image token's, and an image run the prompt has no picture for (a caption that
+    spells the image token) each keep to the rule."""
+    from PIL import Image
+
+    _fam, model, _ = _mvader()
+    red = Image.new("RGB", (64, 64), "red")
+    tok = model.encoder.processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    wrap = tok.convert_tokens_to_ids(model.encoder.processor.fake_image_token.content
+                                     if hasattr(model.encoder.processor.fake_image_token, "content")
+                                     else model.encoder.processor.fake_image_token)
+    prompts = [["a cat and ", red, " a dog ", red, " zebrafish"], [red, "a"]]
+    model.encode(prompts)
+    ids = model.encoder.last_input_ids
+    seg = model.segments(prompts, ids)
+    k = int((ids[1] == image_id).sum())  # image tokens per picture
+    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert tok.unk_token_id in ids[0].tolist()  # "zebrafish" is not in the tiny vocabulary
+    want0 = [0] * n("a cat and ") + [1] * (k + 2) + [2] * n(" a dog ") + [3] * (k + 2) + [4] * n(" zebrafish")
+    real = ids[0] != tok.pad_token_id
+    assert seg[0][real].tolist() == want0 and (seg[0][~real] == -1).all()
+    real = ids[1] != tok.pad_token_id
+    assert seg[1][real].tolist() == [0] * (k + 2) + [1] * n("a") and (seg[1][~real] == -1).all()
+
+    # by hand: 300 text tokens (one id above the image token's), then an image; then a
+    # second image run with one picture only
+    text_id = tok.convert_tokens_to_ids("a")
+    above = len(tok) + 5  # a text token of a larger vocabulary, above every id the tiny one has
+    row = [text_id] * 299 + [above] + [wrap] + [image_id] * 3 + [wrap]
+    seg = model.segments([["x" * 10, red]], torch.tensor([row]))
+    assert seg[0].tolist() == [0] * 300 + [1] * 5
+    row = [wrap] + [image_id] * 3 + [wrap] + [image_id] * 3 + [wrap] + [text_id]
+    seg = model.segments([[red, "a"]], torch.tensor([row]))
+    assert seg[0].tolist() == [0] * 4 + [-1] * 5 + [1]  # a wrap between two images joins the next one
+
+
+def test_mvader_theta_weighs_image_tokens_only_and_adds_to_the_unets_mask():
+    """A float theta is every image segment's factor, text keeps 1 (log 0); the processor
+    adds log(theta) to the attention mask the UNet passes (padding stays masked)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from mmloom.train.families.mvader import ThetaAttnProcessor, ThetaBias, log_theta
+
+    attn = _attention()
+    x, ctx = torch.randn(1, 5, 8), torch.randn(1, 7, 6)
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2, -1]])
+    lt = log_theta(segments, [1.0, 0.5, 1.0])
+    mask = torch.tensor([[[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -10000.0]]])  # the last token is padding
+    holder = ThetaBias()
+    holder.log_theta = lt
+    got = ThetaAttnProcessor(holder)(attn, x, ctx, attention_mask=mask)
+    want = AttnProcessor2_0()(attn, x, ctx, attention_mask=mask + lt[:, None, :])
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, AttnProcessor2_0()(attn, x, ctx, attention_mask=mask), atol=1e-4)
+
+
+def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s(tiny_cache):
+    from PIL import Image
+
+    from mmloom.train.families.mvader import LR, Config
+
+    fam, model, _ = _mvader()
+    red = Image.new("RGB", (64, 64), "red")
+    prompts = [["a cat ", red]]
+    model.encode(prompts)
+    seg = model.segments(prompts, model.encoder.last_input_ids)
+    lt = model.theta_for(prompts, 0.5)
+    assert torch.equal(lt[0][seg[0] == 1], torch.full_like(lt[0][seg[0] == 1], float(np.log(0.5))))
+    assert (lt[0][seg[0] != 1] == 0).all() and (seg[0] == 0).any()
+    assert model.theta_for(prompts, 1.0) is None
+    assert LR().model_dump() == {"cross_attn": 1e-4, "unet": 5e-5, "encoder": 1e-5}  # Table 2 (V2)
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match="cond_dropout"):
+            Config.model_validate({"cond_dropout": bad})
+    assert fam.demo_prompt(["p.jpg", "q.jpg"]) == "a photo of <image:p.jpg> in the style of <image:q.jpg>"
+    assert fam.demo_prompt(["p.jpg"]) == "a red circle"
+
+
 # -- Versatile Diffusion ---------------------------------------------------------------------------
 def _versatile(**over):
     mc = {"backbone": {"path": "tiny:unet", "subfolder": None}, "text_backbone": {"path": "tiny:text-unet", "subfolder": None},

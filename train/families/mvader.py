@@ -160,7 +160,7 @@ class MVaderModel(nn.Module):
             w = getattr(self.encoder.processor, attr, None)
             if w is not None:
                 wraps.add(tok.convert_tokens_to_ids(getattr(w, "content", w)))
-        wraps -= plain | {image_id}
+        wraps -= plain | {image_id, tok.unk_token_id}  # an unknown word is still its text part's
         out = torch.full(ids.shape, -1, dtype=torch.long)
         for b, parts in enumerate(prompts):
             image_parts = [i for i, p in enumerate(parts) if isinstance(p, Image.Image)]
