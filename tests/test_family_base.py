@@ -149,3 +149,16 @@ def test_generate_refuses_an_option_the_family_does_not_have():
         get_family("mumu").generate(None, ["a red circle"], theta=0.5)
     with pytest.raises(UserError, match=r"colour: not a sampling option of mvader \(it has theta\)"):
         get_family("mvader").generate(None, ["a red circle"], colour="red")
+
+
+@pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"])
+def test_every_learning_rate_accepts_zero_and_refuses_a_negative(name):
+    """A rate of 0 leaves its group out (`lr_groups`); a negative one would climb the
+    loss: every group of every family refuses it, naming the group."""
+    from mmloom.train.families import get_family
+
+    fam = get_family(name)
+    for group in type(fam.Config().lr).model_fields:
+        assert getattr(fam.config({"lr": {group: 0.0}}).lr, group) == 0.0
+        with pytest.raises(Exception, match=rf"lr\.{group}"):
+            fam.config({"lr": {group: -1e-6}})
