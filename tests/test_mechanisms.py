@@ -186,6 +186,37 @@ def test_mumu_bypasses_the_perceiver_one_token_per_patch_and_rank_8_lora(tiny_ca
     assert any("text_model" in n for n in ranks)
 
 
+def test_mumu_sdxl_conditioning_is_the_pictures_size_and_the_adapters_masked_mean(tiny_cache):
+    """On an SDXL UNet, MUMU's adapter also gives SDXL's pooled text embedding: the mean of
+    its output over the prompt's real tokens (padding left out), through its linear pool;
+    and SDXL's size conditioning (time_ids) is (height, width, 0, 0, height, width) of the
+    training pictures: a non-square batch shows a swapped or misread axis."""
+    from types import SimpleNamespace
+
+    from mmloom.train.families.mumu import Adapter
+
+    torch.manual_seed(0)
+    ad = Adapter(8, 8, 1, 2, pooled_dim=4).eval()
+    h = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        x, pooled = ad(h, mask)
+        want = torch.stack([ad.pool(x[0, :3].mean(0)), ad.pool(x[1].mean(0))])
+    assert torch.allclose(pooled, want, atol=1e-6)
+
+    fam, model, _ = _build("mumu", {"backbone": {"path": "tiny:unet-sdxl", "subfolder": None},
+                                    "autoencoder": {"path": "tiny:vae", "subfolder": None},
+                                    "encoder": {"path": "tiny:vlm", "image_size": 64}, "adapter_layers": 1, "adapter_heads": 2})
+    assert model.sdxl
+    seen = []
+    model.unet.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]), with_kwargs=True)
+    batch = {"pixels": torch.rand(3, 3, 64, 32) * 2 - 1, "prompts": [SimpleNamespace(parts=["a red circle"])] * 3}
+    model(batch)
+    assert seen[0]["time_ids"].tolist() == [[64, 32, 0, 0, 64, 32]] * 3
+    assert seen[0]["text_embeds"].shape == (3, model.unet.config.projection_class_embeddings_input_dim
+                                            - 6 * model.unet.config.addition_time_embed_dim)
+
+
 def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache, tmp_path):
     """With ``image_size`` set below the vision tower's own (64 in the tiny VLM), a picture
     is (image_size / patch)^2 tokens: the size read is the configured one; and the LoRA
