@@ -635,6 +635,13 @@ def test_mvader_segments_follow_each_part_exactly(tiny_cache):
     row = [wrap] + [image_id] * 3 + [wrap] + [image_id] * 3 + [wrap] + [text_id]
     seg = model.segments([[red, "a"]], torch.tensor([row]))
     assert seg[0].tolist() == [0] * 4 + [-1] * 5 + [1]  # a wrap between two images joins the next one
+    # one image token per picture; a token of no text part; a wrap next to no image
+    seg = model.segments([["a", red]], torch.tensor([[text_id, wrap, image_id, wrap]]))
+    assert seg[0].tolist() == [0, 1, 1, 1]
+    seg = model.segments([[red]], torch.tensor([[wrap, image_id, wrap, text_id]]))
+    assert seg[0].tolist() == [0, 0, 0, -1]
+    seg = model.segments([["a", red]], torch.tensor([[wrap, above, wrap, image_id]]))
+    assert seg[0].tolist() == [-1, 0, 1, 1]
 
 
 def test_mvader_theta_weighs_image_tokens_only_and_adds_to_the_unets_mask():
@@ -655,6 +662,8 @@ def test_mvader_theta_weighs_image_tokens_only_and_adds_to_the_unets_mask():
     want = AttnProcessor2_0()(attn, x, ctx, attention_mask=mask + lt[:, None, :])
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(got, AttnProcessor2_0()(attn, x, ctx, attention_mask=mask), atol=1e-4)
+    # a token outside every segment keeps theta 1, whatever the first segment's factor
+    assert torch.equal(log_theta(torch.tensor([[0, -1, 1]]), [0.5, 0.25]), torch.log(torch.tensor([[0.5, 1.0, 0.25]])))
 
 
 def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s(tiny_cache):
@@ -662,7 +671,8 @@ def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s
 
     from mmloom.train.families.mvader import LR, Config
 
-    fam, model, _ = _mvader()
+    fam, model, _ = _mvader(encoder={"path": "tiny:vlm", "image_size": 32})  # the LM's image size, not data.resolution
+    assert model.encoder.processor.image_processor.size["longest_edge"] == 32
     red = Image.new("RGB", (64, 64), "red")
     prompts = [["a cat ", red]]
     model.encode(prompts)

@@ -41,6 +41,17 @@ def _record(module, into: list):
     return module.register_forward_hook(lambda _m, args, out: into.append((args, out)))
 
 
+
+def test_training_timesteps_are_uniform_over_all_T_one_per_sample():
+    """Every family draws its training steps through `diffusion.draw_timesteps`: t uniform
+    over 0..T-1 (0 included, T not), one per sample of the batch's first axis."""
+    from mmloom.train.diffusion import draw_timesteps
+
+    torch.manual_seed(0)
+    t = draw_timesteps(4, torch.zeros(8000, 3, 2))
+    assert t.shape == (8000,) and t.dtype == torch.long and set(t.tolist()) == {0, 1, 2, 3}
+    assert (torch.bincount(t, minlength=4).float() / 8000 - 0.25).abs().max() < 0.02
+
 # -- MT-Diffusion ---------------------------------------------------------------------------------
 def test_mtdiffusion_training_aggregates_the_modality_into_z_t_and_weighs_the_head_by_lambda(tiny_cache, monkeypatch):
     """Training's z_t is equation 4's marginal with E(x) aggregated (not plain DDPM noising),

@@ -81,6 +81,13 @@ class Autoencoder(nn.Module):
         return out.clamp(-1, 1)
 
 
+def draw_timesteps(T: int, like: torch.Tensor) -> torch.Tensor:
+    """One training timestep per sample of ``like`` (its first axis), uniform over 0..T-1
+    (DDPM's simplified objective draws t uniformly; every family trains so), on ``like``'s
+    device. One place for the draw, so that its range and batch axis are tested once."""
+    return torch.randint(0, T, (like.shape[0],), device=like.device)
+
+
 def start_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
     """One seeded Gaussian per sample (the same seed gives the same picture on any device)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)

@@ -77,7 +77,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import Autoencoder, ScheduleConfig, ddpm, load_unet, start_noise, to_pil
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, draw_timesteps, load_unet, start_noise, to_pil
 from .base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
                                         Pretrained, SamplingDefaults, lr_groups, make_sampler, part)
 
@@ -391,7 +391,7 @@ class KandinskyModel(nn.Module):
         drop = torch.rand(len(batch["captions"])) < self.cfg.cond_dropout
         tokens, mask, pooled = self.text(["" if d else c for c, d in zip(batch["captions"], drop.tolist())])
         if self.cfg.prior in ("diffusion", "released"):
-            t = torch.randint(0, self.prior_sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            t = draw_timesteps(self.prior_sched.config.num_train_timesteps, x0)
             noised = self.prior_sched.add_noise(x0, torch.randn_like(x0), t)
             pred = self._run_prior(noised, t, tokens, mask, pooled)
         else:
@@ -423,7 +423,7 @@ class KandinskyModel(nn.Module):
         texts = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
         latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        t = draw_timesteps(self.sched.config.num_train_timesteps, latents)
         pred = self._eps(self.unet(self.sched.add_noise(latents, noise, t), t, **self._condition(texts, img)).sample)
         return {"loss": F.mse_loss(pred.float(), noise.float())}
 

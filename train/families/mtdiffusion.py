@@ -67,7 +67,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import Autoencoder, ScheduleConfig, load_unet, start_noise, to_pil
+from ..diffusion import Autoencoder, ScheduleConfig, draw_timesteps, load_unet, start_noise, to_pil
 from .base import (AutoencoderConfig, Demo, Family, FamilyConfig, LearningRates, Pretrained,
                                         SamplingDefaults, lr_groups, part)
 
@@ -354,7 +354,7 @@ class MTDiffusionModel(nn.Module):
         x, mask = self.task_data(batch, pixels)
         e = self.encode(x, z0)
         t = batch.get("timesteps")  # fixed steps for evaluation; uniform otherwise
-        t = torch.randint(0, len(self.agg.w), (z0.shape[0],), device=z0.device) if t is None else t.to(z0.device)
+        t = draw_timesteps(len(self.agg.w), z0) if t is None else t.to(z0.device)
         eps = torch.randn_like(z0)
         zt = self.agg.marginal(z0, e, t, eps)
         ctx = self._denoiser_context(x, z0.shape[0]).to(zt.dtype)

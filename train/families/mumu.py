@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import ScheduleConfig
+from ..diffusion import ScheduleConfig, draw_timesteps
 from .base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
                                         SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
@@ -144,7 +144,7 @@ class MumuModel(nn.Module):
         prompts = [[""] if d else p for p, d in zip(prompts, drop)]
         latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        t = draw_timesteps(self.noise_scheduler.config.num_train_timesteps, latents)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         ctx, mask, pooled = self.condition(prompts)
         pred = self.unet(noisy, t, encoder_hidden_states=ctx.to(noisy.dtype), encoder_attention_mask=mask,

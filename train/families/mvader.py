@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, load_unet, to_pil
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, draw_timesteps, guided_sample, load_unet, to_pil
 from .base import (AutoencoderConfig, Demo, Family, GuidedConfig, LearningRates, Pretrained, Sampler,
                                         SamplingDefaults, VLMEncoderConfig, lr_groups, make_sampler, part)
 
@@ -195,7 +195,7 @@ class MVaderModel(nn.Module):
                    for i, k in enumerate(kinds)]
         latents = self.ae.encode(pixels)
         noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        t = draw_timesteps(self.noise_scheduler.config.num_train_timesteps, latents)
         ctx, mask = self.encode(prompts)
         self.theta.log_theta = None
         pred = self.unet(self.noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=ctx.to(latents.dtype),

@@ -58,7 +58,7 @@ from pydantic import Field
 from torch import nn
 
 from mmloom.errors import UserError
-from ..diffusion import Autoencoder, ScheduleConfig, ddpm, guided_sample, to_pil
+from ..diffusion import Autoencoder, ScheduleConfig, ddpm, draw_timesteps, guided_sample, to_pil
 from .base import (AutoencoderConfig, ClipEncoderConfig, Demo, Family, GuidedConfig, LearningRates,
                                         Pretrained, Sampler, SamplingDefaults, lr_groups, make_sampler, part)
 
@@ -372,7 +372,7 @@ class VersatileModel(nn.Module):
             if drop.any():
                 ctx = torch.where(drop[:, None, None], self.uncond_context(ck, ctx.shape[0]).to(ctx.dtype), ctx)
             noise = torch.randn_like(x0)
-            t = torch.randint(0, self.sched.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+            t = draw_timesteps(self.sched.config.num_train_timesteps, x0)
             pred = self.unet(self.sched.add_noise(x0, noise, t), t, out, ck, ctx)
             losses[f] = F.mse_loss(pred.float(), noise.float())
             total = total + losses[f]
