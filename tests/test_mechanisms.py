@@ -228,6 +228,40 @@ def test_mumu_sdxl_conditioning_is_the_pictures_size_and_the_adapters_masked_mea
                                             - 6 * model.unet.config.addition_time_embed_dim)
 
 
+def test_mumu_trains_only_lora_and_the_adapter_drops_prompts_at_cond_dropout_and_sizes_by_stage(tiny_cache, monkeypatch):
+    """Table 1: everything frozen but the LoRA weights (connector, LM, UNet) and the adapter;
+    the vision tower has no trainable weight. A prompt is replaced by the empty one when
+    its uniform draw falls below cond_dropout (0.1). The VLM sees crops at the prompt
+    stage's size (stage 1 crop_size, stage 2 stage2_crop_size) unless encoder.image_size is
+    set; sampling without a size makes the UNet's own."""
+    from types import SimpleNamespace
+
+    fam, model, mc = _build("mumu", {**TINY, "encoder": {"path": "tiny:vlm"}, "adapter_layers": 1, "adapter_heads": 2})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("adapter.") for n in trainable)
+    assert any(n.startswith("adapter.") for n in trainable) and not any(p.requires_grad for p in model.encoder.vision_parameters())
+    assert model.encoder.processor.image_processor.size["longest_edge"] == 252  # prompt.crop_size (stage 1)
+    assert mc.cond_dropout == 0.1
+    seen = []
+    real = model.condition
+    monkeypatch.setattr(model, "condition", lambda prompts: seen.append(prompts) or real(prompts))
+    batch = {"pixels": torch.rand(2, 3, 64, 64) * 2 - 1, "prompts": [SimpleNamespace(parts=["a red circle"])] * 2}
+    for draw, dropped in ((0.09, True), (0.11, False)):
+        real_rand = torch.rand
+        monkeypatch.setattr(torch, "rand", lambda *a, draw=draw, **k: torch.full(a if a and isinstance(a[0], int) else a[0], draw))
+        with torch.no_grad():
+            model(batch)
+        monkeypatch.setattr(torch, "rand", real_rand)
+        assert seen[-1] == ([[""]] * 2 if dropped else [["a red circle"]] * 2), draw
+    side = model.unet.config.sample_size * model.ae.downscale
+    assert fam.generate(model.eval(), [["a red circle"]], steps=1, seeds=[0])[0].size == (side, side)
+    cfg = TrainConfig.model_validate({"family": "mumu", "model": {**TINY, "encoder": {"path": "tiny:vlm"}, "adapter_layers": 1,
+                                                                  "adapter_heads": 2},
+                                      "prompt": {"stage": 2, "crop_size": 128, "stage2_crop_size": 96}, "data": {"resolution": 64}})
+    stage2 = fam.build(cfg.model, cfg)
+    assert stage2.encoder.processor.image_processor.size["longest_edge"] == 96
+
+
 def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache, tmp_path):
     """With ``image_size`` set below the vision tower's own (64 in the tiny VLM), a picture
     is (image_size / patch)^2 tokens: the size read is the configured one; and the LoRA
