@@ -20,6 +20,8 @@
 # the session (mutation/NAME.sqlite) keeps every mutant's diff: `cr-report --show-diff`.
 #   bench/mutation.sh filters/captions.py -- python -m pytest -x -q -p no:cacheprovider tests/test_captions.py
 #   bench/mutation.sh train/families/mtdiffusion.py ForwardAggregation -- python -m pytest -x -q tests/test_mechanisms.py -k aggregation
+# MUTATION_RESUME=1 continues an interrupted session (mutation/NAME.sqlite) where it stopped,
+# if the module is unchanged since it began (a whole module is hours on 2 cores).
 # Never run two sessions on one module at once (both edit the file); if interrupted, `git checkout MODULE`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,12 +90,21 @@ with open(cfg, "w") as fh:
     if exclude:
         fh.write(f"\n[cosmic-ray.filters.operators-filter]\nexclude-operators = {json.dumps(exclude)}\n")
 PY
-rm -f "$session"
-cosmic-ray init "$cfg" "$session"
-[ ${#funcs[@]} -eq 0 ] || cr-filter-lines --config "$cfg" "$session"
-cr-filter-pragma "$session"  # lines marked `# pragma: no mutate`
-[ -z "${MUTATION_EXCLUDE:-}" ] || cr-filter-operators "$session" "$cfg"
-[ -n "${MUTATION_KEEP_ANNOTATIONS:-}" ] || python bench/mutation_skip_annotations.py "$session"  # never evaluated: equivalent
+source_id=$(git hash-object "$module")
+if [ -n "${MUTATION_RESUME:-}" ] && [ -f "$session" ]; then
+  # the mutants' positions are the module's at init: resume only on the same source
+  [ "$(cat "mutation/$name.source" 2>/dev/null)" = "$source_id" ] || {
+    echo "bench/mutation.sh: $module changed since $session was made; run without MUTATION_RESUME" >&2; exit 2; }
+  echo "resuming $session: $(python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print(db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session") mutant(s) left"
+else
+  rm -f "$session"
+  cosmic-ray init "$cfg" "$session"
+  echo "$source_id" >"mutation/$name.source"
+  [ ${#funcs[@]} -eq 0 ] || cr-filter-lines --config "$cfg" "$session"
+  cr-filter-pragma "$session"  # lines marked `# pragma: no mutate`
+  [ -z "${MUTATION_EXCLUDE:-}" ] || cr-filter-operators "$session" "$cfg"
+  [ -n "${MUTATION_KEEP_ANNOTATIONS:-}" ] || python bench/mutation_skip_annotations.py "$session"  # never evaluated: equivalent
+fi
 if [ -n "${MUTATION_COUNT:-}" ]; then
   python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print("mutants:", db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session"
   exit 0
