@@ -292,6 +292,10 @@ def test_mumu_tokens_per_image_follow_the_configured_image_size(tiny_cache, tmp_
     TrainConfig.model_validate({"family": "mumu", "model": {**mumu, "lora_rank": 1}})
     with pytest.raises(Exception, match="lora_rank"):
         TrainConfig.model_validate({"family": "mumu", "model": {**mumu, "lora_rank": 0}})
+    for key in ("adapter_layers", "adapter_heads"):  # an adapter needs a layer and a head (1 is enough)
+        TrainConfig.model_validate({"family": "mumu", "model": {**mumu, key: 1}})
+        with pytest.raises(Exception, match=key):
+            TrainConfig.model_validate({"family": "mumu", "model": {**mumu, key: 0}})
 
 
 # -- Versatile Diffusion ------------------------------------------------------------------------------------
