@@ -642,6 +642,22 @@ def test_mvader_segments_follow_each_part_exactly(tiny_cache):
     assert seg[0].tolist() == [0, 0, 0, -1]
     seg = model.segments([["a", red]], torch.tensor([[wrap, above, wrap, image_id]]))
     assert seg[0].tolist() == [-1, 0, 1, 1]
+    # a layout without wrappers (LLaVA-like): the first token is already an image's
+    seg = model.segments([[red, "a", red]], torch.tensor([[image_id, text_id, image_id]]))
+    assert seg[0].tolist() == [0, 1, 2]
+    # two image runs more than the prompt has pictures
+    seg = model.segments([[red]], torch.tensor([[wrap, image_id, wrap, image_id, wrap, image_id, wrap]]))
+    assert seg[0].tolist() == [0, 0, -1, -1, -1, -1, -1]
+    # ids above 256 (Idefics2's <image> is 32001): compared by value, not identity
+    real_ids = tok.convert_tokens_to_ids
+    big = {"<image>": 40001, model.encoder.processor.fake_image_token if isinstance(model.encoder.processor.fake_image_token, str)
+           else model.encoder.processor.fake_image_token.content: 40000}
+    try:
+        tok.convert_tokens_to_ids = lambda t: big[t] if isinstance(t, str) and t in big else real_ids(t)
+        seg = model.segments([[red, "a"]], torch.tensor([[40000, 40001, 40001, 40000, text_id]]))
+    finally:
+        del tok.convert_tokens_to_ids
+    assert seg[0].tolist() == [0, 0, 0, 0, 1]
 
 
 def test_mvader_theta_weighs_image_tokens_only_and_adds_to_the_unets_mask():
@@ -687,6 +703,15 @@ def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s
     side = model.unet.config.sample_size * model.ae.downscale  # no size: the UNet's own
     assert fam.generate(model.eval(), [["a cat"]], steps=1, seeds=[0])[0].size == (side, side)
     assert LR().model_dump() == {"cross_attn": 1e-4, "unet": 5e-5, "encoder": 1e-5}  # Table 2 (V2)
+    assert Config().encoder.bypass_resampler is False  # the perceiver's tokens, as MAGMA's
+    assert Config().encoder_training == "frozen" and not any(p.requires_grad for p in model.encoder.parameters())
+    _f, bitfit, _ = _mvader(encoder_training="bias")
+    trained = [n for n, p in bitfit.encoder.named_parameters() if p.requires_grad]
+    assert trained and all(n.endswith(".bias") for n in trained)
+    for ok in (0.0, 0.5, 2.0):
+        assert Config.model_validate({"image_theta": ok}).image_theta == ok
+    with pytest.raises(ValueError, match="image_theta"):
+        Config.model_validate({"image_theta": -0.5})
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match="cond_dropout"):
             Config.model_validate({"cond_dropout": bad})
