@@ -646,8 +646,8 @@ def test_mvader_segments_follow_each_part_exactly(tiny_cache):
     seg = model.segments([[red, "a", red]], torch.tensor([[image_id, text_id, image_id]]))
     assert seg[0].tolist() == [0, 1, 2]
     # two image runs more than the prompt has pictures
-    seg = model.segments([[red]], torch.tensor([[wrap, image_id, wrap, image_id, wrap, image_id, wrap]]))
-    assert seg[0].tolist() == [0, 0, -1, -1, -1, -1, -1]
+    seg = model.segments([[red, "a"]], torch.tensor([[wrap, image_id, wrap, image_id, wrap, image_id, wrap, text_id]]))
+    assert seg[0].tolist() == [0, 0, -1, -1, -1, -1, -1, 1]
     # ids above 256 (Idefics2's <image> is 32001): compared by value, not identity
     real_ids = tok.convert_tokens_to_ids
     big = {"<image>": 40001, model.encoder.processor.fake_image_token if isinstance(model.encoder.processor.fake_image_token, str)
