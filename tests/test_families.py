@@ -642,6 +642,12 @@ def test_mvader_segments_follow_each_part_exactly(tiny_cache):
     assert seg[0].tolist() == [0, 0, 0, -1]
     seg = model.segments([["a", red]], torch.tensor([[wrap, above, wrap, image_id]]))
     assert seg[0].tolist() == [-1, 0, 1, 1]
+    # wraps beside text (ids below and above the image token's) join nothing; a wrap right
+    # after a leading image joins it
+    seg = model.segments([["a"]], torch.tensor([[text_id, wrap, above, wrap]]))
+    assert seg[0].tolist() == [0, -1, 0, -1]
+    seg = model.segments([[red]], torch.tensor([[image_id, wrap]]))
+    assert seg[0].tolist() == [0, 0]
     # a layout without wrappers (LLaVA-like): the first token is already an image's
     seg = model.segments([[red, "a", red]], torch.tensor([[image_id, text_id, image_id]]))
     assert seg[0].tolist() == [0, 1, 2]

@@ -142,9 +142,10 @@ def test_mvader_conditions_on_the_image_or_the_caption_as_drawn(tiny_cache, monk
     monkeypatch.setattr(model, "encode", lambda prompts: seen.append(prompts) or real(prompts))
     pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        model({"pixels": pixels, "captions": ["a red cat", "a man", "a dog"]})
+        out = model({"pixels": pixels, "captions": ["a red cat", "a man", "a dog"]})
     (prompts,) = seen
     assert prompts[1] == ["a man"] and prompts[2] == [""]
+    assert torch.isclose(out["image_conditioned"], torch.tensor(1 / 3))  # the logged share of image-conditioned pairs
     assert len(prompts[0]) == 1 and np.array_equal(np.asarray(prompts[0][0]), np.asarray(to_pil(pixels[:1])[0]))
 
 
