@@ -592,8 +592,9 @@ def test_mvader_samples_with_theta_and_refuses_a_mismatched_theta(tiny_cache):
     c = fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=0.0)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (64, 64)
     assert not np.array_equal(np.asarray(a), np.asarray(c))
-    with pytest.raises(UserError, match="segment"):
-        fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=[[1.0]])
+    for wrong in ([[1.0]], [[1.0, 0.5, 1.0]]):  # one value per segment, no fewer, no more
+        with pytest.raises(UserError, match="segment"):
+            fam.generate(model, [["a cat ", red]], steps=3, seeds=[0], size=64, theta=wrong)
 
 
 
