@@ -706,7 +706,7 @@ def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s
     assert model.theta_for(prompts, 1.0) is None
     up = model.theta_for(prompts, 2.0)  # theta above 1 strengthens the images (section 3.4's factor either way)
     assert torch.allclose(up[0][seg[0] == 1], torch.tensor(float(np.log(2.0)))) and (up[0][seg[0] != 1] == 0).all()
-    assert fam.demo.options == {"theta": [0.5]}  # the demo's composition: image tokens at theta 0.5
+    assert fam.demo.options == {"theta": [0.5]} and fam.demo.prompt_images == 2  # the demo's composition of two pictures
     side = model.unet.config.sample_size * model.ae.downscale  # no size: the UNet's own
     assert fam.generate(model.eval(), [["a cat"]], steps=1, seeds=[0])[0].size == (side, side)
     assert LR().model_dump() == {"cross_attn": 1e-4, "unet": 5e-5, "encoder": 1e-5}  # Table 2 (V2)
@@ -723,7 +723,7 @@ def test_mvader_float_theta_applies_to_image_parts_and_the_defaults_are_table_2s
         with pytest.raises(ValueError, match="cond_dropout"):
             Config.model_validate({"cond_dropout": bad})
     assert fam.demo_prompt(["p.jpg", "q.jpg"]) == "a photo of <image:p.jpg> in the style of <image:q.jpg>"
-    assert fam.demo_prompt(["p.jpg"]) == "a red circle"
+    assert fam.demo_prompt(["p.jpg"]) == fam.demo_prompt([]) == "a red circle"
 
 
 # -- Versatile Diffusion ---------------------------------------------------------------------------
