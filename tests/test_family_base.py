@@ -162,3 +162,19 @@ def test_every_learning_rate_accepts_zero_and_refuses_a_negative(name):
         assert getattr(fam.config({"lr": {group: 0.0}}).lr, group) == 0.0
         with pytest.raises(Exception, match=rf"lr\.{group}"):
             fam.config({"lr": {group: -1e-6}})
+
+
+@pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"])
+def test_every_familys_sampling_needs_a_step_and_a_non_negative_guidance(name):
+    """Each family restates its paper's sampling defaults with their bounds: one step and
+    guidance 0 (no guidance) are allowed, zero steps and negative guidance are not."""
+    from mmloom.train.families import get_family
+
+    fam = get_family(name)
+    assert fam.config({"sampling": {"steps": 1}}).sampling.steps == 1
+    with pytest.raises(Exception, match=r"sampling\.steps"):
+        fam.config({"sampling": {"steps": 0}})
+    if fam.Config().sampling.guidance is not None:  # MT-Diffusion's Algorithm 1 has no guidance
+        assert fam.config({"sampling": {"guidance": 0.0}}).sampling.guidance == 0.0
+        with pytest.raises(Exception, match=r"sampling\.guidance"):
+            fam.config({"sampling": {"guidance": -0.5}})
