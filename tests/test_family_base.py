@@ -178,3 +178,17 @@ def test_every_familys_sampling_needs_a_step_and_a_non_negative_guidance(name):
         assert fam.config({"sampling": {"guidance": 0.0}}).sampling.guidance == 0.0
         with pytest.raises(Exception, match=r"sampling\.guidance"):
             fam.config({"sampling": {"guidance": -0.5}})
+
+
+@pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "kandinsky"])
+def test_every_familys_cond_dropout_is_a_probability(name):
+    """The share of prompts replaced by the empty one (classifier-free guidance's training):
+    0 and 1 allowed, nothing outside."""
+    from mmloom.train.families import get_family
+
+    fam = get_family(name)
+    for ok in (0.0, 1.0):
+        assert fam.config({"cond_dropout": ok}).cond_dropout == ok
+    for bad in (-0.1, 1.5):
+        with pytest.raises(Exception, match="cond_dropout"):
+            fam.config({"cond_dropout": bad})

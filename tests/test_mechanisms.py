@@ -242,7 +242,7 @@ def test_mumu_trains_only_lora_and_the_adapter_drops_prompts_at_cond_dropout_and
     assert trainable and all("lora_" in n or n.startswith("adapter.") for n in trainable)
     assert any(n.startswith("adapter.") for n in trainable) and not any(p.requires_grad for p in model.encoder.vision_parameters())
     assert model.encoder.processor.image_processor.size["longest_edge"] == 252  # prompt.crop_size (stage 1)
-    assert mc.cond_dropout == 0.1
+    assert (mc.cond_dropout, fam.Config().adapter_layers, fam.Config().adapter_heads) == (0.1, 16, 16)  # section 3: 16 layers
     seen = []
     real = model.condition
     monkeypatch.setattr(model, "condition", lambda prompts: seen.append(prompts) or real(prompts))
