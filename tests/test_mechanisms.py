@@ -243,6 +243,9 @@ def test_mumu_trains_only_lora_and_the_adapter_drops_prompts_at_cond_dropout_and
     assert any(n.startswith("adapter.") for n in trainable) and not any(p.requires_grad for p in model.encoder.vision_parameters())
     assert model.encoder.processor.image_processor.size["longest_edge"] == 252  # prompt.crop_size (stage 1)
     assert (mc.cond_dropout, fam.Config().adapter_layers, fam.Config().adapter_heads) == (0.1, 16, 16)  # section 3: 16 layers
+    assert not model.unet.is_gradient_checkpointing  # only when loop.gradient_checkpointing asks
+    assert fam.demo.prompt_images == 2 and fam.demo_prompt([]) == "a red circle"
+    assert fam.demo_prompt(["p.jpg", "q.jpg"]) == "a photo of <image:p.jpg> thing 0 and <image:q.jpg> thing 1"
     seen = []
     real = model.condition
     monkeypatch.setattr(model, "condition", lambda prompts: seen.append(prompts) or real(prompts))
