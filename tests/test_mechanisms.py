@@ -209,12 +209,16 @@ def test_mumu_sdxl_conditioning_is_the_pictures_size_and_the_adapters_masked_mea
 
     torch.manual_seed(0)
     ad = Adapter(8, 8, 1, 2, pooled_dim=4).eval()
-    h = torch.randn(2, 5, 8)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    h = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     with torch.no_grad():
         x, pooled = ad(h, mask)
-        want = torch.stack([ad.pool(x[0, :3].mean(0)), ad.pool(x[1].mean(0))])
+        want = torch.stack([ad.pool(x[0, :3].mean(0)), ad.pool(x[1].mean(0)), ad.pool(x[2, 0])])
     assert torch.allclose(pooled, want, atol=1e-6)
+    # the paper's "non-causal transformer" as chosen (docstring): pre-norm layers, GELU, a 4x MLP
+    block = ad.blocks.layers[0]
+    assert block.norm_first and block.linear1.out_features == 4 * 8 and block.activation is F.gelu
+    assert block.self_attn.num_heads == 2 and block.dropout.p == 0.0
 
     fam, model, _ = _build("mumu", {"backbone": {"path": "tiny:unet-sdxl", "subfolder": None},
                                     "autoencoder": {"path": "tiny:vae", "subfolder": None},

@@ -64,7 +64,13 @@ class Config(GuidedConfig):
 
 
 class Adapter(nn.Module):
-    """Non-causal transformer: encoder states -> UNet context (+ SDXL pooled embedding)."""
+    """Non-causal transformer: encoder states -> UNet context (+ SDXL pooled embedding).
+
+    The paper says only "a 16 layer non-causal transformer" (section 3). Chosen here: a
+    linear map from the VLM's width to the UNet's cross-attention width, then standard
+    pre-norm encoder layers (GELU, a 4x MLP, no dropout: the usual transformer block, which
+    trains stably from scratch at the small learning rate of Table 1) and a final LayerNorm;
+    SDXL's pooled text embedding is a linear map of the mean over the prompt's real tokens."""
 
     def __init__(self, in_dim: int, out_dim: int, layers: int, heads: int, pooled_dim: int | None):
         super().__init__()
