@@ -169,7 +169,7 @@ class ClipEmbedder:
         from open_clip.transformer import text_global_pool
 
         m = self.model
-        t = self.tokenizer([s or "" for s in texts]).to(self.device)
+        t = self.tokens(texts).to(self.device)
         x = m.token_embedding(t) + m.positional_embedding
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
         pooled = text_global_pool(x, t, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))

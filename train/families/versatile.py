@@ -309,7 +309,7 @@ class VersatileModel(nn.Module):
         m = self.clip.model
         proj = m.text_projection.weight.T if isinstance(m.text_projection, nn.Linear) else m.text_projection
         tokens = states @ proj.float().cpu()
-        t = self.clip.tokenizer([s or "" for s in texts])
+        t = self.clip.tokens(texts)
         pooled = tokens[torch.arange(len(texts)), t.argmax(dim=-1)]  # the end-of-text token
         return (tokens / pooled.norm(dim=-1, keepdim=True)[:, None].clamp(min=1e-6)).to(self._dev())
 
