@@ -30,10 +30,15 @@ DEFAULT_MAX_PIXELS = DownloadConfig.model_fields["max_pixels"].default  # downlo
 OUT_DIR = S.STAGE_DIRS[STAGE]
 
 
+def download_tar(shard: int) -> str:
+    """A download shard's tar, relative to the dataset root."""
+    return f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.tar"
+
+
 def read_images(store: ShardStore, shard: int, ext: str = "jpg") -> dict[str, bytes]:
     """key -> encoded image bytes of one committed download tar (any filesystem), checked
     against the sha256 in its completion record first; errors name the tar."""
-    rel = f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.tar"
+    rel = download_tar(shard)
     data = store.read_verified("download", shard, rel)
     out = {}
     try:
@@ -55,8 +60,7 @@ def decode_member(store: ShardStore, shard: int, blobs: dict[str, bytes], key: s
     try:
         return imageguard.decode_rgb(blobs[key], max_pixels)
     except imageguard.ImageRejected as e:
-        tar = store.url(f"{S.STAGE_DIRS['download']}/{shard_name(shard)}.tar")
-        raise UserError(f"{tar}: member {key}.{ext}: {e}") from None
+        raise UserError(f"{store.url(download_tar(shard))}: member {key}.{ext}: {e}") from None
 
 
 def download_rows(store: ShardStore, shard: int, blobs: dict[str, bytes], ext: str) -> list[dict]:
