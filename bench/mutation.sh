@@ -90,12 +90,15 @@ with open(cfg, "w") as fh:
     if exclude:
         fh.write(f"\n[cosmic-ray.filters.operators-filter]\nexclude-operators = {json.dumps(exclude)}\n")
 PY
+pending() {  # mutants of the session without a result yet
+  python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print(db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session"
+}
 source_id=$(git hash-object "$module")
 if [ -n "${MUTATION_RESUME:-}" ] && [ -f "$session" ]; then
   # the mutants' positions are the module's at init: resume only on the same source
   [ "$(cat "mutation/$name.source" 2>/dev/null)" = "$source_id" ] || {
     echo "bench/mutation.sh: $module changed since $session was made; run without MUTATION_RESUME" >&2; exit 2; }
-  echo "resuming $session: $(python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print(db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session") mutant(s) left"
+  echo "resuming $session: $(pending) mutant(s) left"
 else
   rm -f "$session"
   cosmic-ray init "$cfg" "$session"
@@ -106,7 +109,7 @@ else
   [ -n "${MUTATION_KEEP_ANNOTATIONS:-}" ] || python bench/mutation_skip_annotations.py "$session"  # never evaluated: equivalent
 fi
 if [ -n "${MUTATION_COUNT:-}" ]; then
-  python -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); print("mutants:", db.execute("select count(*) from mutation_specs where job_id not in (select job_id from work_results)").fetchone()[0])' "$session"
+  echo "mutants: $(pending)"
   exit 0
 fi
 trap 'git checkout -- "$module"; cleanup' EXIT
