@@ -37,6 +37,9 @@ shift
 git diff --quiet -- "$module" || { echo "bench/mutation.sh: $module has uncommitted changes; commit them first" >&2; exit 2; }
 mkdir -p mutation
 name=$(echo "$module ${funcs[*]:-}" | tr -c 'A-Za-z0-9\n' '_' | sed 's/_*$//')
+# a scope of many functions would exceed the file system's 255-byte names (mutation/NAME.baseline.log):
+# keep a readable prefix and make it unique with a hash of the whole scope
+[ ${#name} -le 120 ] || name=${name:0:100}_$(echo "$module ${funcs[*]:-}" | md5sum | cut -c1-12)
 cfg=mutation/$name.toml session=mutation/$name.sqlite
 cleanup() { :; }
 if [ -n "${MUTATION_FORK:-}" ] && [ -z "${MUTATION_COUNT:-}" ]; then
