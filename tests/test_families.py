@@ -810,6 +810,29 @@ def test_unconditional_image_context_choices_and_blending(tiny_cache):
     assert len(texts) == 2 and all(isinstance(s, str) for s in texts)
 
 
+def test_versatile_prompt_images_are_scaled_by_image_scales_and_pca(tiny_cache):
+    """A.3: each prompt image's context scaled by its ``image_scales`` entry, concatenated in
+    the prompt's order; the text parts joined into one text context; A.1's PCA edit applied
+    to every image context."""
+    from PIL import Image
+
+    from mmloom.errors import UserError
+    from mmloom.train.families.versatile import disentangle
+
+    _fam, model, _ = _versatile(image_scales=[2.0, 0.5])
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    ictx, tctx = model.prompt_contexts([red, " a red ", blue, "circle"])
+    a, b = model.image_context([red]), model.image_context([blue])
+    assert torch.allclose(ictx, torch.cat([2.0 * a, 0.5 * b], dim=1), atol=1e-6)
+    assert torch.allclose(tctx, model.text_context(["a red circle"]), atol=1e-6)
+    with pytest.raises(UserError, match="2 image scale.* for 1 image"):
+        model.prompt_contexts([red])
+    model.cfg = model.cfg.model_copy(update={"image_scales": [], "pca": 2})
+    ictx, tctx = model.prompt_contexts([red, blue])
+    assert tctx is None
+    assert torch.allclose(ictx, torch.cat([disentangle(a, 2), disentangle(b, 2)], dim=1), atol=1e-6)
+
+
 def test_text_vae_saves_loads_and_names_a_missing_model(tmp_path):
     from mmloom.errors import UserError
     from mmloom.train.text_vae import TextVAE, make_tiny_text_vae
