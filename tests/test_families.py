@@ -217,6 +217,26 @@ def test_mtdiffusion_label_task_needs_labels(tiny_cache):
         _mt("image_label", labels=[])
 
 
+def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache):
+    """Algorithm 1 feeds E(x^) the head's estimate of the missing label: for labels, the
+    softmax over the classes of the head's logits on the mid-block features, which
+    context_of turns into the probability-weighted mixture of the label embeddings (a
+    one-hot estimate is that label's own embedding)."""
+    _fam, model, _ = _mt("image_label")
+    model.eval()
+    zt = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        model.unet(zt, torch.tensor([3, 700]), encoder_hidden_states=model.null_context.expand(2, -1, -1))
+        est = model._estimate()
+        logits = model.head(model._feats["mid"].mean(dim=(2, 3)))
+        assert est.shape == (2, len(model.classes))
+        assert torch.allclose(est, logits.float().softmax(-1)) and torch.allclose(est.sum(-1), torch.ones(2))
+        mix = model.context_of(est)
+        assert torch.allclose(mix[:, 0], est @ model.context.weight, atol=1e-6)
+        one_hot = torch.nn.functional.one_hot(torch.tensor([1]), len(model.classes)).float()
+        assert torch.allclose(model.context_of(one_hot), model.context_of(torch.tensor([1])), atol=1e-6)
+
+
 def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
     """Algorithm 1 runs all T steps and has no classifier-free guidance: other settings are
     refused by name rather than ignored."""
