@@ -217,6 +217,29 @@ def test_mtdiffusion_label_task_needs_labels(tiny_cache):
         _mt("image_label", labels=[])
 
 
+def test_mtdiffusion_task_data_reads_each_samples_label_and_unit_embedding(tiny_cache):
+    """image_label: x is the class of each sample's first picture (its crop label, else its
+    phrase; case-insensitive; anything else is class 0, 'other'); image_representation: x
+    is each stored CLIP embedding scaled to unit length, and a stored width other than
+    model.embedding_dim is refused by name."""
+    from mmloom.errors import UserError
+
+    _fam, model, _ = _mt("image_label")
+    assert model.classes == ["other", "cat", "person"]
+    segments = [[{"type": "text", "label": "person"}, {"type": "image", "label": "Cat", "phrase": "person"}],
+                [{"type": "image", "phrase": "person"}], [{"type": "image", "label": "dog"}], [{"type": "text", "label": "cat"}]]
+    x, mask = model.task_data({"segments": segments}, torch.zeros(4, 3, 64, 64))
+    assert x.tolist() == [1, 2, 0, 0] and mask is None
+    _fam, model, _ = _mt("image_representation")
+    emb = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [3.0], [9.0]])
+    x, mask = model.task_data({"clip_image": emb}, torch.zeros(3, 3, 64, 64))
+    assert torch.allclose(x, emb / emb.norm(dim=-1, keepdim=True)) and mask is None
+    with pytest.raises(UserError, match="embedding_dim is 32 but the stored CLIP image embeddings are 16-d"):
+        model.task_data({"clip_image": torch.randn(3, 16)}, torch.zeros(3, 3, 64, 64))
+    with pytest.raises(UserError, match="store_embeddings"):
+        model.task_data({}, torch.zeros(3, 3, 64, 64))
+
+
 def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache):
     """Algorithm 1 feeds E(x^) the head's estimate of the missing label: for labels, the
     softmax over the classes of the head's logits on the mid-block features, which
@@ -298,12 +321,16 @@ def test_mtdiffusion_translation_sources():
     px[:, :, 8:24, 8:24] = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1)  # a green square
     gray = translation_source("grayscale", px)
     assert gray.shape == px.shape and torch.allclose(gray[0, :, 0, 0], torch.full((3,), 0.299 - 0.587 - 0.114))
+    rgb = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # ITU-R 601, as Pillow's "L"
+    assert torch.allclose(translation_source("grayscale", rgb), luma.unsqueeze(1).expand(-1, 3, -1, -1))
     edges = translation_source("edges", px)
     assert (edges[0, 0, 6:10, 16] == 1.0).any() and edges[0, 0, 16, 16] == -1.0  # an edge on the border, none inside
     assert (edges[0, 0, :, 2] == -1.0).all()  # none in the flat red
-    blue = Image.new("RGB", (10, 10), (0, 0, 255))
-    crop = translation_source("crop", px, [["a ", blue, " thing"], ["no crop"]])
-    assert torch.allclose(crop[0, :, 16, 16], torch.tensor([-1.0, -1.0, 1.0]))
+    blue = Image.new("RGB", (10, 10), (0, 90, 255))
+    over = px * 1.5  # a target outside [-1, 1] is clamped, not wrapped around in 8 bits
+    crop = translation_source("crop", over, [["a ", blue, " thing"], ["no crop"]])
+    assert torch.allclose(crop[0, :, 16, 16], torch.tensor([-1.0, 90 / 127.5 - 1, 1.0]))
     assert torch.equal(crop[1], px[1])  # no crop: the target itself
 
 
@@ -352,8 +379,8 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     assert torch.equal(z[0][:, keep], z_given[0][:, keep]) and not torch.equal(z[0][:, ~keep], z_given[0][:, ~keep])
     model.ae.decode, model.ae.encode = decode, encode
     # a mask picture: restore a different square, the zeros elsewhere are kept as given
-    m = np.zeros((64, 64), np.uint8)
-    m[0:8, 0:8] = 255
+    m = np.full((64, 64), 127, np.uint8)  # white = restore: above mid-grey (127 and darker keep)
+    m[0:8, 0:8] = 128
     out2 = np.asarray(fam.generate(model, [[masked]], seeds=[3], size=64, restore=True, mask=Image.fromarray(m))[0])
     keep = np.ones((64, 64), bool)
     keep[0:8, 0:8] = False

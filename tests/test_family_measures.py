@@ -100,6 +100,9 @@ def test_a_prompt_names_a_multi_word_label():
     assert label_in("A Blue  Circle", classes) == 3
     assert label_in("a circle", classes) == 1
     assert label_in("a reddish circles", classes) is None
+    # a tie in length goes to the class listed first, wherever the prompt names it
+    ties = ["other", "cat", "dog", "cow"]
+    assert label_in("a cow and a dog", ties) == 2 and label_in("a cow, a dog and a cat", ties) == 1
 
 
 def test_mtdiffusion_returns_the_labels_it_generates_and_the_ones_it_is_given(tiny_cache):

@@ -161,7 +161,8 @@ class ForwardAggregation:
 
 def label_in(text: str, classes: list[str]) -> int | None:
     """The class a prompt's text names: the longest class name found in it as whole words
-    (case-insensitive; "a red circle" names "red circle", not "circle")."""
+    (case-insensitive; "a red circle" names "red circle", not "circle"); of names equally
+    long, the one listed first in ``classes``."""
     words = f" {' '.join(text.lower().split())} "
     hits = [(len(c), -i, i) for i, c in enumerate(classes) if c.strip() and f" {' '.join(c.lower().split())} " in words]
     return max(hits)[2] if hits else None
