@@ -18,7 +18,7 @@ import yaml
 
 from mmloom.train.config import TrainConfig
 from mmloom.train.families import FAMILIES, get_family
-from mmloom.train.families.mtdiffusion import ForwardAggregation, mask_patches
+from mmloom.train.families.mtdiffusion import ForwardAggregation, mask_patches, patch_mask
 
 LINEAR = np.linspace(1e-4, 0.02, 1000)
 ROOT = Path(__file__).parent.parent
@@ -162,6 +162,12 @@ def test_masked_patches_are_16px_and_at_most_ten():
     assert (zeros <= 10 * 256).all() and (zeros == 0).any() and (zeros > 0).float().mean() > 0.8
     assert ((m == 0) | (m == 1)).all()
     assert torch.equal(mask_patches(x, 0, 16), x)
+    # each patch's corner is a pixel of the picture, drawn uniformly: one 1-px patch at most
+    # (m ~ U{0, 1}) on 4 x 4 pictures masks half of them, one pixel each, every pixel in turn
+    one = patch_mask((800, 1, 4, 4), 1, 1, torch.Generator().manual_seed(0))[:, 0]
+    per_image = one.sum(dim=(1, 2))
+    assert set(per_image.tolist()) == {0.0, 1.0} and 0.44 < per_image.mean() < 0.56
+    assert (one.sum(0) > 0).all()
 
 
 def _mt(task, **over):
