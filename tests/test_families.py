@@ -886,6 +886,60 @@ def test_versatile_prompt_images_are_scaled_by_image_scales_and_pca(tiny_cache):
     assert torch.allclose(ictx, torch.cat([disentangle(a, 2), disentangle(b, 2)], dim=1), atol=1e-6)
 
 
+def _spy_unet(model):
+    """Record (output type, context type, context) of every call of the multi-flow UNet."""
+    calls, forward = [], model.unet.forward
+
+    def spy(x, t, out, ck, ctx):
+        calls.append((out, ck, ctx.detach().clone()))
+        return forward(x, t, out, ck, ctx)
+
+    model.unet.forward = spy
+    return calls
+
+
+def test_versatile_training_replaces_contexts_at_the_cond_dropout_rate(tiny_cache):
+    """Classifier-free guidance's training: at cond_dropout 0 every sample keeps its caption's
+    context, at 1 every one gets the unconditional context; a single flow needs only its own
+    data and context."""
+    _fam, model, _ = _versatile(flows=["text_to_image"], cond_dropout=0.0)
+    calls = _spy_unet(model)
+    batch = _batch(2)
+    torch.manual_seed(0)
+    model(batch)
+    assert [(o, k) for o, k, _c in calls] == [("image", "text")]
+    assert torch.allclose(calls[0][2], model.text_context(batch["captions"]), atol=1e-6)
+    model.cfg = model.cfg.model_copy(update={"cond_dropout": 1.0})
+    model(batch)
+    assert torch.allclose(calls[1][2], model.uncond_context("text", 2), atol=1e-6)
+
+
+def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
+    """A text prompt conditions both outputs on its own context (the empty text is the
+    unconditional branch only); the demo prompt names its picture."""
+    fam, model, _ = _versatile()
+    calls = _spy_unet(model)
+    text = model.text_context(["a red circle"])
+    model.generate_text([["a red circle"]], steps=1)
+    model.generate([["a red circle"]], steps=1)
+    for out in ("text", "image"):
+        ctxs = [c for o, k, c in calls if o == out and k == "text"]
+        assert any(torch.allclose(c, text, atol=1e-6) for c in ctxs), out
+        assert any(torch.allclose(c, model.uncond_context("text", 1), atol=1e-6) for c in ctxs), out
+    assert fam.demo_prompt(["a.png", "b.png"]) == "a red circle <image:a.png>" and fam.demo_prompt([]) == "a red circle"
+
+
+def test_versatile_refuses_a_clip_narrower_or_wider_than_the_unets_contexts(tiny_cache, tmp_path):
+    from mmloom.errors import UserError
+    from testkit.tiny_train import make_tiny_text_unet, make_tiny_unet
+
+    for width in (16, 48):
+        unet = make_tiny_unet(str(tmp_path / f"unet{width}"), width)
+        text_unet = make_tiny_text_unet(str(tmp_path / f"text{width}"), 32, width)
+        with pytest.raises(UserError, match=rf"cross_attention_dim \({width}\) must equal the CLIP embedding width \(32\)"):
+            _versatile(backbone={"path": unet, "subfolder": None}, text_backbone={"path": text_unet, "subfolder": None})
+
+
 def test_text_vae_saves_loads_and_names_a_missing_model(tmp_path):
     from mmloom.errors import UserError
     from mmloom.train.text_vae import TextVAE, make_tiny_text_vae

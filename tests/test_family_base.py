@@ -174,10 +174,15 @@ def test_every_familys_sampling_needs_a_step_and_a_non_negative_guidance(name):
     assert fam.config({"sampling": {"steps": 1}}).sampling.steps == 1
     with pytest.raises(Exception, match=r"sampling\.steps"):
         fam.config({"sampling": {"steps": 0}})
-    if fam.Config().sampling.guidance is not None:  # MT-Diffusion's Algorithm 1 has no guidance
-        assert fam.config({"sampling": {"guidance": 0.0}}).sampling.guidance == 0.0
-        with pytest.raises(Exception, match=r"sampling\.guidance"):
-            fam.config({"sampling": {"guidance": -0.5}})
+    defaults = fam.Config().sampling
+    # every guidance scale (VD's text_guidance, Kandinsky's prior_guidance too); MT-Diffusion's
+    # Algorithm 1 has none
+    scales = [k for k in type(defaults).model_fields if k.endswith("guidance") and getattr(defaults, k) is not None]
+    assert ("guidance" in scales) == (name != "mtdiffusion")
+    for k in scales:
+        assert getattr(fam.config({"sampling": {k: 0.0}}).sampling, k) == 0.0
+        with pytest.raises(Exception, match=rf"sampling\.{k}"):
+            fam.config({"sampling": {k: -0.5}})
 
 
 @pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "kandinsky"])
