@@ -839,6 +839,12 @@ def test_principal_component_edits_keep_the_global_vector():
     assert torch.allclose((style[:, 1:] - mean) + (semantic[:, 1:] - mean), ctx[:, 1:] - mean, atol=1e-4)
     assert torch.linalg.matrix_rank(style[0, 1:] - mean[0]) == 2
     assert torch.equal(disentangle(ctx, 0), ctx)
+    one, minus_one = disentangle(ctx, 1), disentangle(ctx, -1)  # the smallest edits either way
+    assert torch.linalg.matrix_rank(one[0, 1:] - mean[0]) == 1
+    assert torch.linalg.matrix_rank(minus_one[0, 1:] - mean[0]) == 14  # 16 centred tokens span 15 dimensions, one removed
+    # more components than the tokens have: keeping all leaves the context, removing all its mean
+    assert torch.allclose(disentangle(ctx, 40), ctx, atol=1e-5)
+    assert torch.allclose(disentangle(ctx, -40)[:, 1:], mean.expand(-1, 16, -1), atol=1e-5)
 
 
 def test_unconditional_image_context_choices_and_blending(tiny_cache):
