@@ -933,6 +933,11 @@ def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
         assert any(torch.allclose(c, text, atol=1e-6) for c in ctxs), out
         assert any(torch.allclose(c, model.uncond_context("text", 1), atol=1e-6) for c in ctxs), out
     assert fam.demo_prompt(["a.png", "b.png"]) == "a red circle <image:a.png>" and fam.demo_prompt([]) == "a red circle"
+    assert model.cfg.text_max_length == 32
+    lengths, decode = [], model.text_vae.decode  # the tiny random decoder stops at once: watch the limit it is given
+    model.text_vae.decode = lambda z, max_length=32: lengths.append(max_length) or decode(z, max_length)
+    model.cfg = model.cfg.model_copy(update={"text_max_length": 5})
+    assert len(model.generate_text([["a red circle"], ["a dog"]], steps=1)) == 2 and lengths == [5, 5]
 
 
 def test_versatile_refuses_a_clip_narrower_or_wider_than_the_unets_contexts(tiny_cache, tmp_path):

@@ -117,7 +117,7 @@ class Config(GuidedConfig):
     mix_rate: float = Field(0.5, ge=0, le=1, description="dual-context blending: weight of the text context (0 image only, 1 text only)")
     pca: int = Field(0, description="image variation: k > 0 keeps only the first k principal components (style), k < 0 removes the first -k (semantics)")
     image_scales: list[float] = Field(default_factory=list, description="multi-context (A.3): one scale per prompt image at sampling (empty: all 1)")
-    text_max_length: int = Field(32, gt=0, description="image-to-text: longest sentence decoded")
+    text_max_length: int = Field(32, gt=0, description="text outputs: most tokens decoded (the paper states none; mmloom's choice)")
     sampling: Sampling = Field(default_factory=Sampling, description="sampling defaults")
 
 
