@@ -264,6 +264,12 @@ def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache)
         assert torch.allclose(mix[:, 0], est @ model.context.weight, atol=1e-6)
         one_hot = torch.nn.functional.one_hot(torch.tensor([1]), len(model.classes)).float()
         assert torch.allclose(model.context_of(one_hot), model.context_of(torch.tensor([1])), atol=1e-6)
+    # an embedding's estimate is the head's output as it is (E.4's regression target)
+    _fam, model, _ = _mt("image_representation")
+    model.eval()
+    with torch.no_grad():
+        model.unet(zt, torch.tensor([3, 700]), encoder_hidden_states=model.null_context.expand(2, -1, -1))
+        assert torch.equal(model._estimate(), model.head(model._feats["mid"].mean(dim=(2, 3))).float())
 
 
 def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
