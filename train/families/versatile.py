@@ -254,7 +254,7 @@ def disentangle(ctx: torch.Tensor, k: int) -> torch.Tensor:
         tokens = ctx[b, 1:].float()
         mean = tokens.mean(0, keepdim=True)
         _u, _s, v = torch.linalg.svd(tokens - mean, full_matrices=False)
-        basis = v[: min(abs(k), v.shape[0])]  # [k, D]
+        basis = v[:abs(k)]  # [k, D]; all of them when |k| is more than the tokens span
         proj = (tokens - mean) @ basis.T @ basis
         out[b, 1:] = (mean + proj if k > 0 else tokens - proj).to(ctx.dtype)
     return out
