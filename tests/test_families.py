@@ -947,8 +947,18 @@ def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
 
 
 def test_versatile_refuses_a_clip_narrower_or_wider_than_the_unets_contexts(tiny_cache, tmp_path):
+    """Widths are checked at the door, each error naming what to change: a CLIP or a text VAE
+    of another width than the UNets', or no flow at all."""
     from mmloom.errors import UserError
+    from mmloom.train.text_vae import make_tiny_text_vae
     from testkit.tiny_train import make_tiny_text_unet, make_tiny_unet
+
+    with pytest.raises(UserError, match="model.flows is empty: name at least one of text_to_image, image_variation"):
+        _versatile(flows=[])
+    for width in (16, 48):  # the text UNet's latents are 32-d (in_channels 8 x 4)
+        vae = make_tiny_text_vae(str(tmp_path / f"tvae{width}"), ["a", "red", "cat"], latent_dim=width)
+        with pytest.raises(UserError, match=rf"the text VAE's {width}-d latents do not fit the text UNet \(latents 8 x 4 x 1"):
+            _versatile(text_vae=vae)
 
     for width in (16, 48):
         unet = make_tiny_unet(str(tmp_path / f"unet{width}"), width)
