@@ -311,6 +311,18 @@ VD = {"backbone": {"path": "tiny:unet", "subfolder": None}, "text_backbone": {"p
       "autoencoder": {"path": "tiny:vae", "subfolder": None}, "text_vae": "tiny:text-vae", "encoder": {"path": "tiny:clip"}}
 
 
+def test_versatile_default_rates_are_four_flow_5e5_times_table_1s_scales():
+    """Section 4.2: four-flow VD trains at 5e-5; Table 1 scales it per layer group (4-flow
+    row: Data(I) 0.2, Data(T) 1.0, Ctx(I) 1.0, Ctx(T) 1.0, Global 0.1)."""
+    from mmloom.train.families import get_family
+
+    lr = get_family("versatile").Config().lr
+    scales = {"data_image": 0.2, "data_text": 1.0, "context_image": 1.0, "context_text": 1.0, "global_layers": 0.1}
+    assert set(type(lr).model_fields) == set(scales)
+    for group, scale in scales.items():
+        assert getattr(lr, group) == pytest.approx(5e-5 * scale, rel=1e-12), group
+
+
 def test_versatile_schedule_is_sds_scaled_linear():
     """Section 4.2: SD's betas, square-root-linear from 8.5e-4 to 1.2e-2 over 1000 steps."""
     from mmloom.train.diffusion import ddpm
