@@ -892,6 +892,8 @@ def test_versatile_prompt_images_are_scaled_by_image_scales_and_pca(tiny_cache):
     assert torch.allclose(tctx, model.text_context(["a red circle"]), atol=1e-6)
     with pytest.raises(UserError, match="2 image scale.* for 1 image"):
         model.prompt_contexts([red])
+    with pytest.raises(UserError, match="2 image scale.* for 3 image"):
+        model.prompt_contexts([red, blue, red])
     model.cfg = model.cfg.model_copy(update={"image_scales": [], "pca": 2})
     ictx, tctx = model.prompt_contexts([red, blue])
     assert tctx is None
@@ -924,6 +926,13 @@ def test_versatile_training_replaces_contexts_at_the_cond_dropout_rate(tiny_cach
     model.cfg = model.cfg.model_copy(update={"cond_dropout": 1.0})
     model(batch)
     assert torch.allclose(calls[1][2], model.uncond_context("text", 2), atol=1e-6)
+    from mmloom.train.diffusion import to_pil
+
+    _fam, model, _ = _versatile(flows=["image_variation"], cond_dropout=0.0, text_vae="")
+    calls = _spy_unet(model)
+    model(batch)
+    assert [(o, k) for o, k, _c in calls] == [("image", "image")]
+    assert torch.allclose(calls[0][2], model.image_context(to_pil(batch["pixels"])), atol=1e-6)
 
 
 def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
