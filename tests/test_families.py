@@ -240,8 +240,9 @@ def test_mtdiffusion_task_data_reads_each_samples_label_and_unit_embedding(tiny_
     emb = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * torch.tensor([[0.5], [3.0], [9.0]])
     x, mask = model.task_data({"clip_image": emb}, torch.zeros(3, 3, 64, 64))
     assert torch.allclose(x, emb / emb.norm(dim=-1, keepdim=True)) and mask is None
-    with pytest.raises(UserError, match="embedding_dim is 32 but the stored CLIP image embeddings are 16-d"):
-        model.task_data({"clip_image": torch.randn(3, 16)}, torch.zeros(3, 3, 64, 64))
+    for width in (16, 48):
+        with pytest.raises(UserError, match=f"embedding_dim is 32 but the stored CLIP image embeddings are {width}-d"):
+            model.task_data({"clip_image": torch.randn(3, width)}, torch.zeros(3, 3, 64, 64))
     with pytest.raises(UserError, match="store_embeddings"):
         model.task_data({}, torch.zeros(3, 3, 64, 64))
 
