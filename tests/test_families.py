@@ -247,6 +247,23 @@ def test_mtdiffusion_task_data_reads_each_samples_label_and_unit_embedding(tiny_
         model.task_data({}, torch.zeros(3, 3, 64, 64))
 
 
+def test_mtdiffusion_prompt_gives_x_for_its_task(tiny_cache):
+    """What a prompt gives as the known x at sampling: a picture (masked image, translation
+    source) as [-1, 1] pixels, a label the prompt names as its class, and for embeddings
+    nothing (the head estimates it)."""
+    from PIL import Image
+
+    _fam, model, _ = _mt("image_label")
+    assert model._known(["a person on a cat"], 64, "cpu").tolist() == [2]
+    assert model._known(["a dog"], 64, "cpu") is None
+    _fam, model, _ = _mt("image_representation")
+    assert model._known(["a cat", Image.new("RGB", (8, 8))], 64, "cpu") is None
+    _fam, model, _ = _mt("image_translation")
+    x = model._known(["to", Image.new("RGB", (16, 16), (255, 0, 51))], 32, "cpu")
+    assert x.shape == (1, 3, 32, 32) and torch.allclose(x[0, :, 5, 5], torch.tensor([1.0, -1.0, 51 / 127.5 - 1]))
+    assert model._known(["no picture"], 32, "cpu") is None
+
+
 def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache):
     """Algorithm 1 feeds E(x^) the head's estimate of the missing label: for labels, the
     softmax over the classes of the head's logits on the mid-block features, which
