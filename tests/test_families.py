@@ -245,6 +245,8 @@ def test_mtdiffusion_task_data_reads_each_samples_label_and_unit_embedding(tiny_
             model.task_data({"clip_image": torch.randn(3, width)}, torch.zeros(3, 3, 64, 64))
     with pytest.raises(UserError, match="store_embeddings"):
         model.task_data({}, torch.zeros(3, 3, 64, 64))
+    _fam, model, _ = _mt("image_representation", embedding_dim=1024)  # E.4's width: ints past CPython's small-int cache
+    assert model.task_data({"clip_image": torch.randn(2, 1024)}, torch.zeros(2, 3, 64, 64))[0].shape == (2, 1024)
 
 
 def test_mtdiffusion_prompt_gives_x_for_its_task(tiny_cache):
