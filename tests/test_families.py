@@ -6,6 +6,7 @@ prior on a known map, full-dataset normalization, the black-image unconditional 
 and embedding fusion; each tiny config trains with falling loss. Random-weight models:
 these test the mechanisms, not image quality."""
 
+import json
 import re
 from pathlib import Path
 
@@ -232,8 +233,9 @@ def test_mtdiffusion_task_data_reads_each_samples_label_and_unit_embedding(tiny_
 
     _fam, model, _ = _mt("image_label")
     assert model.classes == ["other", "cat", "person"]
-    segments = [[{"type": "text", "label": "person"}, {"type": "image", "label": "Cat", "phrase": "person"}],
-                [{"type": "image", "phrase": "person"}], [{"type": "image", "label": "dog"}], [{"type": "text", "label": "cat"}]]
+    segments = json.loads(json.dumps([  # as read from a shard: strings decoded, not the module's interned literals
+        [{"type": "text", "label": "person"}, {"type": "image", "label": "Cat", "phrase": "person"}],
+        [{"type": "image", "phrase": "person"}], [{"type": "image", "label": "dog"}], [{"type": "text", "label": "cat"}]]))
     x, mask = model.task_data({"segments": segments}, torch.zeros(4, 3, 64, 64))
     assert x.tolist() == [1, 2, 0, 0] and mask is None
     _fam, model, _ = _mt("image_representation")
