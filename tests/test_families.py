@@ -273,13 +273,17 @@ def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache)
     softmax over the classes of the head's logits on the mid-block features, which
     context_of turns into the probability-weighted mixture of the label embeddings (a
     one-hot estimate is that label's own embedding)."""
+    zt = torch.randn(2, 4, 8, 8)
+
+    def head_on_mid(model):  # one UNet pass, then the head on its mid-block features, as Algorithm 1 reads them
+        model.unet(zt, torch.tensor([3, 700]), encoder_hidden_states=model.null_context.expand(2, -1, -1))
+        return model.head(model._feats["mid"].mean(dim=(2, 3)))
+
     _fam, model, _ = _mt("image_label")
     model.eval()
-    zt = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        model.unet(zt, torch.tensor([3, 700]), encoder_hidden_states=model.null_context.expand(2, -1, -1))
+        logits = head_on_mid(model)
         est = model._estimate()
-        logits = model.head(model._feats["mid"].mean(dim=(2, 3)))
         assert est.shape == (2, len(model.classes))
         assert torch.allclose(est, logits.float().softmax(-1)) and torch.allclose(est.sum(-1), torch.ones(2))
         mix = model.context_of(est)
@@ -290,8 +294,8 @@ def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache)
     _fam, model, _ = _mt("image_representation")
     model.eval()
     with torch.no_grad():
-        model.unet(zt, torch.tensor([3, 700]), encoder_hidden_states=model.null_context.expand(2, -1, -1))
-        assert torch.equal(model._estimate(), model.head(model._feats["mid"].mean(dim=(2, 3))).float())
+        out = head_on_mid(model)
+        assert torch.equal(model._estimate(), out.float())
 
 
 def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
@@ -938,6 +942,8 @@ def test_versatile_training_replaces_contexts_at_the_cond_dropout_rate(tiny_cach
     """Classifier-free guidance's training: at cond_dropout 0 every sample keeps its caption's
     context, at 1 every one gets the unconditional context; a single flow needs only its own
     data and context."""
+    from mmloom.train.diffusion import to_pil
+
     _fam, model, _ = _versatile(flows=["text_to_image"], cond_dropout=0.0, text_vae="")  # no text output: no text VAE needed
     calls = _spy_unet(model)
     batch = _batch(2)
@@ -948,8 +954,6 @@ def test_versatile_training_replaces_contexts_at_the_cond_dropout_rate(tiny_cach
     model.cfg = model.cfg.model_copy(update={"cond_dropout": 1.0})
     model(batch)
     assert torch.allclose(calls[1][2], model.uncond_context("text", 2), atol=1e-6)
-    from mmloom.train.diffusion import to_pil
-
     _fam, model, _ = _versatile(flows=["image_variation"], cond_dropout=0.0, text_vae="")
     calls = _spy_unet(model)
     model(batch)
@@ -977,7 +981,7 @@ def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
     assert len(model.generate_text([["a red circle"], ["a dog"]], steps=1)) == 2 and lengths == [5, 5]
 
 
-def test_versatile_refuses_a_clip_narrower_or_wider_than_the_unets_contexts(tiny_cache, tmp_path):
+def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny_cache, tmp_path):
     """Widths are checked at the door, each error naming what to change: a CLIP or a text VAE
     of another width than the UNets', or no flow at all."""
     from mmloom.errors import UserError
