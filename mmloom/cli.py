@@ -269,7 +269,7 @@ def _add_toyworld_and_eval(sub) -> None:
     s.add_argument("--clip", default=None, metavar="MODEL",
                    help="the score stage's CLIP (a directory, ARCH/TAG or hf-hub:REPO with 32-d embeddings, as the toy "
                         "scoring heads; default: tiny random weights), whose embeddings the shards store: e.g. a toy CLIP "
-                        "from testkit.toyworld.make_toy_clip, for the families that condition on CLIP")
+                        "from mmloom.testkit.toyworld.make_toy_clip, for the families that condition on CLIP")
     s.add_argument("--ray-address", default=None)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_toyworld)

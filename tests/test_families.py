@@ -986,7 +986,7 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
     of another width than the UNets', or no flow at all."""
     from mmloom.errors import UserError
     from mmloom.train.text_vae import make_tiny_text_vae
-    from testkit.tiny_train import make_tiny_text_unet, make_tiny_unet
+    from mmloom.testkit.tiny_train import make_tiny_text_unet, make_tiny_unet
 
     with pytest.raises(UserError, match="model.flows is empty: name at least one of text_to_image, image_variation"):
         _versatile(flows=[])
