@@ -163,14 +163,15 @@ def make_tiny_kandinsky_prior(path: str, dim: int = 32, seed: int = 0) -> str:
     return path
 
 
-def make_tiny_clip_l(path: str, seed: int = 0) -> str:
+def make_tiny_clip_l(path: str, seed: int = 0, embed_dim: int = 32) -> str:
     """A tiny open_clip model shaped as CLIP ViT-L/14 is for the released Kandinsky prior:
-    its text tokens as wide as its embedding (768 and 768 released; 32 here), 77 positions."""
+    its text tokens as wide as its embedding (768 and 768 released; 32 here), 77 positions.
+    ``embed_dim`` 768 gives the released embedding width with the towers still tiny."""
     import json
 
     import open_clip
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    cfg = {"embed_dim": embed_dim, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)

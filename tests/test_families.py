@@ -1002,6 +1002,28 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
             _versatile(backbone={"path": unet, "subfolder": None}, text_backbone={"path": text_unet, "subfolder": None})
 
 
+def test_versatile_builds_and_trains_at_the_released_768_width(tiny_cache, tmp_path):
+    """The released checkpoint's width: CLIP ViT-L/14's 768-d embeddings as both UNets'
+    cross_attention_dim (the towers stay tiny). Comparing the widths by identity instead of
+    value passes at tiny widths (CPython shares the small ints) and refuses this one."""
+    from mmloom.testkit.tiny_train import make_tiny_clip_l, make_tiny_text_unet, make_tiny_unet
+
+    clip = make_tiny_clip_l(str(tmp_path / "clip"), embed_dim=768)
+    unet = make_tiny_unet(str(tmp_path / "unet"), 768)
+    text_unet = make_tiny_text_unet(str(tmp_path / "text"), 32, 768)
+    _fam, model, _ = _versatile(backbone={"path": unet, "subfolder": None}, text_backbone={"path": text_unet, "subfolder": None},
+                                encoder={"path": clip}, cond_dropout=0.0)
+    assert model.clip.dim == 768
+    batch = _batch(2)
+    batch["clip_image"] = torch.nn.functional.normalize(torch.randn(2, 768), dim=-1)
+    loss = model(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    for kind in ("text", "image"):  # both context types' keys read 768-d tokens, and learn from them
+        keys = [p for n, p in model.unet.context[kind].named_parameters() if n.endswith("attn2.to_k.weight")]
+        assert keys and all(p.shape[1] == 768 and p.grad is not None for p in keys), kind
+
+
 def test_text_vae_saves_loads_and_names_a_missing_model(tmp_path):
     from mmloom.errors import UserError
     from mmloom.train.text_vae import TextVAE, make_tiny_text_vae
