@@ -67,7 +67,6 @@ decoder DDIM, 100 steps, guidance 4; diffusion prior 25 steps (``diffusion``: DD
 
 from __future__ import annotations
 
-import math
 import posixpath
 from typing import ClassVar, Literal, Optional
 
@@ -229,13 +228,6 @@ class ResidualPrior(nn.Module):
         return self.out(h)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 class DiffusionPrior(nn.Module):
     """Transformer encoder over [text tokens, pooled text, time, noised image emb, query];
     the query's output is the predicted (normalized) image embedding x0."""
@@ -256,8 +248,10 @@ class DiffusionPrior(nn.Module):
         self.out = nn.Linear(width, dim)
 
     def forward(self, tokens, mask, pooled, noised, t):
+        from diffusers.models.embeddings import get_timestep_embedding  # the transformer's sinusoids, cos first
+
         B = pooled.shape[0]
-        seq = torch.cat([self.text_in(tokens), self.pooled_in(pooled)[:, None], self.time_mlp(timestep_embedding(t, self.width))[:, None],
+        seq = torch.cat([self.text_in(tokens), self.pooled_in(pooled)[:, None], self.time_mlp(get_timestep_embedding(t, self.width, flip_sin_to_cos=True, downscale_freq_shift=0))[:, None],
                          self.image_in(noised)[:, None], self.query.expand(B, -1, -1)], dim=1)
         keep = torch.cat([mask.bool(), torch.ones(B, 4, dtype=torch.bool, device=mask.device)], dim=1)
         h = self.norm(self.blocks(seq, src_key_padding_mask=~keep))
