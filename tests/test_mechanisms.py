@@ -533,6 +533,38 @@ def test_kandinsky_diffusion_prior_returns_denormalized_embeddings(tiny_cache, m
     assert (0, 1000, (3,)) in drawn
 
 
+def test_kandinsky_diffusion_prior_guides_its_x0_at_prior_guidance(tiny_cache, monkeypatch):
+    """The diffusion prior samples with classifier-free guidance on its x0 prediction,
+    u + g (c - u), the conditional pass on the prompt and the unconditional on the empty
+    text, sampling.prior_guidance (4) and prior_steps (25) unless told. A stand-in prior
+    predicts 1 for a prompt and 0.5 for the empty text: DDIM's last step lands on the
+    guided x0 (within its final alpha, alpha~_0 of the cosine schedule), denormalized."""
+    mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 1, "prior_heads": 2,
+          "prior_width": 32}
+    _fam, model, _ = _build("kandinsky", mc)
+    model.norm.fit(torch.full((model.dim,), 3.0), torch.full((model.dim,), 2.0), 10)
+    empty = model.text([""])[2]
+    calls = []
+
+    def prior(tokens, mask, pooled, x, t):
+        uncond = torch.isclose(pooled, empty.expand_as(pooled), atol=1e-4).all(-1)
+        calls.append((int(t[0]), uncond.tolist()))
+        return torch.where(uncond[:, None], 0.5, 1.0).expand_as(x)
+
+    monkeypatch.setattr(model.prior, "forward", prior)
+    with torch.no_grad():
+        for guidance, steps, x0 in ((None, None, 0.5 + 4 * 0.5), (1.0, 5, 1.0), (0.0, 5, 0.5), (7.0, 5, 0.5 + 7 * 0.5)):
+            calls.clear()
+            out = model.prior_embed(["a red cat", "a man"], guidance=guidance, steps=steps, seed=1)
+            assert out.shape == (2, model.dim)
+            assert torch.allclose(out, torch.full_like(out, x0 * 2.0 + 3.0), atol=0.1), (guidance, out[:, :3])
+            n = steps or 25
+            assert len(calls) == 2 * n and sorted({c[1][0] for c in calls}) == [False, True]
+            assert all(c[1] == [c[1][0]] * 2 for c in calls)  # the two prompts, each pass conditional or not
+            ts = [c[0] for c in calls[::2]]
+            assert ts == sorted(set(ts), reverse=True) and len(ts) == n
+
+
 def test_kandinsky_normalizer_guards_a_constant_dimension():
     """A coordinate with zero spread over the dataset keeps a finite scale (std floored at
     1e-6), so normalizing never divides by zero or flips a sign."""
