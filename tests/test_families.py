@@ -583,6 +583,33 @@ def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     assert [im.size for im in imgs] == [(64, 64), (64, 64)]
 
 
+def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tiny_cache):
+    """Fusion (mmloom's choice, module docstring): weights scaled to sum 1, the mix rescaled
+    to the weighted mean of the norms; a prompt's text gets text_weight and its images share
+    the rest equally, images alone share all of it."""
+    from PIL import Image
+
+    from mmloom.train.families.kandinsky import interpolate
+
+    a, b = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])  # norms 2 and 4, orthogonal
+    mix = interpolate([a, b], [3.0, 1.0])  # weights 0.75 / 0.25: direction (1.5, 1), norm 0.75 x 2 + 0.25 x 4
+    assert torch.allclose(mix, torch.tensor([1.5, 1.0, 0.0]) / 13 ** 0.5 * 2 * 2.5, atol=1e-6)
+    assert torch.allclose(interpolate([a], [0.2]), a) and torch.allclose(interpolate([a, b], [0.0, 5.0]), b)
+
+    _fam, model, _ = _kandinsky("decoder", text_weight=0.3)
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    t = model.clip.texts(["a red circle"], normalize=False)[0]
+    r, bl = model.clip.images([red, blue], normalize=False)
+    emb, text = model.embed_prompt(["a red circle", red, " ", blue])
+    assert text == "a red circle" and torch.allclose(emb, interpolate([t, r, bl], [0.3, 0.35, 0.35]), atol=1e-5)
+    emb, text = model.embed_prompt([red, blue])
+    assert text == "" and torch.allclose(emb, interpolate([r, bl], [0.5, 0.5]), atol=1e-5)
+    emb, text = model.embed_prompt(["  a red ", "circle"])  # text parts joined, stripped; alone it is all the weight
+    assert text == "a red circle" and torch.allclose(emb, t, atol=1e-5)
+    emb, text = model.embed_prompt([])
+    assert text == "" and torch.equal(emb, model.black)
+
+
 def test_prior_run_cannot_make_pictures(tiny_cache):
     from mmloom.errors import UserError
 

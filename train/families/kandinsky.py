@@ -57,6 +57,11 @@ trained prior run), its images through the CLIP image tower; several embeddings 
 fused by interpolation (image fusion, text-and-image fusion); one image alone gives
 variations. Without a prior, text embeddings stand in for image embeddings (Table 3's
 "no prior" row). The CLIP model must be the one the score stage stored embeddings with.
+The paper does not say how embeddings are fused; the released pipeline's ``interpolate``
+sums the weighted embeddings as given. mmloom scales the weights to sum 1 and rescales
+the mix to the weights' mean norm (:func:`interpolate`): a plain mix of embeddings that
+point apart is shorter than any of them (two orthogonal unit vectors: 0.71), and the
+decoder has only seen embeddings of CLIP's own norms.
 
 Sampling: the paper picks its guidance scale from FID-CLIP curves (section 5, Figure 4)
 without stating it, nor the sampler or step counts. mmloom uses the released Kandinsky
