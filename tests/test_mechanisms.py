@@ -565,6 +565,40 @@ def test_kandinsky_diffusion_prior_guides_its_x0_at_prior_guidance(tiny_cache, m
             assert ts == sorted(set(ts), reverse=True) and len(ts) == n
 
 
+def test_kandinsky_diffusion_prior_reads_its_query_and_ignores_padding():
+    """mmloom's diffusion prior (section 4's transformer encoder; the layout is mmloom's):
+    one sequence of [text tokens, pooled text, time, noised embedding, query], padding
+    masked out and the four appended positions always attended; the predicted x0 is
+    the final norm's output at the query, the last position."""
+    from mmloom.train.families.kandinsky import DiffusionPrior
+
+    torch.manual_seed(0)
+    prior = DiffusionPrior(dim=8, text_width=6, width=16, layers=2, heads=2).eval()
+    g = torch.Generator().manual_seed(1)
+    tokens, pooled, noised = torch.randn(2, 5, 6, generator=g), torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    t = torch.tensor([10, 500])
+    seen = {}
+    prior.norm.register_forward_hook(lambda _m, _i, out: seen.update(h=out))
+    with torch.no_grad():
+        out = prior(tokens, mask, pooled, noised, t)
+        assert seen["h"].shape == (2, 5 + 4, 16) and torch.equal(out, prior.out(seen["h"][:, -1]))
+        padded = tokens.clone()
+        padded[0, 3:] = 100.0
+        again = prior(padded, mask, pooled, noised, t)
+        assert torch.allclose(again[0], out[0], atol=1e-5) and torch.allclose(again[1], out[1])
+        other = tokens.clone()
+        other[0, 2] += 1.0  # a token the mask keeps
+        assert not torch.allclose(prior(other, mask, pooled, noised, t)[0], out[0], atol=1e-4)
+        for args in ((tokens, mask, pooled + 1, noised, t), (tokens, mask, pooled, noised + 1, t), (tokens, mask, pooled, noised, t + 100)):
+            changed = prior(*args)  # the pooled text, the noised embedding and the time each reach x0
+            assert not torch.allclose(changed, out, atol=1e-4)
+        alone = prior(tokens[1:], mask[1:], pooled[1:], noised[1:], t[1:])
+        assert torch.allclose(alone[0], out[1], atol=1e-5)  # samples do not see each other
+        with pytest.raises(Exception, match="must divide"):
+            DiffusionPrior(dim=8, text_width=6, width=18, layers=1, heads=4)
+
+
 def test_kandinsky_normalizer_guards_a_constant_dimension():
     """A coordinate with zero spread over the dataset keeps a finite scale (std floored at
     1e-6), so normalizing never divides by zero or flips a sign."""
