@@ -185,15 +185,17 @@ def test_every_familys_sampling_needs_a_step_and_a_non_negative_guidance(name):
             fam.config({"sampling": {k: -0.5}})
 
 
-@pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "kandinsky"])
-def test_every_familys_cond_dropout_is_a_probability(name):
-    """The share of prompts replaced by the empty one (classifier-free guidance's training):
-    0 and 1 allowed, nothing outside."""
+@pytest.mark.parametrize("name,field", [(f, "cond_dropout") for f in ("mumu", "mvader", "versatile", "kandinsky")]
+                         + [("versatile", "mix_rate"), ("kandinsky", "text_weight"), ("mvader", "image_prob")])
+def test_every_familys_shares_are_probabilities(name, field):
+    """The share of prompts replaced by the empty one (classifier-free guidance's training)
+    and each family's other shares (VD's dual-context mix, Kandinsky's text weight in a
+    fusion, M-VADER's image pairs): 0 and 1 allowed, nothing outside."""
     from mmloom.train.families import get_family
 
     fam = get_family(name)
     for ok in (0.0, 1.0):
-        assert fam.config({"cond_dropout": ok}).cond_dropout == ok
+        assert getattr(fam.config({field: ok}), field) == ok
     for bad in (-0.1, 1.5):
-        with pytest.raises(Exception, match="cond_dropout"):
-            fam.config({"cond_dropout": bad})
+        with pytest.raises(Exception, match=field):
+            fam.config({field: bad})

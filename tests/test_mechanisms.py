@@ -359,7 +359,8 @@ def test_versatile_contexts_are_divided_by_the_pooled_norm(tiny_cache):
 
 def test_versatile_contexts_do_not_depend_on_clips_scale(tiny_cache, monkeypatch):
     """Dividing by the pooled norm makes each context independent of CLIP's output scale:
-    features shrunk 1000x (pooled norms far below 1) give the same contexts."""
+    features shrunk 1000x (pooled norms far below 1) give the same contexts; the norm is
+    floored at 1e-6, so all-zero features give a zero context."""
     from PIL import Image
 
     _fam, model, _ = _build("versatile", VD)
@@ -371,7 +372,12 @@ def test_versatile_contexts_do_not_depend_on_clips_scale(tiny_cache, monkeypatch
         monkeypatch.setattr(model.clip, "text_states", lambda t: (lambda s, m, p: (s * 1e-3, m, p * 1e-3))(*real_states(t)))
         monkeypatch.setattr(visual, "forward", lambda x: tuple(o * 1e-3 for o in real_visual(x)))
         small_text, small_img = model.text_context(texts), model.image_context(images)
+        # a degenerate CLIP whose outputs are all zero: a zero context, not 0 / 0
+        monkeypatch.setattr(model.clip, "text_states", lambda t: (lambda s, m, p: (s * 0, m, p * 0))(*real_states(t)))
+        monkeypatch.setattr(visual, "forward", lambda x: tuple(o * 0 for o in real_visual(x)))
+        zero_text, zero_img = model.text_context(texts), model.image_context(images)
     assert torch.allclose(small_text, text, atol=1e-5) and torch.allclose(small_img, img, atol=1e-5)
+    assert torch.equal(zero_text, torch.zeros_like(text)) and torch.equal(zero_img, torch.zeros_like(img))
 
 
 @pytest.mark.parametrize("n,rate,expect", [
