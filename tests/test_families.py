@@ -995,6 +995,7 @@ def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
     calls = _spy_unet(model)
     text = model.text_context(["a red circle"])
     model.generate_text([["a red circle"]], steps=1)
+    assert len(calls) == 2  # the steps asked for: one step, its conditional and unconditional passes
     model.generate([["a red circle"]], steps=1)
     for out in ("text", "image"):
         ctxs = [c for o, k, c in calls if o == out and k == "text"]
