@@ -862,10 +862,22 @@ def _grads(model):
     ("text_variation", {"global", "data_text", "context_text"}),
 ])
 def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
+    """A flow trains its data, context and global layers only, and the step computes only
+    the data and context its flows read (no autoencoder or CLIP pass for nothing)."""
     _fam, model, _ = _versatile(flows=[flow], cond_dropout=0.0)
+    computed = []
+    for name in ("_text_latents", "text_context", "image_context"):
+        real = getattr(model, name)
+        setattr(model, name, (lambda n, f: lambda *a, **k: computed.append(n) or f(*a, **k))(name, real))
+    real_encode = model.ae.encode
+    model.ae.encode = lambda *a, **k: computed.append("image_latents") or real_encode(*a, **k)
     model.zero_grad()
     model(_batch(2))["loss"].backward()
     assert {k for k, v in _grads(model).items() if v} == expect
+    from mmloom.train.families.versatile import FLOWS
+
+    output, context = FLOWS[flow]
+    assert sorted(computed) == sorted(["image_latents" if output == "image" else "_text_latents", f"{context}_context"])
 
 
 def test_versatile_sums_all_flows_and_multipliers_reach_the_optimizer(tiny_cache):

@@ -112,8 +112,10 @@ def _vd_pipeline(kind: str, root, text_len: int):
     return pipe
 
 
-def test_a_renamed_key_stops_the_load(vd_dir, tmp_path):
-    """from_pretrained alone would warn and leave the weight random; mmloom refuses."""
+@pytest.mark.parametrize("folder,what", [("text_unet", "text UNet"), ("image_unet", "image UNet")])
+def test_a_renamed_key_stops_the_load(vd_dir, tmp_path, folder, what):
+    """from_pretrained alone would warn and leave the weight random; mmloom refuses, for
+    either UNet."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -122,12 +124,12 @@ def test_a_renamed_key_stops_the_load(vd_dir, tmp_path):
 
     root = tmp_path / "vd"
     shutil.copytree(vd_dir, root)
-    f = root / "text_unet" / "diffusion_pytorch_model.safetensors"
+    f = root / folder / "diffusion_pytorch_model.safetensors"
     sd = load_file(f)
     key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
     sd[key.replace("to_k", "to_key")] = sd.pop(key)
     save_file(sd, f)
-    with pytest.raises(UserError, match=r"text UNet .*text_unet.*missing " + re.escape(key)):
+    with pytest.raises(UserError, match=rf"{what} .*{folder}.*missing " + re.escape(key)):
         _vd_model(root)
 
 
