@@ -112,25 +112,31 @@ def _vd_pipeline(kind: str, root, text_len: int):
     return pipe
 
 
-@pytest.mark.parametrize("folder,what", [("text_unet", "text UNet"), ("image_unet", "image UNet")])
-def test_a_renamed_key_stops_the_load(vd_dir, tmp_path, folder, what):
+@pytest.mark.parametrize("release,folder,what", [
+    ("vd", "text_unet", "text UNet"), ("vd", "image_unet", "image UNet"),
+    ("kandinsky", "unet", "UNet"), ("kandinsky-prior", "prior", "model.prior_model"),
+])
+def test_a_renamed_key_stops_the_load(request, tmp_path, release, folder, what):
     """from_pretrained alone would warn and leave the weight random; mmloom refuses, for
-    either UNet."""
+    each model it loads in a released layout (VD's two UNets, Kandinsky's decoder UNet, the
+    shared path of every family's UNet, and its prior), naming the part and the key."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from mmloom.errors import UserError
 
-    root = tmp_path / "vd"
-    shutil.copytree(vd_dir, root)
+    fixture, build = {"vd": ("vd_dir", lambda r: _vd_model(r)), "kandinsky": ("kandinsky_dir", lambda r: _kandinsky_decoder(r)),
+                      "kandinsky-prior": ("prior_dir", lambda r: _released_prior(r))}[release]
+    root = tmp_path / release
+    shutil.copytree(request.getfixturevalue(fixture), root)
     f = root / folder / "diffusion_pytorch_model.safetensors"
     sd = load_file(f)
-    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    key = next(k for k in sd if k.endswith("to_k.weight"))
     sd[key.replace("to_k", "to_key")] = sd.pop(key)
     save_file(sd, f)
-    with pytest.raises(UserError, match=rf"{what} .*{folder}.*missing " + re.escape(key)):
-        _vd_model(root)
+    with pytest.raises(UserError, match=rf"{re.escape(what)} .*\({folder}\).*missing " + re.escape(key)):
+        build(root)
 
 
 @pytest.mark.parametrize("kind", ["text_to_image", "image_variation", "dual_guided"])
