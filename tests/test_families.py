@@ -595,6 +595,7 @@ def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tin
     mix = interpolate([a, b], [3.0, 1.0])  # weights 0.75 / 0.25: direction (1.5, 1), norm 0.75 x 2 + 0.25 x 4
     assert torch.allclose(mix, torch.tensor([1.5, 1.0, 0.0]) / 13 ** 0.5 * 2 * 2.5, atol=1e-6)
     assert torch.allclose(interpolate([a], [0.2]), a) and torch.allclose(interpolate([a, b], [0.0, 5.0]), b)
+    assert torch.equal(interpolate([a, -a], [1.0, 1.0]), torch.zeros(3))  # opposite embeddings cancel: zero, not 0 / 0
 
     _fam, model, _ = _kandinsky("decoder", text_weight=0.3)
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
