@@ -166,7 +166,9 @@ def make_tiny_kandinsky_prior(path: str, dim: int = 32, seed: int = 0) -> str:
 def make_tiny_clip_l(path: str, seed: int = 0, embed_dim: int = 32) -> str:
     """A tiny open_clip model shaped as CLIP ViT-L/14 is for the released Kandinsky prior:
     its text tokens as wide as its embedding (768 and 768 released; 32 here), 77 positions.
-    ``embed_dim`` 768 gives the released embedding width with the towers still tiny."""
+    ``embed_dim`` other than 32 gives that embedding width with the towers still tiny (the
+    text tokens stay 32 wide, so such a CLIP does not fit the released prior's layout:
+    it serves the families that read only the embedding width, e.g. VD at 768)."""
     import json
 
     import open_clip

@@ -583,12 +583,13 @@ def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     assert [im.size for im in imgs] == [(64, 64), (64, 64)]
 
 
-def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tiny_cache):
+def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tiny_cache, monkeypatch):
     """Fusion (mmloom's choice, module docstring): weights scaled to sum 1, the mix rescaled
     to the weighted mean of the norms; a prompt's text gets text_weight and its images share
     the rest equally, images alone share all of it."""
     from PIL import Image
 
+    from mmloom.train.families import kandinsky
     from mmloom.train.families.kandinsky import interpolate
 
     a, b = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])  # norms 2 and 4, orthogonal
@@ -598,6 +599,8 @@ def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tin
     assert torch.equal(interpolate([a, -a], [1.0, 1.0]), torch.zeros(3))  # opposite embeddings cancel: zero, not 0 / 0
 
     _fam, model, _ = _kandinsky("decoder", text_weight=0.3)
+    shares = []  # interpolate scales the weights itself: watch the shares embed_prompt hands it
+    monkeypatch.setattr(kandinsky, "interpolate", lambda e, w: shares.append([round(x, 6) for x in w]) or interpolate(e, w))
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     t = model.clip.texts(["a red circle"], normalize=False)[0]
     r, bl = model.clip.images([red, blue], normalize=False)
@@ -609,6 +612,7 @@ def test_kandinsky_fusion_normalizes_the_weights_and_keeps_the_weighted_norm(tin
     assert text == "a red circle" and torch.allclose(emb, t, atol=1e-5)
     emb, text = model.embed_prompt([])
     assert text == "" and torch.equal(emb, model.black)
+    assert shares == [[0.3, 0.35, 0.35], [0.5, 0.5], [1.0]]
 
 
 def test_prior_run_cannot_make_pictures(tiny_cache):
@@ -1055,9 +1059,7 @@ def test_versatile_builds_and_trains_at_the_released_768_width(tiny_cache, tmp_p
     _fam, model, _ = _versatile(backbone={"path": unet, "subfolder": None}, text_backbone={"path": text_unet, "subfolder": None},
                                 encoder={"path": clip}, cond_dropout=0.0)
     assert model.clip.dim == 768
-    batch = _batch(2)
-    batch["clip_image"] = torch.nn.functional.normalize(torch.randn(2, 768), dim=-1)
-    loss = model(batch)["loss"]
+    loss = model(_batch(2))["loss"]
     assert torch.isfinite(loss)
     loss.backward()
     for kind in ("text", "image"):  # both context types' keys read 768-d tokens, and learn from them
