@@ -586,9 +586,14 @@ def test_kandinsky_diffusion_prior_reads_its_query_and_ignores_padding():
     t = torch.tensor([10, 500])
     seen = {}
     prior.norm.register_forward_hook(lambda _m, _i, out: seen.update(h=out))
+    prior.time_mlp.register_forward_hook(lambda _m, inp, _o: seen.update(time=inp[0]))
     with torch.no_grad():
         out = prior(tokens, mask, pooled, noised, t)
         assert seen["h"].shape == (2, 5 + 4, 16) and torch.equal(out, prior.out(seen["h"][:, -1]))
+        # the time's sinusoids, cosines first (a saved prior's time_mlp reads them in this order)
+        freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(8) / 8)
+        args = t[:, None].float() * freqs
+        assert torch.allclose(seen["time"], torch.cat([args.cos(), args.sin()], dim=-1), atol=1e-6)
         padded = tokens.clone()
         padded[0, 3:] = 100.0
         again = prior(padded, mask, pooled, noised, t)
