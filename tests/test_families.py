@@ -869,6 +869,8 @@ def _grads(model):
 def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
     """A flow trains its data, context and global layers only, and the step computes only
     the data and context its flows read (no autoencoder or CLIP pass for nothing)."""
+    from mmloom.train.families.versatile import FLOWS
+
     _fam, model, _ = _versatile(flows=[flow], cond_dropout=0.0)
     computed = []
     for name in ("_text_latents", "text_context", "image_context"):
@@ -879,8 +881,6 @@ def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
     model.zero_grad()
     model(_batch(2))["loss"].backward()
     assert {k for k, v in _grads(model).items() if v} == expect
-    from mmloom.train.families.versatile import FLOWS
-
     output, context = FLOWS[flow]
     assert sorted(computed) == sorted(["image_latents" if output == "image" else "_text_latents", f"{context}_context"])
 

@@ -253,10 +253,11 @@ class DiffusionPrior(nn.Module):
         self.out = nn.Linear(width, dim)
 
     def forward(self, tokens, mask, pooled, noised, t):
-        from diffusers.models.embeddings import get_timestep_embedding  # the transformer's sinusoids, cos first
+        from diffusers.models.embeddings import get_timestep_embedding
 
         B = pooled.shape[0]
-        seq = torch.cat([self.text_in(tokens), self.pooled_in(pooled)[:, None], self.time_mlp(get_timestep_embedding(t, self.width, flip_sin_to_cos=True, downscale_freq_shift=0))[:, None],
+        time = get_timestep_embedding(t, self.width, flip_sin_to_cos=True, downscale_freq_shift=0)  # sinusoids, cosines first
+        seq = torch.cat([self.text_in(tokens), self.pooled_in(pooled)[:, None], self.time_mlp(time)[:, None],
                          self.image_in(noised)[:, None], self.query.expand(B, -1, -1)], dim=1)
         keep = torch.cat([mask.bool(), torch.ones(B, 4, dtype=torch.bool, device=mask.device)], dim=1)
         h = self.norm(self.blocks(seq, src_key_padding_mask=~keep))
