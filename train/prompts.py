@@ -177,7 +177,6 @@ def parse_prompt(text: str, base_dir: str = ".") -> list:
     """'a <image:man.jpg> man and his <image:dog.jpg> dog' -> ['a ', PIL, ' man and his ', PIL, ' dog']."""
     import re
 
-
     parts: list = []
     pos = 0
     for m in re.finditer(r"<image:([^>]+)>", text):

@@ -94,11 +94,12 @@ def sample(checkpoint: str, prompt: str, out: str, seeds: list[int], steps: int 
     ``mask``, a path read as a picture); a family without them refuses them by name."""
     from .prompts import parse_prompt, read_picture
 
-    family, model, cfg = load_for_sampling(checkpoint, settings)
+    # the user's pictures first: a missing file is one line now, not after the model loads
     parts = parse_prompt(prompt, base_dir)
     extra = dict(options or {})
     if isinstance(extra.get("mask"), str):
         extra["mask"] = read_picture(extra["mask"], base_dir, "--mask picture")
+    family, model, cfg = load_for_sampling(checkpoint, settings)
     if text:
         if not family.text_outputs:
             raise UserError(f"--text needs a family with text outputs; {cfg.family} makes pictures")
