@@ -13,9 +13,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="mmloom-test-hf-datasets-"))  # not the user's cache
+if "HF_DATASETS_CACHE" not in os.environ:  # not the user's cache; gone when the session ends
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmloom-test-hf-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import socket
 
