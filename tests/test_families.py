@@ -549,9 +549,19 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
         return real(*a, **kw)
 
     monkeypatch.setattr(model.unet, "forward", spy)
+    texts = []
+    real_text = model.decoder_text
+    monkeypatch.setattr(model, "decoder_text", lambda t: texts.append(list(t)) or real_text(t))
     model(_batch())
     img = seen["added_cond_kwargs"]["image_embeds"]
     assert torch.allclose(img, black.expand_as(img))
+    assert texts == [[""] * 4]  # a dropped sample loses its caption with its image
+    model.cfg = model.cfg.model_copy(update={"cond_dropout": 0.0})  # ... and at 0 none does
+    texts.clear()
+    model(_batch())
+    img = seen["added_cond_kwargs"]["image_embeds"]
+    assert texts == [_batch()["captions"]]
+    assert all(not torch.allclose(row, black) for row in img)
     # the text goes through the multilingual encoder (its 48-d tokens, 77 positions, its pooled
     # embedding), not CLIP's; no padding mask, as the released pipeline
     pooled, tokens = model.decoder_text(["a red circle"])

@@ -543,7 +543,7 @@ def test_kandinsky_diffusion_prior_guides_its_x0_at_prior_guidance(tiny_cache, m
     """The diffusion prior samples with classifier-free guidance on its x0 prediction,
     u + g (c - u), the conditional pass on the prompt and the unconditional on the empty
     text, sampling.prior_guidance (4) and prior_steps (25) unless told. A stand-in prior
-    predicts 1 for a prompt and 0.5 for the empty text: DDIM's last step lands on the
+    predicts 1 for a prompt and 0.25 for the empty text (c - u and c u differ): DDIM's last step lands on the
     guided x0 (within its final alpha, alpha~_0 of the cosine schedule), denormalized."""
     mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 1, "prior_heads": 2,
           "prior_width": 32}
@@ -555,11 +555,11 @@ def test_kandinsky_diffusion_prior_guides_its_x0_at_prior_guidance(tiny_cache, m
     def prior(tokens, mask, pooled, x, t):
         uncond = torch.isclose(pooled, empty.expand_as(pooled), atol=1e-4).all(-1)
         calls.append((int(t[0]), uncond.tolist()))
-        return torch.where(uncond[:, None], 0.5, 1.0).expand_as(x)
+        return torch.where(uncond[:, None], 0.25, 1.0).expand_as(x)
 
     monkeypatch.setattr(model.prior, "forward", prior)
     with torch.no_grad():
-        for guidance, steps, x0 in ((None, None, 0.5 + 4 * 0.5), (1.0, 5, 1.0), (0.0, 5, 0.5), (7.0, 5, 0.5 + 7 * 0.5)):
+        for guidance, steps, x0 in ((None, None, 0.25 + 4 * 0.75), (1.0, 5, 1.0), (0.0, 5, 0.25), (7.0, 5, 0.25 + 7 * 0.75)):
             calls.clear()
             out = model.prior_embed(["a red cat", "a man"], guidance=guidance, steps=steps, seed=1)
             assert out.shape == (2, model.dim)
