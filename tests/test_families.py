@@ -891,6 +891,8 @@ def test_a_flow_touches_only_its_layers(tiny_cache, flow, expect):
     model.zero_grad()
     model(_batch(2))["loss"].backward()
     assert {k for k, v in _grads(model).items() if v} == expect
+    # nothing outside the UNet learns: CLIP, the autoencoder and the text VAE are frozen
+    assert [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("unet.")] == []
     output, context = FLOWS[flow]
     assert sorted(computed) == sorted(["image_latents" if output == "image" else "_text_latents", f"{context}_context"])
 
@@ -938,6 +940,8 @@ def test_unconditional_image_context_choices_and_blending(tiny_cache):
 
     _fam, model, _ = _versatile(image_uncond="zero_embedding")
     assert (model.uncond_context("image", 2) == 0).all()
+    empty = model.text_context([""])  # the text's stays CLIP of the empty text
+    assert torch.equal(model.uncond_context("text", 1), empty) and empty.abs().sum() > 0
     model.cfg = model.cfg.model_copy(update={"image_uncond": "zero_image"})
     zero_img = model.image_context([Image.new("RGB", (224, 224))])
     assert torch.allclose(model.uncond_context("image", 1), zero_img) and zero_img.abs().sum() > 0
