@@ -53,6 +53,19 @@ def test_duplicate_boxes_of_one_phrase_merge_to_the_best():
     assert why["merged_duplicate"] == 1 and why["same_phrase_occurrence"] == 1
 
 
+def test_iou_of_boxes_that_overlap_touch_or_have_no_area():
+    from mmloom.filters.grounding import iou
+
+    a, b = [1, 2, 11, 7], [4, 3, 20, 13]  # 10x5 and 16x10, overlapping 7x4
+    assert iou(a, b) == iou(b, a) == pytest.approx(28 / (50 + 160 - 28))
+    assert iou(a, a) == 1.0
+    assert iou([0, 0, 2, 2], [3, 0, 5, 2]) == 0.0  # apart along x only
+    assert iou([0, 0, 2, 2], [0, 3, 2, 5]) == 0.0  # apart along y only
+    assert iou([0, 0, 1, 1], [5, 5, 6, 6]) == 0.0  # apart along both
+    assert iou([0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]) == 1.0  # under a pixel of area
+    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0  # no area: no overlap, not 0 / 0
+
+
 def test_segments_place_crops_before_their_words_and_reassemble():
     clean = "a man and his dog"
     crops = [

@@ -102,9 +102,47 @@ def test_supplied_boxes_refuse_hostile_values_and_count_why(value, reason):
     found, why = SuppliedBoxes(max_boxes=64).detect(value, "a red circle beside a red circle", (100, 100), (100, 100))
     if reason is None:
         assert found == [] and sum(why.values()) == 1
+    elif isinstance(value, list) and len(value) == 3:  # two occurrences, three records: the third is refused
+        assert why == {reason: 1} and len(found) == 2
     else:
-        assert reason in why
-        assert len(found) <= 2
+        assert why == {reason: 1} and found == []  # refused once, by that reason alone
+
+
+def test_supplied_boxes_refuse_each_bad_record_and_keep_reading():
+    """A refused record is counted once and the records after it are still read; the
+    limits are inclusive (a value of exactly max_bytes or max_boxes is read; a box may end
+    one pixel past the original's edge), and boxes keep a tenth of a pixel."""
+    import json
+
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    cap = "a red circle beside a red circle"
+    good = {"phrase": "red circle", "box": [3, 1, 9, 7]}
+    bad = [{"phrase": "", "box": [0, 0, 1, 1]}, {"phrase": "red circle", "box": [0, 0, 1]},
+           {"phrase": "red circle", "box": [0, 0, 1500, 1]}, {"phrase": "blue star", "box": [0, 0, 1, 1]}]
+    found, why = SuppliedBoxes().detect([*bad, good], cap, (1000, 500), (512, 256))
+    assert why == {"bad_phrase": 1, "bad_box": 1, "box_out_of_bounds": 1, "phrase_not_in_caption": 1}
+    assert len(found) == 1 and found[0]["span"] == [2, 12] and found[0]["box"] == [1.5, 0.5, 4.6, 3.6]
+    text = json.dumps([good] * 2)
+    assert SuppliedBoxes(max_bytes=len(text)).detect(text, cap, (100, 100), (100, 100))[1] == {}
+    assert SuppliedBoxes(max_bytes=len(text) - 1).detect(text, cap, (100, 100), (100, 100))[1] == {"boxes_too_long": 1}
+    assert SuppliedBoxes(max_boxes=2).detect([good] * 2, cap, (100, 100), (100, 100))[1] == {}
+    assert SuppliedBoxes(max_boxes=1).detect([good] * 2, cap, (100, 100), (100, 100))[1] == {"too_many_boxes": 1}
+    ow, oh = 100, 50.5  # a box ends at most one pixel past the edge, on either axis
+    for box, ok in (([0, 0, ow + 1, oh + 1], True), ([0, 0, ow + 1.5, 10], False), ([0, 0, 10, oh + 1.5], False),
+                    ([-0.5, 0, 10, 10], False), ([0, -0.5, 10, 10], False), ([5, 0, 5, 10], False), ([0, 5, 10, 5], False)):
+        found, why = SuppliedBoxes().detect([{"phrase": "red circle", "box": box}], cap, (ow, oh), (100, 100))
+        assert (why == {}) is ok and (why == {"box_out_of_bounds": 1}) is not ok, box
+
+
+@pytest.mark.parametrize("size, ok", [((0.5, 0.5), True), ((0, 5), False), ((5, 0), False), ((-0.5, 5), False),
+                                      ((5, -0.5), False), ((float("inf"), 5), False), ((5, float("inf")), False),
+                                      ((float("nan"), 5), False)])
+def test_supplied_boxes_read_any_positive_finite_original_size(size, ok):
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    found, why = SuppliedBoxes().detect([{"phrase": "a", "box": [0, 0, 0.5, 0.5]}], "a", size, (10, 10))
+    assert (why == {}, len(found)) == ((True, 1) if ok else (False, 0)) and (ok or why == {"no_original_size": 1})
 
 
 def test_supplied_boxes_need_the_original_size():
