@@ -1027,7 +1027,12 @@ def test_versatile_samples_from_the_prompts_own_text_context(tiny_cache):
     text = model.text_context(["a red circle"])
     model.generate_text([["a red circle"]], steps=1)
     assert len(calls) == 2  # the steps asked for: one step, its conditional and unconditional passes
+    grad = []  # sampling builds no autograd graph (at SDXL's size it would not fit)
+    forward = model.unet.forward
+    model.unet.forward = lambda *a: grad.append(torch.is_grad_enabled()) or forward(*a)
     model.generate([["a red circle"]], steps=1)
+    model.generate_text([["a red circle"]], steps=1)
+    assert grad and not any(grad)
     for out in ("text", "image"):
         ctxs = [c for o, k, c in calls if o == out and k == "text"]
         assert any(torch.allclose(c, text, atol=1e-6) for c in ctxs), out
@@ -1049,6 +1054,9 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
 
     with pytest.raises(UserError, match="model.flows is empty: name at least one of text_to_image, image_variation"):
         _versatile(flows=[])
+    for flow in ("image_to_text", "text_variation"):  # a text output needs the text VAE
+        with pytest.raises(UserError, match="model.text_vae is empty: the image_to_text and text_variation flows need a text VAE"):
+            _versatile(flows=[flow], text_vae="")
     for width in (16, 48):  # the text UNet's latents are 32-d (in_channels 8 x 4)
         vae = make_tiny_text_vae(str(tmp_path / f"tvae{width}"), ["a", "red", "cat"], latent_dim=width)
         with pytest.raises(UserError, match=rf"the text VAE's {width}-d latents do not fit the text UNet \(latents 8 x 4 x 1"):
