@@ -86,6 +86,7 @@ def test_supplied_boxes_become_detections_in_the_downloaded_pictures_pixels():
     ([{"phrase": "x" * 1000, "box": [0, 0, 10, 10]}], "bad_phrase"),
     ([["red circle", [0, 0, 10, 10]]], "bad_phrase"),
     ([{"phrase": "red circle", "box": [0, 0, 10]}], "bad_box"),
+    ([{"phrase": "red circle", "box": [0, 0, 10, 10, 10]}], "bad_box"),
     ([{"phrase": "red circle", "box": [0, 0, "10", 10]}], "bad_box"),
     ([{"phrase": "red circle", "box": [0, 0, float("nan"), 10]}], "bad_box"),
     ([{"phrase": "red circle", "box": [0, 0, True, 10]}], "bad_box"),
@@ -127,10 +128,13 @@ def test_supplied_boxes_refuse_each_bad_record_and_keep_reading():
     assert SuppliedBoxes(max_bytes=len(text)).detect(text, cap, (100, 100), (100, 100))[1] == {}
     assert SuppliedBoxes(max_bytes=len(text) - 1).detect(text, cap, (100, 100), (100, 100))[1] == {"boxes_too_long": 1}
     assert SuppliedBoxes(max_boxes=2).detect([good] * 2, cap, (100, 100), (100, 100))[1] == {}
+    assert SuppliedBoxes(max_phrase=10).detect([good], cap, (100, 100), (100, 100))[1] == {}  # "red circle": 10
+    assert SuppliedBoxes(max_phrase=9).detect([good], cap, (100, 100), (100, 100))[1] == {"bad_phrase": 1}
     assert SuppliedBoxes(max_boxes=1).detect([good] * 2, cap, (100, 100), (100, 100))[1] == {"too_many_boxes": 1}
     ow, oh = 100, 50.5  # a box ends at most one pixel past the edge, on either axis
     for box, ok in (([0, 0, ow + 1, oh + 1], True), ([0, 0, ow + 1.5, 10], False), ([0, 0, 10, oh + 1.5], False),
-                    ([-0.5, 0, 10, 10], False), ([0, -0.5, 10, 10], False), ([5, 0, 5, 10], False), ([0, 5, 10, 5], False)):
+                    ([-0.5, 0, 10, 10], False), ([0, -0.5, 10, 10], False), ([5, 0, 5, 10], False), ([0, 5, 10, 5], False),
+                    ([0, 9, 10, 5], False)):
         found, why = SuppliedBoxes().detect([{"phrase": "red circle", "box": box}], cap, (ow, oh), (100, 100))
         assert (why == {}) is ok and (why == {"box_out_of_bounds": 1}) is not ok, box
 
