@@ -72,7 +72,7 @@ def test_supplied_boxes_become_detections_in_the_downloaded_pictures_pixels():
         assert [f["span"] for f in found] == [[2, 12], [22, 32]]  # k-th record of a phrase: its k-th occurrence
         assert [cap[s:e] for s, e in (f["span"] for f in found)] == ["red circle", "red circle"]
         assert found[0]["box"] == [0.0, 0.0, 102.4, 51.2] and found[1]["box"] == [153.6, 51.2, 256.0, 204.8]
-        assert all(f["score"] == 1.0 for f in found)
+        assert all(f["score"] == f["text_score"] == 1.0 for f in found)  # given, not guessed
 
 
 @pytest.mark.parametrize("value, reason", [
