@@ -1054,6 +1054,11 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
 
     with pytest.raises(UserError, match="model.flows is empty: name at least one of text_to_image, image_variation"):
         _versatile(flows=[])
+    from mmloom.train.families.versatile import Config
+
+    assert Config.model_validate({"text_max_length": 1}).text_max_length == 1
+    with pytest.raises(ValueError, match="text_max_length"):  # a sentence of no token decodes nothing
+        Config.model_validate({"text_max_length": 0})
     for flow in ("image_to_text", "text_variation"):  # a text output needs the text VAE
         with pytest.raises(UserError, match="model.text_vae is empty: the image_to_text and text_variation flows need a text VAE"):
             _versatile(flows=[flow], text_vae="")
@@ -1070,16 +1075,20 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
 
 
 def test_versatile_builds_and_trains_at_the_released_768_width(tiny_cache, tmp_path):
-    """The released checkpoint's width: CLIP ViT-L/14's 768-d embeddings as both UNets'
-    cross_attention_dim (the towers stay tiny). Comparing the widths by identity instead of
-    value passes at tiny widths (CPython shares the small ints) and refuses this one."""
+    """The released checkpoint's widths: CLIP ViT-L/14's 768-d embeddings as both UNets'
+    cross_attention_dim, and Optimus's 768-d latents as the text UNet's data (the towers
+    stay tiny). Comparing widths by identity instead of value passes at tiny widths
+    (CPython shares the small ints) and refuses these."""
+    from mmloom.train.text_vae import make_tiny_text_vae
     from mmloom.testkit.tiny_train import make_tiny_clip_l, make_tiny_text_unet, make_tiny_unet
 
     clip = make_tiny_clip_l(str(tmp_path / "clip"), embed_dim=768)
     unet = make_tiny_unet(str(tmp_path / "unet"), 768)
-    text_unet = make_tiny_text_unet(str(tmp_path / "text"), 32, 768)
+    text_unet = make_tiny_text_unet(str(tmp_path / "text"), 768, 768)
+    vae = make_tiny_text_vae(str(tmp_path / "tvae"), "a red cat man ginger woman".split(), latent_dim=768)
     _fam, model, _ = _versatile(backbone={"path": unet, "subfolder": None}, text_backbone={"path": text_unet, "subfolder": None},
-                                encoder={"path": clip}, cond_dropout=0.0)
+                                encoder={"path": clip}, text_vae=vae, cond_dropout=0.0)
+    assert model.text_vae.latent_dim == 768
     assert model.clip.dim == 768
     loss = model(_batch(2))["loss"]
     assert torch.isfinite(loss)
