@@ -21,6 +21,14 @@ def test_original_package_settings_are_read_never_run(tmp_path):
             read_literal_settings(str(tmp_path / "evil.py"))
         assert not marker.exists()
     assert read_literal_settings("SwinT_OGC")["backbone"] == "swin_T_224_1k"
+    evil = tmp_path / "evil.py"
+    evil.write_text('"""a docstring is skipped"""\nhidden_dim = 256\nnames = ["a", "b"]\n')
+    assert read_literal_settings(str(evil)) == {"hidden_dim": 256, "names": ["a", "b"]}
+    for body, why in ((b"a = b = 1\n", "only NAME = literal lines"), (b"x = (\n", "not a settings file"),
+                      (b"x = '\xff\xfe'\n", "not a settings file")):  # chained, cut short, not UTF-8
+        evil.write_bytes(body)
+        with pytest.raises(UserError, match=why):
+            read_literal_settings(str(evil))
     with pytest.raises(UserError, match="neither SwinT_OGC nor SwinB_cfg nor a file"):
         read_literal_settings("SwinX")
 
