@@ -1049,13 +1049,12 @@ def test_versatile_refuses_no_flows_and_a_clip_or_text_vae_of_another_width(tiny
     """Widths are checked at the door, each error naming what to change: a CLIP or a text VAE
     of another width than the UNets', or no flow at all."""
     from mmloom.errors import UserError
+    from mmloom.train.families.versatile import Config
     from mmloom.train.text_vae import make_tiny_text_vae
     from mmloom.testkit.tiny_train import make_tiny_text_unet, make_tiny_unet
 
     with pytest.raises(UserError, match="model.flows is empty: name at least one of text_to_image, image_variation"):
         _versatile(flows=[])
-    from mmloom.train.families.versatile import Config
-
     assert Config.model_validate({"text_max_length": 1}).text_max_length == 1
     with pytest.raises(ValueError, match="text_max_length"):  # a sentence of no token decodes nothing
         Config.model_validate({"text_max_length": 0})

@@ -543,8 +543,9 @@ def test_kandinsky_diffusion_prior_guides_its_x0_at_prior_guidance(tiny_cache, m
     """The diffusion prior samples with classifier-free guidance on its x0 prediction,
     u + g (c - u), the conditional pass on the prompt and the unconditional on the empty
     text, sampling.prior_guidance (4) and prior_steps (25) unless told. A stand-in prior
-    predicts 1 for a prompt and 0.25 for the empty text (c - u and c u differ): DDIM's last step lands on the
-    guided x0 (within its final alpha, alpha~_0 of the cosine schedule), denormalized."""
+    predicts 1 for a prompt and 0.25 for the empty text (values where c - u and c u
+    differ): DDIM's last step lands on the guided x0 (within its final alpha, alpha~_0 of
+    the cosine schedule), denormalized."""
     mc = {"stage": "prior", "encoder": {"path": "tiny:clip"}, "prior": "diffusion", "prior_layers": 1, "prior_heads": 2,
           "prior_width": 32}
     _fam, model, _ = _build("kandinsky", mc)
