@@ -185,3 +185,64 @@ def test_punctuation_and_neighbours_at_the_text_threshold_stay_out_of_phrases(di
     boxes = [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.005]]
     dets = _detect_chosen(dino, monkeypatch, "a man, and his dog", 0.35, 0.25, queries, boxes, (100, 100))
     assert [(d["phrase"], d["span"]) for d in dets] == [("man", [2, 5]), ("his", [11, 14])]
+
+
+def test_head_box_is_the_largest_face_raised_widened_clipped_and_in_picture_pixels():
+    """`HeadFinder`'s geometry on chosen face boxes (the cascade's own output is tested in
+    test_faces.py): the person box is rounded to pixels and cropped; of the faces in the crop
+    the largest by area is kept; its head box is a square `head_expand` times the face's longer
+    side, centred a tenth of the face's height above the face's centre (hair), clipped to the
+    person box and moved back into the picture's pixels (a tenth of a pixel). A person box
+    under 8 pixels either way, or one without a face, has no head."""
+    from mmloom.filters.grounding import HeadFinder
+
+    img = Image.new("RGB", (400, 400))
+    finder = HeadFinder("face", 1.8)
+    seen = []
+
+    def faces(crops, found):
+        seen.extend(c.size for c in crops)
+        return [found]
+
+    person = [100.4, 50.6, 300.2, 350.0]  # pixels 100, 51, 300, 350: a crop of 200 x 299
+    finder.faces = lambda crops: faces(crops, [[10, 10, 20, 20], [60, 80, 100, 130], [0, 0, 30, 30]])
+    # the 40 x 50 face: centre (80, 105) raised by 5, half side 1.8 * 50 / 2 = 45
+    assert finder(img, person) == [135.0, 106.0, 225.0, 196.0] and seen == [(200, 299)]
+    finder.faces = lambda crops: faces(crops, [[0, 0, 40, 40]])  # half side 36 around (20, 16): clipped at the top left
+    assert finder(img, person) == [100.0, 51.0, 156.0, 103.0]
+    finder.faces = lambda crops: faces(crops, [[180, 270, 200, 299]])  # half 26.1 around (190, 281.6): clipped at the bottom right
+    assert finder(img, person) == [263.9, 306.5, 300.0, 350.0]
+    finder.expand = 1.0  # the face's own square, raised
+    finder.faces = lambda crops: faces(crops, [[60, 80, 100, 130]])
+    assert finder(img, person) == [155.0, 126.0, 205.0, 176.0]
+    finder.faces = lambda crops: faces(crops, [])
+    assert finder(img, person) is None
+    finder.faces = lambda crops: faces(crops, [[0, 0, 4, 4]])
+    seen.clear()
+    assert finder(img, [10, 10, 17, 60]) is None and finder(img, [10, 10, 60, 17]) is None and seen == []  # 7 px: never looked at
+    assert finder(img, [10, 10, 18, 18]) == [10.0, 10.0, 14.0, 13.6] and seen == [(8, 8)]  # 8 px: looked at
+
+
+def test_head_box_from_the_detector_is_its_best_scored_head_box():
+    """``head_source: detector``: the grounding model is asked for "head" inside the person
+    crop, and its best-scored box (clipped to the crop, in picture pixels) is the head."""
+    from mmloom.filters.grounding import HeadFinder
+
+    asked = []
+
+    class Detector:
+        ref = "tiny-dino"
+
+        def detect(self, crops, captions):
+            asked.append(([c.size for c in crops], captions))
+            return [[{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.3}, {"box": [5.0, 6.0, 50.0, 400.0], "score": 0.9},
+                     {"box": [0.0, 0.0, 10.0, 10.0], "score": 0.5}]]
+
+    finder = HeadFinder("detector", 1.8, Detector())
+    assert finder.version == "tiny-dino prompted with 'head'"
+    assert finder(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) == [105.0, 56.0, 150.0, 350.0]
+    assert asked == [([(200, 300)], ["head"])]
+    Detector.detect = lambda self, crops, captions: [[]]
+    assert finder(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) is None
+    nothing = HeadFinder("detector", 1.8, None)
+    assert nothing.version == "none" and nothing(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) is None
