@@ -527,6 +527,38 @@ def _fit(fam, model, mc, steps: int) -> list[float]:
     return losses
 
 
+def test_kandinsky_defaults_are_section_4s_and_the_released_models(tiny_cache):
+    """Section 4 and Table 3: the diffusion prior is a transformer encoder of 20 layers, 32
+    heads, width 2048; the residual prior 18 residual MLP blocks; the linear prior one
+    linear layer. The rest is the released Kandinsky 2.1's: ViT-L/14 CLIP, the prior's
+    cosine schedule, the decoder's linear betas 0.00085 to 0.012 over 1000 steps, the
+    released checkpoints' folders. Each size reaches the network built from it."""
+    from mmloom.train.families.kandinsky import Config, DiffusionPrior, LinearPrior, ResidualPrior
+
+    c = Config()
+    assert (c.stage, c.prior, c.prior_layers, c.prior_heads, c.prior_width, c.residual_blocks) == ("prior", "diffusion", 20, 32, 2048, 18)
+    assert (c.prior_schedule.beta_schedule, c.prior_schedule.num_train_timesteps) == ("squaredcos_cap_v2", 1000)
+    s = c.schedule
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("linear", 0.00085, 0.012, 1000)
+    assert c.encoder.path == "ViT-L-14/openai" and (c.prior_model.path, c.prior_model.subfolder) == (
+        "kandinsky-community/kandinsky-2-1-prior", "prior")
+    assert (c.backbone.path, c.backbone.subfolder, c.autoencoder.subfolder, c.autoencoder.type) == (
+        "kandinsky-community/kandinsky-2-1", "unet", "movq", "vq")
+    assert (c.text_encoder.path, c.text_encoder.subfolder, c.text_encoder.tokenizer_subfolder) == (
+        "kandinsky-community/kandinsky-2-1", "text_encoder", "tokenizer")
+    assert (c.prior_stats, c.cond_dropout, c.text_weight, c.use_stored_embeddings, c.prior_checkpoint) == ("dataset", 0.1, 0.5, True, None)
+    assert (c.lr.prior, c.lr.unet) == (1e-4, 1e-4)
+    _fam, model, _ = _kandinsky("prior", prior_layers=3, prior_heads=4, prior_width=48)
+    p = model.prior
+    assert isinstance(p, DiffusionPrior) and len(p.blocks.layers) == 3 and p.width == 48
+    assert p.blocks.layers[0].self_attn.num_heads == 4 and p.blocks.layers[0].linear1.out_features == 4 * 48
+    assert model.prior_sched.config.beta_schedule == "squaredcos_cap_v2" and model.prior_sched.config.prediction_type == "sample"
+    _fam, model, _ = _kandinsky("prior", prior="residual", residual_blocks=5, prior_width=48)
+    assert isinstance(model.prior, ResidualPrior) and len(model.prior.blocks) == 5 and model.prior.inp.out_features == 48
+    _fam, model, _ = _kandinsky("prior", prior="linear")
+    assert isinstance(model.prior, LinearPrior) and [type(m) for m in model.prior.children()] == [torch.nn.Linear]
+
+
 @pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
 def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
     fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, cond_dropout=0.0)
