@@ -161,3 +161,26 @@ def test_the_released_prior_trains_on_curated_shards_and_its_checkpoint_keeps_th
     np.testing.assert_allclose(model.prior.clip_mean[0].numpy(), mean, atol=1e-5)
     np.testing.assert_allclose(model.prior.clip_std[0].numpy(), std, atol=1e-4)
     assert model.prior_embed(["a dog"], steps=2).shape == (1, 32)
+
+    # a decoder's text prompts go through this run (model.prior_checkpoint), loaded once,
+    # with the prompt's seed; a run that is not a Kandinsky prior is refused, naming it
+    import torch
+
+    import mmloom.train.sample as sample_mod
+
+    dcfg = _train_cfg("kandinsky-decoder-tiny.yaml", **{"data.shards": shards, "model.encoder.path": "tiny:clip-l",
+                                                        "model.prior_checkpoint": out})
+    decoder = get_family("kandinsky").build(dcfg.model, dcfg)
+    emb, text = decoder.embed_prompt(["a dog"], seed=3)
+    prior = decoder._load_prior()
+    assert text == "a dog" and prior is decoder._load_prior() and prior.cfg.stage == "prior"
+    torch.testing.assert_close(emb, prior.prior_embed(["a dog"], seed=3)[0])
+    assert not torch.allclose(emb, prior.prior_embed(["a dog"], seed=4)[0])
+    assert not torch.allclose(emb, decoder.clip.texts(["a dog"], normalize=False)[0])  # not the no-prior stand-in
+    for family, stage in (("kandinsky", "decoder"), ("mvader", "prior")):
+        decoder._prior_model = None
+        fake = type("Run", (), {"cfg": type("C", (), {"stage": stage})()})()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sample_mod, "load_for_sampling", lambda ck: (None, fake, type("T", (), {"family": family})()))
+            with pytest.raises(UserError, match=f"model.prior_checkpoint {out} is not a Kandinsky prior run"):
+                decoder.embed_prompt(["a dog"])
