@@ -191,15 +191,24 @@ class OriginalGroundingDino(GroundingDino):
         return self._tokenizer
 
     def _inputs(self, images, texts: list[str]) -> list[torch.Tensor]:
+        """Each picture as the package's inference feeds it (``util.inference.load_image``:
+        ``RandomResize([800], max_size=1333)``, ``ToTensor``, ``Normalize``), its sizes
+        computed as the package's ``datasets.transforms.resize`` does: the shorter side to
+        ``image_size``, or, where the longer would pass ``max_size``, to ``round(max_size *
+        shorter / longer)``; the longer side in proportion, truncated. So a 400 x 300
+        picture is fed at 1066 x 800, as the released model's authors fed it. One change:
+        no side under a pixel (the package fails on a picture more than 2,666 times as wide
+        as high)."""
         import torchvision.transforms.functional as TF
 
         tensors = []
         for im in images:
             w, h = im.size
-            scale = self.section.image_size / min(w, h)
-            if max(w, h) * scale > self.section.max_size:
-                scale = self.section.max_size / max(w, h)
-            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+            size = self.section.image_size
+            if max(w, h) / min(w, h) * size > self.section.max_size:
+                size = int(round(self.section.max_size * min(w, h) / max(w, h)))
+            ow, oh = (size, int(size * h / w)) if w < h else (int(size * w / h), size)
+            im = im.resize((max(1, ow), max(1, oh)), Image.BILINEAR)
             tensors.append(TF.normalize(TF.to_tensor(im), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
         return tensors
 

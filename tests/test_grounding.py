@@ -246,3 +246,46 @@ def test_head_box_from_the_detector_is_its_best_scored_head_box():
     assert finder(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) is None
     nothing = HeadFinder("detector", 1.8, None)
     assert nothing.version == "none" and nothing(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) is None
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400), (2000, 500), (500, 2000), (800, 600), (1333, 10), (5000, 3),
+                                  (799, 801), (123, 457)])
+def test_original_backend_feeds_the_model_what_the_packages_inference_does(size):
+    """``ground.backend: groundingdino`` resizes and normalizes each picture exactly as the
+    package's own inference (``groundingdino.util.inference.load_image``: ``RandomResize([800],
+    max_size=1333)``, ``ToTensor``, ``Normalize`` with ImageNet's mean and deviation), pixel
+    for pixel: the same sizes (the longer side truncated, as the package computes it) and
+    the same values, including pictures whose longer side would pass max_size."""
+    import groundingdino.datasets.transforms as T
+    import numpy as np
+    import torch
+
+    from mmloom.curate.config import OriginalDinoConfig
+    from mmloom.filters.grounding import OriginalGroundingDino
+
+    rng = np.random.default_rng(sum(size))
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    package = T.Compose([T.RandomResize([800], max_size=1333), T.ToTensor(),
+                         T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    want, _ = package(im, None)
+    detector = object.__new__(OriginalGroundingDino)  # _inputs reads only the section's sizes
+    detector.section = OriginalDinoConfig.model_validate({"image_size": 800, "max_size": 1333})
+    [got] = detector._inputs([im], ["a dog."])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_original_backend_keeps_a_pixel_where_the_package_would_fail():
+    """A picture over 2,666 times as wide as high: the package's resize asks for a 0-pixel
+    side and fails (ValueError); mmloom keeps one pixel each way."""
+    import groundingdino.datasets.transforms as T
+
+    from mmloom.curate.config import OriginalDinoConfig
+    from mmloom.filters.grounding import OriginalGroundingDino
+
+    im = Image.new("RGB", (3000, 1))
+    with pytest.raises(ValueError):
+        T.RandomResize([800], max_size=1333)(im, None)
+    detector = object.__new__(OriginalGroundingDino)
+    detector.section = OriginalDinoConfig.model_validate({})
+    assert [tuple(t.shape) for t in detector._inputs([im, Image.new("RGB", (2600, 1))], ["a.", "b."])] == [(3, 1, 1), (3, 1, 2600)]
