@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from mmloom.train.config import TrainConfig
 from mmloom.train.families import FAMILIES, get_family
@@ -548,6 +549,10 @@ def test_kandinsky_defaults_are_section_4s_and_the_released_models(tiny_cache):
         "kandinsky-community/kandinsky-2-1", "text_encoder", "tokenizer")
     assert (c.prior_stats, c.cond_dropout, c.text_weight, c.use_stored_embeddings, c.prior_checkpoint) == ("dataset", 0.1, 0.5, True, None)
     assert (c.lr.prior, c.lr.unet) == (1e-4, 1e-4)
+    for field in ("prior_layers", "prior_heads", "prior_width", "residual_blocks"):  # any size from 1
+        assert getattr(Config.model_validate({field: 1}), field) == 1
+        with pytest.raises(ValidationError, match=field):
+            Config.model_validate({field: 0})
     _fam, model, _ = _kandinsky("prior", prior_layers=3, prior_heads=4, prior_width=48)
     p = model.prior
     assert isinstance(p, DiffusionPrior) and len(p.blocks.layers) == 3 and p.width == 48
