@@ -564,6 +564,90 @@ def test_kandinsky_defaults_are_section_4s_and_the_released_models(tiny_cache):
     assert isinstance(model.prior, LinearPrior) and [type(m) for m in model.prior.children()] == [torch.nn.Linear]
 
 
+def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(tiny_cache, tmp_path, monkeypatch):
+    """Released-layout parts that cannot work together stop the build with one UserError
+    naming the setting and the widths, before anything trains: a decoder UNet that is not
+    Kandinsky 2.1's (no text_image_proj), one expecting other image or text widths, a text
+    encoder of another width, output channels that are neither epsilon nor epsilon and
+    variance; a prior whose heads do not divide its width; a released prior of another
+    width, or one whose statistics were never fitted kept with prior_stats: checkpoint.
+    Data: no stored embeddings, or of another width, or no shards to fit statistics on."""
+    import json
+
+    from diffusers import PriorTransformer, UNet2DConditionModel
+
+    from mmloom.errors import UserError
+    from mmloom.testkit.tiny_train import (kandinsky_unet_config, make_tiny_kandinsky_prior, make_tiny_mclip,
+                                           make_tiny_unet_kandinsky, resolve_tiny)
+
+    def refused(stage, match, **over):
+        with pytest.raises(UserError, match=match) as e:
+            _kandinsky(stage, **over)
+        assert "\n" not in str(e.value)
+
+    unet = lambda path: {"path": str(path), "subfolder": None}  # noqa: E731
+    refused("decoder", "model.backbone.path tiny:unet: a Kandinsky decoder needs encoder_hid_dim_type 'text_image_proj'",
+            backbone={"path": "tiny:unet", "subfolder": None})
+    UNet2DConditionModel(**{**kandinsky_unet_config(), "addition_embed_type": None}).save_pretrained(tmp_path / "no-added")
+    refused("decoder", "needs encoder_hid_dim_type 'text_image_proj' and addition_embed_type 'text_image'", backbone=unet(tmp_path / "no-added"))
+    refused("decoder", "expects 16-d image embeddings and 48-d text tokens; model.encoder.path tiny:clip gives 32-d",
+            backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "u16"), clip_dim=16)))
+    refused("decoder", "expects 32-d image embeddings and 40-d text tokens; .* gives 32-d and model.text_encoder.path .* 48-d tokens, 32-d pooled",
+            backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "t40"), text_width=40)))
+    refused("decoder", "48-d tokens, 16-d pooled", text_encoder={"path": make_tiny_mclip(str(tmp_path / "m16"), dim=16),
+                                                                 "subfolder": None, "tokenizer_subfolder": None})
+    for out_channels, ok in ((6, False), (4, True)):
+        UNet2DConditionModel(**{**kandinsky_unet_config(), "out_channels": out_channels}).save_pretrained(tmp_path / f"o{out_channels}")
+        if ok:
+            _fam, model, _ = _kandinsky("decoder", backbone=unet(tmp_path / "o4"))
+            out = torch.randn(2, 4, 8, 8)
+            assert model._eps(out) is not None and torch.equal(model._eps(out), out)  # epsilon alone: all of it
+        else:
+            refused("decoder", "out_channels 6 is neither in_channels \\(4, epsilon\\) nor twice that", backbone=unet(tmp_path / "o6"))
+    refused("prior", "model.prior_heads \\(3\\) must divide model.prior_width \\(32\\)", prior_heads=3)
+    released = {"prior": "released", "encoder": {"path": "tiny:clip-l"}}
+    refused("prior", "model.prior_model .*: the prior takes 16-d embeddings and 77 16-wide text tokens; model.encoder.path tiny:clip-l gives "
+            "32-d embeddings and 77 32-wide tokens", **released,
+            prior_model={"path": make_tiny_kandinsky_prior(str(tmp_path / "p16"), dim=16), "subfolder": "prior"})
+    ref = resolve_tiny("tiny:kandinsky-prior")
+    unfitted = tmp_path / "unfitted"
+    prior = PriorTransformer.from_pretrained(ref, subfolder="prior")
+    with torch.no_grad():
+        prior.clip_std.zero_()
+    prior.save_pretrained(unfitted / "prior")
+    (unfitted / "scheduler").mkdir()
+    (unfitted / "scheduler" / "scheduler_config.json").write_text(json.dumps(json.load(open(f"{ref}/scheduler/scheduler_config.json"))))
+    refused("prior", "its clip_std is not fitted \\(zeros\\): set model.prior_stats: dataset", **released, prior_stats="checkpoint",
+            prior_model={"path": str(unfitted), "subfolder": "prior"})
+    _fam, model, _ = _kandinsky("prior", **released, prior_model={"path": str(unfitted), "subfolder": "prior"})  # dataset: fitted later
+    assert int(model.norm.count) == 0
+
+    # data: the batch's stored embeddings, and the shards the statistics come from
+    _fam, prior_model, _ = _kandinsky("prior")
+    _fam, decoder, _ = _kandinsky("decoder")
+    for model, hint in ((prior_model, False), (decoder, True)):
+        batch = _batch(2)
+        batch["clip_image"] = None
+        with pytest.raises(UserError, match="hold no stored CLIP image embeddings .*run the score stage with score.clip.store_embeddings") as e:
+            model._image_embeddings(batch)
+        assert ("model.use_stored_embeddings: false" in str(e.value)) == hint
+        batch["clip_image"] = torch.zeros(2, 16)
+        with pytest.raises(UserError, match="stored image embeddings are 16-d, model.encoder.path tiny:clip gives 32-d"):
+            model._image_embeddings(batch)
+        assert model._image_embeddings(_batch(2)).shape == (2, 32)
+    with pytest.raises(UserError, match="data.shards is empty: the prior's normalization needs the dataset's stored embeddings"):
+        prior_model.fit_normalizer()
+    import mmloom.train.embed_stats as embed_stats
+
+    prior_model.data_spec = "shards"
+    monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe: (np.zeros(16), np.ones(16), 5))
+    with pytest.raises(UserError, match="the stored embeddings are 16-d but model.encoder.path tiny:clip gives 32-d"):
+        prior_model.fit_normalizer()
+    monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe: (np.full(32, 0.5), np.full(32, 2.0), 5))
+    prior_model.fit_normalizer()
+    assert int(prior_model.norm.count) == 5 and float(prior_model.norm.mean[0]) == 0.5 and float(prior_model.norm.std[0]) == 2.0
+
+
 @pytest.mark.parametrize("prior", ["linear", "residual", "diffusion"])
 def test_kandinsky_priors_train_with_falling_loss(tiny_cache, prior):
     fam, model, mc = _kandinsky("prior", prior=prior, residual_blocks=2, cond_dropout=0.0)
