@@ -250,13 +250,13 @@ def assert_kandinsky_decoder_is_the_pipeline(model, pipe):
     torch.testing.assert_close(model._eps(ours), ref[:, :4])
 
     seen = _capture_latents(model)
-    model.generate([[prompt]], steps=STEPS, guidance=4.0, seeds=[5], size=64)
+    model.generate([[prompt]], steps=STEPS, guidance=5.0, seeds=[5], size=64)  # not the default 4: the guidance asked for is used
     ref_lat = []
     decode = pipe.movq.decode
     pipe.movq.decode = lambda lat, **k: (ref_lat.append(lat.clone()), decode(lat, **k))[1]
     with torch.no_grad():
         pipe(prompt, image_embeds=img, negative_image_embeds=model.black[None], height=64, width=64, num_inference_steps=STEPS,
-             guidance_scale=4.0, latents=start_noise((4, 8, 8), [5], "cpu"), generator=torch.Generator().manual_seed(5),
+             guidance_scale=5.0, latents=start_noise((4, 8, 8), [5], "cpu"), generator=torch.Generator().manual_seed(5),
              output_type="pt")
     torch.testing.assert_close(seen[0], ref_lat[0], atol=1e-4, rtol=1e-4)
 
@@ -306,15 +306,15 @@ def _prior_pipeline(root, model):
 def test_kandinsky_prior_matches_the_released_pipeline(prior_dir):
     """The released prior layout loads through mmloom (clip_mean/clip_std included), and the
     same text embeddings give the same image embedding as KandinskyPriorPipeline for a
-    few-step run with the same seed (UnCLIPScheduler's variance noise, guidance 4, then the
+    few-step run with the same seed (UnCLIPScheduler's variance noise, guidance 5, then the
     released denormalization, post_process_latents)."""
     model = _released_prior(prior_dir)
     pipe = _prior_pipeline(prior_dir, model)
-    prompts = ["a red circle on the beach", "a dog"]
-    ours = model.prior_embed(prompts, guidance=4.0, steps=STEPS, seed=3)
+    prompts = ["a red circle on the beach", "a dog", "a cat"]  # three: a batch split in halves, not thirds
+    ours = model.prior_embed(prompts, guidance=5.0, steps=STEPS, seed=3)  # not the default 4: the guidance asked for is used
     with torch.no_grad():
-        ref = pipe(prompts, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3)).image_embeds
-    assert ours.shape == (2, 32) and (ours[0] - ours[1]).abs().max() > 1e-3  # the text matters
+        ref = pipe(prompts, num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(3)).image_embeds
+    assert ours.shape == (3, 32) and (ours[0] - ours[1]).abs().max() > 1e-3  # the text matters
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
     # the checkpoint's statistics are the normalization, and they move the result
     assert torch.equal(model.norm.mean, pipe.prior.clip_mean[0]) and torch.equal(model.norm.std, pipe.prior.clip_std[0])
