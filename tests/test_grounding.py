@@ -92,6 +92,11 @@ def test_original_package_checkpoint_loads_as_released(tmp_path):
     assert d.version.startswith("groundingdino-py 0.4.0")
     for k in ("transformer.decoder.layers.0.linear1.weight",):
         assert torch.equal(d.model.state_dict()[k], state[k])  # loaded, not the random init
+    # a checkpoint saved from DistributedDataParallel ("module." before each key) loads the same,
+    # as the package's own clean_state_dict reads it
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "ddp.pth")
+    ddp = OriginalGroundingDino(OriginalDinoConfig.model_validate({**section, "weights": str(tmp_path / "ddp.pth")}), 0.0, 0.0)
+    assert all(torch.equal(v, state[k]) for k, v in ddp.model.state_dict().items() if k in state)
     state.pop("transformer.decoder.layers.0.linear1.weight")
     torch.save({"model": state}, tmp_path / "broken.pth")
     with pytest.raises(UserError, match="broken.pth does not fit.*1 missing.*linear1"):
