@@ -294,3 +294,34 @@ def test_original_backend_keeps_a_pixel_where_the_package_would_fail():
     detector = object.__new__(OriginalGroundingDino)
     detector.section = OriginalDinoConfig.model_validate({})
     assert [tuple(t.shape) for t in detector._inputs([im, Image.new("RGB", (2600, 1))], ["a.", "b."])] == [(3, 1, 1), (3, 1, 2600)]
+
+
+def test_bert_wrapper_masks_as_the_package_does():
+    """``_Bert`` (groundingdino-py's BertModelWarper for transformers 5): with a [B, T] mask
+    it is BERT itself; with the package's [B, T, T] block-diagonal mask a token sees only
+    its own phrase's block, so changing another block's tokens leaves it unchanged, while
+    changing its own block does not."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from mmloom.filters.grounding import _Bert
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                     add_pooling_layer=False).eval()
+    wrapped = _Bert(bert)
+    ids = torch.randint(5, 50, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        out = wrapped(ids, mask)
+        torch.testing.assert_close(out["last_hidden_state"], bert(ids, attention_mask=mask).last_hidden_state)
+        assert out["pooler_output"] is None
+        blocks = torch.zeros(2, 6, 6)
+        blocks[:, :3, :3] = blocks[:, 3:, 3:] = 1  # two phrases: tokens 0-2 and 3-5
+        first = wrapped(ids, blocks)["last_hidden_state"]
+        other = ids.clone()
+        other[:, 3:] = (other[:, 3:] + 7) % 50
+        second = wrapped(other, blocks)["last_hidden_state"]
+        torch.testing.assert_close(first[:, :3], second[:, :3])  # the first phrase never saw the second
+        assert (first[:, 3:] - second[:, 3:]).abs().max() > 1e-3
+        assert (first - wrapped(ids, mask)["last_hidden_state"]).abs().max() > 1e-3  # the blocks are applied
