@@ -692,6 +692,22 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
 
 
 @pytest.mark.slow
+def test_kandinsky_decoder_samplers_are_the_named_ones_on_its_schedule(tiny_cache):
+    """``sampling.sampler``: ddim and pndm drop the learned variance (their schedulers have
+    none), ddpm is diffusers' DDPMScheduler with ``learned_range``, as KandinskyPipeline
+    samples the released UNet; every one on the decoder's training schedule, and each samples."""
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    _fam, model, _ = _kandinsky("decoder")
+    for name, kind in (("ddim", DDIMScheduler), ("pndm", PNDMScheduler), ("ddpm", DDPMScheduler)):
+        sched = model._sampler(name)
+        assert type(sched) is kind and sched.config.beta_schedule == "linear" and sched.config.beta_end == 0.012
+        assert (getattr(sched.config, "variance_type", None) == "learned_range") == (name == "ddpm")
+        model.cfg.sampling.sampler = name
+        [im] = model.generate([["a red circle"]], steps=3, guidance=4.0, seeds=[0], size=32)
+        assert im.size == (32, 32)
+
+
 def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
     from PIL import Image
 
