@@ -706,6 +706,9 @@ def test_kandinsky_decoder_samplers_are_the_named_ones_on_its_schedule(tiny_cach
         model.cfg.sampling.sampler = name
         [im] = model.generate([["a red circle"]], steps=3, guidance=4.0, seeds=[0], size=32)
         assert im.size == (32, 32)
+    # no size asked for: the UNet's sample_size in pixels (8 latents x the autoencoder's factor)
+    assert model.generate([["a red circle"]], steps=2, seeds=[0])[0].size == (8 * model.ae.downscale,) * 2
+    assert model.unet.config.sample_size == 8 and model.ae.downscale > 1
 
 
 def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
