@@ -167,14 +167,19 @@ def test_every_learning_rate_accepts_zero_and_refuses_a_negative(name):
 @pytest.mark.parametrize("name", ["mumu", "mvader", "versatile", "mtdiffusion", "kandinsky"])
 def test_every_familys_sampling_needs_a_step_and_a_non_negative_guidance(name):
     """Each family restates its paper's sampling defaults with their bounds: one step and
-    guidance 0 (no guidance) are allowed, zero steps and negative guidance are not."""
+    guidance 0 (no guidance) are allowed, zero steps and negative guidance are not (every
+    step count and every guidance scale a family samples with)."""
     from mmloom.train.families import get_family
 
     fam = get_family(name)
-    assert fam.config({"sampling": {"steps": 1}}).sampling.steps == 1
-    with pytest.raises(Exception, match=r"sampling\.steps"):
-        fam.config({"sampling": {"steps": 0}})
     defaults = fam.Config().sampling
+    # every step count (Kandinsky's prior_steps too)
+    counts = [k for k in type(defaults).model_fields if k.endswith("steps")]
+    assert ("prior_steps" in counts) == (name == "kandinsky") and "steps" in counts
+    for k in counts:
+        assert getattr(fam.config({"sampling": {k: 1}}).sampling, k) == 1
+        with pytest.raises(Exception, match=rf"sampling\.{k}"):
+            fam.config({"sampling": {k: 0}})
     # every guidance scale (VD's text_guidance, Kandinsky's prior_guidance too); MT-Diffusion's
     # Algorithm 1 has none
     scales = [k for k in type(defaults).model_fields if k.endswith("guidance") and getattr(defaults, k) is not None]
