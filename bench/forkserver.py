@@ -26,6 +26,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "mutation", "tiny-cache")
+# a run still going after this many seconds is stopped and answered TIMEOUT_EXIT (bench/mutation.sh
+# sets it from the unmutated run's time, in SOCKET.deadline: a survivor runs every test, and a
+# deadline under that time turned survivors into false kills); the warm-up run has none
+DEADLINE = float(os.environ.get("MUTATION_DEADLINE", "280"))
+TIMEOUT_EXIT = 124  # as timeout(1)
 
 
 def _ours(module) -> bool:
@@ -57,7 +62,7 @@ def _pytest(args: list[str], modules_out: str | None = None) -> int:
     return rc
 
 
-def _child(args: list[str], log: str, modules_out: str | None = None) -> int:
+def _child(args: list[str], log: str, modules_out: str | None = None, deadline: float | None = None) -> int:
     pid = os.fork()
     if pid == 0:
         code = 3
@@ -71,17 +76,27 @@ def _child(args: list[str], log: str, modules_out: str | None = None) -> int:
     # a mutant that loops for ever: killed here, before cosmic-ray's 300 s timeout (an alarm in
     # the child would not do: pytest-timeout's signal method re-arms SIGALRM for every test,
     # and the server, serving one run at a time, would block every later mutant behind it)
-    deadline = time.monotonic() + 280
+    stop = None if deadline is None else time.monotonic() + deadline
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        if time.monotonic() > deadline:
+        if stop is not None and time.monotonic() > stop:
             os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-            break
+            os.waitpid(pid, 0)
+            return TIMEOUT_EXIT
         time.sleep(0.05)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 4
+
+
+def _deadline(path: str) -> float:
+    """Seconds a run may take: ``SOCKET.deadline`` (bench/mutation.sh writes it once the
+    unmutated run has been timed), else MUTATION_DEADLINE, else 280."""
+    try:
+        with open(path + ".deadline") as fh:
+            return float(fh.read())
+    except (OSError, ValueError):
+        return DEADLINE
 
 
 def serve(path: str, warm: list[str]) -> None:
@@ -108,7 +123,12 @@ def serve(path: str, warm: list[str]) -> None:
             if args == ["--stop"]:
                 conn.sendall(b"0\n")
                 break
-            conn.sendall(f"{_child(args, path + '.last.log')}\n".encode())
+            deadline = _deadline(path)
+            rc = _child(args, path + ".last.log", deadline=deadline)
+            if rc == TIMEOUT_EXIT:  # counted by bench/mutation.sh: a timed-out mutant is not a plain kill
+                with open(path + ".timeouts.log", "a") as fh:
+                    fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} stopped after {deadline:.0f} s\n")
+            conn.sendall(f"{rc}\n".encode())
     server.close()
     os.unlink(path)
 

@@ -46,7 +46,9 @@ if [ -n "${MUTATION_FORK:-}" ] && [ -z "${MUTATION_COUNT:-}" ]; then
   [ "${1:-} ${2:-} ${3:-}" = "python -m pytest" ] || { echo "bench/mutation.sh: MUTATION_FORK needs 'python -m pytest ARGS'" >&2; exit 2; }
   shift 3
   sock=/tmp/mmloom-mutation-$(echo "$PWD $name" | md5sum | cut -c1-12).sock  # AF_UNIX paths are short
-  rm -f "$sock"
+  rm -f "$sock" "$sock.deadline"
+  [ -n "${MUTATION_RESUME:-}" ] || rm -f "$sock.timeouts.log"
+  echo 86400 >"$sock.deadline"  # the unmutated run is timed, not stopped
   python bench/forkserver.py "$sock" -- "$@" >"mutation/$name.fork.log" 2>&1 &  # logs: $sock.*.log
   fork_pid=$!
   cleanup() { python bench/forkserver.py --run "$sock" --stop >/dev/null 2>&1 || kill "$fork_pid" 2>/dev/null || true; }
@@ -58,11 +60,19 @@ if [ -n "${MUTATION_FORK:-}" ] && [ -z "${MUTATION_COUNT:-}" ]; then
   set -- python bench/forkserver.py --run "$sock" "$@"
 fi
 command=$(python -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' "$@")  # cosmic-ray shlex.splits it
+deadline=${MUTATION_DEADLINE:-280}
 if [ -z "${MUTATION_COUNT:-}" ]; then
+  start=$(date +%s)
   "$@" >"mutation/$name.baseline.log" 2>&1 || { tail -n 20 "mutation/$name.baseline.log" >&2
     echo "bench/mutation.sh: the test command fails on the unmutated code; fix it first" >&2; exit 2; }
+  took=$(( $(date +%s) - start ))
+  # a survivor runs every test: a deadline under three times the unmutated run's time (the
+  # load varies) would stop survivors and count them as kills
+  [ $((3 * took)) -le "$deadline" ] || deadline=$((3 * took))
+  echo "unmutated run: ${took} s; each mutant's run is stopped after ${deadline} s (MUTATION_DEADLINE)"
+  [ -z "${sock:-}" ] || echo "$deadline" >"$sock.deadline"
 fi
-python - "$module" "$cfg" "$command" "${funcs[@]}" <<'PY'
+DEADLINE=$deadline python - "$module" "$cfg" "$command" "${funcs[@]}" <<'PY'
 import ast, json, sys
 import os
 module, cfg, command, *funcs = sys.argv[1:]
@@ -85,7 +95,7 @@ if funcs:
         lines.append("%d-%d" % found[f])
 with open(cfg, "w") as fh:
     fh.write("[cosmic-ray]\n")
-    fh.write(f"module-path = {json.dumps(module)}\ntimeout = 300.0\nexcluded-modules = []\n")
+    fh.write(f"module-path = {json.dumps(module)}\ntimeout = {float(os.environ['DEADLINE']) + 30}\nexcluded-modules = []\n")
     fh.write(f"test-command = {json.dumps(command)}\n\n[cosmic-ray.distributor]\nname = \"local\"\n")
     if lines:
         fh.write(f"\n[cosmic-ray.filters.line-filter.lines]\n{json.dumps(module)} = {json.dumps(lines)}\n")
@@ -125,3 +135,6 @@ rows = db.execute("select test_outcome, worker_outcome, count(*) from work_resul
 count = {f"{t or w}".lower(): n for t, w, n in rows}
 print("mutants: " + ", ".join(f"{k} {v}" for k, v in sorted(count.items())))
 PY
+if [ -n "${sock:-}" ] && [ -s "$sock.timeouts.log" ]; then
+  echo "of the killed, $(wc -l <"$sock.timeouts.log") were stopped at the ${deadline} s deadline (a loop, or a survivor too slow: see $sock.timeouts.log)"
+fi

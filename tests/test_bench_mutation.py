@@ -41,3 +41,42 @@ def test_only_function_signature_annotations_of_postponed_modules_are_skipped():
     field = lines[5].index("|")  # pydantic evaluates a field's annotation
     assert not m.inside((6, field), (6, field + 1), spans)
     assert m.annotation_spans(SOURCE.replace("from __future__ import annotations\n", "")) == []
+
+
+def test_fork_server_stops_a_run_at_its_deadline_and_says_so(tmp_path):
+    """bench/forkserver.py: a run past the deadline in SOCKET.deadline is stopped, answered
+    124 (not pytest's 1, so a slow survivor is not counted as an ordinary kill) and logged
+    in SOCKET.timeouts.log; a run within it answers pytest's own status. The deadline is read
+    per run (bench/mutation.sh writes it once the unmutated run is timed)."""
+    import subprocess
+    import sys
+    import time
+
+    server_py = os.path.join(HERE, "..", "bench", "forkserver.py")
+    flag, sock = tmp_path / "sleep", str(tmp_path / "s.sock")
+    (tmp_path / "test_slow.py").write_text(
+        "import os, time\n"
+        f"def test_slow():\n    if os.path.exists({str(flag)!r}):\n        time.sleep(float(open({str(flag)!r}).read()))\n")
+    args = ["-q", "-p", "no:cacheprovider", str(tmp_path / "test_slow.py")]
+    server = subprocess.Popen([sys.executable, server_py, sock, "--", *args], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, server_py, "--run", sock, *extra], capture_output=True).returncode
+
+    try:
+        for _ in range(600):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.1)
+        assert run(*args) == 0
+        (tmp_path / "s.sock.deadline").write_text("1")
+        flag.write_text("30")
+        start = time.monotonic()
+        assert run(*args) == 124 and time.monotonic() - start < 20
+        assert "stopped after 1 s" in (tmp_path / "s.sock.timeouts.log").read_text()
+        flag.write_text("0")
+        assert run(*args) == 0 and len((tmp_path / "s.sock.timeouts.log").read_text().splitlines()) == 1
+    finally:
+        run("--stop")
+        server.wait(30)
