@@ -699,6 +699,8 @@ def test_kandinsky_decoder_samplers_are_the_named_ones_on_its_schedule(tiny_cach
     from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
     _fam, model, _ = _kandinsky("decoder")
+    grad = []  # sampling builds no autograd graph (its memory at the released size)
+    model.unet.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
     for name, kind in (("ddim", DDIMScheduler), ("pndm", PNDMScheduler), ("ddpm", DDPMScheduler)):
         sched = model._sampler(name)
         assert type(sched) is kind and sched.config.beta_schedule == "linear" and sched.config.beta_end == 0.012
@@ -709,6 +711,7 @@ def test_kandinsky_decoder_samplers_are_the_named_ones_on_its_schedule(tiny_cach
     # no size asked for: the UNet's sample_size in pixels (8 latents x the autoencoder's factor)
     assert model.generate([["a red circle"]], steps=2, seeds=[0])[0].size == (8 * model.ae.downscale,) * 2
     assert model.unet.config.sample_size == 8 and model.ae.downscale > 1
+    assert grad and not any(grad)
 
 
 def test_kandinsky_decoder_trains_and_fuses_text_and_image(tiny_cache):
