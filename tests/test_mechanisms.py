@@ -262,7 +262,11 @@ def test_mumu_trains_only_lora_and_the_adapter_drops_prompts_at_cond_dropout_and
         monkeypatch.setattr(torch, "rand", real_rand)
         assert seen[-1] == ([[""]] * 2 if dropped else [["a red circle"]] * 2), draw
     side = model.unet.config.sample_size * model.ae.downscale
+    grad = []  # sampling builds no autograd graph (its memory at SDXL size)
+    hook = model.unet.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
     assert fam.generate(model.eval(), [["a red circle"]], steps=1, seeds=[0])[0].size == (side, side)
+    hook.remove()
+    assert grad and not any(grad)
     cfg = TrainConfig.model_validate({"family": "mumu", "model": {**TINY, "encoder": {"path": "tiny:vlm"}, "adapter_layers": 1,
                                                                   "adapter_heads": 2},
                                       "prompt": {"stage": 2, "crop_size": 128, "stage2_crop_size": 96}, "data": {"resolution": 64}})
