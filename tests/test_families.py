@@ -570,7 +570,8 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
     Kandinsky 2.1's (no text_image_proj), one expecting other image or text widths, a text
     encoder of another width, output channels that are neither epsilon nor epsilon and
     variance; a prior whose heads do not divide its width; a released prior of another
-    width, or one whose statistics were never fitted kept with prior_stats: checkpoint.
+    width (embeddings or text tokens), or one whose statistics were never fitted kept with
+    prior_stats: checkpoint.
     Data: no stored embeddings, or of another width, or no shards to fit statistics on."""
     import json
 
@@ -607,6 +608,10 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
     refused("prior", "model.prior_model .*: the prior takes 16-d embeddings and 77 16-wide text tokens; model.encoder.path tiny:clip-l gives "
             "32-d embeddings and 77 32-wide tokens", **released,
             prior_model={"path": make_tiny_kandinsky_prior(str(tmp_path / "p16"), dim=16), "subfolder": "prior"})
+    # embeddings of the prior's width, text tokens wider (tiny:clip's text tower is 64 wide)
+    refused("prior", "the prior takes 32-d embeddings and 77 32-wide text tokens; model.encoder.path tiny:clip gives "
+            "32-d embeddings and 77 64-wide tokens", prior="released", encoder={"path": "tiny:clip"},
+            prior_model={"path": "tiny:kandinsky-prior", "subfolder": "prior"})
     ref = resolve_tiny("tiny:kandinsky-prior")
     unfitted = tmp_path / "unfitted"
     prior = PriorTransformer.from_pretrained(ref, subfolder="prior")
