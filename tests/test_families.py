@@ -613,15 +613,30 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
             "32-d embeddings and 77 64-wide tokens", prior="released", encoder={"path": "tiny:clip"},
             prior_model={"path": "tiny:kandinsky-prior", "subfolder": "prior"})
     ref = resolve_tiny("tiny:kandinsky-prior")
+
+    def saved_prior(name, clip_std=None, **config):
+        """tiny:kandinsky-prior's prior saved with its scheduler under tmp_path/name: with
+        ``config`` changed (fresh weights), or its clip_std all ``clip_std`` but one
+        dimension's (one fitted dimension is not enough)."""
+        prior = PriorTransformer.from_pretrained(ref, subfolder="prior")
+        if config:
+            prior = PriorTransformer(**{**{k: v for k, v in prior.config.items() if not k.startswith("_")}, **config})
+        if clip_std is not None:
+            with torch.no_grad():
+                prior.clip_std.fill_(clip_std)
+                prior.clip_std[0, 0] = 1.0
+        prior.save_pretrained(tmp_path / name / "prior")
+        (tmp_path / name / "scheduler").mkdir()
+        (tmp_path / name / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(json.load(open(f"{ref}/scheduler/scheduler_config.json"))))
+        return {"path": str(tmp_path / name), "subfolder": "prior"}
+
+    refused("prior", "the prior takes 32-d embeddings and 78 32-wide text tokens; model.encoder.path tiny:clip-l gives "
+            "32-d embeddings and 77 32-wide tokens", **released, prior_model=saved_prior("p78", num_embeddings=78))
+    for name, std in (("unfitted", 0.0), ("negative", -1.0)):
+        refused("prior", "its clip_std is not all positive \\(an unfitted prior's is zeros\\): set model.prior_stats: dataset",
+                **released, prior_stats="checkpoint", prior_model=saved_prior(name, clip_std=std))
     unfitted = tmp_path / "unfitted"
-    prior = PriorTransformer.from_pretrained(ref, subfolder="prior")
-    with torch.no_grad():
-        prior.clip_std.zero_()
-    prior.save_pretrained(unfitted / "prior")
-    (unfitted / "scheduler").mkdir()
-    (unfitted / "scheduler" / "scheduler_config.json").write_text(json.dumps(json.load(open(f"{ref}/scheduler/scheduler_config.json"))))
-    refused("prior", "its clip_std is not fitted \\(zeros\\): set model.prior_stats: dataset", **released, prior_stats="checkpoint",
-            prior_model={"path": str(unfitted), "subfolder": "prior"})
     _fam, model, _ = _kandinsky("prior", **released, prior_model={"path": str(unfitted), "subfolder": "prior"})  # dataset: fitted later
     assert int(model.norm.count) == 0
 

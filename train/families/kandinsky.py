@@ -337,7 +337,8 @@ class KandinskyModel(nn.Module):
                             f"and {ctx} {self.text_width}-wide tokens (the released prior's is ViT-L-14/openai)")
         self.norm = PriorStats(self.prior, cfg.prior_stats == "checkpoint")
         if cfg.prior_stats == "checkpoint" and not bool((self.prior.clip_std > 0).all()):
-            raise UserError(f"model.prior_model {pm.path}: its clip_std is not fitted (zeros): set model.prior_stats: dataset")
+            raise UserError(f"model.prior_model {pm.path}: its clip_std is not all positive (an unfitted prior's is "
+                            "zeros): set model.prior_stats: dataset")
 
     def _run_prior(self, noised, t, tokens, mask, pooled):
         """The image embedding (normalized, x0) the prior predicts from a noised one."""
