@@ -137,7 +137,11 @@ def run(path: str, args: list[str]) -> int:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
     client.sendall((json.dumps(args) + "\n").encode())
-    return int(client.makefile().readline())
+    rc = int(client.makefile().readline())
+    if rc == TIMEOUT_EXIT:  # on stdout: cosmic-ray keeps it with the mutant, so the report can name it
+        print(f"forkserver: stopped at the {_deadline(path):.0f} s deadline (a loop, or a survivor too slow), "
+              "not a failing test", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ rows = db.execute("select test_outcome, worker_outcome, count(*) from work_resul
 count = {f"{t or w}".lower(): n for t, w, n in rows}
 print("mutants: " + ", ".join(f"{k} {v}" for k, v in sorted(count.items())))
 PY
-if [ -n "${sock:-}" ] && [ -s "$sock.timeouts.log" ]; then
-  echo "of the killed, $(wc -l <"$sock.timeouts.log") were stopped at the ${deadline} s deadline (a loop, or a survivor too slow: see $sock.timeouts.log)"
-fi
+# the fork server's client says so on stdout, which the session keeps with the mutant
+python - "$session" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+stopped = [j for (j,) in db.execute("select job_id from work_results where output like '%forkserver: stopped at the %'")]
+if stopped:
+    print(f"of the killed, {len(stopped)} were stopped at the deadline, not failed (a loop, or a survivor too slow; "
+          f"see each with cr-report --show-output): {' '.join(stopped)}")
+PY

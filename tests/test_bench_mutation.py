@@ -46,8 +46,10 @@ def test_only_function_signature_annotations_of_postponed_modules_are_skipped():
 def test_fork_server_stops_a_run_at_its_deadline_and_says_so(tmp_path):
     """bench/forkserver.py: a run past the deadline in SOCKET.deadline is stopped, answered
     124 (not pytest's 1, so a slow survivor is not counted as an ordinary kill) and logged
-    in SOCKET.timeouts.log; a run within it answers pytest's own status. The deadline is read
-    per run (bench/mutation.sh writes it once the unmutated run is timed)."""
+    in SOCKET.timeouts.log; the client says so on its stdout, which cosmic-ray keeps with the
+    mutant (so the report names which mutants were stopped); a run within it answers
+    pytest's own status. The deadline is read per run (bench/mutation.sh writes it once the
+    unmutated run is timed)."""
     import subprocess
     import sys
     import time
@@ -61,8 +63,12 @@ def test_fork_server_stops_a_run_at_its_deadline_and_says_so(tmp_path):
     server = subprocess.Popen([sys.executable, server_py, sock, "--", *args], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    said = []
+
     def run(*extra):
-        return subprocess.run([sys.executable, server_py, "--run", sock, *extra], capture_output=True).returncode
+        done = subprocess.run([sys.executable, server_py, "--run", sock, *extra], capture_output=True, text=True)
+        said.append(done.stdout)
+        return done.returncode
 
     try:
         for _ in range(600):
@@ -75,8 +81,10 @@ def test_fork_server_stops_a_run_at_its_deadline_and_says_so(tmp_path):
         start = time.monotonic()
         assert run(*args) == 124 and time.monotonic() - start < 20
         assert "stopped after 1 s" in (tmp_path / "s.sock.timeouts.log").read_text()
+        assert "forkserver: stopped at the 1 s deadline" in said[-1]
         flag.write_text("0")
         assert run(*args) == 0 and len((tmp_path / "s.sock.timeouts.log").read_text().splitlines()) == 1
+        assert "forkserver: stopped" not in said[-1]
     finally:
         run("--stop")
         server.wait(30)
