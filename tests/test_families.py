@@ -578,7 +578,7 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
     from diffusers import PriorTransformer, UNet2DConditionModel
 
     from mmloom.errors import UserError
-    from mmloom.testkit.tiny_train import (kandinsky_unet_config, make_tiny_kandinsky_prior, make_tiny_mclip,
+    from mmloom.testkit.tiny_train import (kandinsky_unet_config, make_tiny_clip_l, make_tiny_kandinsky_prior, make_tiny_mclip,
                                            make_tiny_unet_kandinsky, resolve_tiny)
 
     def refused(stage, match, **over):
@@ -653,14 +653,18 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
         with pytest.raises(UserError, match="stored image embeddings are 16-d, model.encoder.path tiny:clip gives 32-d"):
             model._image_embeddings(batch)
         assert model._image_embeddings(_batch(2)).shape == (2, 32)
+    # the released width, 768 (ints above 256 are distinct objects in CPython: compared by value)
+    _fam, wide, _ = _kandinsky("prior", encoder={"path": make_tiny_clip_l(str(tmp_path / "clip768"), embed_dim=768)})
+    assert wide._image_embeddings({**_batch(2), "clip_image": torch.zeros(2, 768)}).shape == (2, 768)
     with pytest.raises(UserError, match="data.shards is empty: the prior's normalization needs the dataset's stored embeddings"):
         prior_model.fit_normalizer()
     import mmloom.train.embed_stats as embed_stats
 
     prior_model.data_spec = "shards"
-    monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe: (np.zeros(16), np.ones(16), 5))
-    with pytest.raises(UserError, match="the stored embeddings are 16-d but model.encoder.path tiny:clip gives 32-d"):
-        prior_model.fit_normalizer()
+    for wrong in (16, 48):  # narrower or wider
+        monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe, d=wrong: (np.zeros(d), np.ones(d), 5))
+        with pytest.raises(UserError, match=f"the stored embeddings are {wrong}-d but model.encoder.path tiny:clip gives 32-d"):
+            prior_model.fit_normalizer()
     monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe: (np.full(32, 0.5), np.full(32, 2.0), 5))
     prior_model.fit_normalizer()
     assert int(prior_model.norm.count) == 5 and float(prior_model.norm.mean[0]) == 0.5 and float(prior_model.norm.std[0]) == 2.0
