@@ -564,6 +564,20 @@ def test_kandinsky_defaults_are_section_4s_and_the_released_models(tiny_cache):
     assert isinstance(model.prior, LinearPrior) and [type(m) for m in model.prior.children()] == [torch.nn.Linear]
 
 
+def test_kandinsky_released_prior_reads_the_scheduler_beside_its_folder(tiny_cache, tmp_path):
+    """``model.prior_model.subfolder``: the scheduler is read from ``scheduler/`` beside the
+    prior's folder (``prior/`` -> ``scheduler/``, as the released repository lays them out),
+    also when both sit deeper in a repository (``k21/prior`` -> ``k21/scheduler``)."""
+    import shutil
+
+    from mmloom.testkit.tiny_train import resolve_tiny
+
+    shutil.copytree(resolve_tiny("tiny:kandinsky-prior"), tmp_path / "repo" / "k21")
+    _fam, model, _ = _kandinsky("prior", prior="released", encoder={"path": "tiny:clip-l"},
+                                prior_model={"path": str(tmp_path / "repo"), "subfolder": "k21/prior"})
+    assert type(model.prior_sched).__name__ == "UnCLIPScheduler" and model.prior.config.num_embeddings == 77
+
+
 def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(tiny_cache, tmp_path, monkeypatch):
     """Released-layout parts that cannot work together stop the build with one UserError
     naming the setting and the widths, before anything trains: a decoder UNet that is not
@@ -709,6 +723,7 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
     # embedding), not CLIP's; no padding mask, as the released pipeline
     pooled, tokens = model.decoder_text(["a red circle"])
     assert seen["encoder_hidden_states"].shape[1:] == tokens.shape[1:] == (77, 48)
+    assert model.decoder_text(["a red circle " * 100])[1].shape == (1, 77, 48)  # a long caption is truncated to 77, as released
     assert seen["added_cond_kwargs"]["text_embeds"].shape[-1] == pooled.shape[-1] == 32
     assert seen.get("encoder_attention_mask") is None
 
