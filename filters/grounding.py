@@ -66,10 +66,9 @@ class GroundingDino:
             inputs = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in inputs.items()}
         return inputs
 
-    def _forward(self, images, texts: list[str], inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h);
-        ``inputs``: what `_inputs` made of these images and texts."""
-        inputs = self._inputs(images, texts) if inputs is None else inputs
+    def _forward(self, texts: list[str], inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h) for
+        ``inputs``, what `_inputs` made of a batch's pictures and these texts (in `prepare`)."""
         inputs = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             out = self.model(**inputs)
@@ -92,7 +91,7 @@ class GroundingDino:
         """Per image: boxes (pixels, x0 y0 x1 y1) with phrase, span (in the caption), score.
         ``prepared``: what `prepare` made of these images and captions."""
         prep = prepared if prepared is not None else self.prepare(images, captions)
-        probs, boxes = self._forward(images, prep["texts"], prep["inputs"])
+        probs, boxes = self._forward(prep["texts"], prep["inputs"])
         results = []
         # numpy, not torch, from here: a random-weight or poorly matched detector proposes
         # hundreds of boxes per image, and a torch op per token per box made this loop the
@@ -212,10 +211,10 @@ class OriginalGroundingDino(GroundingDino):
             tensors.append(TF.normalize(TF.to_tensor(im), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
         return tensors
 
-    def _forward(self, images, texts: list[str], inputs=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, texts: list[str], inputs) -> tuple[torch.Tensor, torch.Tensor]:
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
-        tensors = [t.to(self.device) for t in (self._inputs(images, texts) if inputs is None else inputs)]
+        tensors = [t.to(self.device) for t in inputs]
         with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
             out = self.model(nested_tensor_from_tensor_list(tensors), captions=texts)
         return out["pred_logits"].float().sigmoid().cpu(), out["pred_boxes"].float().cpu()

@@ -132,7 +132,7 @@ def _detect_chosen(dino, monkeypatch, cap, box_threshold, text_threshold, querie
         for k, v in chosen.items():
             probs[0, q, k if isinstance(k, int) else tok[k]] = v
     out = (probs, torch.tensor([boxes]))
-    monkeypatch.setattr(dino, "_forward", lambda images, texts, inputs=None: out)
+    monkeypatch.setattr(dino, "_forward", lambda texts, inputs: out)
     [dets] = dino.detect([Image.new("RGB", size)], [cap], {"texts": [text], "offsets": [offsets], "inputs": None})
     return dets
 
