@@ -622,7 +622,17 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
     refused("prior", "model.prior_model .*: the prior takes 16-d embeddings and 77 16-wide text tokens; model.encoder.path tiny:clip-l gives "
             "32-d embeddings and 77 32-wide tokens", **released,
             prior_model={"path": make_tiny_kandinsky_prior(str(tmp_path / "p16"), dim=16), "subfolder": "prior"})
-    # embeddings of the prior's width, text tokens wider (tiny:clip's text tower is 64 wide)
+    # the embedding width alone differs, either way (the text tokens fit the prior)
+    refused("prior", "the prior takes 64-d embeddings and 77 64-wide text tokens; model.encoder.path tiny:clip gives "
+            "32-d embeddings and 77 64-wide tokens", prior="released", encoder={"path": "tiny:clip"},
+            prior_model={"path": make_tiny_kandinsky_prior(str(tmp_path / "p64"), dim=64), "subfolder": "prior"})
+    refused("prior", "the prior takes 32-d embeddings and 77 32-wide text tokens; model.encoder.path .*clip64 gives "
+            "64-d embeddings and 77 32-wide tokens", prior="released", encoder={"path": make_tiny_clip_l(str(tmp_path / "clip64"), embed_dim=64)},
+            prior_model={"path": "tiny:kandinsky-prior", "subfolder": "prior"})
+    # embeddings of the prior's width, text tokens narrower or wider (tiny:clip's text tower is 64 wide)
+    refused("prior", "the prior takes 64-d embeddings and 77 64-wide text tokens; model.encoder.path .*clip64 gives "
+            "64-d embeddings and 77 32-wide tokens", prior="released", encoder={"path": str(tmp_path / "clip64")},
+            prior_model={"path": str(tmp_path / "p64"), "subfolder": "prior"})
     refused("prior", "the prior takes 32-d embeddings and 77 32-wide text tokens; model.encoder.path tiny:clip gives "
             "32-d embeddings and 77 64-wide tokens", prior="released", encoder={"path": "tiny:clip"},
             prior_model={"path": "tiny:kandinsky-prior", "subfolder": "prior"})
@@ -645,8 +655,9 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
             json.dumps(json.load(open(f"{ref}/scheduler/scheduler_config.json"))))
         return {"path": str(tmp_path / name), "subfolder": "prior"}
 
-    refused("prior", "the prior takes 32-d embeddings and 78 32-wide text tokens; model.encoder.path tiny:clip-l gives "
-            "32-d embeddings and 77 32-wide tokens", **released, prior_model=saved_prior("p78", num_embeddings=78))
+    for positions in (76, 78):  # fewer or more text positions than CLIP's 77
+        refused("prior", f"the prior takes 32-d embeddings and {positions} 32-wide text tokens; model.encoder.path tiny:clip-l gives "
+                "32-d embeddings and 77 32-wide tokens", **released, prior_model=saved_prior(f"p{positions}", num_embeddings=positions))
     for name, std in (("unfitted", 0.0), ("negative", -1.0)):
         refused("prior", "its clip_std is not all positive \\(an unfitted prior's is zeros\\): set model.prior_stats: dataset",
                 **released, prior_stats="checkpoint", prior_model=saved_prior(name, clip_std=std))
@@ -663,16 +674,34 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
         with pytest.raises(UserError, match="hold no stored CLIP image embeddings .*run the score stage with score.clip.store_embeddings") as e:
             model._image_embeddings(batch)
         assert ("model.use_stored_embeddings: false" in str(e.value)) == hint
-        batch["clip_image"] = torch.zeros(2, 16)
-        with pytest.raises(UserError, match="stored image embeddings are 16-d, model.encoder.path tiny:clip gives 32-d"):
-            model._image_embeddings(batch)
+        for wrong in (16, 48):  # narrower or wider
+            batch["clip_image"] = torch.zeros(2, wrong)
+            with pytest.raises(UserError, match=f"stored image embeddings are {wrong}-d, model.encoder.path tiny:clip gives 32-d"):
+                model._image_embeddings(batch)
         assert model._image_embeddings(_batch(2)).shape == (2, 32)
+    # the prior learns from stored embeddings whatever model.use_stored_embeddings says; the
+    # decoder without them embeds the pictures itself, at CLIP's own scale (not unit length)
+    _fam, unstored, _ = _kandinsky("prior", use_stored_embeddings=False)
+    with pytest.raises(UserError, match="hold no stored CLIP image embeddings") as e:
+        unstored._image_embeddings({**_batch(2), "clip_image": None})
+    assert "model.use_stored_embeddings" not in str(e.value)
+    _fam, own, _ = _kandinsky("decoder", use_stored_embeddings=False)
+    from mmloom.train.diffusion import to_pil
+
+    emb = own._image_embeddings({**_batch(2), "clip_image": None})
+    torch.testing.assert_close(emb, own.clip.images(to_pil(_batch(2)["pixels"]), normalize=False))
+    assert (emb.norm(dim=-1) - 1).abs().min() > 0.1
     # the released width, 768 (ints above 256 are distinct objects in CPython: compared by value)
     _fam, wide, _ = _kandinsky("prior", encoder={"path": make_tiny_clip_l(str(tmp_path / "clip768"), embed_dim=768)})
     assert wide._image_embeddings({**_batch(2), "clip_image": torch.zeros(2, 768)}).shape == (2, 768)
+    import mmloom.train.embed_stats as embed_stats
+
+    wide.data_spec = "shards"
+    monkeypatch.setattr(embed_stats, "embedding_stats", lambda spec, allow_pipe: (np.zeros(768), np.ones(768), 5))
+    wide.fit_normalizer()
+    assert int(wide.norm.count) == 5
     with pytest.raises(UserError, match="data.shards is empty: the prior's normalization needs the dataset's stored embeddings"):
         prior_model.fit_normalizer()
-    import mmloom.train.embed_stats as embed_stats
 
     prior_model.data_spec = "shards"
     for wrong in (16, 48):  # narrower or wider
