@@ -100,10 +100,12 @@ def test_original_package_checkpoint_loads_as_released(tmp_path):
     gone = [k for k in state if k.startswith("transformer.decoder.layers.0.")][:4]
     for k in gone:
         state.pop(k)
+    state.update({f"extra.{i}": torch.zeros(1) for i in range(4)})
     torch.save({"model": state}, tmp_path / "broken.pth")
     with pytest.raises(UserError, match="broken.pth does not fit") as e:
         OriginalGroundingDino(OriginalDinoConfig.model_validate({**section, "weights": str(tmp_path / "broken.pth")}), 0.0, 0.0)
-    assert f"4 missing ({', '.join(sorted(gone, key=list(d.model.state_dict()).index)[:3])}), 0 unexpected" in str(e.value)  # the first three
+    first = ", ".join(sorted(gone, key=list(d.model.state_dict()).index)[:3])  # each list named by its first three
+    assert f"4 missing ({first}), 4 unexpected (extra.0, extra.1, extra.2)" in str(e.value)
 
 
 def test_original_backend_without_its_package_says_how_to_install(monkeypatch):
