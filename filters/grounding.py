@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from mmloom.errors import UserError
-from mmloom.models import fingerprint, hf_pretrained, package_version
+from mmloom.models import fingerprint, hf_pretrained, inference_autocast, package_version
 from .scoring import resolve_device
 
 
@@ -70,7 +70,7 @@ class GroundingDino:
         """(token probabilities [B, Q, T], boxes [B, Q, 4] as normalized cx cy w h) for
         ``inputs``, what `_inputs` made of a batch's pictures and these texts (in `prepare`)."""
         inputs = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+        with inference_autocast(self.device):
             out = self.model(**inputs)
         return out.logits.float().sigmoid().cpu(), out.pred_boxes.float().cpu()
 
@@ -215,7 +215,7 @@ class OriginalGroundingDino(GroundingDino):
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
         tensors = [t.to(self.device) for t in inputs]
-        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+        with inference_autocast(self.device):
             out = self.model(nested_tensor_from_tensor_list(tensors), captions=texts)
         return out["pred_logits"].float().sigmoid().cpu(), out["pred_boxes"].float().cpu()
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 from mmloom.errors import UserError
-from mmloom.models import local_path, missing, package_version, fingerprint
+from mmloom.models import fingerprint, inference_autocast, local_path, missing, package_version
 
 
 class ClipEmbedder:
@@ -156,7 +156,7 @@ class ClipEmbedder:
         (transformers' ``image_embeds``, the scale Kandinsky's released weights work in)."""
         x = pil_images if torch.is_tensor(pil_images) else self.pixels(pil_images)
         x = self._floats(x.to(self.device, non_blocking=True))
-        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+        with inference_autocast(self.device):
             e = self.model.encode_image(x).float()
         return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()
 
@@ -190,7 +190,7 @@ class ClipEmbedder:
         """[N, D] L2-normalized text embeddings (``normalize=False``: raw, ``text_embeds``)
         of texts, or of the input ids `tokens` made of them."""
         t = (texts if torch.is_tensor(texts) else self.tokens(texts)).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.split(":")[0], enabled=self.device.startswith("cuda"), dtype=torch.bfloat16):
+        with inference_autocast(self.device):
             e = self.model.encode_text(t).float()
         return (torch.nn.functional.normalize(e, dim=-1) if normalize else e).cpu()
 

@@ -124,6 +124,15 @@ def hf_pretrained(cls, ref: str, what: str, strict: bool = False, **kwargs):
     return model
 
 
+def inference_autocast(device: str):
+    """The context a loaded model runs inference in on ``device``: bfloat16 autocast on a
+    CUDA device (``cuda`` or ``cuda:N``, its type read by ``torch.device``), none elsewhere."""
+    import torch
+
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=kind == "cuda", dtype=torch.bfloat16)
+
+
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)

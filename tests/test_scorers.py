@@ -473,6 +473,24 @@ def test_score_set_builds_the_scorers_each_backend_names(models, backends):
     assert (s.nudenet is not None) == ("nudenet" in (backends["nsfw"], backends["faces"]))
 
 
+def test_inference_autocast_is_bfloat16_on_any_cuda_device_and_off_elsewhere():
+    """CLIP and both grounding backends run under `mmloom.models.inference_autocast`: on
+    "cuda" or "cuda:N" (a GPU node's index) bfloat16 autocast of the device's type, on the
+    CPU none."""
+    import warnings
+
+    from mmloom.models import inference_autocast
+
+    for dev in ("cuda", "cuda:1"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # without CUDA torch disables it, warning
+            ctx = inference_autocast(dev)
+        assert ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+    for dev in ("cpu", "cpu:0"):
+        with inference_autocast(dev):
+            assert not torch.is_autocast_enabled("cpu")
+
+
 def test_score_device_auto_resolves_and_any_other_is_kept():
     from mmloom.filters.scoring import resolve_device
 
