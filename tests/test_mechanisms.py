@@ -611,8 +611,39 @@ def test_kandinsky_diffusion_prior_reads_its_query_and_ignores_padding():
             assert not torch.allclose(changed, out, atol=1e-4)
         alone = prior(tokens[1:], mask[1:], pooled[1:], noised[1:], t[1:])
         assert torch.allclose(alone[0], out[1], atol=1e-5)  # samples do not see each other
+        # no dropout: training computes what sampling does
+        assert torch.allclose(prior.train()(tokens, mask, pooled, noised, t), out, atol=1e-6)
+        prior.eval()
+        # pre-norm layers: x + attention(norm1(x)), then + MLP(norm2(.)) (GELU, 4x wide)
+        seq = torch.randn(2, 9, 16, generator=g)
+        layer = prior.blocks.layers[0]
+        a = layer.norm1(seq)
+        h = seq + layer.self_attn(a, a, a, need_weights=False)[0]
+        h = h + layer.linear2(torch.nn.functional.gelu(layer.linear1(layer.norm2(h))))
+        assert layer.linear1.out_features == 4 * 16 and torch.allclose(layer(seq), h, atol=1e-5)
         with pytest.raises(Exception, match="must divide"):
             DiffusionPrior(dim=8, text_width=6, width=18, layers=1, heads=4)
+
+
+def test_kandinsky_small_priors_are_a_linear_map_and_a_residual_mlp():
+    """The two baseline priors read the pooled text only: ``linear`` one linear map,
+    ``residual`` an MLP whose blocks each add to the stream (with a block's last layer at
+    zero it adds nothing, and the prior is its input and output maps alone)."""
+    from mmloom.train.families.kandinsky import LinearPrior, ResidualPrior
+
+    torch.manual_seed(0)
+    pooled, tokens, mask = torch.randn(3, 8), torch.randn(3, 5, 6), torch.ones(3, 5)
+    linear = LinearPrior(8)
+    assert torch.equal(linear(tokens, mask, pooled), linear.proj(pooled))
+    res = ResidualPrior(8, blocks=2, width=16)
+    with torch.no_grad():
+        full = res(tokens, mask, pooled)
+        assert torch.equal(full, res(tokens * 0, mask, pooled))  # the tokens are not read
+        for b in res.blocks:
+            b[-1].weight.zero_()
+            b[-1].bias.zero_()
+        assert torch.allclose(res(tokens, mask, pooled), res.out(res.inp(pooled)), atol=1e-6)
+        assert not torch.allclose(full, res(tokens, mask, pooled), atol=1e-4)
 
 
 def test_kandinsky_normalizer_guards_a_constant_dimension():

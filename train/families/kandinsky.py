@@ -235,7 +235,9 @@ class ResidualPrior(nn.Module):
 
 class DiffusionPrior(nn.Module):
     """Transformer encoder over [text tokens, pooled text, time, noised image emb, query];
-    the query's output is the predicted (normalized) image embedding x0."""
+    the query's output is the predicted (normalized) image embedding x0. Its layers are
+    pre-norm (GELU, a 4x MLP, no dropout): the paper gives the prior's size (section 4),
+    not its block, and this is the usual block that trains stably from scratch."""
 
     def __init__(self, dim: int, text_width: int, width: int, layers: int, heads: int):
         super().__init__()
