@@ -623,6 +623,9 @@ def test_kandinsky_diffusion_prior_reads_its_query_and_ignores_padding():
         assert layer.linear1.out_features == 4 * 16 and torch.allclose(layer(seq), h, atol=1e-5)
         with pytest.raises(Exception, match="must divide"):
             DiffusionPrior(dim=8, text_width=6, width=18, layers=1, heads=4)
+    # the learned query starts small and centred (std 0.02, the usual transformer init)
+    q = DiffusionPrior(dim=8, text_width=6, width=1024, layers=1, heads=2).query.detach()
+    assert abs(float(q.mean())) < 0.003 and 0.018 < float(q.std()) < 0.022
 
 
 def test_kandinsky_small_priors_are_a_linear_map_and_a_residual_mlp():
