@@ -52,6 +52,8 @@ def test_prompt_text_keeps_offsets():
     assert GroundingDino.prompt_text("a dog.") == "a dog."
     weird = "\u0130stanbul"  # lowercasing changes the length: keep the caption as it is
     assert GroundingDino.prompt_text(weird)[:-1] == weird
+    long = "A Man " * 60  # 360 characters: lengths compared by value (CPython's small ints end at 256)
+    assert GroundingDino.prompt_text(long) == long.lower() + "."
 
 
 def test_missing_grounding_model_is_a_clear_error():
