@@ -163,18 +163,20 @@ def make_tiny_kandinsky_prior(path: str, dim: int = 32, seed: int = 0) -> str:
     return path
 
 
-def make_tiny_clip_l(path: str, seed: int = 0, embed_dim: int = 32) -> str:
+def make_tiny_clip_l(path: str, seed: int = 0, embed_dim: int = 32, text_width: int = 32) -> str:
     """A tiny open_clip model shaped as CLIP ViT-L/14 is for the released Kandinsky prior:
     its text tokens as wide as its embedding (768 and 768 released; 32 here), 77 positions.
     ``embed_dim`` other than 32 gives that embedding width with the towers still tiny (the
-    text tokens stay 32 wide, so such a CLIP does not fit the released prior's layout:
-    it serves the families that read only the embedding width, e.g. VD at 768)."""
+    text tokens stay ``text_width`` wide, so such a CLIP fits the released prior's layout
+    only with ``text_width`` equal to it: 768 and 768 is the released width, about 50 M
+    parameters, most of them the 49,408-token embedding; 768 alone serves the families
+    that read only the embedding width, e.g. VD at 768)."""
     import json
 
     import open_clip
 
     cfg = {"embed_dim": embed_dim, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": text_width, "heads": 2, "layers": 2}}
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
     torch.save(open_clip.CLIP(**cfg).state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))

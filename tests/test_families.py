@@ -578,6 +578,23 @@ def test_kandinsky_released_prior_reads_the_scheduler_beside_its_folder(tiny_cac
     assert type(model.prior_sched).__name__ == "UnCLIPScheduler" and model.prior.config.num_embeddings == 77
 
 
+def test_kandinsky_released_prior_at_the_released_768_width_loads_and_embeds(tmp_path):
+    """The released prior's widths, 768-d embeddings and 77 768-wide text tokens, beside a
+    CLIP as wide (ViT-L/14's): the build accepts them and the prior embeds a prompt. The
+    width check compares values, not objects (CPython keeps one object per int only up to
+    256, so every narrower test passed an identity check too); towers tiny but for the
+    text tower's width and the 49,408-token vocabulary (about 50 M parameters)."""
+    from mmloom.testkit.tiny_train import make_tiny_clip_l, make_tiny_kandinsky_prior
+
+    clip = make_tiny_clip_l(str(tmp_path / "clip-l"), embed_dim=768, text_width=768)
+    prior = make_tiny_kandinsky_prior(str(tmp_path / "prior"), dim=768)
+    _fam, model, _ = _kandinsky("prior", prior="released", prior_stats="checkpoint", encoder={"path": clip},
+                                prior_model={"path": prior, "subfolder": "prior"})
+    assert (model.dim, model.text_width, model.prior.config.embedding_dim) == (768, 768, 768)
+    emb = model.prior_embed(["a red circle", "a blue square"], steps=2)
+    assert emb.shape == (2, 768) and bool(torch.isfinite(emb).all())
+
+
 def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(tiny_cache, tmp_path, monkeypatch):
     """Released-layout parts that cannot work together stop the build with one UserError
     naming the setting and the widths, before anything trains: a decoder UNet that is not
