@@ -595,6 +595,23 @@ def test_kandinsky_released_prior_at_the_released_768_width_loads_and_embeds(tmp
     assert emb.shape == (2, 768) and bool(torch.isfinite(emb).all())
 
 
+def test_kandinsky_decoder_at_the_released_widths_builds_and_trains(tiny_cache, tmp_path):
+    """The released decoder's widths: 768-d CLIP image embeddings (cross_attention_dim),
+    the multilingual encoder's 1024-wide tokens (encoder_hid_dim) mapped to 768 (numDims).
+    The build accepts them (compared by value: CPython keeps one object per int only up
+    to 256) and a training step's loss is finite."""
+    from mmloom.testkit.tiny_train import make_tiny_clip_l, make_tiny_mclip, make_tiny_unet_kandinsky
+
+    _fam, model, _ = _kandinsky(
+        "decoder", encoder={"path": make_tiny_clip_l(str(tmp_path / "clip"), embed_dim=768)},
+        backbone={"path": make_tiny_unet_kandinsky(str(tmp_path / "unet"), clip_dim=768, text_width=1024), "subfolder": None},
+        text_encoder={"path": make_tiny_mclip(str(tmp_path / "mclip"), hidden=1024, dim=768), "subfolder": None,
+                      "tokenizer_subfolder": None})
+    assert (model.unet.config.cross_attention_dim, model.unet.config.encoder_hid_dim, model.text_encoder.config.numDims) == (768, 1024, 768)
+    batch = {**_batch(2), "clip_image": torch.randn(2, 768)}
+    assert bool(torch.isfinite(model(batch)["loss"]))
+
+
 def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(tiny_cache, tmp_path, monkeypatch):
     """Released-layout parts that cannot work together stop the build with one UserError
     naming the setting and the widths, before anything trains: a decoder UNet that is not
