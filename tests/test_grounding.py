@@ -222,7 +222,8 @@ def test_head_box_is_the_largest_face_raised_widened_clipped_and_in_picture_pixe
     from mmloom.filters.grounding import HeadFinder
 
     img = Image.new("RGB", (400, 400))
-    finder = HeadFinder("face", 1.8)
+    finder = HeadFinder("".join(["fa", "ce"]), 1.8)  # built at run time, not the literal's object: compared by value
+    assert finder.version.endswith("haarcascade_frontalface_default")  # OpenCV's cascade
     seen = []
 
     def faces(crops, found):
@@ -233,6 +234,13 @@ def test_head_box_is_the_largest_face_raised_widened_clipped_and_in_picture_pixe
     finder.faces = lambda crops: faces(crops, [[10, 10, 20, 20], [60, 80, 100, 130], [0, 0, 30, 30]])
     # the 40 x 50 face: centre (80, 105) raised by 5, half side 1.8 * 50 / 2 = 45
     assert finder(img, person) == [135.0, 106.0, 225.0, 196.0] and seen == [(200, 299)]
+    # the largest by area (1092), where any other combination of the corners picks another face
+    finder.faces = lambda crops: faces(crops, [[82, 42, 103, 88], [25, 231, 46, 257], [77, 111, 116, 139], [128, 160, 163, 191]])
+    # the 39 x 28 face: centre (96.5, 125) raised by 2.8, half side 1.8 * 39 / 2 = 35.1
+    assert finder(img, person) == [161.4, 138.1, 231.6, 208.3]
+    finder.expand = 1.75  # half side 34.125: each corner rounded to a tenth of a pixel
+    assert finder(img, person) == [162.4, 139.1, 230.6, 207.3]
+    finder.expand = 1.8
     finder.faces = lambda crops: faces(crops, [[0, 0, 40, 40]])  # half side 36 around (20, 16): clipped at the top left
     assert finder(img, person) == [100.0, 51.0, 156.0, 103.0]
     finder.faces = lambda crops: faces(crops, [[180, 270, 200, 299]])  # half 26.1 around (190, 281.6): clipped at the bottom right
@@ -263,7 +271,7 @@ def test_head_box_from_the_detector_is_its_best_scored_head_box():
             return [[{"box": [1.0, 2.0, 30.0, 40.0], "score": 0.3}, {"box": [5.0, 6.0, 50.0, 400.0], "score": 0.9},
                      {"box": [0.0, 0.0, 10.0, 10.0], "score": 0.5}]]
 
-    finder = HeadFinder("detector", 1.8, Detector())
+    finder = HeadFinder("".join(["detect", "or"]), 1.8, Detector())  # built at run time: compared by value
     assert finder.version == "tiny-dino prompted with 'head'"
     assert finder(Image.new("RGB", (400, 400)), [100, 50, 300, 350]) == [105.0, 56.0, 150.0, 350.0]
     assert asked == [([(200, 300)], ["head"])]
