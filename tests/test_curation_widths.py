@@ -120,6 +120,24 @@ def test_a_width_mismatch_is_one_line_before_the_model_builds(tiny_shards, monke
     assert "\n" not in msg and "32-d" in msg and want in msg and fix in msg, msg
 
 
+@pytest.mark.parametrize("stage, stored, checked", [("prior", False, True), ("decoder", True, True), ("decoder", False, False)])
+def test_kandinsky_checks_the_stored_width_wherever_it_reads_stored_embeddings(tiny_shards, monkeypatch, stage, stored, checked):
+    """The prior learns from the stored embeddings whatever ``model.use_stored_embeddings``
+    says, so its build checks their width either way; the decoder checks it only when it
+    reads them: with ``use_stored_embeddings: false`` it embeds each picture itself and
+    builds on shards of any stored width (here 32-d beside a 768-d CLIP)."""
+    from mmloom.train.families.kandinsky import KandinskyModel
+
+    def never(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(KandinskyModel, "__init__", never)
+    cfg = _train_cfg(f"kandinsky-{stage}-tiny.yaml", **{"data.shards": tiny_shards[0], "model.encoder.path": "ViT-L-14/openai",
+                                                       "model.use_stored_embeddings": stored})
+    with pytest.raises(UserError if checked else AssertionError, match="768-d" if checked else "the model was built"):
+        get_family("kandinsky").build(cfg.model, cfg)
+
+
 def test_the_stored_width_is_read_from_a_dataset_manifests(tmp_path):
     """A dataset directory: the width comes from the score stage's scores/ (one DuckDB row)."""
     import pyarrow as pa

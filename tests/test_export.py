@@ -208,8 +208,9 @@ def test_kandinsky_released_prior_run_exports_a_prior_pipeline(tiny_cache, tmp_p
     torch.testing.assert_close(ref, ours, atol=1e-5, rtol=1e-4)
 
 
-def test_a_prior_no_pipeline_runs_is_exported_as_before(tiny_cache, tmp_path):
-    fam, model = _build("kandinsky-prior-tiny")  # mmloom's diffusion prior
+@pytest.mark.parametrize("prior", ["diffusion", "residual", "linear"])
+def test_a_prior_no_pipeline_runs_is_exported_as_before(tiny_cache, tmp_path, prior):
+    fam, model = _build("kandinsky-prior-tiny", **{"model.prior": prior})  # mmloom's own priors
     written = fam.export(model, str(tmp_path / "p"))
     assert written == ["conditioning.safetensors"] and not (tmp_path / "p" / "model_index.json").exists()
     assert any("no diffusers pipeline runs it" in n for n in fam.export_notes(model))

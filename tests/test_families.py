@@ -639,6 +639,8 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
             backbone={"path": "tiny:unet", "subfolder": None})
     UNet2DConditionModel(**{**kandinsky_unet_config(), "addition_embed_type": None}).save_pretrained(tmp_path / "no-added")
     refused("decoder", "needs encoder_hid_dim_type 'text_image_proj' and addition_embed_type 'text_image'", backbone=unet(tmp_path / "no-added"))
+    UNet2DConditionModel(**{**kandinsky_unet_config(), "encoder_hid_dim_type": "text_proj"}).save_pretrained(tmp_path / "text-proj")
+    refused("decoder", "needs encoder_hid_dim_type 'text_image_proj' and addition_embed_type 'text_image'", backbone=unet(tmp_path / "text-proj"))
     refused("decoder", "expects 16-d image embeddings and 48-d text tokens; model.encoder.path tiny:clip gives 32-d",
             backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "u16"), clip_dim=16)))
     refused("decoder", "expects 32-d image embeddings and 40-d text tokens; .* gives 32-d and model.text_encoder.path .* 48-d tokens, 32-d pooled",
