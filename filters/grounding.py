@@ -24,6 +24,8 @@ from .scoring import resolve_device
 
 
 def _word_bounds(text: str, s: int, e: int) -> tuple[int, int]:
+    """``text[s:e]`` widened to whole words: a detector's span covers tokens, which can be
+    parts of a word; letters, digits, apostrophes and hyphens count as the word's."""
     is_word = lambda ch: ch.isalnum() or ch in "'-"  # noqa: E731
     while s > 0 and is_word(text[s - 1]):
         s -= 1

@@ -56,6 +56,22 @@ def test_prompt_text_keeps_offsets():
     assert GroundingDino.prompt_text(long) == long.lower() + "."
 
 
+def test_a_phrase_span_widens_to_whole_words():
+    """A detector's span covers tokens, and a token can be part of a word ("ele" of
+    "elephant"): the phrase widens over letters, digits, apostrophes and hyphens on both
+    sides, to the caption's start and end, and stops at anything else."""
+    from mmloom.filters.grounding import _word_bounds
+
+    cap = "a red-haired man's dog, 2cats"
+    assert _word_bounds(cap, 6, 9) == (2, 12)  # "hai" of "red-haired"
+    assert _word_bounds(cap, 14, 15) == (13, 18)  # "a" of "man's": over the apostrophe
+    assert _word_bounds(cap, 19, 20) == (19, 22) and _word_bounds(cap, 26, 27) == (24, 29)  # stops at ", ", runs to the end
+    assert _word_bounds("elephant", 3, 4) == (0, 8) and _word_bounds("elephant", 0, 8) == (0, 8)
+    assert _word_bounds("a b", 0, 1) == (0, 1) and _word_bounds("a b", 2, 3) == (2, 3)  # one-letter words stay
+    long = "x " * 200 + "elephant"  # 408 characters: positions compared by value (CPython's small ints end at 256)
+    assert _word_bounds(long, 403, 404) == (400, 408)
+
+
 def test_missing_grounding_model_is_a_clear_error():
     from mmloom.filters.grounding import GroundingDino
 
