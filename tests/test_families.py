@@ -218,6 +218,36 @@ def test_mtdiffusion_trains_and_encoders_stop_gradients(tiny_cache, task):
     assert img.size == (64, 64)
 
 
+def test_mtdiffusion_defaults_are_the_papers():
+    """Section 4 and appendix E: masked images (4.1: m ~ U{0..10} patches of 16 px) seen by
+    the noise predictor (MT-Diffusion-X), lambda 0.1 (equation 6), w_t = t / (T - t)
+    (appendix E; the constant is equation 8's 1), DDPM's linear betas over 1000 steps and
+    lr 1e-4 (E.1), E.4's 1024-d CLIP embeddings and 1024-wide MLP head, Algorithm 1 over
+    all T steps without guidance (appendix C), and Stable Diffusion 2's UNet and VAE (E.4
+    fine-tunes it). Each bound lets its least value through and refuses one below."""
+    from mmloom.train.families.mtdiffusion import LR, Config, Sampling, Schedule
+
+    c = Config()
+    assert (c.task, c.translation_source, c.condition_on_data, c.labels) == ("masked_image", "edges", True, [])
+    assert (c.max_patches, c.patch_size, c.loss_weight, c.task_weight, c.task_weight_value) == (10, 16, 0.1, "ratio", 1.0)
+    assert (c.embedding_dim, c.head_hidden, c.lr.all) == (1024, 1024, 1e-4)
+    s = c.schedule
+    assert (s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps) == ("linear", 1e-4, 0.02, 1000)
+    assert (c.sampling.sampler, c.sampling.steps, c.sampling.guidance) == ("algorithm1", None, None)
+    assert (c.backbone.path, c.backbone.subfolder, c.autoencoder.path, c.autoencoder.subfolder, c.autoencoder.type) == (
+        "stabilityai/stable-diffusion-2-base", "unet", "stabilityai/stable-diffusion-2-base", "vae", "kl")
+    bounds = [(Config, "max_patches", 0), (Config, "patch_size", 1), (Config, "embedding_dim", 1), (Config, "head_hidden", 1),
+              (Config, "loss_weight", 0.0), (Config, "task_weight_value", 0.0), (LR, "all", 0.0), (Sampling, "steps", 1)]
+    for cls, field, least in bounds:
+        assert getattr(cls.model_validate({field: least}), field) == least
+        with pytest.raises(ValidationError, match=field):
+            cls.model_validate({field: least - 1})
+    for field in ("beta_start", "beta_end"):  # any positive beta
+        assert getattr(Schedule.model_validate({field: 1e-6}), field) == 1e-6
+        with pytest.raises(ValidationError, match=field):
+            Schedule.model_validate({field: 0.0})
+
+
 def test_mtdiffusion_label_task_needs_labels(tiny_cache):
     from mmloom.errors import UserError
 
