@@ -138,6 +138,23 @@ def test_kandinsky_checks_the_stored_width_wherever_it_reads_stored_embeddings(t
         get_family("kandinsky").build(cfg.model, cfg)
 
 
+@pytest.mark.parametrize("task", ["masked_image", "image_translation", "image_label"])
+def test_mtdiffusion_checks_the_stored_width_only_for_image_representation(tiny_shards, monkeypatch, task):
+    """Only E.4's task reads the stored CLIP embeddings (the mismatch case is above): the
+    picture and label tasks build on shards of any stored width (32-d beside
+    model.embedding_dim 1024)."""
+    from mmloom.train.families.mtdiffusion import MTDiffusionModel
+
+    def never(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(MTDiffusionModel, "__init__", never)
+    cfg = _train_cfg("mtdiffusion-tiny.yaml", **{"data.shards": tiny_shards[0], "model.task": task, "model.embedding_dim": 1024,
+                                                 "model.labels": ["cat"]})
+    with pytest.raises(AssertionError, match="the model was built"):
+        get_family("mtdiffusion").build(cfg.model, cfg)
+
+
 def test_the_stored_width_is_read_from_a_dataset_manifests(tmp_path):
     """A dataset directory: the width comes from the score stage's scores/ (one DuckDB row)."""
     import pyarrow as pa

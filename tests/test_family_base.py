@@ -75,6 +75,10 @@ def test_demo_prompt_shows_the_first_crop():
     fam = Family.__new__(Family)
     assert fam.demo_prompt(["man.png", "dog.png"]) == "a photo of <image:man.png>"
     assert fam.demo_prompt([]) == "a red circle"
+    from mmloom.train.families import get_family
+
+    mt = get_family("mtdiffusion")  # its modality x alone: the first crop, or a caption without pictures
+    assert mt.demo_prompt(["man.png", "dog.png"]) == "<image:man.png>" and mt.demo_prompt([]) == "a cat"
 
 
 def test_make_sampler_by_name_on_the_training_schedule():
