@@ -608,6 +608,16 @@ def test_kandinsky_released_prior_reads_the_scheduler_beside_its_folder(tiny_cac
     assert type(model.prior_sched).__name__ == "UnCLIPScheduler" and model.prior.config.num_embeddings == 77
 
 
+def test_kandinsky_demo_runs_use_the_datasets_clip_and_the_decoder_samples_through_the_prior_run():
+    """The demo trains the prior, then the decoder: both on the CLIP whose embeddings the
+    score stage stored; the decoder samples text through the prior run before it."""
+    fam = get_family("kandinsky")
+    runs = {"kandinsky-prior-tiny": "/runs/prior"}
+    assert fam.demo_overrides("kandinsky-prior-tiny", {}, "ViT-B-32/openai") == {"model.encoder.path": "ViT-B-32/openai"}
+    assert fam.demo_overrides("kandinsky-decoder-tiny", runs, "ViT-B-32/openai") == {
+        "model.encoder.path": "ViT-B-32/openai", "model.prior_checkpoint": "/runs/prior"}
+
+
 def test_kandinsky_released_prior_at_the_released_768_width_loads_and_embeds(tmp_path):
     """The released prior's widths, 768-d embeddings and 77 768-wide text tokens, beside a
     CLIP as wide (ViT-L/14's): the build accepts them and the prior embeds a prompt. The
@@ -638,6 +648,7 @@ def test_kandinsky_decoder_at_the_released_widths_builds_and_trains(tiny_cache, 
         text_encoder={"path": make_tiny_mclip(str(tmp_path / "mclip"), hidden=1024, dim=768), "subfolder": None,
                       "tokenizer_subfolder": None})
     assert (model.unet.config.cross_attention_dim, model.unet.config.encoder_hid_dim, model.text_encoder.config.numDims) == (768, 1024, 768)
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())  # frozen, as CLIP
     batch = {**_batch(2), "clip_image": torch.randn(2, 768)}
     assert bool(torch.isfinite(model(batch)["loss"]))
 
@@ -675,6 +686,8 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
             backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "u16"), clip_dim=16)))
     refused("decoder", "expects 32-d image embeddings and 40-d text tokens; .* gives 32-d and model.text_encoder.path .* 48-d tokens, 32-d pooled",
             backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "t40"), text_width=40)))
+    refused("decoder", "expects 32-d image embeddings and 56-d text tokens; .* gives 32-d and model.text_encoder.path .* 48-d tokens",
+            backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "t56"), text_width=56)))  # wider than the encoder's, too
     refused("decoder", "48-d tokens, 16-d pooled", text_encoder={"path": make_tiny_mclip(str(tmp_path / "m16"), dim=16),
                                                                  "subfolder": None, "tokenizer_subfolder": None})
     UNet2DConditionModel(**{**kandinsky_unet_config(), "out_channels": 6}).save_pretrained(tmp_path / "o6")

@@ -267,7 +267,7 @@ class DiffusionPrior(nn.Module):
 
 
 class KandinskyModel(nn.Module):
-    def __init__(self, cfg: Config, data_spec: str = "", allow_pipe: bool = False):
+    def __init__(self, cfg: Config, data_spec: str, allow_pipe: bool):  # no defaults: `pipe:` only as data.allow_pipe says
         super().__init__()
         from mmloom.clip import ClipEmbedder
         from ...testkit.tiny_train import resolve_tiny
