@@ -342,7 +342,7 @@ def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
     assert fam.generate(model, [["a cat"]], steps=4, seeds=[0], size=64)[0].size == (64, 64)
 
 
-def test_mtdiffusion_x_widens_the_unet_with_zero_channels_in_the_released_layout(tiny_cache):
+def test_mtdiffusion_x_widens_the_unet_with_zero_channels_in_the_released_layout(tiny_cache, tmp_path):
     """MT-Diffusion-X on pictures: SD 2 inpainting's 9 input channels (latent, mask, E(x))
     for masked_image, InstructPix2Pix's 8 for image_translation; the new channels start at
     zero, so the widened UNet predicts what the plain one does until training moves them."""
@@ -364,6 +364,30 @@ def test_mtdiffusion_x_widens_the_unet_with_zero_channels_in_the_released_layout
         assert torch.equal(inp[:, :4], zt) and torch.equal(inp[:, -4:], e)  # the released channel order
     _, u, _ = _mt("masked_image", condition_on_data=False)
     assert u.unet.config.in_channels == 4  # MT-Diffusion-U: (z_t, t) only
+    # a UNet already in that layout loads as it is; a UNet of another width is refused, naming both
+    from mmloom.errors import UserError
+
+    model.unet.save_pretrained(tmp_path / "u8")  # image_translation's 8
+    u8 = {"path": str(tmp_path / "u8"), "subfolder": None}
+    _, again, _ = _mt("image_translation", backbone=u8)
+    assert again.unet.config.in_channels == 8 and torch.equal(again.unet.conv_in.weight, model.unet.conv_in.weight)
+    with pytest.raises(UserError, match="the UNet has 8 input channels; MT-Diffusion-X on masked_image needs 4 \\(widened here\\) or 9"):
+        _mt("masked_image", backbone=u8)
+
+
+def test_mtdiffusion_u_context_is_one_learned_token(tiny_cache):
+    """What the noise predictor cross-attends to when x is not a context (pictures go in as
+    channels; MT-Diffusion-U sees no x): one learned token of the UNet's context width,
+    initialized at N(0, 0.02^2) (mmloom's choice: SD's UNet needs a context, the paper's
+    noise predictor has none), the same for every sample of a batch."""
+    for task, over in (("masked_image", {}), ("image_label", {"condition_on_data": False})):
+        _, model, _ = _mt(task, **over)
+        cross = model.unet.config.cross_attention_dim
+        null = model.null_context
+        assert null.shape == (1, 1, cross) and null.requires_grad
+        assert 0.01 < float(null.std()) < 0.04 and abs(float(null.mean())) < 0.02
+        ctx = model._denoiser_context(None, 3)
+        assert ctx.shape == (3, 1, cross) and torch.equal(ctx, null.expand(3, 1, cross))
 
 
 def test_mtdiffusion_x_sees_the_masked_picture_in_training(tiny_cache):

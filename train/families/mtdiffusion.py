@@ -263,6 +263,8 @@ class MTDiffusionModel(nn.Module):
                             f"autoencoder's latents have {self.latent_channels}")
         uc = self.unet.config
         cross, mid = uc.cross_attention_dim, uc.block_out_channels[-1]
+        # the paper's noise predictor takes no context where x is not one (MT-Diffusion-U; -X on
+        # pictures, whose x goes in as channels), SD's UNet needs one: one learned token, N(0, 0.02^2)
         self.null_context = nn.Parameter(torch.randn(1, 1, cross) * 0.02)
         self._feats: dict[str, torch.Tensor] = {}
         self.unet.mid_block.register_forward_hook(lambda _m, _i, out: self._feats.__setitem__("mid", out))
