@@ -712,12 +712,19 @@ def test_kandinsky_refuses_models_and_data_that_do_not_fit_naming_the_setting(ti
             backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "t40"), text_width=40)))
     refused("decoder", "expects 32-d image embeddings and 56-d text tokens; .* gives 32-d and model.text_encoder.path .* 48-d tokens",
             backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "t56"), text_width=56)))  # wider than the encoder's, too
+    refused("decoder", "expects 48-d image embeddings and 48-d text tokens; model.encoder.path tiny:clip gives 32-d",
+            backbone=unet(make_tiny_unet_kandinsky(str(tmp_path / "u48"), clip_dim=48)))  # wider image embeddings, too
+    refused("decoder", "48-d tokens, 48-d pooled", text_encoder={"path": make_tiny_mclip(str(tmp_path / "m48"), dim=48),
+                                                                 "subfolder": None, "tokenizer_subfolder": None})
     refused("decoder", "48-d tokens, 16-d pooled", text_encoder={"path": make_tiny_mclip(str(tmp_path / "m16"), dim=16),
                                                                  "subfolder": None, "tokenizer_subfolder": None})
     UNet2DConditionModel(**{**kandinsky_unet_config(), "out_channels": 6}).save_pretrained(tmp_path / "o6")
     refused("decoder", "out_channels 6 is neither in_channels \\(4, epsilon\\) nor twice that", backbone=unet(tmp_path / "o6"))
     UNet2DConditionModel(**{**kandinsky_unet_config(), "out_channels": 4}).save_pretrained(tmp_path / "o4")
     _fam, model, _ = _kandinsky("decoder", backbone=unet(tmp_path / "o4"))
+    assert model.unet.config.out_channels == 4 and not hasattr(model, "prior")
+    _fam, decoder, _ = _kandinsky("decoder", prior="released")  # the prior setting is the prior run's: a decoder ignores it
+    assert hasattr(decoder, "unet") and not hasattr(decoder, "prior")
     out = torch.randn(2, 4, 8, 8)
     assert torch.equal(model._eps(out), out)  # epsilon alone: all of it
     refused("prior", "model.prior_heads \\(3\\) must divide model.prior_width \\(32\\)", prior_heads=3)
@@ -830,6 +837,7 @@ def test_kandinsky_decoder_unconditional_input_is_the_black_image(tiny_cache, mo
     from PIL import Image
 
     black = model.clip.images([Image.new("RGB", (224, 224))], normalize=False)[0]  # CLIP's own scale, as the released decoder
+    assert "black" not in model.state_dict()  # recomputed from the frozen CLIP at every build, never saved
     seen = {}
     real = model.unet.forward
 
