@@ -390,6 +390,54 @@ def test_mtdiffusion_u_context_is_one_learned_token(tiny_cache):
         assert ctx.shape == (3, 1, cross) and torch.equal(ctx, null.expand(3, 1, cross))
 
 
+def test_mtdiffusion_contexts_of_labels_and_embeddings(tiny_cache):
+    """x as cross-attention context (4.2, E.4): a label is its embedding row, a label
+    estimate (class probabilities, Algorithm 1) the mixture of the rows, a CLIP embedding
+    its linear map; one token each. MT-Diffusion-X's noise predictor sees that context,
+    -U's the null token. E(x) runs the UNet on zeros at t = 0 with the context, one step
+    per sample, without gradients."""
+    g = torch.Generator().manual_seed(0)
+    _, model, _ = _mt("image_label")
+    labels, probs = torch.tensor([2, 0, 1]), torch.softmax(torch.randn(3, 3, generator=g), -1)
+    assert torch.equal(model.context_of(labels), model.context.weight[labels].unsqueeze(1))
+    assert torch.allclose(model.context_of(probs), (probs @ model.context.weight).unsqueeze(1))
+    assert torch.equal(model._denoiser_context(labels, 3), model.context_of(labels))
+    like = torch.zeros(3, 4, 8, 8)
+    e = model.encode(labels, like)
+    with torch.no_grad():
+        ref = model.unet(like, torch.zeros(3, dtype=torch.long), encoder_hidden_states=model.context_of(labels)).sample
+    assert torch.equal(e, ref) and not e.requires_grad
+    _, u, _ = _mt("image_label", condition_on_data=False)
+    assert torch.equal(u._denoiser_context(labels, 3), u.null_context.expand(3, 1, -1))
+    _, rep, _ = _mt("image_representation")
+    emb = torch.randn(3, 32, generator=g)
+    assert torch.allclose(rep.context_of(emb), rep.context(emb).unsqueeze(1)) and rep.context_of(emb).shape == (3, 1, 32)
+
+
+def test_mtdiffusion_heads_read_the_last_level_of_a_deeper_unet(tiny_cache, tmp_path):
+    """The label and embedding heads read the middle block's features, as wide as the
+    UNet's last level (SD's 1280 of 320, 640, 1280, 1280): a three-level UNet whose widths
+    all differ trains a step. MT-Diffusion-U refuses a UNet whose input is not the latents'."""
+    from diffusers import UNet2DConditionModel
+
+    from mmloom.errors import UserError
+
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32, 48),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=8, norm_num_groups=8).save_pretrained(tmp_path / "deep")
+    deep = {"path": str(tmp_path / "deep"), "subfolder": None}
+    for task in ("image_label", "image_representation"):
+        _, model, _ = _mt(task, backbone=deep)
+        assert model.head[0].normalized_shape == (48,)
+        assert bool(torch.isfinite(model(_batch(2))["loss"]))
+    for channels in (2, 8):  # narrower or wider than the 4 latent channels
+        UNet2DConditionModel(**{**dict(UNet2DConditionModel.load_config(tmp_path / "deep")), "in_channels": channels}).save_pretrained(
+            tmp_path / f"in{channels}")
+        with pytest.raises(UserError, match=f"the UNet has {channels} input channels but the autoencoder's latents have 4"):
+            _mt("masked_image", condition_on_data=False, backbone={"path": str(tmp_path / f"in{channels}"), "subfolder": None})
+
+
 def test_mtdiffusion_x_sees_the_masked_picture_in_training(tiny_cache):
     """X's noise prediction depends on x: the gradient reaches the widened input channels
     (with U's layout it cannot), and the patch mask rides in channel 4."""
