@@ -224,7 +224,7 @@ def test_mtdiffusion_defaults_are_the_papers():
     (appendix E; the constant is equation 8's 1), DDPM's linear betas over 1000 steps and
     lr 1e-4 (E.1), E.4's 1024-d CLIP embeddings and 1024-wide MLP head, Algorithm 1 over
     all T steps without guidance (appendix C), and Stable Diffusion 2's UNet and VAE (E.4
-    fine-tunes it). Each bound lets its least value through and refuses one below."""
+    fine-tunes it). Each bound the family sets lets its least value through and refuses one below."""
     from mmloom.train.families.mtdiffusion import LR, Config, Sampling, Schedule
 
     c = Config()
@@ -380,13 +380,14 @@ def test_mtdiffusion_u_context_is_one_learned_token(tiny_cache):
     channels; MT-Diffusion-U sees no x): one learned token of the UNet's context width,
     initialized at N(0, 0.02^2) (mmloom's choice: SD's UNet needs a context, the paper's
     noise predictor has none), the same for every sample of a batch."""
-    for task, over in (("masked_image", {}), ("image_label", {"condition_on_data": False})):
+    for task, over, x in (("masked_image", {}, torch.zeros(3, 3, 64, 64)), ("image_label", {"condition_on_data": False}, torch.tensor([0, 1, 2]))):
+        torch.manual_seed(0)
         _, model, _ = _mt(task, **over)
         cross = model.unet.config.cross_attention_dim
         null = model.null_context
         assert null.shape == (1, 1, cross) and null.requires_grad
         assert 0.01 < float(null.std()) < 0.04 and abs(float(null.mean())) < 0.02
-        ctx = model._denoiser_context(None, 3)
+        ctx = model._denoiser_context(x, 3)
         assert ctx.shape == (3, 1, cross) and torch.equal(ctx, null.expand(3, 1, cross))
 
 

@@ -250,7 +250,7 @@ def test_head_box_is_the_largest_face_raised_widened_clipped_and_in_picture_pixe
     finder.faces = lambda crops: faces(crops, [[10, 10, 20, 20], [60, 80, 100, 130], [0, 0, 30, 30]])
     # the 40 x 50 face: centre (80, 105) raised by 5, half side 1.8 * 50 / 2 = 45
     assert finder(img, person) == [135.0, 106.0, 225.0, 196.0] and seen == [(200, 299)]
-    # the largest by area (1092), where any other combination of the corners picks another face
+    # the largest by area (1092), where every swap of the corner arithmetic the faces above left open picks another face
     finder.faces = lambda crops: faces(crops, [[82, 42, 103, 88], [25, 231, 46, 257], [77, 111, 116, 139], [128, 160, 163, 191]])
     # the 39 x 28 face: centre (96.5, 125) raised by 2.8, half side 1.8 * 39 / 2 = 35.1
     assert finder(img, person) == [161.4, 138.1, 231.6, 208.3]
