@@ -106,6 +106,18 @@ def test_supplied_boxes_refuse_hostile_values_and_count_why(value, reason):
         assert why == {reason: 1} and found == []  # refused once, by that reason alone
 
 
+def test_supplied_boxes_defaults_bound_the_value_and_each_phrase():
+    """Unless told otherwise: 64 records (``ground.max_boxes``' default), 64 KiB of JSON
+    text and 200 characters per phrase (the ground stage passes only ``max_boxes``, so
+    these two are the bounds every hostile value meets); the tests above show each bound
+    is the one applied."""
+    from mmloom.curate.config import GroundConfig
+    from mmloom.filters.grounding import SuppliedBoxes
+
+    b = SuppliedBoxes()
+    assert (b.max_boxes, b.max_bytes, b.max_phrase) == (64, 65536, 200) and GroundConfig().max_boxes == 64
+
+
 def test_supplied_boxes_refuse_each_bad_record_and_keep_reading():
     """A refused record is counted once and the records after it are still read; the
     limits are inclusive (a value of exactly max_bytes or max_boxes is read; a box may end
