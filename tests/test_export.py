@@ -165,6 +165,8 @@ def test_kandinsky_decoder_exports_a_pipeline_that_predicts_and_samples_as_the_r
     written, pipe = _export(fam, model, tmp_path / "kd")
     assert type(pipe).__name__ == "KandinskyPipeline" and {"unet", "movq", "text_encoder", "tokenizer", "scheduler"} <= set(written)
     assert_kandinsky_decoder_is_the_pipeline(model, pipe)
+    notes = " ".join(fam.export_notes(model))  # the card says how to drive the pipeline
+    assert "`KandinskyPipeline`" in notes and "negative_image_embeds" in notes and "KandinskyPriorPipeline" not in notes
 
 
 def test_kandinsky_released_prior_run_exports_a_prior_pipeline(tiny_cache, tmp_path):

@@ -340,6 +340,15 @@ def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
     with pytest.raises(UserError, match="no classifier-free guidance"):
         fam.generate(model, [["a cat"]], guidance=6.0, seeds=[0], size=64)
     assert fam.generate(model, [["a cat"]], steps=4, seeds=[0], size=64)[0].size == (64, 64)
+    # seeds: one per prompt, 0, 1, ... unless given; the size: the UNet's sample size in pixels unless given
+    pix = lambda imgs: [np.asarray(im) for im in imgs]  # noqa: E731
+    two = pix(fam.generate(model, [["a cat"], ["a cat"]]))
+    assert [p.shape for p in two] == [(64, 64, 3)] * 2 and not np.array_equal(*two)
+    assert all(np.array_equal(a, b) for a, b in zip(two, pix(fam.generate(model, [["a cat"], ["a cat"]], seeds=[0, 1]))))
+    assert all(np.array_equal(a, b) for a, b in zip(two[::-1], pix(fam.generate(model, [["a cat"], ["a cat"]], seeds=[1, 0]))))
+    # T compared by value: above 256, CPython's ints are distinct objects
+    _fam, long, _ = _mt("masked_image", schedule={"num_train_timesteps": 300})
+    assert fam.generate(long.eval(), [["a cat"]], steps=300, seeds=[0], size=64)[0].size == (64, 64)
 
 
 def test_mtdiffusion_x_widens_the_unet_with_zero_channels_in_the_released_layout(tiny_cache, tmp_path):
@@ -508,7 +517,7 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     model.ae.decode = lambda z: decoded.append(z) or decode(z)
     encode = model.ae.encode
     given = []
-    model.ae.encode = lambda px: given.append(encode(px)) or given[-1]
+    model.ae.encode = lambda px, *g: given.append(encode(px, *g)) or given[-1]
     out = np.asarray(fam.generate(model, [[masked]], seeds=[3], size=64, restore=True)[0])
     hole = np.zeros((64, 64), bool)
     hole[16:40, 20:44] = True
@@ -689,6 +698,7 @@ def test_kandinsky_demo_runs_use_the_datasets_clip_and_the_decoder_samples_throu
     assert fam.demo_overrides("kandinsky-prior-tiny", {}, "ViT-B-32/openai") == {"model.encoder.path": "ViT-B-32/openai"}
     assert fam.demo_overrides("kandinsky-decoder-tiny", runs, "ViT-B-32/openai") == {
         "model.encoder.path": "ViT-B-32/openai", "model.prior_checkpoint": "/runs/prior"}
+    assert fam.demo_prompt(["a.png", "b.png"]) == "a red circle <image:a.png>" and fam.demo_prompt([]) == "a red circle"
 
 
 def test_kandinsky_released_prior_at_the_released_768_width_loads_and_embeds(tmp_path):

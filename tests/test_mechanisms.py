@@ -63,7 +63,7 @@ def test_mtdiffusion_training_aggregates_the_modality_into_z_t_and_weighs_the_he
     calls, encoded, heads = [], [], []
     _record(model.unet, calls)
     real_encode, real_head = model.ae.encode, model._head
-    monkeypatch.setattr(model.ae, "encode", lambda px: encoded.append((px, real_encode(px))) or encoded[-1][1])
+    monkeypatch.setattr(model.ae, "encode", lambda px, *g: encoded.append((px, real_encode(px, *g))) or encoded[-1][1])
     monkeypatch.setattr(model, "_head", lambda: heads.append(real_head()) or heads[-1])
     g = torch.Generator().manual_seed(0)
     B = 5  # not 4, the latent channels: a batch size read off the wrong axis must show

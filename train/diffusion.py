@@ -68,10 +68,12 @@ class Autoencoder(nn.Module):
         return c.latent_channels if self.kind == "kl" else (c.vq_embed_dim or c.latent_channels)
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of pixels in [-1, 1]: a KL autoencoder's posterior sampled (as SD trains),
+        with ``generator`` when given, so that sampling from a seed is repeatable."""
         pixels = pixels.to(self.model.device, self.model.dtype)
         if self.kind == "kl":
-            return self.model.encode(pixels).latent_dist.sample() * self.scale
+            return self.model.encode(pixels).latent_dist.sample(generator=generator) * self.scale
         return self.model.encode(pixels).latents
 
     @torch.no_grad()

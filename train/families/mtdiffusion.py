@@ -322,10 +322,11 @@ class MTDiffusionModel(nn.Module):
         return self.context(x).unsqueeze(1)
 
     @torch.no_grad()
-    def encode(self, x, like: torch.Tensor) -> torch.Tensor:
-        """E(x) in the diffusion space; no trained parameters of its own, gradients stopped."""
+    def encode(self, x, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """E(x) in the diffusion space; no trained parameters of its own, gradients stopped;
+        ``generator`` draws a picture's latent (sampling from a seed)."""
         if self.cfg.task in IMAGE_TASKS:
-            return self.ae.encode(x).to(like.dtype)
+            return self.ae.encode(x, generator).to(like.dtype)
         zeros = torch.zeros_like(like)
         t0 = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
         return self.unet(zeros, t0, encoder_hidden_states=self.context_of(x).to(like.dtype)).sample
@@ -447,14 +448,14 @@ class MTDiffusionModel(nn.Module):
                 known = known.masked_fill(pmask.bool(), 0.0)  # x of section 4.1: the masked pixels zero
                 given = known  # the unmasked pixels to keep
                 keep = 1 - (F.interpolate(pmask, size=(h, h), mode="area") > 0).to(like)  # latent cells with no masked pixel
-                z_given = self.ae.encode(given).to(like.dtype)
+                z_given = self.ae.encode(given, g).to(like.dtype)
             if self.cfg.task in IMAGE_TASKS:
                 if known is None and self.image_x:  # 4.1: X generates from the complete mask
                     known = torch.zeros((1, 3, size, size), device=dev)
                     pmask = torch.ones((1, 1, size, size), device=dev)
                 elif known is not None and pmask is None and self.cfg.task == "masked_image":
                     pmask = black_mask(known)
-                e = self.encode(known, like) if known is not None else torch.randn(like.shape, generator=g).to(dev)
+                e = self.encode(known, like, g) if known is not None else torch.randn(like.shape, generator=g).to(dev)
                 x = None
             elif self.cfg.task == "image_label":
                 x = known if known is not None else torch.full((1, len(self.classes)), 1.0 / len(self.classes), device=dev)
