@@ -321,6 +321,13 @@ def test_mtdiffusion_label_estimate_is_the_heads_class_probabilities(tiny_cache)
         assert torch.allclose(mix[:, 0], est @ model.context.weight, atol=1e-6)
         one_hot = torch.nn.functional.one_hot(torch.tensor([1]), len(model.classes)).float()
         assert torch.allclose(model.context_of(one_hot), model.context_of(torch.tensor([1])), atol=1e-6)
+    # with no label in the prompt, Algorithm 1 starts from the uniform distribution over the
+    # classes (the paper "randomly initializes" x; this is mmloom's start for a label), then the head's
+    fam, label_model, _ = _mt("image_label", schedule={"num_train_timesteps": 3})
+    seen, real_encode = [], label_model.encode
+    label_model.encode = lambda x, like, *g: seen.append(x.clone()) or real_encode(x, like, *g)
+    fam.generate(label_model.eval(), [["a photo"]], seeds=[0], size=64)
+    assert torch.equal(seen[0], torch.full((1, 3), 1 / 3)) and len(seen) == 4  # the start, then one estimate per step
     # an embedding's estimate is the head's output as it is (E.4's regression target)
     _fam, model, _ = _mt("image_representation")
     model.eval()

@@ -458,6 +458,8 @@ class MTDiffusionModel(nn.Module):
                 e = self.encode(known, like, g) if known is not None else torch.randn(like.shape, generator=g).to(dev)
                 x = None
             elif self.cfg.task == "image_label":
+                # Algorithm 1 "randomly initializes" a missing x; for a label mmloom starts from the
+                # uniform distribution over the classes (the least informed start; the head's estimates follow)
                 x = known if known is not None else torch.full((1, len(self.classes)), 1.0 / len(self.classes), device=dev)
                 e = self.encode(x, like)
             else:
