@@ -98,6 +98,15 @@ def test_the_curation_width_flows_into_shards_and_the_tiny_family_trains_on_them
     assert len(read_metrics(str(tmp_path / "run"))) == 2
 
 
+def _stop_building(monkeypatch, model_cls) -> None:
+    """Building ``model_cls`` raises "the model was built": a test tells a family's build
+    that stopped at its width check (UserError) from one that went on to the model."""
+    def never(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(model_cls, "__init__", never)
+
+
 @pytest.mark.parametrize("family, config, over, want, fix", [
     ("kandinsky", "kandinsky-prior-tiny.yaml", {"model.encoder.path": "ViT-L-14/openai"}, "768-d", "configs/laion-kandinsky.yaml"),
     ("mtdiffusion", "mtdiffusion-tiny.yaml", {"model.task": "image_representation", "model.embedding_dim": 1024}, "1024-d",
@@ -107,12 +116,7 @@ def test_a_width_mismatch_is_one_line_before_the_model_builds(tiny_shards, monke
     import importlib
 
     mod = importlib.import_module(f"mmloom.train.families.{family}")
-    model_cls = mod.KandinskyModel if family == "kandinsky" else mod.MTDiffusionModel
-
-    def never(*a, **k):
-        raise AssertionError("the model was built before the width check")
-
-    monkeypatch.setattr(model_cls, "__init__", never)
+    _stop_building(monkeypatch, mod.KandinskyModel if family == "kandinsky" else mod.MTDiffusionModel)
     cfg = _train_cfg(config, **{"data.shards": tiny_shards[0], **over})
     with pytest.raises(UserError) as e:
         get_family(family).build(cfg.model, cfg)
@@ -128,10 +132,7 @@ def test_kandinsky_checks_the_stored_width_wherever_it_reads_stored_embeddings(t
     builds on shards of any stored width (here 32-d beside a 768-d CLIP)."""
     from mmloom.train.families.kandinsky import KandinskyModel
 
-    def never(*a, **k):
-        raise AssertionError("the model was built")
-
-    monkeypatch.setattr(KandinskyModel, "__init__", never)
+    _stop_building(monkeypatch, KandinskyModel)
     cfg = _train_cfg(f"kandinsky-{stage}-tiny.yaml", **{"data.shards": tiny_shards[0], "model.encoder.path": "ViT-L-14/openai",
                                                        "model.use_stored_embeddings": stored})
     with pytest.raises(UserError if checked else AssertionError, match="768-d" if checked else "the model was built"):
@@ -145,10 +146,7 @@ def test_mtdiffusion_checks_the_stored_width_only_for_image_representation(tiny_
     model.embedding_dim 1024)."""
     from mmloom.train.families.mtdiffusion import MTDiffusionModel
 
-    def never(*a, **k):
-        raise AssertionError("the model was built")
-
-    monkeypatch.setattr(MTDiffusionModel, "__init__", never)
+    _stop_building(monkeypatch, MTDiffusionModel)
     cfg = _train_cfg("mtdiffusion-tiny.yaml", **{"data.shards": tiny_shards[0], "model.task": task, "model.embedding_dim": 1024,
                                                  "model.labels": ["cat"]})
     with pytest.raises(AssertionError, match="the model was built"):
