@@ -525,7 +525,12 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     encode = model.ae.encode
     given = []
     model.ae.encode = lambda px, *g: given.append(encode(px, *g)) or given[-1]
+    marginal, step = model.agg.marginal, model.agg.posterior_mean_eps
+    chain = []  # ("marginal", t, z_t) and ("step", z_t in, z_{t-1} out) in the order the sampler calls them
+    model.agg.marginal = lambda z0, e, t, eps: chain.append(("marginal", int(t), marginal(z0, e, t, eps))) or chain[-1][2]
+    model.agg.posterior_mean_eps = lambda z, eps, e, t: chain.append(("step", z, step(z, eps, e, t))) or chain[-1][2]
     out = np.asarray(fam.generate(model, [[masked]], seeds=[3], size=64, restore=True)[0])
+    model.agg.marginal, model.agg.posterior_mean_eps = marginal, step
     hole = np.zeros((64, 64), bool)
     hole[16:40, 20:44] = True
     assert np.array_equal(out[~hole], arr[~hole])
@@ -535,6 +540,15 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     keep = torch.ones(8, 8, dtype=torch.bool)
     keep[2:5, 2:6] = False  # pixels 16-39 x 20-43 touch latent rows 2-4, columns 2-5
     assert torch.equal(z[0][:, keep], z_given[0][:, keep]) and not torch.equal(z[0][:, ~keep], z_given[0][:, ~keep])
+    # ... and on the way there, after step t the kept cells sit on the given picture's forward
+    # marginal at t - 1, while the masked cells carry on from the sampler's own step
+    assert [c[1] for c in chain if c[0] == "marginal"] == [3, 2, 1, 0]  # the start at T - 1, then t - 1 for t = 3, 2, 1
+    steps = [c for c in chain if c[0] == "step"]
+    on_chain = [c[2] for c in chain if c[0] == "marginal"][1:] + [z_given]
+    for (_, _, stepped), (_, z_next, _), kept in zip(steps, steps[1:] + [(None, z, None)], on_chain):
+        assert torch.equal(z_next[0][:, keep], kept[0][:, keep])
+        noise = z_next[0][:, ~keep] - stepped[0][:, ~keep]  # the step's own noise, none after the last step
+        assert (noise.abs().max() > 0) if z_next is not z else torch.equal(noise, torch.zeros_like(noise))
     model.ae.decode, model.ae.encode = decode, encode
     # a mask picture: restore a different square, the zeros elsewhere are kept as given
     m = np.full((64, 64), 127, np.uint8)  # white = restore: above mid-grey (127 and darker keep)
