@@ -506,6 +506,22 @@ def test_mtdiffusion_translation_trains_and_generates(tiny_cache, task):
     assert a.size == (64, 64) and a.tobytes() != b.tobytes()  # the source steers the sample
 
 
+def test_mtdiffusion_representation_starts_from_a_random_embedding_one_picture_per_prompt(tiny_cache):
+    """E.4 with no embedding given: Algorithm 1 starts x from N(0, I) at embedding_dim (the
+    prompt's seed draws it, first), replaces it each step with the head's estimate, and
+    each prompt gives one picture."""
+    fam, model, _ = _mt("image_representation", schedule={"num_train_timesteps": 4})
+    model.eval()
+    encode, seen = model.encode, []
+    model.encode = lambda x, like, *g: seen.append(x) or encode(x, like, *g)
+    pics = fam.generate(model, [["a cat"], ["a cat"]], seeds=[5, 6], size=64)
+    assert len(pics) == 2 and all(p.size == (64, 64) for p in pics) and pics[0].tobytes() != pics[1].tobytes()
+    assert len(seen) == 2 * (1 + 4)  # the start, then one estimate per step
+    for start, seed in ((seen[0], 5), (seen[5], 6)):
+        assert torch.equal(start, torch.randn((1, 32), generator=torch.Generator().manual_seed(seed)))
+    assert all(x.shape == (1, 32) for x in seen) and not torch.equal(seen[1], seen[0])
+
+
 def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cache):
     """Section 4.1's constrained restoration: masked pixels are restored, every other
     pixel is returned exactly as given; a --mask picture chooses the pixels instead."""
@@ -523,8 +539,8 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     decode = model.ae.decode
     model.ae.decode = lambda z: decoded.append(z) or decode(z)
     encode = model.ae.encode
-    given = []
-    model.ae.encode = lambda px, *g: given.append(encode(px, *g)) or given[-1]
+    given, pictures = [], []
+    model.ae.encode = lambda px, *g: pictures.append(px) or given.append(encode(px, *g)) or given[-1]
     marginal, step = model.agg.marginal, model.agg.posterior_mean_eps
     chain = []  # ("marginal", t, z_t) and ("step", z_t in, z_{t-1} out) in the order the sampler calls them
     model.agg.marginal = lambda z0, e, t, eps: chain.append(("marginal", int(t), marginal(z0, e, t, eps))) or chain[-1][2]
@@ -535,6 +551,12 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     hole[16:40, 20:44] = True
     assert np.array_equal(out[~hole], arr[~hole])
     assert out[hole].any()  # the patch was filled in, not left black
+    # the restored pixels are the decoder's, and x (section 4.1) has its masked pixels zero
+    from mmloom.train.diffusion import to_pil
+
+    assert np.array_equal(out[hole], np.asarray(to_pil(decode(decoded[-1]))[0])[hole])
+    x = pictures[0][0].permute(1, 2, 0)
+    assert torch.equal(x[torch.from_numpy(hole)], torch.zeros(int(hole.sum()), 3)) and x[torch.from_numpy(~hole)].abs().min() > 0
     # RePaint's replacement: latent cells touching no masked pixel end on the given picture's latent
     z, z_given = decoded[-1], given[0]  # encoded first: the picture whose unmasked cells are kept
     keep = torch.ones(8, 8, dtype=torch.bool)
