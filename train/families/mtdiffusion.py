@@ -463,7 +463,10 @@ class MTDiffusionModel(nn.Module):
                 x = known if known is not None else torch.full((1, len(self.classes)), 1.0 / len(self.classes), device=dev)
                 e = self.encode(x, like)
             else:
-                x = torch.randn((1, self.context.in_features), generator=g).to(dev)
+                # for an embedding: a random direction, unit length as every training embedding
+                # is (task_data normalizes them); N(0, I) at 1024-d would be ~32 long, a context
+                # the model never saw. The head's estimates take over from the first step
+                x = F.normalize(torch.randn((1, self.context.in_features), generator=g), dim=-1).to(dev)
                 e = self.encode(x, like)
             z = self.agg.marginal(torch.zeros_like(like), e, torch.tensor([T - 1], device=dev), start_noise(lat_shape, [seed], dev))
             for t in range(T - 1, -1, -1):
