@@ -342,8 +342,9 @@ def test_mtdiffusion_samples_all_T_steps_without_guidance_only(tiny_cache):
     from mmloom.errors import UserError
 
     fam, model, _ = _mt("masked_image", schedule={"num_train_timesteps": 4})
-    with pytest.raises(UserError, match="all T = 4 steps; 50 steps"):
-        fam.generate(model.eval(), [["a cat"]], steps=50, seeds=[0], size=64)
+    for steps in (50, 3):  # more or fewer
+        with pytest.raises(UserError, match=f"all T = 4 steps; {steps} steps"):
+            fam.generate(model.eval(), [["a cat"]], steps=steps, seeds=[0], size=64)
     with pytest.raises(UserError, match="no classifier-free guidance"):
         fam.generate(model, [["a cat"]], guidance=6.0, seeds=[0], size=64)
     assert fam.generate(model, [["a cat"]], steps=4, seeds=[0], size=64)[0].size == (64, 64)
@@ -512,9 +513,10 @@ def test_mtdiffusion_representation_starts_from_a_random_embedding_one_picture_p
     each step with the head's estimate, and each prompt gives one picture."""
     fam, model, _ = _mt("image_representation", schedule={"num_train_timesteps": 4})
     model.eval()
-    encode, seen = model.encode, []
-    model.encode = lambda x, like, *g: seen.append(x) or encode(x, like, *g)
+    encode, seen, grad = model.encode, [], []
+    model.encode = lambda x, like, *g: seen.append(x) or grad.append(torch.is_grad_enabled()) or encode(x, like, *g)
     pics = fam.generate(model, [["a cat"], ["a cat"]], seeds=[5, 6], size=64)
+    assert not any(grad)  # sampling builds no autograd graph
     assert len(pics) == 2 and all(p.size == (64, 64) for p in pics) and pics[0].tobytes() != pics[1].tobytes()
     assert len(seen) == 2 * (1 + 4)  # the start, then one estimate per step
     for start, seed in ((seen[0], 5), (seen[5], 6)):
