@@ -521,13 +521,16 @@ def test_mtdiffusion_representation_starts_from_a_random_embedding_one_picture_p
     assert len(seen) == 2 * (1 + 4)  # the start, then one estimate per step
     for start, seed in ((seen[0], 5), (seen[5], 6)):
         draw = torch.randn((1, 32), generator=torch.Generator().manual_seed(seed))
-        assert torch.allclose(start, draw / draw.norm(), atol=1e-7, rtol=0) and abs(float(start.norm()) - 1) < 1e-6
+        assert torch.allclose(start, draw / draw.norm(), atol=1e-6, rtol=0) and abs(float(start.norm()) - 1) < 1e-6
     assert all(x.shape == (1, 32) for x in seen) and not torch.equal(seen[1], seen[0])
 
 
 def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cache):
-    """Section 4.1's constrained restoration: masked pixels are restored, every other
-    pixel is returned exactly as given; a --mask picture chooses the pixels instead."""
+    """Section 4.1's constrained restoration: masked pixels are restored (the decoder's),
+    every other pixel is returned exactly as given; x is the picture with its masked pixels
+    zero; after each step the latent cells touching no masked pixel are on the given
+    picture's forward marginal at t - 1 (RePaint), the others on the sampler's own step; a
+    --mask picture chooses the pixels instead."""
     from PIL import Image
 
     from mmloom.errors import UserError
@@ -569,6 +572,7 @@ def test_mtdiffusion_constrained_restoration_keeps_every_unmasked_pixel(tiny_cac
     # marginal at t - 1, while the masked cells carry on from the sampler's own step
     assert [c[1] for c in chain if c[0] == "marginal"] == [3, 2, 1, 0]  # the start at T - 1, then t - 1 for t = 3, 2, 1
     steps = [c for c in chain if c[0] == "step"]
+    assert len(steps) == 4  # one per t, T = 4
     on_chain = [c[2] for c in chain if c[0] == "marginal"][1:] + [z_given]
     for (_, _, stepped), (_, z_next, _), kept in zip(steps, steps[1:] + [(None, z, None)], on_chain):
         assert torch.equal(z_next[0][:, keep], kept[0][:, keep])

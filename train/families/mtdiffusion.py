@@ -48,8 +48,10 @@ replacement, with equation 4's marginal); the decoded picture is then composited
 that every unmasked pixel is the given one, exactly.
 
 Sampling follows Algorithm 1 (appendix C) over all T steps, the family's only sampler (no
-other step count, no classifier-free guidance: the heads' re-estimates guide it): missing modalities start random and are
-re-estimated from the heads at every step; z_{t-1} is the posterior mean of equation 5
+other step count, no classifier-free guidance: the heads' re-estimates guide it): a missing
+modality starts "randomly initialized" (the paper's words; mmloom's choices: a label uniform
+over the classes, an embedding a random direction of unit length) and is re-estimated from
+the heads at every step, each estimate used as the head gives it; z_{t-1} is the posterior mean of equation 5
 plus sqrt(beta~_t) noise. One deviation, said here: z_T starts from the forward marginal
 N(alpha~_T E(x), (1 - abar_T) I) rather than N(0, I), since with w_t = t / (T - t) the
 aggregated term dominates z_T (alpha~_T is in the thousands); with all w_t = 0 the two agree.
@@ -465,7 +467,8 @@ class MTDiffusionModel(nn.Module):
             else:
                 # for an embedding: a random direction, unit length as every training embedding
                 # is (task_data normalizes them); N(0, I) at 1024-d would be ~32 long, a context
-                # the model never saw. The head's estimates take over from the first step
+                # the model never saw. From the first step on, the head's estimate replaces it
+                # as the head gives it (Algorithm 1; the head learned unit-length targets)
                 x = F.normalize(torch.randn((1, self.context.in_features), generator=g), dim=-1).to(dev)
                 e = self.encode(x, like)
             z = self.agg.marginal(torch.zeros_like(like), e, torch.tensor([T - 1], device=dev), start_noise(lat_shape, [seed], dev))
