@@ -29,6 +29,7 @@ adds an img2dataset run with one process per core (`--processes_count`), for ref
 
     python bench/download.py --images 2000
     python bench/download.py --images 2000 --rounds 2 --peer-tuned
+    python bench/download.py --images 1000 --rounds 0 --fixed-images 0 --breakdown
 """
 
 from __future__ import annotations
@@ -169,6 +170,95 @@ def per_format_cpu_ms(rounds: int = 2) -> dict[str, dict[str, float]]:
     return out
 
 
+def _cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process, all its threads."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def shard_breakdown(meta: str, urls_: list[str], work: str, env: dict, rounds: int = 5) -> list[str]:
+    """Where a shard's CPU goes, in this process and without Ray: the Ray task's body
+    (``download_shard``) on one shard of every URL, at 64 threads (the default) and at 8,
+    in CPU ms per image; the HTTP fetch alone, one URL after another; and the parts of the
+    resize path over the pool's bytes (JPEG: header check, DCT-scaled decode, resize,
+    encode; PNG and WebP: the full decode and the resize). The lines to print."""
+    import cv2
+    import numpy as np
+
+    from mmloom import imageguard
+    from mmloom.curate.config import DownloadConfig
+    from mmloom.curate.download import _REDUCED, dct_reduction, download_shard, make_resizer, output_size
+    from mmloom.curate.fetch import FetchError, Limits, fetch
+
+    mm = os.path.join(os.path.dirname(sys.executable), "mmloom")
+    n = len(urls_)
+
+    def ingested(name: str, rows: int) -> str:
+        src, ds = os.path.join(work, name + ".parquet"), os.path.join(work, name)
+        shutil.rmtree(ds, ignore_errors=True)
+        pd.read_parquet(meta).head(rows).to_parquet(src, index=False)
+        subprocess.run([mm, "ingest", src, "--out", ds, "--shard-size", str(rows), "--no-progress"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        return ds
+
+    out = []
+    per = {}
+    for threads in (0, 64, 8):  # 0: a few URLs first, so that the imports are not counted
+        cfg = DownloadConfig.model_validate({"allow_private_addresses": True, "thread_count": threads or 8}).model_dump()
+        rows = n if threads else min(n, 4)
+        ds = ingested(f"breakdown-{threads}", rows)
+        u, s = _cpu()
+        download_shard(0, ds, cfg, rows, False, "bench")
+        u2, s2 = _cpu()
+        if threads:
+            per[threads] = 1e3 * (u2 - u + s2 - s) / rows
+    out.append(f"one shard of {n} URLs in this process (download_shard, no Ray): "
+               + ", ".join(f"{t} threads {ms:.2f} ms" for t, ms in per.items()) + " of CPU per image")
+    limits = Limits(timeout=10.0, deadline=30.0, max_body_bytes=32 << 20, allow_private=True)
+    u, s = _cpu()
+    for url in urls_:
+        try:
+            fetch(url, limits, "mmloom")
+        except FetchError:
+            pass
+    u2, s2 = _cpu()
+    out.append(f"HTTP fetch alone, one URL after another: {1e3 * (u2 - u) / n:.2f} ms user + {1e3 * (s2 - s) / n:.2f} ms system per URL")
+    resizer = make_resizer(DownloadConfig.model_validate({"image_size": IMAGE_SIZE, "resize_mode": RESIZE_MODE}))
+    cv2.setNumThreads(1)
+    parts: dict[str, dict[str, float]] = {}
+    whole = jpegs = 0
+    for _ in range(rounds):
+        for fmt, data in _pool_formats():
+            t = [time.process_time()]
+            head = imageguard.inspect(data, 1 << 40)
+            t.append(time.process_time())
+            w, h = output_size(resizer, head.width, head.height)
+            r = dct_reduction(head.width, head.height, w, h) if fmt == "jpg" else 1
+            flags = (getattr(cv2, _REDUCED[r]) if r > 1 else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+            t.append(time.process_time())
+            img = cv2.resize(img, (w, h), interpolation=resizer.downscale_interpolation)
+            t.append(time.process_time())
+            cv2.imencode(f".{resizer.encode_format}", img, params=resizer.encode_params)
+            t.append(time.process_time())
+            acc = parts.setdefault(fmt, {"header": 0.0, "decode": 0.0, "resize": 0.0, "encode": 0.0, "n": 0})
+            for k, a, b in zip(("header", "decode", "resize", "encode"), t, t[1:]):
+                acc[k] += b - a
+            acc["n"] += 1
+            if fmt == "jpg":
+                jpegs += 1
+                whole += r == 1
+    for fmt, acc in parts.items():
+        k = acc.pop("n")
+        line = f"{fmt} ({k // rounds} images x {rounds}): " + ", ".join(f"{name} {1e3 * v / k:.2f}" for name, v in acc.items()) + " ms"
+        if fmt == "jpg":
+            line += f" (the decode DCT-scaled; {whole // rounds} of {jpegs // rounds} too small to shrink 2x, decoded whole)"
+        out.append(line)
+    return out
+
+
 def compute_limit(seconds: float) -> tuple[float, float]:
     """(images/s of mmloom's decode + resize on every core, the image bytes in memory;
     images per CPU-second of the same loop). The second does not depend on what else the
@@ -255,6 +345,9 @@ def main() -> None:
     ap.add_argument("--fixed-images", type=int, default=8,
                     help="also run both on this many URLs to measure their fixed CPU cost (0: skip)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also where a shard's CPU goes: download_shard in this process without Ray, the HTTP fetch alone, "
+                         "and each part of the resize path by format")
     a = ap.parse_args()
 
     cores = os.cpu_count() or 1
@@ -318,9 +411,20 @@ def main() -> None:
                 print(f"  per image beyond the fixed cost: img2dataset {per['img2dataset'] * 1e3:.2f} ms, mmloom "
                       f"{per['mmloom'] * 1e3:.2f} ms of CPU: ratio {per['img2dataset'] / max(1e-9, per['mmloom']):.2f} "
                       f"(the ratio at LAION shard sizes)", flush=True)
+        if a.breakdown:
+            print("where a shard's CPU goes:\n  " + "\n  ".join(shard_breakdown(meta, urls(base, a.images), work, env)), flush=True)
     finally:
         server.terminate()
-    limit, limit_cpu = compute_limit(a.limit_seconds)
+    if rows:
+        summary(rows, a.limit_seconds, cores)
+    if not a.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def summary(rows: list[dict], limit_seconds: float, cores: int) -> None:
+    """The compute limit, the fraction of it mmloom reached, the ratios over the rounds and
+    each tool's resizer by source format."""
+    limit, limit_cpu = compute_limit(limit_seconds)
     peer = "img2dataset"
     mm = [ok / secs for secs, ok, _ in (res["mmloom"] for res in rows)]
     mm_cpu = [ok / cpu for _, ok, cpu in (res["mmloom"] for res in rows)]
@@ -335,8 +439,6 @@ def main() -> None:
     per = per_format_cpu_ms()
     print("decode + resize + encode, CPU ms per image by source format: " + "; ".join(
         f"{name} " + ", ".join(f"{f} {ms:.1f}" for f, ms in costs.items()) for name, costs in per.items()))
-    if not a.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,15 @@ def output_size(resizer, width: int, height: int) -> tuple[int, int] | None:
     return max(1, round(width * s)), max(1, round(height * s))
 
 
+def dct_reduction(width: int, height: int, w: int, h: int) -> int:
+    """The largest of libjpeg's reductions 1, 2, 4, 8 at which a width x height JPEG still
+    has at least w x h pixels (every output pixel made from at least one decoded one)."""
+    r = 1
+    while r < 8 and width // (2 * r) >= w and height // (2 * r) >= h:
+        r *= 2
+    return r
+
+
 def _scaled_jpeg(resizer, data: bytes, head):
     """A JPEG that shrinks at least 2x is decoded by libjpeg at 1/2, 1/4 or 1/8 of its size
     (the largest reduction that keeps every output pixel made from at least one decoded
@@ -143,9 +152,7 @@ def _scaled_jpeg(resizer, data: bytes, head):
     if size is None:
         return None
     w, h = size
-    r = 1
-    while r < 8 and head.width // (2 * r) >= w and head.height // (2 * r) >= h:
-        r *= 2
+    r = dct_reduction(head.width, head.height, w, h)
     if r == 1:
         return None
     flags = getattr(cv2, _REDUCED[r]) | cv2.IMREAD_IGNORE_ORIENTATION  # img2dataset ignores EXIF orientation too
